@@ -1,0 +1,81 @@
+// Command avpd is the agent-vault-proxy daemon: it redirects enrolled users' HTTPS to itself
+// and injects real secrets in place of placeholders for bound hosts.
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"io"
+	"log"
+	"os"
+
+	"github.com/agent-vault-proxy/agent-vault-proxy/internal/daemon"
+)
+
+const usage = `usage: avpd COMMAND [flags]
+
+Commands:
+  serve     run the proxy (redirect, intercept, inject)
+  version   print the version
+
+Run "avpd COMMAND --help" for a command's flags.
+`
+
+func main() {
+	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))
+}
+
+func run(args []string, stdout, stderr io.Writer) int {
+	if len(args) == 0 {
+		fmt.Fprint(stderr, usage)
+		return 2
+	}
+	switch args[0] {
+	case "-h", "--help", "help":
+		fmt.Fprint(stdout, usage)
+		return 0
+	case "version", "--version":
+		fmt.Fprintln(stdout, "avpd", daemon.Version)
+		return 0
+	case "serve":
+		return serve(args[1:], stdout, stderr)
+	}
+	fmt.Fprintf(stderr, "avpd: unknown command %q\n\n%s", args[0], usage)
+	return 2
+}
+
+func serve(args []string, stdout, stderr io.Writer) int {
+	fs := flag.NewFlagSet("avpd serve", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	cfg := fs.String("config", "/etc/agent-vault-proxy/bindings.yaml", "bindings file (`PATH`)")
+	state := fs.String("state-dir", "/var/lib/agent-vault-proxy", "state directory: CA and enrollment (`DIR`)")
+	runtime := fs.String("runtime-dir", "/run/agent-vault-proxy", "runtime directory: admin socket (`DIR`)")
+	fs.Usage = func() {
+		fmt.Fprintf(fs.Output(), "usage: avpd serve [--config PATH] [--state-dir DIR] [--runtime-dir DIR]\n\n"+
+			"Runs the proxy: installs the nftables redirect for enrolled UIDs, listens on proxy.listen\n"+
+			"(or the sockets systemd passes), and injects secrets for bound hosts.\n\nFlags:\n")
+		fs.PrintDefaults()
+	}
+	if err := fs.Parse(args); err != nil {
+		if err == flag.ErrHelp {
+			fs.SetOutput(stdout)
+			fs.Usage()
+			return 0
+		}
+		return 2
+	}
+	if fs.NArg() > 0 {
+		fmt.Fprintf(stderr, "avpd serve: unexpected argument %q\n", fs.Arg(0))
+		return 2
+	}
+	logger := log.New(stderr, "avpd: ", log.LstdFlags|log.Lmsgprefix)
+	err := daemon.Run(context.Background(), daemon.Options{
+		ConfigPath: *cfg, StateDir: *state, RuntimeDir: *runtime, Logf: logger.Printf,
+	})
+	if err != nil {
+		fmt.Fprintf(stderr, "avpd: %v\n", err)
+		return 1
+	}
+	return 0
+}

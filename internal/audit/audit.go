@@ -1,0 +1,136 @@
+// Package audit owns the record of every decision: the event schema and the writers that make
+// events durable before the proxy acts on them (I7).
+//
+// An event never holds a header value, a query string, a body or a secret: only names,
+// addresses and the normalized path. The schema is closed: Event has no free-form map.
+package audit
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"os"
+	"path/filepath"
+	"sync"
+	"time"
+)
+
+// Event types.
+const (
+	TypeDecision       = "decision"
+	TypeProxyStart     = "proxy_start"
+	TypeProxyStop      = "proxy_stop"
+	TypeConfigLoaded   = "config_loaded"
+	TypeConfigRejected = "config_rejected"
+	TypeEnroll         = "enroll"
+	TypeUnenroll       = "unenroll"
+)
+
+// Decisions, the values of Event.Decision.
+const (
+	DecisionInject          = "inject"
+	DecisionForwardVerbatim = "forward_verbatim"
+	DecisionHostMismatch    = "host_mismatch"
+	DecisionBackendError    = "backend_error"
+	DecisionPassthrough     = "passthrough"
+	DecisionRefuse          = "refuse"
+)
+
+// Event is one audit record.
+type Event struct {
+	TS       time.Time `json:"ts"`
+	Type     string    `json:"type"`
+	Decision string    `json:"decision,omitempty"`
+	Reason   string    `json:"reason,omitempty"`
+	Secret   string    `json:"secret,omitempty"`
+	Binding  *int      `json:"binding,omitempty"`
+	UID      *int64    `json:"uid,omitempty"`
+	Dst      string    `json:"dst,omitempty"`
+	SNI      string    `json:"sni,omitempty"`
+	Method   string    `json:"method,omitempty"`
+	// Path is the normalized path without the query, or "" when it could not be normalized.
+	Path   string `json:"path,omitempty"`
+	Status int    `json:"status,omitempty"`
+	// ConfigSHA256 identifies the config for config_loaded / proxy_start.
+	ConfigSHA256 string `json:"config_sha256,omitempty"`
+	// Detail is a fixed, daemon-written sentence (never request data or an error from a
+	// backend, which could quote a secret).
+	Detail string `json:"detail,omitempty"`
+}
+
+// Auditor makes events durable. Record returns nil only once every event is on disk; the
+// proxy writes nothing modified upstream before it returns (I7).
+type Auditor interface {
+	Record(ctx context.Context, events ...Event) error
+}
+
+// FileWriter appends events as JSON lines to one file and fsyncs before returning. It is
+// the in-process writer; a separate journal service replaces it in production.
+type FileWriter struct {
+	mu  sync.Mutex
+	f   *os.File
+	now func() time.Time
+}
+
+var _ Auditor = (*FileWriter)(nil)
+
+// OpenFile opens path for appending, creating it (0600) and its directory (0700).
+func OpenFile(path string) (*FileWriter, error) {
+	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
+		return nil, fmt.Errorf("create audit directory for %s: %w", path, err)
+	}
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("open audit log %s: %w", path, err)
+	}
+	return &FileWriter{f: f, now: time.Now}, nil
+}
+
+// Record writes all events in one write and one fdatasync.
+func (w *FileWriter) Record(ctx context.Context, events ...Event) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	var buf []byte
+	for _, e := range events {
+		if e.TS.IsZero() {
+			e.TS = w.now().UTC()
+		}
+		line, err := json.Marshal(e)
+		if err != nil {
+			return fmt.Errorf("encode audit event: %w", err)
+		}
+		buf = append(append(buf, line...), '\n')
+	}
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.f == nil {
+		return fmt.Errorf("audit log is closed")
+	}
+	if _, err := w.f.Write(buf); err != nil {
+		return fmt.Errorf("append audit log: %w", err)
+	}
+	if err := w.f.Sync(); err != nil {
+		// Never retry a failed fsync: the page cache may already have dropped the data.
+		w.f.Close()
+		w.f = nil
+		return fmt.Errorf("fsync audit log: %w", err)
+	}
+	return nil
+}
+
+// Close closes the file.
+func (w *FileWriter) Close() error {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.f == nil {
+		return nil
+	}
+	err := w.f.Close()
+	w.f = nil
+	return err
+}
+
+// Int and Int64 make pointer fields easy to fill.
+func Int(v int) *int       { return &v }
+func Int64(v int64) *int64 { return &v }

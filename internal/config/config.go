@@ -1,0 +1,595 @@
+// Package config owns the bindings.yaml schema: parsing, validation and defaults.
+//
+// Every error names file:line:column and says what to write instead, because the operator
+// reading it is deciding whether a key may leave the building. The package never logs and never
+// holds a secret value: only names and placeholders.
+package config
+
+import (
+	"fmt"
+	"net/netip"
+	"os"
+	"sort"
+	"strings"
+	"time"
+
+	"golang.org/x/net/publicsuffix"
+	"gopkg.in/yaml.v3"
+)
+
+// Defaults for fields the operator may omit.
+const (
+	DefaultListen   = "127.0.0.1:14322"
+	DefaultCacheTTL = 5 * time.Minute
+	DefaultHeader   = "Authorization"
+	DefaultFormat   = "{secret}"
+	DefaultAuditLog = "/var/log/agent-vault-proxy/audit.jsonl"
+	// MinPlaceholderLen keeps placeholders long enough that they never occur by accident in
+	// ordinary header values.
+	MinPlaceholderLen = 24
+)
+
+// Config is one fully validated bindings file.
+type Config struct {
+	Version int
+	Backend Backend
+	Cache   Cache
+	Proxy   Proxy
+	Audit   Audit
+	// Secrets in name order, so decisions and listings are deterministic.
+	Secrets []*Secret
+}
+
+// Backend says where real secret values come from.
+type Backend struct {
+	// Type is "file" (a root-only YAML map of name to value, for trying the daemon and for
+	// tests) or "bws" (Bitwarden Secrets Manager; not in this release).
+	Type string
+	File FileBackend
+}
+
+// FileBackend is a YAML map of secret name to value in a file that only its owner can read.
+type FileBackend struct {
+	Path string
+}
+
+// Cache bounds how long a fetched secret is reused.
+type Cache struct {
+	// TTL is the upper bound on how long a rotated secret can still be injected (I8).
+	TTL time.Duration
+}
+
+// Proxy configures the listener and the upstream side.
+type Proxy struct {
+	// Listen is the IPv4 loopback address the redirect points at; avpd also listens on the
+	// same port on [::1] so IPv6 connections are redirected too.
+	Listen netip.AddrPort
+	// UpstreamCAFile adds PEM roots to the system roots for verifying upstreams.
+	UpstreamCAFile string
+}
+
+// Audit configures where decisions are recorded before any modified byte goes upstream.
+type Audit struct {
+	Path string
+}
+
+// Secret is one real credential, the placeholder agents use for it, and where it may go.
+type Secret struct {
+	Name        string
+	Placeholder string
+	// Header is the only header the placeholder is replaced in (I11), canonical form.
+	Header string
+	// Format is the shape of the header value with {secret} where the key stands, for
+	// example "Bearer {secret}". Only the placeholder bytes are ever replaced.
+	Format   string
+	Bindings []Binding
+	// Pos is where the secret is declared, for explanations.
+	Pos Pos
+}
+
+// Binding allows a secret to be injected into requests to one host pattern.
+type Binding struct {
+	// Host is an exact lowercase name or "*.domain" matching exactly one more label.
+	Host string
+	// Methods are upper-case; nil means any method.
+	Methods []string
+	// Paths are globs on the normalized path ("*" within a segment, "**" across segments);
+	// nil means any path.
+	Paths []string
+	Pos   Pos
+}
+
+// Pos is a position in the bindings file.
+type Pos struct {
+	File         string
+	Line, Column int
+}
+
+func (p Pos) String() string { return fmt.Sprintf("%s:%d:%d", p.File, p.Line, p.Column) }
+
+// Load reads and validates path. The error lists every problem found, one per line.
+func Load(path string) (*Config, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("read config %s: %w", path, err)
+	}
+	return Parse(path, data)
+}
+
+// Parse validates data as the bindings file named file.
+func Parse(file string, data []byte) (*Config, error) {
+	var root yaml.Node
+	if err := yaml.Unmarshal(data, &root); err != nil {
+		return nil, fmt.Errorf("%s: %s; fix the YAML syntax", file, strings.TrimPrefix(err.Error(), "yaml: "))
+	}
+	d := &decoder{file: file}
+	cfg := d.config(&root)
+	if len(d.errs) > 0 {
+		return nil, &Error{Problems: d.errs}
+	}
+	return cfg, nil
+}
+
+// Error carries every problem found in a file; each names its position and the fix.
+type Error struct {
+	Problems []string
+}
+
+func (e *Error) Error() string { return strings.Join(e.Problems, "\n") }
+
+type decoder struct {
+	file string
+	errs []string
+}
+
+func (d *decoder) pos(n *yaml.Node) Pos { return Pos{File: d.file, Line: n.Line, Column: n.Column} }
+
+func (d *decoder) errf(n *yaml.Node, format string, args ...any) {
+	d.errs = append(d.errs, d.pos(n).String()+": "+fmt.Sprintf(format, args...))
+}
+
+// fields walks a mapping node, calling the handler for each known key and reporting unknown
+// and duplicate keys with the list of keys that are allowed there.
+func (d *decoder) fields(n *yaml.Node, what string, handlers map[string]func(*yaml.Node)) map[string]bool {
+	seen := map[string]bool{}
+	if n.Kind != yaml.MappingNode {
+		d.errf(n, "%s must be a mapping of key: value", what)
+		return seen
+	}
+	for i := 0; i+1 < len(n.Content); i += 2 {
+		k, v := n.Content[i], n.Content[i+1]
+		h, ok := handlers[k.Value]
+		if !ok {
+			d.errf(k, "unknown key %q in %s; allowed keys are %s", k.Value, what, keyList(handlers))
+			continue
+		}
+		if seen[k.Value] {
+			d.errf(k, "key %q appears twice in %s; keep one", k.Value, what)
+			continue
+		}
+		seen[k.Value] = true
+		h(v)
+	}
+	return seen
+}
+
+func keyList(m map[string]func(*yaml.Node)) string {
+	keys := make([]string, 0, len(m))
+	for k := range m {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	return strings.Join(keys, ", ")
+}
+
+func (d *decoder) str(n *yaml.Node, what string, dst *string) {
+	if n.Kind != yaml.ScalarNode || n.Tag == "!!null" {
+		d.errf(n, "%s must be a string", what)
+		return
+	}
+	*dst = n.Value
+}
+
+func (d *decoder) strList(n *yaml.Node, what string) []string {
+	if n.Kind != yaml.SequenceNode {
+		d.errf(n, "%s must be a list, for example [GET, POST]", what)
+		return nil
+	}
+	out := make([]string, 0, len(n.Content))
+	for _, c := range n.Content {
+		var s string
+		d.str(c, what+" entry", &s)
+		out = append(out, s)
+	}
+	return out
+}
+
+func (d *decoder) config(root *yaml.Node) *Config {
+	cfg := &Config{
+		Cache: Cache{TTL: DefaultCacheTTL},
+		Proxy: Proxy{Listen: netip.MustParseAddrPort(DefaultListen)},
+		Audit: Audit{Path: DefaultAuditLog},
+	}
+	if root.Kind != yaml.DocumentNode || len(root.Content) == 0 {
+		d.errs = append(d.errs, d.file+":1:1: the file is empty; start it with \"version: 1\" and a secrets: section")
+		return cfg
+	}
+	doc := root.Content[0]
+	var secretsNode *yaml.Node
+	seen := d.fields(doc, "the top level", map[string]func(*yaml.Node){
+		"version": func(n *yaml.Node) {
+			if n.Kind != yaml.ScalarNode || n.Value != "1" {
+				d.errf(n, "unsupported version %q; write \"version: 1\"", n.Value)
+				return
+			}
+			cfg.Version = 1
+		},
+		"backend": func(n *yaml.Node) { d.backend(n, &cfg.Backend) },
+		"cache":   func(n *yaml.Node) { d.cache(n, &cfg.Cache) },
+		"proxy":   func(n *yaml.Node) { d.proxy(n, &cfg.Proxy) },
+		"audit":   func(n *yaml.Node) { d.audit(n, &cfg.Audit) },
+		"secrets": func(n *yaml.Node) { secretsNode = n; cfg.Secrets = d.secrets(n) },
+	})
+	if doc.Kind != yaml.MappingNode {
+		return cfg
+	}
+	if !seen["version"] {
+		d.errf(doc, "missing \"version: 1\" at the top of the file")
+	}
+	if !seen["backend"] {
+		d.errf(doc, "missing backend: section; add \"backend: {type: file, file: {path: /etc/agent-vault-proxy/secrets.yaml}}\"")
+	}
+	if !seen["secrets"] {
+		d.errf(doc, "missing secrets: section; declare at least one secret with a placeholder and bindings")
+	}
+	if secretsNode != nil {
+		d.placeholdersDistinct(cfg.Secrets)
+	}
+	return cfg
+}
+
+func (d *decoder) backend(n *yaml.Node, b *Backend) {
+	var typeNode, fileNode *yaml.Node
+	d.fields(n, "backend", map[string]func(*yaml.Node){
+		"type": func(v *yaml.Node) { typeNode = v; d.str(v, "backend.type", &b.Type) },
+		"file": func(v *yaml.Node) {
+			fileNode = v
+			d.fields(v, "backend.file", map[string]func(*yaml.Node){
+				"path": func(p *yaml.Node) { d.str(p, "backend.file.path", &b.File.Path) },
+			})
+		},
+		"bws": func(v *yaml.Node) {
+			d.errf(v, "the bws backend is not available in this release; use \"type: file\"")
+		},
+	})
+	if n.Kind != yaml.MappingNode {
+		return
+	}
+	switch {
+	case typeNode == nil:
+		d.errf(n, "backend.type is missing; write \"type: file\"")
+	case b.Type == "file":
+		if fileNode == nil || b.File.Path == "" {
+			d.errf(n, "backend type file needs \"file: {path: /etc/agent-vault-proxy/secrets.yaml}\"")
+		} else if !strings.HasPrefix(b.File.Path, "/") {
+			d.errf(fileNode, "backend.file.path must be an absolute path, got %q", b.File.Path)
+		}
+	case b.Type == "bws":
+		d.errf(typeNode, "the bws backend is not available in this release; use \"type: file\"")
+	default:
+		d.errf(typeNode, "unknown backend type %q; write \"file\"", b.Type)
+	}
+}
+
+func (d *decoder) cache(n *yaml.Node, c *Cache) {
+	d.fields(n, "cache", map[string]func(*yaml.Node){
+		"ttl": func(v *yaml.Node) {
+			dur, err := time.ParseDuration(v.Value)
+			if v.Kind != yaml.ScalarNode || err != nil || dur <= 0 || dur > 24*time.Hour {
+				d.errf(v, "cache.ttl %q is not a duration between 1s and 24h; write for example \"ttl: 5m\"", v.Value)
+				return
+			}
+			c.TTL = dur
+		},
+	})
+}
+
+func (d *decoder) proxy(n *yaml.Node, p *Proxy) {
+	d.fields(n, "proxy", map[string]func(*yaml.Node){
+		"listen": func(v *yaml.Node) {
+			ap, err := netip.ParseAddrPort(v.Value)
+			if v.Kind != yaml.ScalarNode || err != nil || !ap.Addr().Is4() || !ap.Addr().IsLoopback() || ap.Port() == 0 || ap.Port() == 443 {
+				d.errf(v, "proxy.listen %q must be an IPv4 loopback address with a port other than 443, for example \"127.0.0.1:14322\"", v.Value)
+				return
+			}
+			p.Listen = ap
+		},
+		"upstream_ca_file": func(v *yaml.Node) {
+			d.str(v, "proxy.upstream_ca_file", &p.UpstreamCAFile)
+			if p.UpstreamCAFile != "" && !strings.HasPrefix(p.UpstreamCAFile, "/") {
+				d.errf(v, "proxy.upstream_ca_file must be an absolute path, got %q", p.UpstreamCAFile)
+			}
+		},
+	})
+}
+
+func (d *decoder) audit(n *yaml.Node, a *Audit) {
+	d.fields(n, "audit", map[string]func(*yaml.Node){
+		"path": func(v *yaml.Node) {
+			d.str(v, "audit.path", &a.Path)
+			if !strings.HasPrefix(a.Path, "/") {
+				d.errf(v, "audit.path must be an absolute path, got %q", a.Path)
+			}
+		},
+	})
+}
+
+func (d *decoder) secrets(n *yaml.Node) []*Secret {
+	if n.Kind != yaml.MappingNode {
+		d.errf(n, "secrets must be a mapping of NAME: {placeholder, inject, bindings}")
+		return nil
+	}
+	var out []*Secret
+	names := map[string]bool{}
+	for i := 0; i+1 < len(n.Content); i += 2 {
+		k, v := n.Content[i], n.Content[i+1]
+		if !validSecretName(k.Value) {
+			d.errf(k, "secret name %q must be 1-128 characters of letters, digits, '_', '-' or '.'", k.Value)
+			continue
+		}
+		if names[k.Value] {
+			d.errf(k, "secret %q is declared twice; keep one", k.Value)
+			continue
+		}
+		names[k.Value] = true
+		out = append(out, d.secret(k, v))
+	}
+	if len(out) == 0 && len(d.errs) == 0 {
+		d.errf(n, "secrets is empty; declare at least one secret")
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
+	return out
+}
+
+func validSecretName(s string) bool {
+	if len(s) == 0 || len(s) > 128 {
+		return false
+	}
+	for _, r := range s {
+		if !(r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || r == '_' || r == '-' || r == '.') {
+			return false
+		}
+	}
+	return true
+}
+
+func (d *decoder) secret(k, n *yaml.Node) *Secret {
+	s := &Secret{Name: k.Value, Header: DefaultHeader, Format: DefaultFormat, Pos: d.pos(k)}
+	what := "secret " + k.Value
+	var phNode *yaml.Node
+	seen := d.fields(n, what, map[string]func(*yaml.Node){
+		"placeholder": func(v *yaml.Node) { phNode = v; d.str(v, what+".placeholder", &s.Placeholder) },
+		"inject":      func(v *yaml.Node) { d.inject(v, what, s) },
+		"bindings":    func(v *yaml.Node) { s.Bindings = d.bindings(v, what) },
+	})
+	if n.Kind != yaml.MappingNode {
+		return s
+	}
+	if !seen["placeholder"] {
+		d.errf(n, "%s has no placeholder; add \"placeholder: <at least %d printable characters>\"", what, MinPlaceholderLen)
+	} else if phNode != nil {
+		d.checkPlaceholder(phNode, what, s.Placeholder)
+	}
+	if !seen["bindings"] {
+		d.errf(n, "%s has no bindings; add \"bindings: [{host: api.example.com}]\"", what)
+	}
+	return s
+}
+
+func (d *decoder) checkPlaceholder(n *yaml.Node, what, p string) {
+	if len(p) < MinPlaceholderLen {
+		d.errf(n, "%s.placeholder is %d characters; use at least %d so it never occurs by accident", what, len(p), MinPlaceholderLen)
+	}
+	for i := 0; i < len(p); i++ {
+		if p[i] <= ' ' || p[i] > '~' {
+			d.errf(n, "%s.placeholder must be printable ASCII without spaces", what)
+			return
+		}
+	}
+}
+
+func (d *decoder) placeholdersDistinct(secrets []*Secret) {
+	for i, a := range secrets {
+		for _, b := range secrets[i+1:] {
+			if a.Placeholder == "" || b.Placeholder == "" {
+				continue
+			}
+			if strings.Contains(a.Placeholder, b.Placeholder) || strings.Contains(b.Placeholder, a.Placeholder) {
+				d.errs = append(d.errs, fmt.Sprintf("%s: placeholders of secrets %s and %s are equal or one contains the other; make each unique", b.Pos, a.Name, b.Name))
+			}
+		}
+	}
+}
+
+func (d *decoder) inject(n *yaml.Node, what string, s *Secret) {
+	var fmtNode *yaml.Node
+	d.fields(n, what+".inject", map[string]func(*yaml.Node){
+		"header": func(v *yaml.Node) {
+			d.str(v, what+".inject.header", &s.Header)
+			if !validHeaderName(s.Header) {
+				d.errf(v, "%s.inject.header %q is not a valid HTTP header name", what, s.Header)
+			}
+			switch strings.ToLower(s.Header) {
+			case "host", "content-length", "transfer-encoding", "connection", "upgrade", "te", "trailer", "proxy-authorization", "keep-alive":
+				d.errf(v, "%s.inject.header %q is a hop-by-hop or framing header; inject into Authorization or an API key header", what, s.Header)
+			}
+		},
+		"format": func(v *yaml.Node) { fmtNode = v; d.str(v, what+".inject.format", &s.Format) },
+		"template": func(v *yaml.Node) {
+			d.errf(v, "templates are not available in this release; use \"format\" with {secret}")
+		},
+		"compose": func(v *yaml.Node) {
+			d.errf(v, "compose is not available in this release; use \"format\" with {secret}")
+		},
+	})
+	s.Header = canonicalHeader(s.Header)
+	if fmtNode != nil && strings.Count(s.Format, "{secret}") != 1 {
+		d.errf(fmtNode, "%s.inject.format must contain {secret} exactly once, for example \"Bearer {secret}\"", what)
+	}
+	for i := 0; i < len(s.Format); i++ {
+		if s.Format[i] < ' ' || s.Format[i] > '~' {
+			d.errf(fmtNode, "%s.inject.format must be printable ASCII", what)
+			break
+		}
+	}
+}
+
+func validHeaderName(h string) bool {
+	if h == "" {
+		return false
+	}
+	for i := 0; i < len(h); i++ {
+		c := h[i]
+		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || strings.IndexByte("!#$%&'*+-.^_`|~", c) >= 0) {
+			return false
+		}
+	}
+	return true
+}
+
+// canonicalHeader mirrors net/textproto.CanonicalMIMEHeaderKey without importing net/http here.
+func canonicalHeader(h string) string {
+	b := []byte(strings.ToLower(h))
+	upper := true
+	for i, c := range b {
+		if upper && c >= 'a' && c <= 'z' {
+			b[i] = c - 'a' + 'A'
+		}
+		upper = c == '-'
+	}
+	return string(b)
+}
+
+func (d *decoder) bindings(n *yaml.Node, what string) []Binding {
+	if n.Kind != yaml.SequenceNode || len(n.Content) == 0 {
+		d.errf(n, "%s.bindings must be a non-empty list of {host, methods, paths}", what)
+		return nil
+	}
+	var out []Binding
+	for i, bn := range n.Content {
+		b := Binding{Pos: d.pos(bn)}
+		bwhat := fmt.Sprintf("%s.bindings[%d]", what, i)
+		var hostNode *yaml.Node
+		seen := d.fields(bn, bwhat, map[string]func(*yaml.Node){
+			"host": func(v *yaml.Node) { hostNode = v; d.str(v, bwhat+".host", &b.Host) },
+			"methods": func(v *yaml.Node) {
+				b.Methods = d.strList(v, bwhat+".methods")
+				if v.Kind == yaml.SequenceNode && len(b.Methods) == 0 {
+					d.errf(v, "%s.methods is empty; list methods such as [GET, POST], or remove the key to allow any method", bwhat)
+				}
+				for j, m := range b.Methods {
+					if !validMethod(m) {
+						d.errf(v.Content[j], "%s.methods entry %q must be an upper-case HTTP method such as GET or POST; remove the key to allow any method", bwhat, m)
+					}
+				}
+			},
+			"paths": func(v *yaml.Node) {
+				b.Paths = d.strList(v, bwhat+".paths")
+				if v.Kind == yaml.SequenceNode && len(b.Paths) == 0 {
+					d.errf(v, "%s.paths is empty; list globs such as [\"/v1/**\"], or remove the key to allow any path", bwhat)
+				}
+				for j, p := range b.Paths {
+					if err := ValidatePathGlob(p); err != nil {
+						d.errf(v.Content[j], "%s.paths entry %q: %v", bwhat, p, err)
+					}
+				}
+			},
+		})
+		if bn.Kind != yaml.MappingNode {
+			continue
+		}
+		if !seen["host"] {
+			d.errf(bn, "%s has no host; add \"host: api.example.com\"", bwhat)
+		} else if hostNode != nil {
+			if err := ValidateHostPattern(b.Host); err != nil {
+				d.errf(hostNode, "%s.host %q: %v", bwhat, b.Host, err)
+			}
+		}
+		out = append(out, b)
+	}
+	return out
+}
+
+func validMethod(m string) bool {
+	if m == "" || m == "*" || len(m) > 32 {
+		return false
+	}
+	for i := 0; i < len(m); i++ {
+		if m[i] < 'A' || m[i] > 'Z' {
+			return false
+		}
+	}
+	return m != "CONNECT"
+}
+
+// ValidateHostPattern accepts a lowercase DNS name or "*.domain" with at least two labels
+// after the wildcard, so a wildcard can never cover a whole top-level domain.
+func ValidateHostPattern(h string) error {
+	name := h
+	if strings.HasPrefix(h, "*.") {
+		name = h[2:]
+		if strings.Count(name, ".") < 1 {
+			return fmt.Errorf("a wildcard must sit above a registrable domain, for example \"*.example.com\"")
+		}
+		if suffix, _ := publicsuffix.PublicSuffix(name); suffix == name {
+			return fmt.Errorf("%q is a public suffix; a wildcard there would cover other people's domains, bind \"*.yourdomain.%s\" instead", name, name)
+		}
+	}
+	if strings.Contains(name, "*") {
+		return fmt.Errorf("only a leading \"*.\" wildcard is allowed, for example \"*.example.com\"")
+	}
+	if strings.HasSuffix(name, ".") {
+		return fmt.Errorf("remove the trailing dot")
+	}
+	if name != strings.ToLower(name) {
+		return fmt.Errorf("write the host in lowercase: %q", strings.ToLower(name))
+	}
+	if _, err := netip.ParseAddr(name); err == nil {
+		return fmt.Errorf("IP literals never get injection (there is no name to verify); bind a DNS name")
+	}
+	if len(name) == 0 || len(name) > 253 {
+		return fmt.Errorf("not a DNS name")
+	}
+	for _, label := range strings.Split(name, ".") {
+		if len(label) == 0 || len(label) > 63 || label[0] == '-' || label[len(label)-1] == '-' {
+			return fmt.Errorf("label %q is not a valid DNS label", label)
+		}
+		for i := 0; i < len(label); i++ {
+			c := label[i]
+			if !(c >= 'a' && c <= 'z' || c >= '0' && c <= '9' || c == '-' || c == '_') {
+				return fmt.Errorf("character %q is not allowed in a host name", c)
+			}
+		}
+	}
+	return nil
+}
+
+// ValidatePathGlob accepts globs that start with "/" and use "*" within a segment or "**"
+// as a whole segment.
+func ValidatePathGlob(p string) error {
+	if !strings.HasPrefix(p, "/") {
+		return fmt.Errorf("paths must start with \"/\", for example \"/v1/**\"")
+	}
+	if strings.ContainsAny(p, "?#%\\") {
+		return fmt.Errorf("write the decoded path without query, fragment, percent-escapes or backslashes")
+	}
+	for _, seg := range strings.Split(p[1:], "/") {
+		if strings.Contains(seg, "**") && seg != "**" {
+			return fmt.Errorf("\"**\" must be a whole segment, as in \"/v1/**\"")
+		}
+		if seg == "." || seg == ".." {
+			return fmt.Errorf("dot segments are not allowed in a glob")
+		}
+	}
+	return nil
+}

@@ -1,0 +1,152 @@
+package daemon
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"slices"
+	"time"
+
+	"github.com/agent-vault-proxy/agent-vault-proxy/internal/admin"
+	"github.com/agent-vault-proxy/agent-vault-proxy/internal/audit"
+	"github.com/agent-vault-proxy/agent-vault-proxy/internal/intercept"
+)
+
+// Status is what `avpctl status` shows. It holds no secret value and no placeholder.
+type Status struct {
+	Version       string          `json:"version"`
+	PID           int             `json:"pid"`
+	StartedAt     time.Time       `json:"started_at"`
+	Listeners     []string        `json:"listeners"`
+	Config        string          `json:"config"`
+	ConfigSHA256  string          `json:"config_sha256"`
+	Backend       string          `json:"backend"`
+	Secrets       []string        `json:"secrets"`
+	CachedSecrets int             `json:"cached_secrets"`
+	Enrolled      []uint32        `json:"enrolled_uids"`
+	FirewallOK    bool            `json:"firewall_ok"`
+	CAFingerprint string          `json:"ca_fingerprint"`
+	AuditPath     string          `json:"audit_path"`
+	Stats         intercept.Stats `json:"stats"`
+}
+
+// Version is set at build time.
+var Version = "dev"
+
+func (d *Daemon) handlers() map[string]admin.Handler {
+	return map[string]admin.Handler{
+		"enroll-uid":   d.cmdEnroll,
+		"unenroll-uid": d.cmdUnenroll,
+		"status":       d.cmdStatus,
+		"ca-cert":      d.cmdCACert,
+		"reload":       d.cmdReload,
+	}
+}
+
+func oneArg(args []string, usage string) (string, error) {
+	if len(args) != 1 || args[0] == "" {
+		return "", fmt.Errorf("usage: %s", usage)
+	}
+	return args[0], nil
+}
+
+func (d *Daemon) cmdEnroll(ctx context.Context, peer uint32, args []string) (any, error) {
+	a, err := oneArg(args, "avpctl enroll-uid USER|UID")
+	if err != nil {
+		return nil, err
+	}
+	uid, err := resolveUID(a)
+	if err != nil {
+		return nil, err
+	}
+	if err := checkEnrollable(uid); err != nil {
+		return nil, err
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	uids, err := loadEnrollment(d.opts.StateDir)
+	if err != nil {
+		return nil, err
+	}
+	if !slices.Contains(uids, uid) {
+		uids = append(uids, uid)
+		slices.Sort(uids)
+	}
+	// Persist first: a crash after the kernel change but before the file would drop the
+	// enrollment at the next start, which opens a bypass.
+	if err := saveEnrollment(d.opts.StateDir, uids); err != nil {
+		return nil, err
+	}
+	if err := d.fw.Enroll(uid); err != nil {
+		return nil, fmt.Errorf("enroll uid %d: %w", uid, err)
+	}
+	d.audit(audit.Event{Type: audit.TypeEnroll, UID: audit.Int64(int64(uid)), Detail: fmt.Sprintf("enrolled by uid %d", peer)})
+	d.logf("enrolled uid %d", uid)
+	return map[string]any{"uid": uid, "enrolled": true}, nil
+}
+
+func (d *Daemon) cmdUnenroll(ctx context.Context, peer uint32, args []string) (any, error) {
+	a, err := oneArg(args, "avpctl unenroll-uid USER|UID")
+	if err != nil {
+		return nil, err
+	}
+	uid, err := resolveUID(a)
+	if err != nil {
+		return nil, err
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	uids, err := loadEnrollment(d.opts.StateDir)
+	if err != nil {
+		return nil, err
+	}
+	uids = slices.DeleteFunc(uids, func(u uint32) bool { return u == uid })
+	// Kernel first here: the UID stops being redirected only once the set says so.
+	if err := d.fw.Unenroll(uid); err != nil {
+		return nil, fmt.Errorf("unenroll uid %d: %w", uid, err)
+	}
+	if err := saveEnrollment(d.opts.StateDir, uids); err != nil {
+		return nil, err
+	}
+	d.audit(audit.Event{Type: audit.TypeUnenroll, UID: audit.Int64(int64(uid)), Detail: fmt.Sprintf("unenrolled by uid %d", peer)})
+	d.logf("unenrolled uid %d", uid)
+	return map[string]any{"uid": uid, "enrolled": false}, nil
+}
+
+func (d *Daemon) cmdStatus(ctx context.Context, _ uint32, _ []string) (any, error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	st := Status{
+		Version: Version, PID: osGetpid(), StartedAt: d.started.UTC(), Config: d.opts.ConfigPath,
+		ConfigSHA256: d.cfgSHA, Backend: d.cfg.Backend.Type, CachedSecrets: d.cache.Len(),
+		CAFingerprint: d.caFingerprint(), AuditPath: d.cfg.Audit.Path, Stats: d.srv.Stats(),
+	}
+	for _, a := range d.addrs {
+		st.Listeners = append(st.Listeners, a.String())
+	}
+	for _, s := range d.cfg.Secrets {
+		st.Secrets = append(st.Secrets, s.Name)
+	}
+	uids, err := d.fw.Enrolled()
+	if err != nil {
+		return nil, fmt.Errorf("read enrolled uids from nftables: %w", err)
+	}
+	st.Enrolled = uids
+	ok, err := d.fw.Healthy()
+	st.FirewallOK = ok && err == nil
+	return st, nil
+}
+
+func (d *Daemon) cmdCACert(context.Context, uint32, []string) (any, error) {
+	return map[string]string{"pem": string(d.ca.CertPEM())}, nil
+}
+
+func (d *Daemon) cmdReload(context.Context, uint32, []string) (any, error) {
+	if err := d.reload(); err != nil {
+		return nil, errors.New("reload refused, the running config is unchanged:\n" + err.Error())
+	}
+	return map[string]string{"config_sha256": d.cfgSHA}, nil
+}
+
+func osGetpid() int { return os.Getpid() }

@@ -1,0 +1,394 @@
+// Package daemon wires avpd's subsystems together: config, firewall, CA, store, audit,
+// listeners and the admin socket, in the order that keeps every step fail-closed.
+//
+// It owns the lifecycle (start, reload, drain) and the admin commands; the work itself is
+// done by the subsystem packages.
+package daemon
+
+import (
+	"context"
+	"crypto/sha256"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"os/signal"
+	"os/user"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/coreos/go-systemd/v22/activation"
+
+	"github.com/agent-vault-proxy/agent-vault-proxy/internal/admin"
+	"github.com/agent-vault-proxy/agent-vault-proxy/internal/audit"
+	"github.com/agent-vault-proxy/agent-vault-proxy/internal/config"
+	"github.com/agent-vault-proxy/agent-vault-proxy/internal/inject"
+	"github.com/agent-vault-proxy/agent-vault-proxy/internal/intercept"
+	"github.com/agent-vault-proxy/agent-vault-proxy/internal/redirect"
+	"github.com/agent-vault-proxy/agent-vault-proxy/internal/store"
+)
+
+// Options are avpd serve's flags.
+type Options struct {
+	ConfigPath string
+	StateDir   string
+	RuntimeDir string
+	Logf       func(string, ...any)
+}
+
+// Daemon is a running avpd.
+type Daemon struct {
+	opts    Options
+	logf    func(string, ...any)
+	started time.Time
+
+	mu        sync.Mutex // serializes reloads and enrollment changes
+	cfg       *config.Config
+	cfgSHA    string
+	fw        *redirect.Firewall
+	ca        *intercept.CA
+	cache     *store.Cache
+	auditor   *audit.FileWriter
+	srv       *intercept.Server
+	listeners []net.Listener
+	addrs     []netip.AddrPort
+	admin     *admin.Server
+}
+
+// Run starts avpd and blocks until SIGTERM/SIGINT or ctx ends, then drains.
+func Run(ctx context.Context, opts Options) error {
+	d, err := start(opts)
+	if err != nil {
+		return err
+	}
+	return d.serve(ctx)
+}
+
+func start(opts Options) (d *Daemon, err error) {
+	d = &Daemon{opts: opts, logf: opts.Logf, started: time.Now()}
+	defer func() {
+		if err != nil {
+			d.closeAll()
+		}
+	}()
+	cfg, sum, err := loadConfig(opts.ConfigPath)
+	if err != nil {
+		return nil, err
+	}
+	d.cfg, d.cfgSHA = cfg, sum
+	if err := os.MkdirAll(opts.StateDir, 0o700); err != nil {
+		return nil, fmt.Errorf("create state directory %s: %w", opts.StateDir, err)
+	}
+	d.ca, err = intercept.LoadOrCreateCA(opts.StateDir)
+	if err != nil {
+		return nil, err
+	}
+	backend, err := newBackend(cfg)
+	if err != nil {
+		return nil, err
+	}
+	d.cache = store.NewCache(backend, cfg.Cache.TTL)
+	d.auditor, err = audit.OpenFile(cfg.Audit.Path)
+	if err != nil {
+		return nil, err
+	}
+	upstreamTLS, err := upstreamTLSConfig(cfg.Proxy.UpstreamCAFile)
+	if err != nil {
+		return nil, err
+	}
+	if err := d.listen(cfg.Proxy.Listen); err != nil {
+		return nil, err
+	}
+	d.srv, err = intercept.NewServer(intercept.Options{
+		Policy: inject.NewPolicy(cfg), CA: d.ca, Secrets: d.cache, Auditor: d.auditor,
+		Logf: d.logf, Listeners: d.addrs, UpstreamTLS: upstreamTLS,
+	})
+	if err != nil {
+		return nil, err
+	}
+	// The firewall goes last among the kernel-facing steps: redirecting agents before the
+	// listener is up would only refuse their connections.
+	d.fw, err = redirect.New(d.addrs[0].Port())
+	if err != nil {
+		return nil, fmt.Errorf("open nftables: %w", err)
+	}
+	uids, err := loadEnrollment(opts.StateDir)
+	if err != nil {
+		return nil, err
+	}
+	uids = slices.DeleteFunc(uids, func(u uint32) bool { return checkEnrollable(u) != nil })
+	if err := d.fw.Install(uids); err != nil {
+		return nil, err
+	}
+	d.admin, err = admin.Listen(filepath.Join(opts.RuntimeDir, admin.SocketName), d.handlers(), d.logf)
+	if err != nil {
+		return nil, err
+	}
+	return d, nil
+}
+
+func loadConfig(path string) (*config.Config, string, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, "", fmt.Errorf("read config %s: %w", path, err)
+	}
+	cfg, err := config.Parse(path, data)
+	if err != nil {
+		return nil, "", fmt.Errorf("invalid config:\n%w", err)
+	}
+	sum := sha256.Sum256(data)
+	return cfg, hex.EncodeToString(sum[:]), nil
+}
+
+func newBackend(cfg *config.Config) (store.SecretsBackend, error) {
+	switch cfg.Backend.Type {
+	case "file":
+		return store.NewFileBackend(cfg.Backend.File.Path)
+	}
+	return nil, fmt.Errorf("backend type %q is not available", cfg.Backend.Type)
+}
+
+func upstreamTLSConfig(caFile string) (*tls.Config, error) {
+	roots, err := x509.SystemCertPool()
+	if err != nil || roots == nil {
+		roots = x509.NewCertPool()
+	}
+	if caFile != "" {
+		pem, err := os.ReadFile(caFile)
+		if err != nil {
+			return nil, fmt.Errorf("read proxy.upstream_ca_file %s: %w", caFile, err)
+		}
+		if !roots.AppendCertsFromPEM(pem) {
+			return nil, fmt.Errorf("proxy.upstream_ca_file %s holds no PEM certificate", caFile)
+		}
+	}
+	return &tls.Config{RootCAs: roots, MinVersion: tls.VersionTLS12}, nil
+}
+
+// listen takes the sockets systemd passed, or binds the configured address and the same port
+// on [::1] so IPv6 connections have somewhere to go.
+func (d *Daemon) listen(addr netip.AddrPort) error {
+	passed, err := activation.Listeners()
+	if err != nil {
+		return fmt.Errorf("read systemd sockets: %w", err)
+	}
+	for _, ln := range passed {
+		if ln == nil {
+			continue
+		}
+		ap, err := netip.ParseAddrPort(ln.Addr().String())
+		if err != nil {
+			return fmt.Errorf("systemd passed a socket that is not TCP: %s", ln.Addr())
+		}
+		d.listeners = append(d.listeners, ln)
+		d.addrs = append(d.addrs, ap)
+	}
+	if len(d.listeners) > 0 {
+		d.logf("using %d socket(s) from systemd", len(d.listeners))
+		return nil
+	}
+	ln4, err := net.Listen("tcp4", addr.String())
+	if err != nil {
+		return fmt.Errorf("listen on proxy.listen %s: %w", addr, err)
+	}
+	d.listeners = append(d.listeners, ln4)
+	d.addrs = append(d.addrs, addr)
+	v6 := netip.AddrPortFrom(netip.IPv6Loopback(), addr.Port())
+	ln6, err := net.Listen("tcp6", v6.String())
+	if err != nil {
+		// Without [::1] redirected IPv6 connections are refused: closed, not open.
+		d.logf("warning: listen on %s: %v; IPv6 connections of enrolled users will be refused", v6, err)
+		return nil
+	}
+	d.listeners = append(d.listeners, ln6)
+	d.addrs = append(d.addrs, v6)
+	return nil
+}
+
+func (d *Daemon) serve(ctx context.Context) error {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	sigs := make(chan os.Signal, 4)
+	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP)
+	defer signal.Stop(sigs)
+
+	d.audit(audit.Event{Type: audit.TypeProxyStart, ConfigSHA256: d.cfgSHA, Detail: "avpd started"})
+	var wg sync.WaitGroup
+	for _, ln := range d.listeners {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if err := d.srv.Serve(ctx, ln); err != nil {
+				d.logf("%v", err)
+			}
+		}()
+	}
+	wg.Add(1)
+	go func() { defer wg.Done(); d.admin.Serve(ctx) }()
+	d.logf("avpd ready: listening on %v, %d secret(s), CA %s", d.addrs, len(d.cfg.Secrets), d.caFingerprint())
+
+loop:
+	for {
+		select {
+		case <-ctx.Done():
+			break loop
+		case s := <-sigs:
+			if s == syscall.SIGHUP {
+				if err := d.reload(); err != nil {
+					d.logf("reload: %v", err)
+				}
+				continue
+			}
+			d.logf("received %v; draining", s)
+			break loop
+		}
+	}
+	cancel()
+	dctx, dcancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer dcancel()
+	d.srv.Shutdown(dctx)
+	wg.Wait()
+	d.audit(audit.Event{Type: audit.TypeProxyStop, Detail: "avpd stopped; redirect rules stay in place so enrolled users fail closed"})
+	d.closeAll()
+	return nil
+}
+
+func (d *Daemon) closeAll() {
+	if d.admin != nil {
+		d.admin.Close()
+	}
+	for _, ln := range d.listeners {
+		ln.Close()
+	}
+	if d.fw != nil {
+		d.fw.Close()
+	}
+	if d.auditor != nil {
+		d.auditor.Close()
+	}
+}
+
+// audit records a lifecycle event; a failure is logged, the event's subject already happened.
+func (d *Daemon) audit(e audit.Event) {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if err := d.auditor.Record(ctx, e); err != nil {
+		d.logf("audit %s: %v", e.Type, err)
+	}
+}
+
+// reload parses and validates the config fully, then swaps the policy atomically. An
+// invalid file leaves the running config untouched.
+func (d *Daemon) reload() error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	cfg, sum, err := loadConfig(d.opts.ConfigPath)
+	if err != nil {
+		d.audit(audit.Event{Type: audit.TypeConfigRejected, Detail: "config file failed validation; the running config is unchanged"})
+		return err
+	}
+	if cfg.Backend != d.cfg.Backend || cfg.Proxy != d.cfg.Proxy || cfg.Audit != d.cfg.Audit || cfg.Cache != d.cfg.Cache {
+		d.audit(audit.Event{Type: audit.TypeConfigRejected, Detail: "backend, cache, proxy and audit sections change only on restart"})
+		return errors.New("backend, cache, proxy and audit sections change only on restart; only secrets can be reloaded")
+	}
+	d.srv.SetPolicy(inject.NewPolicy(cfg))
+	d.cfg, d.cfgSHA = cfg, sum
+	d.cache.Flush("")
+	d.audit(audit.Event{Type: audit.TypeConfigLoaded, ConfigSHA256: sum, Detail: "config reloaded"})
+	d.logf("config reloaded (sha256 %s)", sum)
+	return nil
+}
+
+func (d *Daemon) caFingerprint() string {
+	sum := sha256.Sum256(d.ca.Certificate().Raw)
+	return "sha256:" + hex.EncodeToString(sum[:])
+}
+
+// checkEnrollable refuses UIDs whose redirect would loop or lock out the host: the daemon's
+// own user (its upstream connections would come back to itself) and root.
+func checkEnrollable(uid uint32) error {
+	if int(uid) == os.Geteuid() {
+		return fmt.Errorf("uid %d is avpd's own user and can never be enrolled: its upstream connections would be redirected back to itself", uid)
+	}
+	if uid == 0 {
+		return errors.New("root cannot be enrolled: root can remove the rules, so enrolling it protects nothing")
+	}
+	return nil
+}
+
+// resolveUID accepts a user name or a number.
+func resolveUID(s string) (uint32, error) {
+	if n, err := strconv.ParseUint(s, 10, 32); err == nil {
+		return uint32(n), nil
+	}
+	u, err := user.Lookup(s)
+	if err != nil {
+		return 0, fmt.Errorf("no user %q; give a user name from /etc/passwd or a numeric UID", s)
+	}
+	n, err := strconv.ParseUint(u.Uid, 10, 32)
+	if err != nil {
+		return 0, fmt.Errorf("user %q has a non-numeric uid %q", s, u.Uid)
+	}
+	return uint32(n), nil
+}
+
+const enrollmentFile = "enrolled.json"
+
+type enrollment struct {
+	UIDs []uint32 `json:"uids"`
+}
+
+func loadEnrollment(dir string) ([]uint32, error) {
+	p := filepath.Join(dir, enrollmentFile)
+	data, err := os.ReadFile(p)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("read enrollment %s: %w", p, err)
+	}
+	var e enrollment
+	if err := json.Unmarshal(data, &e); err != nil {
+		return nil, fmt.Errorf("parse enrollment %s: %w; fix or remove the file and enroll again", p, err)
+	}
+	return e.UIDs, nil
+}
+
+// saveEnrollment writes atomically: a crash leaves the old or the new list, never half.
+func saveEnrollment(dir string, uids []uint32) error {
+	p := filepath.Join(dir, enrollmentFile)
+	data, _ := json.Marshal(enrollment{UIDs: uids})
+	tmp, err := os.CreateTemp(dir, ".enrolled-*")
+	if err != nil {
+		return fmt.Errorf("save enrollment: %w", err)
+	}
+	defer os.Remove(tmp.Name())
+	if _, err := tmp.Write(append(data, '\n')); err != nil {
+		tmp.Close()
+		return fmt.Errorf("save enrollment: %w", err)
+	}
+	if err := tmp.Sync(); err != nil {
+		tmp.Close()
+		return fmt.Errorf("save enrollment: %w", err)
+	}
+	if err := tmp.Close(); err != nil {
+		return fmt.Errorf("save enrollment: %w", err)
+	}
+	if err := os.Rename(tmp.Name(), p); err != nil {
+		return fmt.Errorf("save enrollment: %w", err)
+	}
+	if dh, err := os.Open(dir); err == nil {
+		dh.Sync()
+		dh.Close()
+	}
+	return nil
+}

@@ -1,0 +1,331 @@
+// Package inject owns the decision: which placeholder, if any, may be replaced by its real
+// secret in one HTTP request, and how the replacement is spliced in.
+//
+// It is pure: facts and a request in, a decision out. It never performs I/O, never fetches
+// a secret and never logs, so every rule here can be table-tested and explained.
+package inject
+
+import (
+	"net/http"
+	"net/netip"
+	"strings"
+
+	"github.com/agent-vault-proxy/agent-vault-proxy/internal/config"
+)
+
+// Action is what the proxy does with a request.
+type Action int
+
+const (
+	// ForwardVerbatim sends the request upstream unchanged, placeholders and all (I5).
+	ForwardVerbatim Action = iota
+	// Inject replaces the listed placeholders with real secrets.
+	Inject
+	// Refuse answers the agent with Status and sends nothing upstream.
+	Refuse
+)
+
+func (a Action) String() string {
+	switch a {
+	case Inject:
+		return "inject"
+	case Refuse:
+		return "refuse"
+	default:
+		return "forward_verbatim"
+	}
+}
+
+// Reasons, stable strings that appear in audit events and refusals.
+const (
+	ReasonAllowed             = "binding_matched"
+	ReasonNoPlaceholder       = "no_placeholder"
+	ReasonHostMismatch        = "host_mismatch"
+	ReasonHostNotBound        = "host_not_bound"
+	ReasonMethodNotAllowed    = "method_not_allowed"
+	ReasonPathNotAllowed      = "path_not_allowed"
+	ReasonPathUnsafe          = "path_unsafe"
+	ReasonFormatMismatch      = "format_mismatch"
+	ReasonWrongHeader         = "placeholder_in_wrong_header"
+	ReasonMultiplePlaceholder = "multiple_placeholders_in_header"
+	ReasonRepeatedHeader      = "repeated_inject_header"
+)
+
+// Facts are what the proxy knows about the connection, independent of any request on it.
+type Facts struct {
+	// UID of the agent process, or -1 when it could not be determined.
+	UID int64
+	// SNI is the server name from the ClientHello, lowercase without a trailing dot.
+	SNI     string
+	OrigDst netip.AddrPort
+}
+
+// Request is the part of an HTTP request the decision reads.
+type Request struct {
+	Method string
+	// Authority is the Host header (HTTP/1.1) or :authority (HTTP/2).
+	Authority string
+	// RawPath is the request-target path as sent, still escaped, without the query.
+	RawPath string
+	RawQuery string
+	Header   http.Header
+}
+
+// Injection is one placeholder to replace.
+type Injection struct {
+	Secret  *config.Secret
+	Binding int
+}
+
+// Denial is a placeholder that was found but is forwarded verbatim, and why.
+type Denial struct {
+	Secret *config.Secret
+	Reason string
+}
+
+// Decision is the outcome for one request.
+type Decision struct {
+	Action Action
+	// Status is the HTTP status for Refuse.
+	Status int
+	// Reason is the request-level reason: for Inject ReasonAllowed, for ForwardVerbatim the
+	// first denial's reason or ReasonNoPlaceholder, for Refuse why it was refused.
+	Reason     string
+	Injections []Injection
+	Denials    []Denial
+	// Path is the normalized path, or "" when it could not be normalized safely.
+	Path string
+}
+
+// Policy is an immutable, validated view of the secrets and their bindings.
+type Policy struct {
+	secrets []*config.Secret
+}
+
+// NewPolicy builds a policy from a validated config. The config must not change afterwards.
+func NewPolicy(cfg *config.Config) *Policy {
+	return &Policy{secrets: cfg.Secrets}
+}
+
+// Secrets returns the secrets in name order.
+func (p *Policy) Secrets() []*config.Secret { return p.secrets }
+
+// Bound reports whether any binding covers host, which decides whether a connection is
+// terminated (bound) or spliced through untouched.
+func (p *Policy) Bound(host string) bool {
+	host = NormalizeHost(host)
+	if host == "" {
+		return false
+	}
+	if _, err := netip.ParseAddr(host); err == nil {
+		return false // I3: an IP literal never gets injection
+	}
+	for _, s := range p.secrets {
+		for _, b := range s.Bindings {
+			if MatchHost(b.Host, host) {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// Decide is the whole policy for one request.
+func (p *Policy) Decide(f Facts, r Request) Decision {
+	sni := NormalizeHost(f.SNI)
+	host := NormalizeHost(r.Authority)
+	// I3: the request must be for the name the TLS connection was verified for, on every
+	// request, because HTTP/2 coalescing can carry several hosts on one connection.
+	if sni == "" || host != sni {
+		return Decision{Action: Refuse, Status: http.StatusMisdirectedRequest, Reason: ReasonHostMismatch}
+	}
+	normPath, pathOK := NormalizePath(r.RawPath)
+	d := Decision{Action: ForwardVerbatim, Reason: ReasonNoPlaceholder}
+	if pathOK {
+		d.Path = normPath
+	}
+
+	for _, s := range p.secrets {
+		values := r.Header.Values(s.Header)
+		holding := 0
+		var value string
+		for _, v := range values {
+			if strings.Contains(v, s.Placeholder) {
+				holding++
+				value = v
+			}
+		}
+		if holding == 0 {
+			if p.placeholderElsewhere(s, r) {
+				d.Denials = append(d.Denials, Denial{Secret: s, Reason: ReasonWrongHeader})
+			}
+			continue
+		}
+		if holding > 1 {
+			// Two copies of the header could be joined or picked differently upstream.
+			return Decision{Action: Refuse, Status: http.StatusBadRequest, Reason: ReasonRepeatedHeader, Path: d.Path}
+		}
+		for _, other := range p.secrets {
+			if other != s && strings.Contains(value, other.Placeholder) {
+				return Decision{Action: Refuse, Status: http.StatusBadRequest, Reason: ReasonMultiplePlaceholder, Path: d.Path}
+			}
+		}
+		bi, reason := matchBindings(s, host, r.Method, normPath, pathOK)
+		if reason == ReasonAllowed && !matchesFormat(s, value) {
+			reason = ReasonFormatMismatch
+		}
+		if reason != ReasonAllowed {
+			d.Denials = append(d.Denials, Denial{Secret: s, Reason: reason})
+			continue
+		}
+		d.Injections = append(d.Injections, Injection{Secret: s, Binding: bi})
+	}
+	switch {
+	case len(d.Injections) > 0:
+		d.Action, d.Reason = Inject, ReasonAllowed
+	case len(d.Denials) > 0:
+		d.Reason = d.Denials[0].Reason
+	}
+	return d
+}
+
+// placeholderElsewhere reports a placeholder outside its configured header, so the audit
+// shows an agent trying to move a key somewhere it was not configured to go (I11).
+func (p *Policy) placeholderElsewhere(s *config.Secret, r Request) bool {
+	if strings.Contains(r.RawQuery, s.Placeholder) || strings.Contains(r.RawPath, s.Placeholder) {
+		return true
+	}
+	for k, vs := range r.Header {
+		if k == s.Header {
+			continue
+		}
+		for _, v := range vs {
+			if strings.Contains(v, s.Placeholder) {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// matchBindings returns the first binding that allows the request, or the most specific
+// reason none did: host, then method, then path.
+func matchBindings(s *config.Secret, host, method, path string, pathOK bool) (int, string) {
+	reason := ReasonHostNotBound
+	for i, b := range s.Bindings {
+		if !MatchHost(b.Host, host) {
+			continue
+		}
+		if !matchMethod(b.Methods, method) {
+			if reason == ReasonHostNotBound {
+				reason = ReasonMethodNotAllowed
+			}
+			continue
+		}
+		if b.Paths != nil {
+			if !pathOK {
+				reason = ReasonPathUnsafe
+				continue
+			}
+			if !matchAnyPath(b.Paths, path) {
+				if reason != ReasonPathUnsafe {
+					reason = ReasonPathNotAllowed
+				}
+				continue
+			}
+		} else if !pathOK {
+			// Even an any-path binding refuses a path we cannot read the way the upstream will.
+			reason = ReasonPathUnsafe
+			continue
+		}
+		return i, ReasonAllowed
+	}
+	return -1, reason
+}
+
+func matchMethod(methods []string, m string) bool {
+	if methods == nil {
+		return true
+	}
+	for _, x := range methods {
+		if x == m { // methods are case-sensitive (RFC 9110 §9.1); "get" is not GET
+			return true
+		}
+	}
+	return false
+}
+
+func matchAnyPath(globs []string, path string) bool {
+	for _, g := range globs {
+		if MatchPath(g, path) {
+			return true
+		}
+	}
+	return false
+}
+
+// NormalizeHost lowercases a host or authority and removes the port and one trailing dot.
+// It returns "" for something that is not a host.
+func NormalizeHost(h string) string {
+	if h == "" {
+		return ""
+	}
+	if strings.HasPrefix(h, "[") {
+		end := strings.IndexByte(h, ']')
+		if end < 0 {
+			return ""
+		}
+		h = h[1:end]
+	} else if i := strings.LastIndexByte(h, ':'); i >= 0 {
+		if strings.IndexByte(h[:i], ':') >= 0 {
+			// A bare IPv6 literal without brackets; keep as is.
+		} else {
+			h = h[:i]
+		}
+	}
+	h = strings.TrimSuffix(strings.ToLower(h), ".")
+	if strings.ContainsAny(h, "/@ \t\\%") {
+		return ""
+	}
+	return h
+}
+
+// MatchHost reports whether a lowercase pattern ("api.example.com" or "*.example.com")
+// covers a normalized host. A wildcard matches exactly one label, never the apex.
+func MatchHost(pattern, host string) bool {
+	if rest, ok := strings.CutPrefix(pattern, "*."); ok {
+		label, parent, found := strings.Cut(host, ".")
+		return found && label != "" && parent == rest
+	}
+	return pattern == host
+}
+
+// matchesFormat checks that the header value has the configured shape around the
+// placeholder, so only the placeholder bytes are ever replaced and the agent cannot choose
+// where the secret lands inside a value. The scheme prefix compares case-insensitively
+// because auth schemes are case-insensitive (RFC 9110 §11.1).
+func matchesFormat(s *config.Secret, value string) bool {
+	prefix, suffix, _ := strings.Cut(s.Format, "{secret}")
+	value = strings.Trim(value, " \t")
+	if len(value) != len(prefix)+len(s.Placeholder)+len(suffix) {
+		return false
+	}
+	return strings.EqualFold(value[:len(prefix)], prefix) &&
+		value[len(prefix):len(prefix)+len(s.Placeholder)] == s.Placeholder &&
+		value[len(prefix)+len(s.Placeholder):] == suffix
+}
+
+// Apply replaces the placeholder of inj's secret in its header with value. Decide has
+// already checked the header holds exactly one value in the configured shape, so nothing
+// but the placeholder bytes changes.
+func Apply(h http.Header, s *config.Secret, value []byte) {
+	vs := h[s.Header]
+	for i, v := range vs {
+		v = strings.Trim(v, " \t")
+		if j := strings.Index(v, s.Placeholder); j >= 0 {
+			// This string is the one copy of the secret that net/http needs; it lives only as
+			// long as the outgoing request.
+			vs[i] = v[:j] + string(value) + v[j+len(s.Placeholder):]
+		}
+	}
+}

@@ -1,0 +1,263 @@
+package inject
+
+import (
+	"net/http"
+	"testing"
+
+	"github.com/agent-vault-proxy/agent-vault-proxy/internal/config"
+)
+
+const testConfig = `version: 1
+backend: {type: file, file: {path: /etc/avp/secrets.yaml}}
+secrets:
+  OPENAI:
+    placeholder: sk-avp-PLACEHOLDER-openai-000000000000
+    inject: {header: Authorization, format: "Bearer {secret}"}
+    bindings:
+      - host: api.openai.com
+        methods: [POST, GET]
+        paths: ["/v1/**"]
+  ANTHROPIC:
+    placeholder: sk-avp-PLACEHOLDER-anthropic-0000000000
+    inject: {header: x-api-key}
+    bindings:
+      - host: api.anthropic.com
+  GITHUB:
+    placeholder: ghp_avpPLACEHOLDERgithub00000000000000
+    inject: {header: Authorization, format: "token {secret}"}
+    bindings:
+      - host: "*.github.com"
+        methods: [GET]
+        paths: ["/repos/*/issues", "/user"]
+`
+
+const (
+	phOpenAI    = "sk-avp-PLACEHOLDER-openai-000000000000"
+	phAnthropic = "sk-avp-PLACEHOLDER-anthropic-0000000000"
+	phGitHub    = "ghp_avpPLACEHOLDERgithub00000000000000"
+)
+
+func testPolicy(t testing.TB) *Policy {
+	t.Helper()
+	cfg, err := config.Parse("bindings.yaml", []byte(testConfig))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return NewPolicy(cfg)
+}
+
+func req(method, authority, path string, hdr ...string) Request {
+	h := http.Header{}
+	for i := 0; i+1 < len(hdr); i += 2 {
+		h.Add(hdr[i], hdr[i+1])
+	}
+	p, q, _ := cut(path, "?")
+	return Request{Method: method, Authority: authority, RawPath: p, RawQuery: q, Header: h}
+}
+
+func cut(s, sep string) (string, string, bool) {
+	for i := 0; i+len(sep) <= len(s); i++ {
+		if s[i:i+len(sep)] == sep {
+			return s[:i], s[i+len(sep):], true
+		}
+	}
+	return s, "", false
+}
+
+func TestDecide(t *testing.T) {
+	p := testPolicy(t)
+	bearer := "Bearer " + phOpenAI
+	tests := []struct {
+		name    string
+		sni     string
+		r       Request
+		action  Action
+		status  int
+		reason  string
+		secrets []string
+	}{
+		{"allowed POST in glob", "api.openai.com", req("POST", "api.openai.com", "/v1/chat/completions", "Authorization", bearer), Inject, 0, ReasonAllowed, []string{"OPENAI"}},
+		{"I3 host mismatch gets 421", "api.openai.com", req("POST", "evil.example.com", "/v1/chat", "Authorization", bearer), Refuse, 421, ReasonHostMismatch, nil},
+		{"I3 host with port, trailing dot, upper case is the same host", "api.openai.com", req("POST", "API.OpenAI.com.:443", "/v1/x", "Authorization", bearer), Inject, 0, ReasonAllowed, []string{"OPENAI"}},
+		{"I3 empty SNI never injects", "", req("POST", "api.openai.com", "/v1/x", "Authorization", bearer), Refuse, 421, ReasonHostMismatch, nil},
+		{"wrong method forwarded verbatim", "api.openai.com", req("DELETE", "api.openai.com", "/v1/files/1", "Authorization", bearer), ForwardVerbatim, 0, ReasonMethodNotAllowed, nil},
+		{"lower-case method is not the upper-case one", "api.openai.com", req("post", "api.openai.com", "/v1/x", "Authorization", bearer), ForwardVerbatim, 0, ReasonMethodNotAllowed, nil},
+		{"path outside glob forwarded verbatim", "api.openai.com", req("GET", "api.openai.com", "/admin", "Authorization", bearer), ForwardVerbatim, 0, ReasonPathNotAllowed, nil},
+		{"I4 dot-dot escapes the glob", "api.openai.com", req("GET", "api.openai.com", "/v1/../admin", "Authorization", bearer), ForwardVerbatim, 0, ReasonPathNotAllowed, nil},
+		{"I4 encoded dot-dot is unsafe", "api.openai.com", req("GET", "api.openai.com", "/v1/%2e%2e/admin", "Authorization", bearer), ForwardVerbatim, 0, ReasonPathUnsafe, nil},
+		{"I4 double slash collapses", "api.openai.com", req("GET", "api.openai.com", "//admin", "Authorization", bearer), ForwardVerbatim, 0, ReasonPathNotAllowed, nil},
+		{"I4 double slash inside the glob still matches", "api.openai.com", req("GET", "api.openai.com", "/v1//models", "Authorization", bearer), Inject, 0, ReasonAllowed, []string{"OPENAI"}},
+		{"I4 encoded slash is unsafe", "api.openai.com", req("GET", "api.openai.com", "/v1/x%2Fy", "Authorization", bearer), ForwardVerbatim, 0, ReasonPathUnsafe, nil},
+		{"I4 encoded unreserved decodes into the glob", "api.openai.com", req("GET", "api.openai.com", "/%761/models", "Authorization", bearer), Inject, 0, ReasonAllowed, []string{"OPENAI"}},
+		{"query is not part of the path", "api.openai.com", req("GET", "api.openai.com", "/v1/models?x=/admin", "Authorization", bearer), Inject, 0, ReasonAllowed, []string{"OPENAI"}},
+		{"host bound to a different secret", "api.anthropic.com", req("POST", "api.anthropic.com", "/v1/messages", "Authorization", bearer), ForwardVerbatim, 0, ReasonHostNotBound, nil},
+		{"no placeholder", "api.openai.com", req("GET", "api.openai.com", "/v1/models", "Authorization", "Bearer sk-mine"), ForwardVerbatim, 0, ReasonNoPlaceholder, nil},
+		{"I11 placeholder in another header is not replaced", "api.openai.com", req("GET", "api.openai.com", "/v1/models", "X-Other", bearer), ForwardVerbatim, 0, ReasonWrongHeader, nil},
+		{"I11 placeholder in the query is not replaced", "api.openai.com", req("GET", "api.openai.com", "/v1/models?key="+phOpenAI), ForwardVerbatim, 0, ReasonWrongHeader, nil},
+		{"format mismatch is forwarded verbatim", "api.openai.com", req("GET", "api.openai.com", "/v1/models", "Authorization", "Basic "+phOpenAI), ForwardVerbatim, 0, ReasonFormatMismatch, nil},
+		{"auth scheme is case-insensitive", "api.openai.com", req("GET", "api.openai.com", "/v1/models", "Authorization", "bearer "+phOpenAI), Inject, 0, ReasonAllowed, []string{"OPENAI"}},
+		{"extra bytes around the placeholder do not match the format", "api.openai.com", req("GET", "api.openai.com", "/v1/models", "Authorization", bearer+"x"), ForwardVerbatim, 0, ReasonFormatMismatch, nil},
+		{"two placeholders in one header get 400", "api.openai.com", req("GET", "api.openai.com", "/v1/models", "Authorization", bearer+" "+phGitHub), Refuse, 400, ReasonMultiplePlaceholder, nil},
+		{"the inject header twice gets 400", "api.openai.com", req("GET", "api.openai.com", "/v1/models", "Authorization", bearer, "Authorization", bearer), Refuse, 400, ReasonRepeatedHeader, nil},
+		{"anthropic any method any path", "api.anthropic.com", req("PATCH", "api.anthropic.com", "/anything", "X-Api-Key", phAnthropic), Inject, 0, ReasonAllowed, []string{"ANTHROPIC"}},
+		{"any-path binding still refuses an unsafe path", "api.anthropic.com", req("GET", "api.anthropic.com", "/a/%2e%2e/b", "X-Api-Key", phAnthropic), ForwardVerbatim, 0, ReasonPathUnsafe, nil},
+		{"wildcard matches one label", "api.github.com", req("GET", "api.github.com", "/user", "Authorization", "token "+phGitHub), Inject, 0, ReasonAllowed, []string{"GITHUB"}},
+		{"wildcard never matches the apex", "github.com", req("GET", "github.com", "/user", "Authorization", "token "+phGitHub), ForwardVerbatim, 0, ReasonHostNotBound, nil},
+		{"wildcard never matches two labels", "a.b.github.com", req("GET", "a.b.github.com", "/user", "Authorization", "token "+phGitHub), ForwardVerbatim, 0, ReasonHostNotBound, nil},
+		{"single star stays within a segment", "api.github.com", req("GET", "api.github.com", "/repos/o/r/issues", "Authorization", "token "+phGitHub), ForwardVerbatim, 0, ReasonPathNotAllowed, nil},
+		{"single star matches one segment", "api.github.com", req("GET", "api.github.com", "/repos/o/issues", "Authorization", "token "+phGitHub), Inject, 0, ReasonAllowed, []string{"GITHUB"}},
+		{"two secrets in their own headers both inject", "api.anthropic.com", req("GET", "api.anthropic.com", "/x", "X-Api-Key", phAnthropic, "Authorization", "token "+phGitHub), Inject, 0, ReasonAllowed, []string{"ANTHROPIC"}},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			d := p.Decide(Facts{UID: 1000, SNI: tc.sni}, tc.r)
+			if d.Action != tc.action || d.Status != tc.status || d.Reason != tc.reason {
+				t.Fatalf("got %v/%d/%s, want %v/%d/%s", d.Action, d.Status, d.Reason, tc.action, tc.status, tc.reason)
+			}
+			var got []string
+			for _, in := range d.Injections {
+				got = append(got, in.Secret.Name)
+			}
+			if len(got) != len(tc.secrets) {
+				t.Fatalf("injections %v, want %v", got, tc.secrets)
+			}
+			for i := range got {
+				if got[i] != tc.secrets[i] {
+					t.Fatalf("injections %v, want %v", got, tc.secrets)
+				}
+			}
+		})
+	}
+}
+
+func TestApplyReplacesOnlyThePlaceholder(t *testing.T) {
+	p := testPolicy(t)
+	h := http.Header{}
+	h.Set("Authorization", "bearer "+phOpenAI)
+	h.Set("X-Other", phOpenAI)
+	r := Request{Method: "GET", Authority: "api.openai.com", RawPath: "/v1/models", Header: h}
+	d := p.Decide(Facts{SNI: "api.openai.com"}, r)
+	if d.Action != Inject {
+		t.Fatalf("decision %v", d.Action)
+	}
+	Apply(h, d.Injections[0].Secret, []byte("sk-real"))
+	if got := h.Get("Authorization"); got != "bearer sk-real" {
+		t.Fatalf("Authorization = %q", got)
+	}
+	if got := h.Get("X-Other"); got != phOpenAI {
+		t.Fatalf("X-Other changed to %q", got)
+	}
+}
+
+func TestBound(t *testing.T) {
+	p := testPolicy(t)
+	for host, want := range map[string]bool{
+		"api.openai.com": true, "API.OPENAI.COM.": true, "api.github.com": true,
+		"github.com": false, "x.y.github.com": false, "example.com": false, "": false, "127.0.0.1": false,
+	} {
+		if got := p.Bound(host); got != want {
+			t.Errorf("Bound(%q) = %v, want %v", host, got, want)
+		}
+	}
+}
+
+func TestNormalizePath(t *testing.T) {
+	tests := []struct {
+		in, out string
+		ok      bool
+	}{
+		{"/", "/", true},
+		{"/v1/models", "/v1/models", true},
+		{"/v1/models/", "/v1/models/", true},
+		{"/v1/../admin", "/admin", true},
+		{"/v1/./x", "/v1/x", true},
+		{"//admin", "/admin", true},
+		{"/v1//x///y", "/v1/x/y", true},
+		{"/%76%31/x", "/v1/x", true},
+		{"/v1/caf%c3%a9", "/v1/caf%C3%A9", true},
+		{"/v1/%2e%2e/admin", "", false},
+		{"/v1/.%2E/admin", "", false},
+		{"/v1/%2e/admin", "", false},
+		{"/v1/x%2Fy", "", false},
+		{"/v1/x%2fy", "", false},
+		{"/v1/x%5cy", "", false},
+		{"/v1\\..\\admin", "", false},
+		{"/v1/%00", "", false},
+		{"/v1/%zz", "", false},
+		{"/v1/%4", "", false},
+		{"/..", "", false},
+		{"/a/../..", "", false},
+		{"*", "", false},
+		{"", "", false},
+		{"http://evil/", "", false},
+	}
+	for _, tc := range tests {
+		out, ok := NormalizePath(tc.in)
+		if out != tc.out || ok != tc.ok {
+			t.Errorf("NormalizePath(%q) = %q,%v want %q,%v", tc.in, out, ok, tc.out, tc.ok)
+		}
+	}
+}
+
+func TestMatchPath(t *testing.T) {
+	tests := []struct {
+		glob, path string
+		want       bool
+	}{
+		{"/v1/**", "/v1", true},
+		{"/v1/**", "/v1/", true},
+		{"/v1/**", "/v1/a/b/c", true},
+		{"/v1/**", "/v2/a", false},
+		{"/v1/**", "/v10", false},
+		{"/v1/*", "/v1/a", true},
+		{"/v1/*", "/v1/a/b", false},
+		{"/v1/*/x", "/v1/a/x", true},
+		{"/v1/a*z", "/v1/abcz", true},
+		{"/v1/a*z", "/v1/abc", false},
+		{"/**/x", "/a/b/x", true},
+		{"/**/x", "/x", true},
+		{"/", "/", true},
+		{"/", "/a", false},
+		{"/user", "/user", true},
+		{"/user", "/User", false},
+	}
+	for _, tc := range tests {
+		if got := MatchPath(tc.glob, tc.path); got != tc.want {
+			t.Errorf("MatchPath(%q, %q) = %v, want %v", tc.glob, tc.path, got, tc.want)
+		}
+	}
+}
+
+func FuzzNormalizePath(f *testing.F) {
+	for _, s := range []string{"/v1/../admin", "/v1/%2e%2e/admin", "//admin", "/v1/x%2Fy", "/%76%31/"} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, s string) {
+		out, ok := NormalizePath(s)
+		if !ok {
+			return
+		}
+		// A normalized path is a fixed point and never holds a dot segment or empty segment.
+		again, ok2 := NormalizePath(out)
+		if !ok2 || again != out {
+			t.Fatalf("not idempotent: %q -> %q -> %q,%v", s, out, again, ok2)
+		}
+		for _, seg := range splitPath(out) {
+			if seg == "." || seg == ".." || seg == "" {
+				t.Fatalf("%q normalized to %q with segment %q", s, out, seg)
+			}
+		}
+	})
+}
+
+func BenchmarkDecide(b *testing.B) {
+	p := testPolicy(b)
+	r := req("POST", "api.openai.com", "/v1/chat/completions", "Authorization", "Bearer "+phOpenAI, "Content-Type", "application/json")
+	f := Facts{UID: 1000, SNI: "api.openai.com"}
+	b.ReportAllocs()
+	for b.Loop() {
+		if d := p.Decide(f, r); d.Action != Inject {
+			b.Fatal(d.Reason)
+		}
+	}
+}

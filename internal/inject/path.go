@@ -1,0 +1,175 @@
+package inject
+
+import "strings"
+
+// NormalizePath turns the escaped request-target path into the path an upstream will most
+// plausibly serve, for matching against binding globs (I4). The rule:
+//
+//  1. The path must start with "/" (so "*" and absolute forms never match).
+//  2. Percent-escapes of unreserved characters (A-Z a-z 0-9 - . _ ~) are decoded; other
+//     escapes are kept with upper-case hex digits.
+//  3. A segment that holds an encoded "/" (%2F), "\" (%5C), NUL (%00) or a literal "\"
+//     makes the path unsafe: servers disagree on whether those separate segments.
+//  4. A segment that is "." or ".." only after decoding (for example "%2e%2e") makes the path
+//     unsafe: some servers resolve it, some do not, and either reading must not widen a match.
+//  5. Empty segments ("//") are dropped, "." segments are dropped, ".." removes the segment
+//     before it; ".." above the root makes the path unsafe.
+//  6. A trailing "/" is kept.
+//
+// ok is false when the path is unsafe; such a request never gets injection.
+func NormalizePath(raw string) (path string, ok bool) {
+	if !strings.HasPrefix(raw, "/") || len(raw) > 8192 {
+		return "", false
+	}
+	segs := strings.Split(raw[1:], "/")
+	out := make([]string, 0, len(segs))
+	trailing := strings.HasSuffix(raw, "/")
+	for _, seg := range segs {
+		if strings.IndexByte(seg, '\\') >= 0 {
+			return "", false
+		}
+		dec, escaped, good := decodeSegment(seg)
+		if !good {
+			return "", false
+		}
+		switch dec {
+		case "":
+			continue
+		case ".", "..":
+			if escaped {
+				return "", false
+			}
+			if dec == ".." {
+				if len(out) == 0 {
+					return "", false
+				}
+				out = out[:len(out)-1]
+			}
+			continue
+		}
+		out = append(out, dec)
+	}
+	p := "/" + strings.Join(out, "/")
+	if trailing && len(out) > 0 {
+		p += "/"
+	}
+	return p, true
+}
+
+func isUnreserved(c byte) bool {
+	return c >= 'A' && c <= 'Z' || c >= 'a' && c <= 'z' || c >= '0' && c <= '9' ||
+		c == '-' || c == '.' || c == '_' || c == '~'
+}
+
+func unhex(c byte) (byte, bool) {
+	switch {
+	case c >= '0' && c <= '9':
+		return c - '0', true
+	case c >= 'a' && c <= 'f':
+		return c - 'a' + 10, true
+	case c >= 'A' && c <= 'F':
+		return c - 'A' + 10, true
+	}
+	return 0, false
+}
+
+// decodeSegment applies rule 2 and 3 to one segment. escaped reports whether any escape was
+// decoded, for rule 4.
+func decodeSegment(seg string) (dec string, escaped, ok bool) {
+	if strings.IndexByte(seg, '%') < 0 {
+		return seg, false, true
+	}
+	var b strings.Builder
+	b.Grow(len(seg))
+	for i := 0; i < len(seg); i++ {
+		c := seg[i]
+		if c != '%' {
+			b.WriteByte(c)
+			continue
+		}
+		if i+2 >= len(seg) {
+			return "", false, false
+		}
+		hi, ok1 := unhex(seg[i+1])
+		lo, ok2 := unhex(seg[i+2])
+		if !ok1 || !ok2 {
+			return "", false, false
+		}
+		v := hi<<4 | lo
+		switch {
+		case v == '/' || v == '\\' || v == 0:
+			return "", false, false
+		case isUnreserved(v):
+			b.WriteByte(v)
+			escaped = true
+		default:
+			b.WriteByte('%')
+			b.WriteString(strings.ToUpper(seg[i+1 : i+3]))
+		}
+		i += 2
+	}
+	return b.String(), escaped, true
+}
+
+// MatchPath matches a normalized path against a glob: "*" matches any run of characters
+// within one segment, "**" as a whole segment matches zero or more segments. A trailing
+// slash on the path is ignored for matching.
+func MatchPath(glob, path string) bool {
+	g := splitPath(glob)
+	p := splitPath(path)
+	return matchSegs(g, p)
+}
+
+func splitPath(s string) []string {
+	s = strings.Trim(s, "/")
+	if s == "" {
+		return nil
+	}
+	return strings.Split(s, "/")
+}
+
+func matchSegs(g, p []string) bool {
+	for len(g) > 0 {
+		if g[0] == "**" {
+			rest := g[1:]
+			for i := 0; i <= len(p); i++ {
+				if matchSegs(rest, p[i:]) {
+					return true
+				}
+			}
+			return false
+		}
+		if len(p) == 0 || !matchSeg(g[0], p[0]) {
+			return false
+		}
+		g, p = g[1:], p[1:]
+	}
+	return len(p) == 0
+}
+
+// matchSeg matches one segment with "*" wildcards (greedy with backtracking over stars only,
+// which is linear enough for the short globs a config holds).
+func matchSeg(g, s string) bool {
+	star, mark := -1, 0
+	i, j := 0, 0
+	for j < len(s) {
+		switch {
+		case i < len(g) && g[i] == '*':
+			star, mark = i, j
+			i++
+		case i < len(g) && g[i] == s[j]:
+			i++
+			j++
+		case star >= 0:
+			i = star + 1
+			mark++
+			j = mark
+		default:
+			return false
+		}
+	}
+	for i < len(g) && g[i] == '*' {
+		i++
+	}
+	return i == len(g)
+}

@@ -1,0 +1,299 @@
+package intercept
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"net/http/httputil"
+	"net/netip"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/agent-vault-proxy/agent-vault-proxy/internal/audit"
+	"github.com/agent-vault-proxy/agent-vault-proxy/internal/inject"
+	"github.com/agent-vault-proxy/agent-vault-proxy/internal/store"
+)
+
+// refuse answers the agent with one line that says it was the proxy, not the upstream.
+func refuse(w http.ResponseWriter, status int, reason string) {
+	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+	w.Header().Set("X-Agent-Vault-Proxy", reason)
+	w.WriteHeader(status)
+	fmt.Fprintf(w, "agent-vault-proxy: %s\n", reason)
+}
+
+type injectedKey struct{}
+
+// injected carries the real values from the decision to the rewrite of the outgoing
+// request. The handler wipes the byte slices once the request is done.
+type injected struct {
+	secrets []inject.Injection
+	values  [][]byte
+}
+
+func (s *Server) serveHTTP(w http.ResponseWriter, r *http.Request) {
+	s.stats.requests.Add(1)
+	cf := factsFrom(r.Context())
+	if cf == nil {
+		refuse(w, http.StatusInternalServerError, "internal_error")
+		return
+	}
+	f := cf.Facts
+	if r.Method == http.MethodConnect {
+		s.stats.refused.Add(1)
+		refuse(w, http.StatusMethodNotAllowed, "connect_not_allowed")
+		return
+	}
+	stripH2CUpgrade(r.Header)
+
+	policy := s.policy.Load()
+	rawPath := r.URL.EscapedPath()
+	if r.URL.Opaque != "" {
+		rawPath = r.URL.Opaque
+	}
+	d := policy.Decide(f, inject.Request{
+		Method: r.Method, Authority: r.Host, RawPath: rawPath, RawQuery: r.URL.RawQuery, Header: r.Header,
+	})
+	base := audit.Event{
+		Type: audit.TypeDecision, UID: uidPtr(f.UID), Dst: f.OrigDst.String(), SNI: f.SNI,
+		Method: auditMethod(r.Method), Path: d.Path,
+	}
+
+	switch d.Action {
+	case inject.Refuse:
+		s.stats.refused.Add(1)
+		e := base
+		e.Decision, e.Reason, e.Status = audit.DecisionRefuse, d.Reason, d.Status
+		if d.Reason == inject.ReasonHostMismatch {
+			e.Decision = audit.DecisionHostMismatch
+		}
+		_ = s.record(r.Context(), e)
+		refuse(w, d.Status, d.Reason)
+		return
+
+	case inject.ForwardVerbatim:
+		events := denialEvents(base, d)
+		if err := s.record(r.Context(), events...); err != nil {
+			s.stats.refused.Add(1)
+			refuse(w, http.StatusServiceUnavailable, "audit_unavailable")
+			return
+		}
+		s.stats.verbatim.Add(1)
+		s.proxy.ServeHTTP(w, r)
+		return
+	}
+
+	// Inject: fetch every value first, so nothing is audited as injected that was not.
+	inj := &injected{secrets: d.Injections}
+	defer func() {
+		for _, v := range inj.values {
+			store.Wipe(v)
+		}
+	}()
+	for _, in := range d.Injections {
+		v, err := s.secrets.Get(r.Context(), in.Secret.Name)
+		if err != nil {
+			s.stats.backendErrors.Add(1)
+			// The backend's error text is logged by name only; it may quote a response body.
+			s.logf("fetch secret %s for %s: %v", in.Secret.Name, f.SNI, scrubError(err))
+			e := base
+			e.Decision, e.Reason, e.Secret, e.Binding, e.Status = audit.DecisionBackendError, "secret_unavailable", in.Secret.Name, audit.Int(in.Binding), http.StatusServiceUnavailable
+			_ = s.record(r.Context(), e)
+			refuse(w, http.StatusServiceUnavailable, "secret_unavailable")
+			return
+		}
+		inj.values = append(inj.values, v)
+	}
+	events := denialEvents(base, d)
+	for _, in := range d.Injections {
+		e := base
+		e.Decision, e.Reason, e.Secret, e.Binding = audit.DecisionInject, d.Reason, in.Secret.Name, audit.Int(in.Binding)
+		events = append(events, e)
+	}
+	// I7: the decision is durable before any modified byte goes upstream.
+	actx, cancel := context.WithTimeout(r.Context(), 5*time.Second)
+	err := s.record(actx, events...)
+	cancel()
+	if err != nil {
+		s.stats.refused.Add(1)
+		refuse(w, http.StatusServiceUnavailable, "audit_unavailable")
+		return
+	}
+	s.stats.injected.Add(1)
+	s.proxy.ServeHTTP(w, r.WithContext(context.WithValue(r.Context(), injectedKey{}, inj)))
+}
+
+// denialEvents records every placeholder that was found but forwarded verbatim (I5), or
+// one no_placeholder event.
+func denialEvents(base audit.Event, d inject.Decision) []audit.Event {
+	var out []audit.Event
+	for _, dn := range d.Denials {
+		e := base
+		e.Decision, e.Reason, e.Secret = audit.DecisionForwardVerbatim, dn.Reason, dn.Secret.Name
+		out = append(out, e)
+	}
+	if len(out) == 0 && d.Action == inject.ForwardVerbatim {
+		e := base
+		e.Decision, e.Reason = audit.DecisionForwardVerbatim, d.Reason
+		out = append(out, e)
+	}
+	return out
+}
+
+// auditMethod keeps the audit schema closed: a method is a short token, anything else is
+// recorded as such.
+func auditMethod(m string) string {
+	if len(m) > 16 {
+		return "INVALID"
+	}
+	for i := 0; i < len(m); i++ {
+		c := m[i]
+		if !(c >= 'A' && c <= 'Z' || c >= 'a' && c <= 'z' || c == '-' || c == '_') {
+			return "INVALID"
+		}
+	}
+	return m
+}
+
+// stripH2CUpgrade removes an h2c upgrade: after it the connection would speak HTTP/2 that the
+// proxy never parses, so per-request checks would stop.
+func stripH2CUpgrade(h http.Header) {
+	for _, v := range h.Values("Upgrade") {
+		if strings.Contains(strings.ToLower(v), "h2c") {
+			h.Del("Upgrade")
+			h.Del("Http2-Settings")
+			return
+		}
+	}
+}
+
+// scrubError reduces an error to a fixed sentence when it might quote remote data.
+func scrubError(err error) string {
+	switch {
+	case errors.Is(err, context.DeadlineExceeded):
+		return "timed out"
+	case errors.Is(err, context.Canceled):
+		return "canceled"
+	case errors.Is(err, store.ErrNotFound):
+		return "not found in the backend"
+	}
+	msg := err.Error()
+	if len(msg) > 200 {
+		msg = msg[:200] + "..."
+	}
+	return msg
+}
+
+func newReverseProxy(up *upstreamPool, logf Logf) *httputil.ReverseProxy {
+	return &httputil.ReverseProxy{
+		// Rewrite, not Director: hop-by-hop headers (including any the agent lists in
+		// Connection) are removed before Rewrite runs, so the injected header cannot be
+		// stripped after injection (golang/go#50580).
+		Rewrite: func(pr *httputil.ProxyRequest) {
+			f := factsFrom(pr.In.Context())
+			pr.Out.URL.Scheme = "https"
+			pr.Out.URL.Host = f.SNI
+			if f.OrigDst.Port() != 443 {
+				pr.Out.URL.Host = net.JoinHostPort(f.SNI, fmt.Sprint(f.OrigDst.Port()))
+			}
+			pr.Out.Host = pr.In.Host
+			if inj, ok := pr.In.Context().Value(injectedKey{}).(*injected); ok {
+				for i, in := range inj.secrets {
+					inject.Apply(pr.Out.Header, in.Secret, inj.values[i])
+				}
+			}
+		},
+		Transport:     up,
+		FlushInterval: 0, // text/event-stream and unknown lengths are flushed immediately
+		ErrorHandler: func(w http.ResponseWriter, r *http.Request, err error) {
+			if errors.Is(err, context.Canceled) {
+				return
+			}
+			f := factsFrom(r.Context())
+			logf("upstream %s (sni %q): %v", f.OrigDst, f.SNI, err)
+			refuse(w, http.StatusBadGateway, "upstream_unreachable")
+		},
+		ErrorLog: nil,
+	}
+}
+
+// upstreamPool keeps one http.Transport per (SNI, original destination), so connections are
+// reused across agent connections but a request is only ever sent to the address the agent
+// dialled, over TLS verified for the name the agent asked for.
+type upstreamPool struct {
+	tlsBase *tls.Config
+	dial    func(ctx context.Context, network, addr string) (net.Conn, error)
+
+	mu         sync.Mutex
+	transports map[upstreamKey]*http.Transport
+}
+
+type upstreamKey struct {
+	sni  string
+	addr netip.AddrPort
+}
+
+const maxTransports = 1024
+
+func newUpstreamPool(base *tls.Config, dial func(ctx context.Context, network, addr string) (net.Conn, error)) *upstreamPool {
+	return &upstreamPool{tlsBase: base, dial: dial, transports: map[upstreamKey]*http.Transport{}}
+}
+
+func (p *upstreamPool) RoundTrip(r *http.Request) (*http.Response, error) {
+	f := factsFrom(r.Context())
+	if f == nil {
+		return nil, errors.New("request without connection facts")
+	}
+	return p.transport(upstreamKey{sni: f.SNI, addr: f.OrigDst}).RoundTrip(r)
+}
+
+func (p *upstreamPool) transport(k upstreamKey) *http.Transport {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if t, ok := p.transports[k]; ok {
+		return t
+	}
+	if len(p.transports) >= maxTransports {
+		for old, t := range p.transports {
+			t.CloseIdleConnections()
+			delete(p.transports, old)
+			break
+		}
+	}
+	tc := p.tlsBase.Clone()
+	tc.ServerName = k.sni
+	tc.NextProtos = nil // let the transport offer h2 and http/1.1
+	if tc.ClientSessionCache == nil {
+		tc.ClientSessionCache = tls.NewLRUClientSessionCache(64)
+	}
+	addr := k.addr.String()
+	t := &http.Transport{
+		DialContext: func(ctx context.Context, network, _ string) (net.Conn, error) {
+			return p.dial(ctx, network, addr)
+		},
+		TLSClientConfig:     tc,
+		ForceAttemptHTTP2:   true,
+		MaxIdleConns:        256,
+		MaxIdleConnsPerHost: 64,
+		IdleConnTimeout:     90 * time.Second,
+		TLSHandshakeTimeout: 10 * time.Second,
+		// The agent's Accept-Encoding goes through as sent and the body comes back as is.
+		DisableCompression:    true,
+		ExpectContinueTimeout: time.Second,
+		Proxy:                 nil,
+	}
+	p.transports[k] = t
+	return t
+}
+
+func (p *upstreamPool) closeIdle() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for _, t := range p.transports {
+		t.CloseIdleConnections()
+	}
+}

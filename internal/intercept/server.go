@@ -1,0 +1,345 @@
+package intercept
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"io"
+	"net"
+	"net/http"
+	"net/netip"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/agent-vault-proxy/agent-vault-proxy/internal/audit"
+	"github.com/agent-vault-proxy/agent-vault-proxy/internal/inject"
+)
+
+// Timeouts on the agent side. There is no write timeout: SSE streams live for minutes and
+// are kept alive by data, so idle deadlines do the work instead.
+const (
+	helloTimeout     = 10 * time.Second
+	helloMax         = 16 << 10
+	handshakeTimeout = 10 * time.Second
+	dialTimeout      = 10 * time.Second
+)
+
+// Secrets is what the proxy needs from the store: a copy of a named value, which the caller
+// wipes after use.
+type Secrets interface {
+	Get(ctx context.Context, name string) ([]byte, error)
+}
+
+// Logf is the logger the proxy writes operational messages to. Messages never contain
+// secret values, header values, queries or bodies.
+type Logf func(format string, args ...any)
+
+// Options configure a Server.
+type Options struct {
+	Policy  *inject.Policy
+	CA      *CA
+	Secrets Secrets
+	Auditor audit.Auditor
+	Logf    Logf
+	// Listeners are the addresses avpd accepts on; a connection whose original destination
+	// is one of them came straight to the listener, not through the redirect, and is closed.
+	Listeners []netip.AddrPort
+	// UpstreamTLS verifies upstreams; ServerName is set per connection from the SNI.
+	UpstreamTLS *tls.Config
+	// UpstreamDial dials the original destination; nil means a net.Dialer.
+	UpstreamDial func(ctx context.Context, network, addr string) (net.Conn, error)
+}
+
+// Stats are counters for status.
+type Stats struct {
+	Connections   uint64 `json:"connections"`
+	Passthrough   uint64 `json:"passthrough"`
+	Terminated    uint64 `json:"terminated"`
+	Requests      uint64 `json:"requests"`
+	Injected      uint64 `json:"injected"`
+	Verbatim      uint64 `json:"forwarded_verbatim"`
+	Refused       uint64 `json:"refused"`
+	BackendErrors uint64 `json:"backend_errors"`
+	AuditErrors   uint64 `json:"audit_errors"`
+	Rejected      uint64 `json:"rejected_connections"`
+}
+
+// Server accepts redirected connections, splices unbound ones and terminates bound ones.
+type Server struct {
+	policy    atomic.Pointer[inject.Policy]
+	ca        *CA
+	secrets   Secrets
+	auditor   audit.Auditor
+	logf      Logf
+	listeners []netip.AddrPort
+	dial      func(ctx context.Context, network, addr string) (net.Conn, error)
+
+	httpSrv  *http.Server
+	tlsConns *connQueue
+	upstream *upstreamPool
+	proxy    http.Handler
+
+	mu     sync.Mutex
+	active map[net.Conn]struct{}
+	wg     sync.WaitGroup
+	closed bool
+
+	stats struct {
+		connections, passthrough, terminated, requests, injected, verbatim,
+		refused, backendErrors, auditErrors, rejected atomic.Uint64
+	}
+}
+
+// NewServer validates opts and builds a server; call Serve for each listener.
+func NewServer(opts Options) (*Server, error) {
+	if opts.Policy == nil || opts.CA == nil || opts.Secrets == nil || opts.Auditor == nil || opts.UpstreamTLS == nil {
+		return nil, errors.New("intercept: policy, CA, secrets, auditor and upstream TLS config are required")
+	}
+	if opts.Logf == nil {
+		opts.Logf = func(string, ...any) {}
+	}
+	s := &Server{
+		ca:        opts.CA,
+		secrets:   opts.Secrets,
+		auditor:   opts.Auditor,
+		logf:      opts.Logf,
+		listeners: opts.Listeners,
+		dial:      opts.UpstreamDial,
+		tlsConns:  newConnQueue(),
+		active:    map[net.Conn]struct{}{},
+	}
+	if s.dial == nil {
+		d := &net.Dialer{Timeout: dialTimeout, KeepAlive: 30 * time.Second}
+		s.dial = d.DialContext
+	}
+	s.policy.Store(opts.Policy)
+	s.upstream = newUpstreamPool(opts.UpstreamTLS, s.dial)
+	s.proxy = newReverseProxy(s.upstream, s.logf)
+	s.httpSrv = &http.Server{
+		Handler:           http.HandlerFunc(s.serveHTTP),
+		ReadHeaderTimeout: 30 * time.Second,
+		IdleTimeout:       2 * time.Minute,
+		MaxHeaderBytes:    1 << 20,
+		ConnContext:       s.tlsConns.connContext,
+		ConnState:         s.tlsConns.connState,
+		ErrorLog:          nil,
+	}
+	s.httpSrv.SetKeepAlivesEnabled(true)
+	go func() {
+		// Serve returns only when the queue is closed at shutdown.
+		_ = s.httpSrv.Serve(s.tlsConns)
+	}()
+	return s, nil
+}
+
+// SetPolicy swaps the policy atomically; requests already deciding keep the old one.
+func (s *Server) SetPolicy(p *inject.Policy) { s.policy.Store(p) }
+
+// Stats returns the counters.
+func (s *Server) Stats() Stats {
+	return Stats{
+		Connections: s.stats.connections.Load(), Passthrough: s.stats.passthrough.Load(),
+		Terminated: s.stats.terminated.Load(), Requests: s.stats.requests.Load(),
+		Injected: s.stats.injected.Load(), Verbatim: s.stats.verbatim.Load(),
+		Refused: s.stats.refused.Load(), BackendErrors: s.stats.backendErrors.Load(),
+		AuditErrors: s.stats.auditErrors.Load(), Rejected: s.stats.rejected.Load(),
+	}
+}
+
+// Serve accepts on ln until ctx is done or ln is closed.
+func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
+	stop := context.AfterFunc(ctx, func() { ln.Close() })
+	defer stop()
+	var backoff time.Duration
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			if ctx.Err() != nil || errors.Is(err, net.ErrClosed) {
+				return nil
+			}
+			// Running out of file descriptors must not stop the proxy for good.
+			backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
+			s.logf("accept on %s: %v; retrying in %v", ln.Addr(), err, backoff)
+			time.Sleep(backoff)
+			continue
+		}
+		backoff = 0
+		tc, ok := c.(*net.TCPConn)
+		if !ok {
+			c.Close()
+			continue
+		}
+		if !s.track(c) {
+			c.Close()
+			return nil
+		}
+		go func() {
+			defer s.untrack(c)
+			s.handleConn(ctx, tc)
+		}()
+	}
+}
+
+func (s *Server) track(c net.Conn) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return false
+	}
+	s.active[c] = struct{}{}
+	s.wg.Add(1)
+	return true
+}
+
+func (s *Server) untrack(c net.Conn) {
+	s.mu.Lock()
+	delete(s.active, c)
+	s.mu.Unlock()
+	s.wg.Done()
+}
+
+// Shutdown stops taking connections and waits for active ones until ctx ends, then closes
+// what is left.
+func (s *Server) Shutdown(ctx context.Context) error {
+	s.mu.Lock()
+	s.closed = true
+	s.mu.Unlock()
+	err := s.httpSrv.Shutdown(ctx)
+	done := make(chan struct{})
+	go func() { s.wg.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-ctx.Done():
+		s.mu.Lock()
+		for c := range s.active {
+			c.Close()
+		}
+		s.mu.Unlock()
+		<-done
+	}
+	s.upstream.closeIdle()
+	return err
+}
+
+// connFacts are what the proxy learned about a connection before any HTTP was read.
+type connFacts struct {
+	inject.Facts
+}
+
+func (s *Server) handleConn(ctx context.Context, c *net.TCPConn) {
+	s.stats.connections.Add(1)
+	orig, err := OriginalDst(c)
+	if err != nil {
+		s.stats.rejected.Add(1)
+		s.logf("close connection from %s: %v", c.RemoteAddr(), err)
+		c.Close()
+		return
+	}
+	if IsSelf(orig, s.listeners) {
+		// Someone dialled the listener directly instead of being redirected: there is no
+		// original destination to forward to.
+		s.stats.rejected.Add(1)
+		c.Close()
+		return
+	}
+	uid := peerUID(c, orig)
+	info, peeked, err := PeekClientHello(c, helloTimeout, helloMax)
+	facts := inject.Facts{UID: uid, SNI: info.ServerName, OrigDst: orig}
+	policy := s.policy.Load()
+	if err != nil || info.ServerName == "" || !policy.Bound(info.ServerName) {
+		reason := "host_not_bound"
+		switch {
+		case err != nil:
+			reason = "no_tls_client_hello"
+		case info.ServerName == "":
+			reason = "no_sni"
+		}
+		s.passthrough(ctx, c, peeked, facts, reason)
+		return
+	}
+	s.terminate(c, peeked, facts)
+}
+
+// passthrough splices the connection to its original destination, replaying the peeked
+// bytes, so the agent talks to the real server and sees its real certificate.
+func (s *Server) passthrough(ctx context.Context, c *net.TCPConn, peeked []byte, f inject.Facts, reason string) {
+	s.stats.passthrough.Add(1)
+	defer c.Close()
+	// Passthrough carries no secret, so its audit event does not hold the connection up.
+	go s.record(context.Background(), audit.Event{
+		Type: audit.TypeDecision, Decision: audit.DecisionPassthrough, Reason: reason,
+		UID: uidPtr(f.UID), Dst: f.OrigDst.String(), SNI: f.SNI,
+	})
+	dctx, cancel := context.WithTimeout(ctx, dialTimeout)
+	up, err := s.dial(dctx, "tcp", f.OrigDst.String())
+	cancel()
+	if err != nil {
+		s.logf("passthrough to %s (sni %q): %v", f.OrigDst, f.SNI, err)
+		return
+	}
+	defer up.Close()
+	if _, err := up.Write(peeked); err != nil {
+		return
+	}
+	splice(c, up)
+}
+
+// splice copies both ways until both directions end, propagating half-closes.
+func splice(a, b net.Conn) {
+	var wg sync.WaitGroup
+	wg.Add(2)
+	cp := func(dst, src net.Conn) {
+		defer wg.Done()
+		_, _ = io.Copy(dst, src)
+		if cw, ok := dst.(interface{ CloseWrite() error }); ok {
+			_ = cw.CloseWrite()
+		} else {
+			dst.Close()
+		}
+	}
+	go cp(a, b)
+	go cp(b, a)
+	wg.Wait()
+}
+
+func (s *Server) terminate(c *net.TCPConn, peeked []byte, f inject.Facts) {
+	s.stats.terminated.Add(1)
+	cfg := &tls.Config{
+		MinVersion: tls.VersionTLS12,
+		NextProtos: []string{"h2", "http/1.1"},
+		GetCertificate: func(hello *tls.ClientHelloInfo) (*tls.Certificate, error) {
+			// The peeked SNI decided that this connection is terminated; mint for that
+			// name only, whatever the handshake claims later.
+			return s.ca.Leaf(f.SNI)
+		},
+	}
+	tc := tls.Server(NewPrefixConn(c, peeked), cfg)
+	hctx, cancel := context.WithTimeout(context.Background(), handshakeTimeout)
+	err := tc.HandshakeContext(hctx)
+	cancel()
+	if err != nil {
+		s.logf("tls handshake with agent for %q: %v", f.SNI, err)
+		tc.Close()
+		return
+	}
+	done := s.tlsConns.push(tc, &connFacts{Facts: f})
+	<-done
+}
+
+// record sends events to the auditor and counts failures.
+func (s *Server) record(ctx context.Context, events ...audit.Event) error {
+	err := s.auditor.Record(ctx, events...)
+	if err != nil {
+		s.stats.auditErrors.Add(1)
+		s.logf("audit: %v", err)
+	}
+	return err
+}
+
+func uidPtr(uid int64) *int64 {
+	if uid < 0 {
+		return nil
+	}
+	return audit.Int64(uid)
+}

@@ -1,0 +1,338 @@
+package e2e
+
+import (
+	"bufio"
+	"bytes"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+)
+
+// One namespace and one avpd serve all the interception cases; each subtest names the
+// acceptance criterion it proves.
+func TestTransparentInterception(t *testing.T) {
+	e := newEnv(t)
+	e.startAvpd()
+	e.avpctl("enroll-uid", strconv.Itoa(agentUID))
+	bearer := "Authorization: Bearer " + phOpenAI
+
+	t.Run("1_curl_injected", func(t *testing.T) {
+		code, body, err := e.curl(agentUID, "POST", "https://"+hostOpenAI+"/v1/chat/completions", bearer, "Content-Type: application/json")
+		if err != nil || code != 200 {
+			t.Fatalf("curl: %d %q %v", code, body, err)
+		}
+		if !strings.Contains(body, `"ok":true`) {
+			t.Fatalf("agent did not get the upstream's response: %q", body)
+		}
+		got := e.upstream.last(t)
+		if got.Header.Get("Authorization") != "Bearer "+realOpenAI {
+			t.Fatalf("upstream got Authorization %q, want the real key", got.Header.Get("Authorization"))
+		}
+		if got.SNI != hostOpenAI {
+			t.Fatalf("upstream SNI %q", got.SNI)
+		}
+		ev := e.waitAudit("decision", "inject", "secret", "OPENAI", "method", "POST", "path", "/v1/chat/completions")
+		if ev["uid"] != float64(agentUID) {
+			t.Fatalf("audit uid = %v, want %d", ev["uid"], agentUID)
+		}
+	})
+
+	t.Run("1_ipv6_injected", func(t *testing.T) {
+		code, body, err := e.curl(agentUID, "GET", "https://"+hostV6+"/anything", bearer)
+		if err != nil || code != 200 {
+			t.Fatalf("curl over IPv6: %d %q %v", code, body, err)
+		}
+		got := e.upstream.last(t)
+		if got.Header.Get("Authorization") != "Bearer "+realOpenAI || got.SNI != hostV6 {
+			t.Fatalf("upstream got %q for %q", got.Header.Get("Authorization"), got.SNI)
+		}
+		e.waitAudit("decision", "inject", "sni", hostV6, "dst", "[::1]:443")
+	})
+
+	t.Run("2_python_urllib", func(t *testing.T) {
+		script := filepath.Join(e.dir, "agent.py")
+		writeFile(t, script, []byte(fmt.Sprintf(`import json, urllib.request
+req = urllib.request.Request("https://%s/v1/models", headers={"Authorization": "Bearer %s"})
+with urllib.request.urlopen(req, timeout=20) as r:
+    print(r.status, r.read().decode())
+`, hostOpenAI, phOpenAI)), 0o644)
+		out, err := e.agent(agentUID, "python3", script)
+		if err != nil || !strings.HasPrefix(out, "200 ") {
+			t.Fatalf("python: %q %v", out, err)
+		}
+		got := e.upstream.last(t)
+		if got.Header.Get("Authorization") != "Bearer "+realOpenAI || !strings.HasPrefix(got.Header.Get("User-Agent"), "Python-urllib") {
+			t.Fatalf("upstream got %q from %q", got.Header.Get("Authorization"), got.Header.Get("User-Agent"))
+		}
+	})
+
+	t.Run("2_node_fetch", func(t *testing.T) {
+		if _, err := exec.LookPath("node"); err != nil {
+			t.Fatal("node is not installed; .ci/run installs it")
+		}
+		script := filepath.Join(e.dir, "agent.mjs")
+		writeFile(t, script, []byte(fmt.Sprintf(`const r = await fetch("https://%s/v1/models", {headers: {Authorization: "Bearer %s", "User-Agent": "node-agent"}});
+console.log(r.status, await r.text());
+`, hostOpenAI, phOpenAI)), 0o644)
+		out, err := e.agent(agentUID, "node", script)
+		if err != nil || !strings.HasPrefix(out, "200 ") {
+			t.Fatalf("node: %q %v", out, err)
+		}
+		got := e.upstream.last(t)
+		if got.Header.Get("Authorization") != "Bearer "+realOpenAI || got.Header.Get("User-Agent") != "node-agent" {
+			t.Fatalf("upstream got %q from %q", got.Header.Get("Authorization"), got.Header.Get("User-Agent"))
+		}
+	})
+
+	t.Run("2_curl_http2", func(t *testing.T) {
+		out, err := e.agent(agentUID, "curl", "-sS", "--http2", "-o", "/dev/null", "-w", "%{http_version} %{http_code}", "-H", bearer, "https://"+hostOpenAI+"/v1/h2")
+		if err != nil || out != "2 200" {
+			t.Fatalf("curl --http2: %q %v", out, err)
+		}
+		got := e.upstream.last(t)
+		if got.Path != "/v1/h2" || got.Header.Get("Authorization") != "Bearer "+realOpenAI {
+			t.Fatalf("upstream got %q %q", got.Path, got.Header.Get("Authorization"))
+		}
+	})
+
+	denials := []struct {
+		name, method, url, reason, secret string
+		header                            string
+	}{
+		{"3_wrong_method_verbatim", "DELETE", "https://" + hostOpenAI + "/v1/files/1", "method_not_allowed", "OPENAI", bearer},
+		{"3_path_outside_glob_verbatim", "GET", "https://" + hostOpenAI + "/admin/keys", "path_not_allowed", "OPENAI", bearer},
+		{"3_host_bound_to_other_secret_verbatim", "GET", "https://" + hostOther + "/v1/models", "host_not_bound", "OPENAI", bearer},
+		{"3_dotdot_escape_verbatim", "GET", "https://" + hostOpenAI + "/v1/%2e%2e/admin", "path_unsafe", "OPENAI", bearer},
+		{"3_placeholder_in_other_header_verbatim", "GET", "https://" + hostOpenAI + "/v1/models", "placeholder_in_wrong_header", "OPENAI", "X-Other: " + phOpenAI},
+	}
+	for _, tc := range denials {
+		t.Run(tc.name, func(t *testing.T) {
+			before := len(e.upstream.requests())
+			code, _, err := e.curl(agentUID, tc.method, tc.url, tc.header, "X-Case: "+tc.name)
+			if err != nil || code != 200 {
+				t.Fatalf("curl: %d %v", code, err)
+			}
+			reqs := e.upstream.requests()
+			if len(reqs) != before+1 {
+				t.Fatalf("upstream got %d requests, want 1", len(reqs)-before)
+			}
+			got := reqs[len(reqs)-1]
+			name, value, _ := strings.Cut(tc.header, ": ")
+			if got.Header.Get(name) != value {
+				t.Fatalf("upstream got %s %q, want the placeholder verbatim %q", name, got.Header.Get(name), value)
+			}
+			for _, vs := range got.Header {
+				for _, v := range vs {
+					if strings.Contains(v, realOpenAI) || strings.Contains(v, realOther) {
+						t.Fatalf("a real secret reached the upstream on a denied request")
+					}
+				}
+			}
+			e.waitAudit("decision", "forward_verbatim", "reason", tc.reason, "secret", tc.secret)
+		})
+	}
+
+	t.Run("4_host_mismatch_421", func(t *testing.T) {
+		before := len(e.upstream.requests())
+		code, body, err := e.curl(agentUID, "GET", "https://"+hostOpenAI+"/v1/models", bearer, "Host: "+hostOther)
+		if err != nil || code != 421 || !strings.Contains(body, "agent-vault-proxy: host_mismatch") {
+			t.Fatalf("got %d %q %v, want 421", code, body, err)
+		}
+		if n := len(e.upstream.requests()) - before; n != 0 {
+			t.Fatalf("upstream got %d requests on a host mismatch", n)
+		}
+		e.waitAudit("decision", "host_mismatch", "status", "421")
+	})
+
+	t.Run("5_unbound_host_passthrough", func(t *testing.T) {
+		// Trust only the upstream's own CA: success proves the agent saw the real server
+		// certificate, not one from avpd's CA.
+		out, err := e.agent(agentUID, "curl", "-sS", "--cacert", filepath.Join(e.dir, "upstream-ca.pem"), "-w", "\n%{http_code}", "-H", bearer, "https://"+hostUnbound+"/v1/models")
+		if err != nil || !strings.HasSuffix(out, "\n200") {
+			t.Fatalf("passthrough: %q %v", out, err)
+		}
+		out, err = e.agent(agentUID, "sh", "-c", "curl -sS -v -o /dev/null --cacert "+filepath.Join(e.dir, "upstream-ca.pem")+" https://"+hostUnbound+"/ 2>&1 | grep -i issuer")
+		if err != nil || !strings.Contains(out, "e2e upstream CA") {
+			t.Fatalf("issuer seen by agent: %q %v", out, err)
+		}
+		got := e.upstream.last(t)
+		if got.Header.Get("Authorization") != "" && got.Header.Get("Authorization") != "Bearer "+phOpenAI {
+			t.Fatalf("unbound host got %q", got.Header.Get("Authorization"))
+		}
+		e.waitAudit("decision", "passthrough", "sni", hostUnbound)
+	})
+
+	t.Run("8_backend_failure_503", func(t *testing.T) {
+		before := len(e.upstream.requests())
+		code, body, err := e.curl(agentUID, "GET", "https://"+hostOpenAI+"/v1/models", "X-Api-Key: "+phMissing)
+		if err != nil || code != 503 || !strings.Contains(body, "agent-vault-proxy: secret_unavailable") {
+			t.Fatalf("got %d %q %v, want 503", code, body, err)
+		}
+		if n := len(e.upstream.requests()) - before; n != 0 {
+			t.Fatalf("upstream got %d requests after a backend failure", n)
+		}
+		e.waitAudit("decision", "backend_error", "secret", "MISSING")
+	})
+
+	t.Run("9_sse_streams", func(t *testing.T) {
+		cmd := e.agentCmd(agentUID, "curl", "-sS", "-N", "--max-time", "20", "-H", bearer, "https://"+hostOpenAI+"/v1/stream")
+		stdout, err := cmd.StdoutPipe()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		defer cmd.Wait()
+		r := bufio.NewReader(stdout)
+		line, err := readLine(r, 10*time.Second)
+		if err != nil || line != "data: event 1\n" {
+			t.Fatalf("first SSE line %q %v", line, err)
+		}
+		e.upstream.mu.Lock()
+		sent := e.upstream.sseSent
+		e.upstream.mu.Unlock()
+		if sent != 1 {
+			t.Fatalf("agent got the first event only after %d events were sent: the stream is buffered", sent)
+		}
+		if got := e.upstream.last(t); got.Header.Get("Authorization") != "Bearer "+realOpenAI {
+			t.Fatalf("stream request not injected")
+		}
+	})
+
+	t.Run("6_not_enrolled_not_redirected", func(t *testing.T) {
+		// A UID that is not enrolled talks to the upstream directly: it must trust the
+		// upstream's CA and the upstream sees its placeholder.
+		out, err := e.agent(notEnrolled, "curl", "-sS", "--cacert", filepath.Join(e.dir, "upstream-ca.pem"), "-o", "/dev/null", "-w", "%{http_code}", "-H", bearer, "https://"+hostOpenAI+"/v1/models")
+		if err != nil || out != "200" {
+			t.Fatalf("not-enrolled curl: %q %v", out, err)
+		}
+		if got := e.upstream.last(t); got.Header.Get("Authorization") != "Bearer "+phOpenAI {
+			t.Fatalf("a not-enrolled uid got injection: %q", got.Header.Get("Authorization"))
+		}
+	})
+
+	t.Run("7_agent_memory_never_holds_secret", func(t *testing.T) {
+		script := filepath.Join(e.dir, "longlived.py")
+		writeFile(t, script, []byte(fmt.Sprintf(`import sys, time, urllib.request
+req = urllib.request.Request("https://%s/v1/models", headers={"Authorization": "Bearer %s"})
+with urllib.request.urlopen(req, timeout=20) as r:
+    body = r.read()
+print("done", r.status, flush=True)
+time.sleep(60)
+`, hostOpenAI, phOpenAI)), 0o644)
+		cmd := e.agentCmd(agentUID, "python3", script)
+		stdout, _ := cmd.StdoutPipe()
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		defer func() { cmd.Process.Kill(); cmd.Wait() }()
+		line, err := readLine(bufio.NewReader(stdout), 20*time.Second)
+		if err != nil || line != "done 200\n" {
+			t.Fatalf("agent: %q %v", line, err)
+		}
+		if got := e.upstream.last(t); got.Header.Get("Authorization") != "Bearer "+realOpenAI {
+			t.Fatalf("request was not injected, so the memory check would prove nothing")
+		}
+		mem := readProcessMemory(t, cmd.Process.Pid)
+		if !bytes.Contains(mem, []byte(phOpenAI)) {
+			t.Fatalf("placeholder not found in %d bytes of agent memory: the scan is not reading the agent", len(mem))
+		}
+		if bytes.Contains(mem, []byte(realOpenAI)) {
+			t.Fatalf("I1 violated: the real secret is in the agent's memory")
+		}
+	})
+
+	t.Run("6_unenroll_stops_redirect", func(t *testing.T) {
+		e.avpctl("unenroll-uid", strconv.Itoa(agentUID))
+		defer e.avpctl("enroll-uid", strconv.Itoa(agentUID))
+		out, err := e.agent(agentUID, "curl", "-sS", "--cacert", filepath.Join(e.dir, "upstream-ca.pem"), "-o", "/dev/null", "-w", "%{http_code}", "-H", bearer, "https://"+hostOpenAI+"/v1/models")
+		if err != nil || out != "200" {
+			t.Fatalf("after unenroll: %q %v", out, err)
+		}
+		if got := e.upstream.last(t); got.Header.Get("Authorization") != "Bearer "+phOpenAI {
+			t.Fatalf("after unenroll the request was still injected")
+		}
+		e.waitAudit("type", "unenroll", "uid", strconv.Itoa(agentUID))
+	})
+
+	t.Run("10_audit_complete_and_secret_free", func(t *testing.T) {
+		log := mustRead(t, e.audit)
+		for _, secret := range []string{realOpenAI, realOther} {
+			if strings.Contains(log, secret) {
+				t.Fatal("a real secret is in the audit log")
+			}
+			if strings.Contains(e.avpdLog.String(), secret) {
+				t.Fatal("a real secret is in the daemon log")
+			}
+		}
+		for _, ph := range []string{phOpenAI, phOther, phMissing} {
+			if strings.Contains(log, ph) {
+				t.Fatal("a placeholder (a header value) is in the audit log")
+			}
+		}
+		for _, d := range []string{"inject", "forward_verbatim", "host_mismatch", "backend_error", "passthrough"} {
+			if len(e.findAudit("decision", d)) == 0 {
+				t.Errorf("no %s event in the audit log", d)
+			}
+		}
+		for _, typ := range []string{"proxy_start", "enroll", "unenroll"} {
+			if len(e.findAudit("type", typ)) == 0 {
+				t.Errorf("no %s event in the audit log", typ)
+			}
+		}
+		if regexp.MustCompile(`[?]`).MatchString(log) {
+			t.Errorf("a query string reached the audit log")
+		}
+	})
+
+	t.Run("status_shows_no_secret", func(t *testing.T) {
+		out := string(e.avpctl("status", "--json"))
+		if !strings.Contains(out, fmt.Sprint(agentUID)) || !strings.Contains(out, `"firewall_ok": true`) {
+			t.Fatalf("status: %s", out)
+		}
+		for _, s := range []string{realOpenAI, realOther, phOpenAI} {
+			if strings.Contains(out, s) {
+				t.Fatal("status shows a secret or placeholder")
+			}
+		}
+	})
+}
+
+// readProcessMemory reads every readable mapping of pid.
+func readProcessMemory(t *testing.T, pid int) []byte {
+	t.Helper()
+	maps, err := os.ReadFile(fmt.Sprintf("/proc/%d/maps", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	mem, err := os.Open(fmt.Sprintf("/proc/%d/mem", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer mem.Close()
+	var all []byte
+	for _, line := range strings.Split(string(maps), "\n") {
+		f := strings.Fields(line)
+		if len(f) < 2 || f[1][0] != 'r' {
+			continue
+		}
+		if len(f) >= 6 && f[5] == "[vvar]" {
+			continue
+		}
+		var start, end uint64
+		if _, err := fmt.Sscanf(f[0], "%x-%x", &start, &end); err != nil {
+			continue
+		}
+		buf := make([]byte, end-start)
+		n, _ := mem.ReadAt(buf, int64(start))
+		all = append(all, buf[:n]...)
+	}
+	return all
+}
