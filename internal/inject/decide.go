@@ -66,7 +66,7 @@ type Request struct {
 	// Authority is the Host header (HTTP/1.1) or :authority (HTTP/2).
 	Authority string
 	// RawPath is the request-target path as sent, still escaped, without the query.
-	RawPath string
+	RawPath  string
 	RawQuery string
 	Header   http.Header
 }
