@@ -1,35 +1,56 @@
-// Command avpctl is the operator's tool for a running avpd, over its admin socket.
+// Command avpctl is the operator's tool for avpd: live commands talk to the daemon over its
+// admin socket; offline commands work on files.
 package main
 
 import (
-	"context"
-	"encoding/json"
 	"flag"
 	"fmt"
 	"io"
 	"os"
-	"path/filepath"
+	"sort"
 	"strings"
-	"time"
-
-	"github.com/agent-vault-proxy/agent-vault-proxy/internal/admin"
-	"github.com/agent-vault-proxy/agent-vault-proxy/internal/daemon"
 )
 
-const usage = `usage: avpctl [--runtime-dir DIR] COMMAND [ARGS]
+// globals are the flags before the command.
+type globals struct {
+	runtimeDir string
+}
 
-Commands:
-  enroll-uid USER|UID     redirect this user's outbound HTTPS through avpd
-  unenroll-uid USER|UID   stop redirecting this user
-  status [--json]         show listeners, enrolled UIDs, secrets (names only) and counters
-  ca cert                 print the local CA certificate (PEM) that agents must trust
-  reload                  re-read the bindings file; an invalid file changes nothing
+// command is one avpctl subcommand. run gets the arguments after the command name and
+// returns the exit code: 0 success, 1 the command failed, 2 usage error.
+type command struct {
+	// synopsis is the argument summary, e.g. "USER|UID".
+	synopsis string
+	summary  string
+	run      func(g globals, args []string, stdout, stderr io.Writer) int
+}
 
-Global flags:
-  --runtime-dir DIR       where avpd's admin socket lives (default /run/agent-vault-proxy)
+// commands lists every subcommand. Each lives in its own file.
+func commands() map[string]command {
+	return map[string]command{
+		"enroll-uid":   {"USER|UID", "redirect this user's outbound HTTPS through avpd", runEnroll},
+		"unenroll-uid": {"USER|UID", "stop redirecting this user", runUnenroll},
+		"status":       {"[--json]", "listeners, enrolled UIDs, secret names (never values), counters", runStatus},
+		"ca":           {"cert", "print the local CA certificate (PEM) that agents must trust", runCA},
+		"reload":       {"", "re-read the bindings file; an invalid file changes nothing", runReload},
+	}
+}
 
-Exit codes: 0 success, 1 the command failed, 2 usage error.
-`
+func usage(w io.Writer) {
+	fmt.Fprintf(w, "usage: avpctl [--runtime-dir DIR] COMMAND [ARGS]\n\nCommands:\n")
+	cmds := commands()
+	names := make([]string, 0, len(cmds))
+	for n := range cmds {
+		names = append(names, n)
+	}
+	sort.Strings(names)
+	for _, n := range names {
+		c := cmds[n]
+		fmt.Fprintf(w, "  %-28s %s\n", strings.TrimSpace(n+" "+c.synopsis), c.summary)
+	}
+	fmt.Fprintf(w, "\nGlobal flags:\n  --runtime-dir DIR            where avpd's admin socket lives (default /run/agent-vault-proxy)\n")
+	fmt.Fprintf(w, "\nExit codes: 0 success, 1 the command failed, 2 usage error.\n")
+}
 
 func main() {
 	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))
@@ -38,111 +59,39 @@ func main() {
 func run(args []string, stdout, stderr io.Writer) int {
 	fs := flag.NewFlagSet("avpctl", flag.ContinueOnError)
 	fs.SetOutput(io.Discard)
-	runtimeDir := fs.String("runtime-dir", "/run/agent-vault-proxy", "")
+	var g globals
+	fs.StringVar(&g.runtimeDir, "runtime-dir", "/run/agent-vault-proxy", "")
 	if err := fs.Parse(args); err != nil {
 		if err == flag.ErrHelp {
-			fmt.Fprint(stdout, usage)
+			usage(stdout)
 			return 0
 		}
-		fmt.Fprintf(stderr, "avpctl: %v\n\n%s", err, usage)
+		fmt.Fprintf(stderr, "avpctl: %v\n\n", err)
+		usage(stderr)
 		return 2
 	}
 	rest := fs.Args()
 	if len(rest) == 0 {
-		fmt.Fprint(stderr, usage)
+		usage(stderr)
 		return 2
 	}
-	if rest[0] == "help" || hasHelp(rest[1:]) {
-		fmt.Fprint(stdout, commandHelp(rest[0]))
+	if rest[0] == "help" {
+		usage(stdout)
 		return 0
 	}
-	sock := filepath.Join(*runtimeDir, admin.SocketName)
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	cmd, args := rest[0], rest[1:]
-	switch cmd {
-	case "enroll-uid", "unenroll-uid":
-		if len(args) != 1 {
-			fmt.Fprintf(stderr, "usage: avpctl %s USER|UID\n", cmd)
-			return 2
-		}
-		var out struct {
-			UID uint32 `json:"uid"`
-		}
-		if err := admin.Call(ctx, sock, cmd, args, &out); err != nil {
-			return fail(stderr, err)
-		}
-		verb := "enrolled"
-		if cmd == "unenroll-uid" {
-			verb = "unenrolled"
-		}
-		fmt.Fprintf(stdout, "%s uid %d\n", verb, out.UID)
-		return 0
-	case "status":
-		asJSON := len(args) == 1 && args[0] == "--json"
-		if len(args) > 1 || len(args) == 1 && !asJSON {
-			fmt.Fprintln(stderr, "usage: avpctl status [--json]")
-			return 2
-		}
-		var st daemon.Status
-		if err := admin.Call(ctx, sock, "status", nil, &st); err != nil {
-			return fail(stderr, err)
-		}
-		if asJSON {
-			enc := json.NewEncoder(stdout)
-			enc.SetIndent("", "  ")
-			enc.Encode(st)
+	c, ok := commands()[rest[0]]
+	if !ok {
+		fmt.Fprintf(stderr, "avpctl: unknown command %q\n\n", rest[0])
+		usage(stderr)
+		return 2
+	}
+	for _, a := range rest[1:] {
+		if a == "-h" || a == "--help" {
+			fmt.Fprintf(stdout, "usage: avpctl [--runtime-dir DIR] %s\n\n%s\n", strings.TrimSpace(rest[0]+" "+c.synopsis), c.summary)
 			return 0
 		}
-		printStatus(stdout, st)
-		return 0
-	case "ca":
-		if len(args) != 1 || args[0] != "cert" {
-			fmt.Fprintln(stderr, "usage: avpctl ca cert")
-			return 2
-		}
-		var out struct {
-			PEM string `json:"pem"`
-		}
-		if err := admin.Call(ctx, sock, "ca-cert", nil, &out); err != nil {
-			return fail(stderr, err)
-		}
-		fmt.Fprint(stdout, out.PEM)
-		return 0
-	case "reload":
-		if len(args) != 0 {
-			fmt.Fprintln(stderr, "usage: avpctl reload")
-			return 2
-		}
-		var out struct {
-			SHA string `json:"config_sha256"`
-		}
-		if err := admin.Call(ctx, sock, "reload", nil, &out); err != nil {
-			return fail(stderr, err)
-		}
-		fmt.Fprintf(stdout, "reloaded config sha256 %s\n", out.SHA)
-		return 0
 	}
-	fmt.Fprintf(stderr, "avpctl: unknown command %q\n\n%s", cmd, usage)
-	return 2
-}
-
-func hasHelp(args []string) bool {
-	for _, a := range args {
-		if a == "-h" || a == "--help" {
-			return true
-		}
-	}
-	return false
-}
-
-func commandHelp(cmd string) string {
-	for _, line := range strings.Split(usage, "\n") {
-		if strings.HasPrefix(strings.TrimSpace(line), cmd+" ") {
-			return "usage: avpctl [--runtime-dir DIR] " + strings.TrimSpace(line) + "\n"
-		}
-	}
-	return usage
+	return c.run(g, rest[1:], stdout, stderr)
 }
 
 func fail(w io.Writer, err error) int {
@@ -150,33 +99,7 @@ func fail(w io.Writer, err error) int {
 	return 1
 }
 
-func printStatus(w io.Writer, st daemon.Status) {
-	fw := "ok"
-	if !st.FirewallOK {
-		fw = "MISSING OR INCOMPLETE (enrolled users may bypass or be cut off; restart avpd)"
-	}
-	fmt.Fprintf(w, "avpd %s (pid %d) up since %s\n", st.Version, st.PID, st.StartedAt.Format(time.RFC3339))
-	fmt.Fprintf(w, "listeners:      %s\n", strings.Join(st.Listeners, ", "))
-	fmt.Fprintf(w, "firewall:       %s\n", fw)
-	fmt.Fprintf(w, "enrolled uids:  %s\n", joinUIDs(st.Enrolled))
-	fmt.Fprintf(w, "config:         %s (sha256 %s)\n", st.Config, st.ConfigSHA256)
-	fmt.Fprintf(w, "backend:        %s, %d secret(s) cached\n", st.Backend, st.CachedSecrets)
-	fmt.Fprintf(w, "secrets:        %s\n", strings.Join(st.Secrets, ", "))
-	fmt.Fprintf(w, "audit log:      %s\n", st.AuditPath)
-	fmt.Fprintf(w, "CA:             %s\n", st.CAFingerprint)
-	s := st.Stats
-	fmt.Fprintf(w, "connections:    %d (passthrough %d, terminated %d, rejected %d)\n", s.Connections, s.Passthrough, s.Terminated, s.Rejected)
-	fmt.Fprintf(w, "requests:       %d (injected %d, verbatim %d, refused %d, backend errors %d, audit errors %d)\n",
-		s.Requests, s.Injected, s.Verbatim, s.Refused, s.BackendErrors, s.AuditErrors)
-}
-
-func joinUIDs(u []uint32) string {
-	if len(u) == 0 {
-		return "none"
-	}
-	parts := make([]string, len(u))
-	for i, x := range u {
-		parts[i] = fmt.Sprint(x)
-	}
-	return strings.Join(parts, ", ")
+func usageErr(w io.Writer, line string) int {
+	fmt.Fprintf(w, "usage: avpctl %s\n", line)
+	return 2
 }

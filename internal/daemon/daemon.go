@@ -57,11 +57,18 @@ type Daemon struct {
 	fw        *redirect.Firewall
 	ca        *intercept.CA
 	cache     *store.Cache
-	auditor   *audit.FileWriter
+	auditor   auditCloser
 	srv       *intercept.Server
 	listeners []net.Listener
 	addrs     []netip.AddrPort
 	admin     *admin.Server
+}
+
+// auditCloser is the audit sink the daemon owns: the in-process file writer today, the
+// journal client when one is configured.
+type auditCloser interface {
+	audit.Auditor
+	Close() error
 }
 
 // Run starts avpd and blocks until SIGTERM/SIGINT or ctx ends, then drains.
@@ -97,7 +104,7 @@ func start(opts Options) (d *Daemon, err error) {
 		return nil, err
 	}
 	d.cache = store.NewCache(backend, cfg.Cache.TTL)
-	d.auditor, err = audit.OpenFile(cfg.Audit.Path)
+	d.auditor, err = openAuditor(cfg)
 	if err != nil {
 		return nil, err
 	}
@@ -147,6 +154,11 @@ func loadConfig(path string) (*config.Config, string, error) {
 	}
 	sum := sha256.Sum256(data)
 	return cfg, hex.EncodeToString(sum[:]), nil
+}
+
+// openAuditor opens the configured audit sink.
+func openAuditor(cfg *config.Config) (auditCloser, error) {
+	return audit.OpenFile(cfg.Audit.Path)
 }
 
 func newBackend(cfg *config.Config) (store.SecretsBackend, error) {

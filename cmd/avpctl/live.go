@@ -1,0 +1,121 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/agent-vault-proxy/agent-vault-proxy/internal/admin"
+	"github.com/agent-vault-proxy/agent-vault-proxy/internal/daemon"
+)
+
+// call sends one command to the running avpd.
+func call(g globals, cmd string, args []string, out any) error {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	return admin.Call(ctx, filepath.Join(g.runtimeDir, admin.SocketName), cmd, args, out)
+}
+
+func runEnroll(g globals, args []string, stdout, stderr io.Writer) int {
+	return enrollment(g, "enroll-uid", "enrolled", args, stdout, stderr)
+}
+
+func runUnenroll(g globals, args []string, stdout, stderr io.Writer) int {
+	return enrollment(g, "unenroll-uid", "unenrolled", args, stdout, stderr)
+}
+
+func enrollment(g globals, cmd, verb string, args []string, stdout, stderr io.Writer) int {
+	if len(args) != 1 {
+		return usageErr(stderr, cmd+" USER|UID")
+	}
+	var out struct {
+		UID uint32 `json:"uid"`
+	}
+	if err := call(g, cmd, args, &out); err != nil {
+		return fail(stderr, err)
+	}
+	fmt.Fprintf(stdout, "%s uid %d\n", verb, out.UID)
+	return 0
+}
+
+func runStatus(g globals, args []string, stdout, stderr io.Writer) int {
+	asJSON := len(args) == 1 && args[0] == "--json"
+	if len(args) > 1 || len(args) == 1 && !asJSON {
+		return usageErr(stderr, "status [--json]")
+	}
+	var st daemon.Status
+	if err := call(g, "status", nil, &st); err != nil {
+		return fail(stderr, err)
+	}
+	if asJSON {
+		enc := json.NewEncoder(stdout)
+		enc.SetIndent("", "  ")
+		enc.Encode(st)
+		return 0
+	}
+	printStatus(stdout, st)
+	return 0
+}
+
+func runCA(g globals, args []string, stdout, stderr io.Writer) int {
+	if len(args) != 1 || args[0] != "cert" {
+		return usageErr(stderr, "ca cert")
+	}
+	var out struct {
+		PEM string `json:"pem"`
+	}
+	if err := call(g, "ca-cert", nil, &out); err != nil {
+		return fail(stderr, err)
+	}
+	fmt.Fprint(stdout, out.PEM)
+	return 0
+}
+
+func runReload(g globals, args []string, stdout, stderr io.Writer) int {
+	if len(args) != 0 {
+		return usageErr(stderr, "reload")
+	}
+	var out struct {
+		SHA string `json:"config_sha256"`
+	}
+	if err := call(g, "reload", nil, &out); err != nil {
+		return fail(stderr, err)
+	}
+	fmt.Fprintf(stdout, "reloaded config sha256 %s\n", out.SHA)
+	return 0
+}
+
+func printStatus(w io.Writer, st daemon.Status) {
+	fw := "ok"
+	if !st.FirewallOK {
+		fw = "MISSING OR INCOMPLETE (enrolled users may bypass or be cut off; restart avpd)"
+	}
+	fmt.Fprintf(w, "avpd %s (pid %d) up since %s\n", st.Version, st.PID, st.StartedAt.Format(time.RFC3339))
+	fmt.Fprintf(w, "listeners:      %s\n", strings.Join(st.Listeners, ", "))
+	fmt.Fprintf(w, "firewall:       %s\n", fw)
+	fmt.Fprintf(w, "enrolled uids:  %s\n", joinUIDs(st.Enrolled))
+	fmt.Fprintf(w, "config:         %s (sha256 %s)\n", st.Config, st.ConfigSHA256)
+	fmt.Fprintf(w, "backend:        %s, %d secret(s) cached\n", st.Backend, st.CachedSecrets)
+	fmt.Fprintf(w, "secrets:        %s\n", strings.Join(st.Secrets, ", "))
+	fmt.Fprintf(w, "audit log:      %s\n", st.AuditPath)
+	fmt.Fprintf(w, "CA:             %s\n", st.CAFingerprint)
+	s := st.Stats
+	fmt.Fprintf(w, "connections:    %d (passthrough %d, terminated %d, rejected %d)\n", s.Connections, s.Passthrough, s.Terminated, s.Rejected)
+	fmt.Fprintf(w, "requests:       %d (injected %d, verbatim %d, refused %d, backend errors %d, audit errors %d)\n",
+		s.Requests, s.Injected, s.Verbatim, s.Refused, s.BackendErrors, s.AuditErrors)
+}
+
+func joinUIDs(u []uint32) string {
+	if len(u) == 0 {
+		return "none"
+	}
+	parts := make([]string, len(u))
+	for i, x := range u {
+		parts[i] = fmt.Sprint(x)
+	}
+	return strings.Join(parts, ", ")
+}
