@@ -9,9 +9,13 @@ import (
 	"fmt"
 	"net/netip"
 	"os"
+	"os/user"
 	"sort"
+	"strconv"
 	"strings"
 	"time"
+
+	"github.com/agent-vault-proxy/agent-vault-proxy/internal/template"
 
 	"golang.org/x/net/publicsuffix"
 	"gopkg.in/yaml.v3"
@@ -81,7 +85,12 @@ type Secret struct {
 	Header string
 	// Format is the shape of the header value with {secret} where the key stands, for
 	// example "Bearer {secret}". Only the placeholder bytes are ever replaced.
-	Format   string
+	Format string
+	// Template, when set, computes the value that stands for {secret} from the Compose
+	// secrets (for example Basic auth from an e-mail and a token); otherwise the value is
+	// the backend secret named Name.
+	Template *template.Template
+	Compose  []string
 	Bindings []Binding
 	// Pos is where the secret is declared, for explanations.
 	Pos Pos
@@ -96,7 +105,18 @@ type Binding struct {
 	// Paths are globs on the normalized path ("*" within a segment, "**" across segments);
 	// nil means any path.
 	Paths []string
-	Pos   Pos
+	// UIDs, when non-nil, limits the binding to connections from these users (resolved from
+	// names at load time).
+	UIDs []uint32
+	Pos  Pos
+}
+
+// FetchNames are the backend secrets a secret's value is made from.
+func (s *Secret) FetchNames() []string {
+	if s.Template != nil {
+		return s.Compose
+	}
+	return []string{s.Name}
 }
 
 // Pos is a position in the bindings file.
@@ -244,6 +264,7 @@ func (d *decoder) config(root *yaml.Node) *Config {
 	}
 	if secretsNode != nil {
 		d.placeholdersDistinct(cfg.Secrets)
+		d.composeLeaves(cfg.Secrets)
 	}
 	return cfg
 }
@@ -411,8 +432,27 @@ func (d *decoder) placeholdersDistinct(secrets []*Secret) {
 	}
 }
 
+// composeLeaves enforces "no nesting": a template may only read leaf secrets, never another
+// secret that is itself composed.
+func (d *decoder) composeLeaves(secrets []*Secret) {
+	composed := map[string]bool{}
+	for _, s := range secrets {
+		if s.Template != nil {
+			composed[s.Name] = true
+		}
+	}
+	for _, s := range secrets {
+		for _, c := range s.Compose {
+			if composed[c] {
+				d.errs = append(d.errs, fmt.Sprintf("%s: secret %s composes %s, which is itself a template; compose only leaf secrets from the backend", s.Pos, s.Name, c))
+			}
+		}
+	}
+}
+
 func (d *decoder) inject(n *yaml.Node, what string, s *Secret) {
-	var fmtNode *yaml.Node
+	var fmtNode, tmplNode, composeNode *yaml.Node
+	var tmplSrc string
 	d.fields(n, what+".inject", map[string]func(*yaml.Node){
 		"header": func(v *yaml.Node) {
 			d.str(v, what+".inject.header", &s.Header)
@@ -424,14 +464,21 @@ func (d *decoder) inject(n *yaml.Node, what string, s *Secret) {
 				d.errf(v, "%s.inject.header %q is a hop-by-hop or framing header; inject into Authorization or an API key header", what, s.Header)
 			}
 		},
-		"format": func(v *yaml.Node) { fmtNode = v; d.str(v, what+".inject.format", &s.Format) },
-		"template": func(v *yaml.Node) {
-			d.errf(v, "templates are not available in this release; use \"format\" with {secret}")
-		},
+		"format":   func(v *yaml.Node) { fmtNode = v; d.str(v, what+".inject.format", &s.Format) },
+		"template": func(v *yaml.Node) { tmplNode = v; d.str(v, what+".inject.template", &tmplSrc) },
 		"compose": func(v *yaml.Node) {
-			d.errf(v, "compose is not available in this release; use \"format\" with {secret}")
+			composeNode = v
+			s.Compose = d.strList(v, what+".inject.compose")
 		},
 	})
+	switch {
+	case tmplNode != nil && composeNode == nil:
+		d.errf(tmplNode, "%s.inject.template needs \"compose: [NAME, ...]\" listing the 1-4 secrets it reads", what)
+	case tmplNode == nil && composeNode != nil:
+		d.errf(composeNode, "%s.inject.compose needs a template that uses the names, for example template: \"{{ (A + ':' + B) | b64encode }}\"", what)
+	case tmplNode != nil:
+		d.compose(composeNode, tmplNode, what, tmplSrc, s)
+	}
 	s.Header = canonicalHeader(s.Header)
 	if fmtNode != nil && strings.Count(s.Format, "{secret}") != 1 {
 		d.errf(fmtNode, "%s.inject.format must contain {secret} exactly once, for example \"Bearer {secret}\"", what)
@@ -442,6 +489,34 @@ func (d *decoder) inject(n *yaml.Node, what string, s *Secret) {
 			break
 		}
 	}
+}
+
+func (d *decoder) compose(composeNode, tmplNode *yaml.Node, what, src string, s *Secret) {
+	if len(s.Compose) < 1 || len(s.Compose) > 4 {
+		d.errf(composeNode, "%s.inject.compose lists %d secrets; list 1 to 4", what, len(s.Compose))
+		return
+	}
+	seen := map[string]bool{}
+	for i, c := range s.Compose {
+		if !validSecretName(c) || seen[c] {
+			d.errf(composeNode.Content[i], "%s.inject.compose entry %q must be a distinct secret name of letters, digits, '_', '-' or '.'", what, c)
+			return
+		}
+		seen[c] = true
+	}
+	t, err := template.Parse(src, s.Compose)
+	if err != nil {
+		col := tmplNode.Column
+		if te, ok := err.(*template.Error); ok {
+			col += te.Column - 1
+			if tmplNode.Style&(yaml.DoubleQuotedStyle|yaml.SingleQuotedStyle) != 0 {
+				col++ // the opening quote
+			}
+		}
+		d.errs = append(d.errs, fmt.Sprintf("%s:%d:%d: %s.inject.template: %v", d.file, tmplNode.Line, col, what, err))
+		return
+	}
+	s.Template = t
 }
 
 func validHeaderName(h string) bool {
@@ -493,6 +568,7 @@ func (d *decoder) bindings(n *yaml.Node, what string) []Binding {
 					}
 				}
 			},
+			"uids": func(v *yaml.Node) { b.UIDs = d.uids(v, bwhat) },
 			"paths": func(v *yaml.Node) {
 				b.Paths = d.strList(v, bwhat+".paths")
 				if v.Kind == yaml.SequenceNode && len(b.Paths) == 0 {
@@ -516,6 +592,38 @@ func (d *decoder) bindings(n *yaml.Node, what string) []Binding {
 			}
 		}
 		out = append(out, b)
+	}
+	return out
+}
+
+// uids resolves user names and numbers at load time, so a binding never depends on the
+// passwd file changing under a running daemon.
+func (d *decoder) uids(n *yaml.Node, what string) []uint32 {
+	if n.Kind != yaml.SequenceNode || len(n.Content) == 0 {
+		d.errf(n, "%s.uids must be a non-empty list of user names or numbers, or absent for any user", what)
+		return nil
+	}
+	out := []uint32{}
+	for _, c := range n.Content {
+		if c.Kind != yaml.ScalarNode {
+			d.errf(c, "%s.uids entries must be user names or numbers", what)
+			continue
+		}
+		if v, err := strconv.ParseUint(c.Value, 10, 32); err == nil {
+			out = append(out, uint32(v))
+			continue
+		}
+		u, err := user.Lookup(c.Value)
+		if err != nil {
+			d.errf(c, "%s.uids: no user %q on this host; create it or write its numeric UID", what, c.Value)
+			continue
+		}
+		v, err := strconv.ParseUint(u.Uid, 10, 32)
+		if err != nil {
+			d.errf(c, "%s.uids: user %q has no numeric UID", what, c.Value)
+			continue
+		}
+		out = append(out, uint32(v))
 	}
 	return out
 }

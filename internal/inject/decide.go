@@ -6,6 +6,7 @@
 package inject
 
 import (
+	"fmt"
 	"net/http"
 	"net/netip"
 	"strings"
@@ -43,6 +44,7 @@ const (
 	ReasonHostMismatch        = "host_mismatch"
 	ReasonHostNotBound        = "host_not_bound"
 	ReasonMethodNotAllowed    = "method_not_allowed"
+	ReasonUIDNotAllowed       = "uid_not_allowed"
 	ReasonPathNotAllowed      = "path_not_allowed"
 	ReasonPathUnsafe          = "path_unsafe"
 	ReasonFormatMismatch      = "format_mismatch"
@@ -170,7 +172,7 @@ func (p *Policy) Decide(f Facts, r Request) Decision {
 				return Decision{Action: Refuse, Status: http.StatusBadRequest, Reason: ReasonMultiplePlaceholder, Path: d.Path}
 			}
 		}
-		bi, reason := matchBindings(s, host, r.Method, normPath, pathOK)
+		bi, reason := matchBindings(s, f.UID, host, r.Method, normPath, pathOK)
 		if reason == ReasonAllowed && !matchesFormat(s, value) {
 			reason = ReasonFormatMismatch
 		}
@@ -210,14 +212,20 @@ func (p *Policy) placeholderElsewhere(s *config.Secret, r Request) bool {
 
 // matchBindings returns the first binding that allows the request, or the most specific
 // reason none did: host, then method, then path.
-func matchBindings(s *config.Secret, host, method, path string, pathOK bool) (int, string) {
+func matchBindings(s *config.Secret, uid int64, host, method, path string, pathOK bool) (int, string) {
 	reason := ReasonHostNotBound
 	for i, b := range s.Bindings {
 		if !MatchHost(b.Host, host) {
 			continue
 		}
-		if !matchMethod(b.Methods, method) {
+		if !matchUID(b.UIDs, uid) {
 			if reason == ReasonHostNotBound {
+				reason = ReasonUIDNotAllowed
+			}
+			continue
+		}
+		if !matchMethod(b.Methods, method) {
+			if reason == ReasonHostNotBound || reason == ReasonUIDNotAllowed {
 				reason = ReasonMethodNotAllowed
 			}
 			continue
@@ -241,6 +249,20 @@ func matchBindings(s *config.Secret, host, method, path string, pathOK bool) (in
 		return i, ReasonAllowed
 	}
 	return -1, reason
+}
+
+// matchUID: a binding with uids applies only to those users; an unknown caller (-1) never
+// matches a restricted binding.
+func matchUID(uids []uint32, uid int64) bool {
+	if uids == nil {
+		return true
+	}
+	for _, u := range uids {
+		if int64(u) == uid {
+			return true
+		}
+	}
+	return false
 }
 
 func matchMethod(methods []string, m string) bool {
@@ -313,6 +335,26 @@ func matchesFormat(s *config.Secret, value string) bool {
 	return strings.EqualFold(value[:len(prefix)], prefix) &&
 		value[len(prefix):len(prefix)+len(s.Placeholder)] == s.Placeholder &&
 		value[len(prefix)+len(s.Placeholder):] == suffix
+}
+
+// Value computes what replaces the placeholder: the fetched secret itself, or the rendered
+// template over the compose secrets. vals maps each of s.FetchNames() to its value. The
+// caller wipes the result.
+func Value(s *config.Secret, vals map[string][]byte) ([]byte, error) {
+	if s.Template != nil {
+		return s.Template.Render(vals)
+	}
+	v, ok := vals[s.Name]
+	if !ok {
+		return nil, fmt.Errorf("value of %s is missing", s.Name)
+	}
+	for _, c := range v {
+		// A control byte would let a stored value split the header (CR LF) upstream.
+		if c < ' ' && c != '\t' || c == 0x7f {
+			return nil, fmt.Errorf("value of %s holds a control character and cannot go in a header", s.Name)
+		}
+	}
+	return append([]byte(nil), v...), nil
 }
 
 // Apply replaces the placeholder of inj's secret in its header with value. Decide has

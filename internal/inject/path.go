@@ -14,7 +14,9 @@ import "strings"
 //     unsafe: some servers resolve it, some do not, and either reading must not widen a match.
 //  5. Empty segments ("//") are dropped, "." segments are dropped, ".." removes the segment
 //     before it; ".." above the root makes the path unsafe.
-//  6. A trailing "/" is kept.
+//  6. A segment that is "." or ".." before a ";" (path parameters, "..;x") makes the path
+//     unsafe: some servers strip the parameters and then resolve the dot segment.
+//  7. A trailing "/" is kept.
 //
 // ok is false when the path is unsafe; such a request never gets injection.
 func NormalizePath(raw string) (path string, ok bool) {
@@ -30,6 +32,11 @@ func NormalizePath(raw string) (path string, ok bool) {
 		}
 		dec, escaped, good := decodeSegment(seg)
 		if !good {
+			return "", false
+		}
+		// Servers such as Tomcat strip ";params" from a segment before resolving dot
+		// segments, so "..;x" is ".." to them: unsafe rather than a literal name.
+		if base, _, found := strings.Cut(dec, ";"); found && (base == "." || base == "..") {
 			return "", false
 		}
 		switch dec {

@@ -95,15 +95,17 @@ func (s *Server) serveHTTP(w http.ResponseWriter, r *http.Request) {
 		}
 	}()
 	for _, in := range d.Injections {
-		v, err := s.secrets.Get(r.Context(), in.Secret.Name)
+		v, reason, err := s.value(r.Context(), in)
 		if err != nil {
-			s.stats.backendErrors.Add(1)
-			// The backend's error text is logged by name only; it may quote a response body.
-			s.logf("fetch secret %s for %s: %v", in.Secret.Name, f.SNI, scrubError(err))
+			if reason == "secret_unavailable" {
+				s.stats.backendErrors.Add(1)
+			}
+			// Backend errors are scrubbed; they may quote a response body.
+			s.logf("value of secret %s for %s: %s", in.Secret.Name, f.SNI, scrubError(err))
 			e := base
-			e.Decision, e.Reason, e.Secret, e.Binding, e.Status = audit.DecisionBackendError, "secret_unavailable", in.Secret.Name, audit.Int(in.Binding), http.StatusServiceUnavailable
+			e.Decision, e.Reason, e.Secret, e.Binding, e.Status = audit.DecisionBackendError, reason, in.Secret.Name, audit.Int(in.Binding), http.StatusServiceUnavailable
 			_ = s.record(r.Context(), e)
-			refuse(w, http.StatusServiceUnavailable, "secret_unavailable")
+			refuse(w, http.StatusServiceUnavailable, reason)
 			return
 		}
 		inj.values = append(inj.values, v)
@@ -125,6 +127,30 @@ func (s *Server) serveHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	s.stats.injected.Add(1)
 	s.proxy.ServeHTTP(w, r.WithContext(context.WithValue(r.Context(), injectedKey{}, inj)))
+}
+
+// value fetches what one injection needs and computes the replacement. reason is the
+// one-line refusal for the agent when it fails.
+func (s *Server) value(ctx context.Context, in inject.Injection) ([]byte, string, error) {
+	names := in.Secret.FetchNames()
+	vals := make(map[string][]byte, len(names))
+	defer func() {
+		for _, v := range vals {
+			store.Wipe(v)
+		}
+	}()
+	for _, n := range names {
+		v, err := s.secrets.Get(ctx, n)
+		if err != nil {
+			return nil, "secret_unavailable", fmt.Errorf("fetch %s: %w", n, err)
+		}
+		vals[n] = v
+	}
+	v, err := inject.Value(in.Secret, vals)
+	if err != nil {
+		return nil, "template_render_failed", err
+	}
+	return v, "", nil
 }
 
 // denialEvents records every placeholder that was found but forwarded verbatim (I5), or
