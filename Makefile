@@ -27,6 +27,8 @@ test: vet
 fuzz:
 	$(GO) test -run '^$$' -fuzz '^FuzzNormalizePath$$' -fuzztime $(FUZZTIME) ./internal/inject/
 	$(GO) test -run '^$$' -fuzz '^FuzzParseClientHello$$' -fuzztime $(FUZZTIME) ./internal/intercept/
+	$(GO) test -run '^$$' -fuzz '^FuzzParse$$' -fuzztime $(FUZZTIME) ./internal/config/
+	$(GO) test -run '^$$' -fuzz '^FuzzParse$$' -fuzztime $(FUZZTIME) ./internal/template/
 
 e2e:
 	$(GO) test -count=1 -v -timeout 20m ./test/e2e/

@@ -33,6 +33,8 @@ func commands() map[string]command {
 		"status":       {"[--json]", "listeners, enrolled UIDs, secret names (never values), counters", runStatus},
 		"ca":           {"cert", "print the local CA certificate (PEM) that agents must trust", runCA},
 		"reload":       {"", "re-read the bindings file; an invalid file changes nothing", runReload},
+		"bindings":     {"check [FILE] | diff OLD NEW", "validate a bindings file offline, or show what a change widens (exit 3)", runBindings},
+		"explain":      {"[--uid U] [--config FILE] METHOD URL [-H 'H: v']", "show the decision for a request and why", runExplain},
 	}
 }
 

@@ -140,7 +140,7 @@ func Load(path string) (*Config, error) {
 func Parse(file string, data []byte) (*Config, error) {
 	var root yaml.Node
 	if err := yaml.Unmarshal(data, &root); err != nil {
-		return nil, fmt.Errorf("%s: %s; fix the YAML syntax", file, strings.TrimPrefix(err.Error(), "yaml: "))
+		return nil, &Error{Problems: []string{syntaxError(file, err)}}
 	}
 	d := &decoder{file: file}
 	cfg := d.config(&root)
@@ -156,6 +156,16 @@ type Error struct {
 }
 
 func (e *Error) Error() string { return strings.Join(e.Problems, "\n") }
+
+// syntaxError puts yaml.v3's "yaml: line N: msg" into the file:line:column form.
+func syntaxError(file string, err error) string {
+	msg := strings.TrimPrefix(err.Error(), "yaml: ")
+	line := 1
+	if n, _ := fmt.Sscanf(msg, "line %d:", &line); n == 1 {
+		msg = strings.TrimSpace(msg[strings.IndexByte(msg, ':')+1:])
+	}
+	return fmt.Sprintf("%s:%d:1: %s; fix the YAML syntax", file, line, msg)
+}
 
 type decoder struct {
 	file string

@@ -15,7 +15,7 @@ func TestExampleParses(t *testing.T) {
 	if err != nil {
 		t.Fatalf("the shipped example does not validate:\n%v", err)
 	}
-	if len(cfg.Secrets) != 4 || cfg.Secrets[0].Name != "ANTHROPIC_API_KEY" || cfg.Secrets[0].Header != "X-Api-Key" {
+	if len(cfg.Secrets) != 8 || cfg.Secrets[0].Name != "ANTHROPIC_API_KEY" || cfg.Secrets[0].Header != "X-Api-Key" {
 		t.Fatalf("unexpected secrets %+v", cfg.Secrets)
 	}
 }
@@ -53,7 +53,7 @@ func TestBadConfigs(t *testing.T) {
 		{"missing backend", strings.Replace(good, "backend: {type: file, file: {path: /etc/s.yaml}}\n", "", 1), `missing backend: section`},
 		{"relative secrets path", strings.Replace(good, "/etc/s.yaml", "s.yaml", 1), `backend.file.path must be an absolute path`},
 		{"hop-by-hop header", strings.Replace(good, "header: Authorization", "header: Connection", 1), `is a hop-by-hop or framing header`},
-		{"yaml syntax", "version: 1\nsecrets: [\n", `bindings.yaml: `},
+		{"yaml syntax", "version: 1\nsecrets: [\n", `bindings.yaml:2:1: did not find expected node content; fix the YAML syntax`},
 		{"placeholder substring", good + `  B:
     placeholder: sk-avp-PLACEHOLDER-aaaaaaaaaaaaaa-longer
     bindings: [{host: b.example.com}]
@@ -82,4 +82,32 @@ func TestGoodConfigDefaults(t *testing.T) {
 	if cfg.Proxy.Listen.String() != DefaultListen || cfg.Cache.TTL != DefaultCacheTTL || cfg.Audit.Path != DefaultAuditLog {
 		t.Fatalf("defaults: %+v", cfg)
 	}
+}
+
+func FuzzParse(f *testing.F) {
+	f.Add([]byte(good))
+	if data, err := os.ReadFile("../../bindings.example.yaml"); err == nil {
+		f.Add(data)
+	}
+	f.Add([]byte("version: 1\nsecrets: [\n"))
+	f.Fuzz(func(t *testing.T, data []byte) {
+		cfg, err := Parse("fuzz.yaml", data)
+		if err != nil {
+			if !strings.HasPrefix(err.Error(), "fuzz.yaml:") {
+				t.Fatalf("error without a position: %v", err)
+			}
+			return
+		}
+		// Whatever parses must satisfy the invariants the decision relies on.
+		for _, s := range cfg.Secrets {
+			if len(s.Placeholder) < MinPlaceholderLen || len(s.Bindings) == 0 {
+				t.Fatalf("accepted secret %+v", s)
+			}
+			for _, b := range s.Bindings {
+				if ValidateHostPattern(b.Host) != nil {
+					t.Fatalf("accepted host %q", b.Host)
+				}
+			}
+		}
+	})
 }

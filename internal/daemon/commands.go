@@ -6,10 +6,12 @@ import (
 	"fmt"
 	"os"
 	"slices"
+	"strconv"
 	"time"
 
 	"github.com/agent-vault-proxy/agent-vault-proxy/internal/admin"
 	"github.com/agent-vault-proxy/agent-vault-proxy/internal/audit"
+	"github.com/agent-vault-proxy/agent-vault-proxy/internal/inject"
 	"github.com/agent-vault-proxy/agent-vault-proxy/internal/intercept"
 )
 
@@ -41,6 +43,7 @@ func (d *Daemon) handlers() map[string]admin.Handler {
 		"status":       d.cmdStatus,
 		"ca-cert":      d.cmdCACert,
 		"reload":       d.cmdReload,
+		"explain":      d.cmdExplain,
 	}
 }
 
@@ -150,3 +153,23 @@ func (d *Daemon) cmdReload(context.Context, uint32, []string) (any, error) {
 }
 
 func osGetpid() int { return os.Getpid() }
+
+// cmdExplain runs the live policy on a described request: args are uid, method, URL and
+// headers.
+func (d *Daemon) cmdExplain(_ context.Context, _ uint32, args []string) (any, error) {
+	if len(args) < 3 {
+		return nil, errors.New("usage: avpctl explain [--uid U] METHOD URL [-H 'Header: value']")
+	}
+	uid, err := strconv.ParseInt(args[0], 10, 64)
+	if err != nil {
+		return nil, fmt.Errorf("uid %q is not a number", args[0])
+	}
+	f, r, err := inject.ExplainInput(uid, args[1], args[2], args[3:])
+	if err != nil {
+		return nil, err
+	}
+	d.mu.Lock()
+	p := d.policy
+	d.mu.Unlock()
+	return map[string]string{"text": p.Explain(f, r)}, nil
+}

@@ -54,6 +54,7 @@ type Daemon struct {
 	mu        sync.Mutex // serializes reloads and enrollment changes
 	cfg       *config.Config
 	cfgSHA    string
+	policy    *inject.Policy
 	fw        *redirect.Firewall
 	ca        *intercept.CA
 	cache     *store.Cache
@@ -115,8 +116,9 @@ func start(opts Options) (d *Daemon, err error) {
 	if err := d.listen(cfg.Proxy.Listen); err != nil {
 		return nil, err
 	}
+	d.policy = inject.NewPolicy(cfg)
 	d.srv, err = intercept.NewServer(intercept.Options{
-		Policy: inject.NewPolicy(cfg), CA: d.ca, Secrets: d.cache, Auditor: d.auditor,
+		Policy: d.policy, CA: d.ca, Secrets: d.cache, Auditor: d.auditor,
 		Logf: d.logf, Listeners: d.addrs, UpstreamTLS: upstreamTLS,
 	})
 	if err != nil {
@@ -312,7 +314,8 @@ func (d *Daemon) reload() error {
 		d.audit(audit.Event{Type: audit.TypeConfigRejected, Detail: "backend, cache, proxy and audit sections change only on restart"})
 		return errors.New("backend, cache, proxy and audit sections change only on restart; only secrets can be reloaded")
 	}
-	d.srv.SetPolicy(inject.NewPolicy(cfg))
+	d.policy = inject.NewPolicy(cfg)
+	d.srv.SetPolicy(d.policy)
 	d.cfg, d.cfgSHA = cfg, sum
 	d.cache.Flush("")
 	d.audit(audit.Event{Type: audit.TypeConfigLoaded, ConfigSHA256: sum, Detail: "config reloaded"})
