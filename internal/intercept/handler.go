@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"net/http/httptrace"
 	"net/http/httputil"
 	"net/netip"
 	"strings"
@@ -50,6 +51,12 @@ func (s *Server) serveHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	stripH2CUpgrade(r.Header)
 
+	// The gate makes a reload wait until every request decided under the old policy has
+	// written its headers upstream, so once a reload returns nothing the new policy forbids
+	// is injected. Non-injecting paths release it as soon as they have decided.
+	s.gate.RLock()
+	release := sync.OnceFunc(s.gate.RUnlock)
+	defer release()
 	policy := s.policy.Load()
 	rawPath := r.URL.EscapedPath()
 	if r.URL.Opaque != "" {
@@ -63,6 +70,9 @@ func (s *Server) serveHTTP(w http.ResponseWriter, r *http.Request) {
 		Method: auditMethod(r.Method), Path: d.Path,
 	}
 
+	if d.Action != inject.Inject {
+		release()
+	}
 	switch d.Action {
 	case inject.Refuse:
 		s.stats.refused.Add(1)
@@ -126,7 +136,9 @@ func (s *Server) serveHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	s.stats.injected.Add(1)
-	s.proxy.ServeHTTP(w, r.WithContext(context.WithValue(r.Context(), injectedKey{}, inj)))
+	ctx := context.WithValue(r.Context(), injectedKey{}, inj)
+	ctx = httptrace.WithClientTrace(ctx, &httptrace.ClientTrace{WroteHeaders: release})
+	s.proxy.ServeHTTP(w, r.WithContext(ctx))
 }
 
 // value fetches what one injection needs and computes the replacement. reason is the

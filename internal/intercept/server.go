@@ -68,6 +68,7 @@ type Stats struct {
 // Server accepts redirected connections, splices unbound ones and terminates bound ones.
 type Server struct {
 	policy    atomic.Pointer[inject.Policy]
+	gate      sync.RWMutex
 	ca        *CA
 	secrets   Secrets
 	auditor   audit.Auditor
@@ -133,8 +134,13 @@ func NewServer(opts Options) (*Server, error) {
 	return s, nil
 }
 
-// SetPolicy swaps the policy atomically; requests already deciding keep the old one.
-func (s *Server) SetPolicy(p *inject.Policy) { s.policy.Store(p) }
+// SetPolicy swaps the policy atomically. Requests already deciding finish under the old one;
+// SetPolicy returns only after each of them that injects has written its headers upstream.
+func (s *Server) SetPolicy(p *inject.Policy) {
+	s.gate.Lock()
+	s.policy.Store(p)
+	s.gate.Unlock()
+}
 
 // Stats returns the counters.
 func (s *Server) Stats() Stats {
