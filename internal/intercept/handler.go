@@ -5,6 +5,7 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
+	"log"
 	"net"
 	"net/http"
 	"net/http/httptrace"
@@ -34,6 +35,11 @@ type injectedKey struct{}
 type injected struct {
 	secrets []inject.Injection
 	values  [][]byte
+	// scrub lists every real byte string of this request (injected values and the secrets
+	// they were made from) with the placeholder the agent sees instead in the response.
+	scrub []replacement
+	// wipe holds the raw fetched values until the request is done.
+	wipe [][]byte
 }
 
 func (s *Server) serveHTTP(w http.ResponseWriter, r *http.Request) {
@@ -103,9 +109,13 @@ func (s *Server) serveHTTP(w http.ResponseWriter, r *http.Request) {
 		for _, v := range inj.values {
 			store.Wipe(v)
 		}
+		for _, v := range inj.wipe {
+			store.Wipe(v)
+		}
 	}()
 	for _, in := range d.Injections {
-		v, reason, err := s.value(r.Context(), in)
+		v, raw, reason, err := s.value(r.Context(), in)
+		inj.wipe = append(inj.wipe, raw...)
 		if err != nil {
 			if reason == "secret_unavailable" {
 				s.stats.backendErrors.Add(1)
@@ -119,6 +129,12 @@ func (s *Server) serveHTTP(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 		inj.values = append(inj.values, v)
+		ph := []byte(in.Secret.Placeholder)
+		for _, b := range append([][]byte{v}, raw...) {
+			if len(b) >= minScrubLen {
+				inj.scrub = append(inj.scrub, replacement{from: b, to: ph})
+			}
+		}
 	}
 	events := denialEvents(base, d)
 	for _, in := range d.Injections {
@@ -141,28 +157,24 @@ func (s *Server) serveHTTP(w http.ResponseWriter, r *http.Request) {
 	s.proxy.ServeHTTP(w, r.WithContext(ctx))
 }
 
-// value fetches what one injection needs and computes the replacement. reason is the
-// one-line refusal for the agent when it fails.
-func (s *Server) value(ctx context.Context, in inject.Injection) ([]byte, string, error) {
+// value fetches what one injection needs and computes the replacement. raw are the fetched
+// values, which the caller wipes; reason is the one-line refusal for the agent on failure.
+func (s *Server) value(ctx context.Context, in inject.Injection) (v []byte, raw [][]byte, reason string, err error) {
 	names := in.Secret.FetchNames()
 	vals := make(map[string][]byte, len(names))
-	defer func() {
-		for _, v := range vals {
-			store.Wipe(v)
-		}
-	}()
 	for _, n := range names {
-		v, err := s.secrets.Get(ctx, n)
+		fv, err := s.secrets.Get(ctx, n)
 		if err != nil {
-			return nil, "secret_unavailable", fmt.Errorf("fetch %s: %w", n, err)
+			return nil, raw, "secret_unavailable", fmt.Errorf("fetch %s: %w", n, err)
 		}
-		vals[n] = v
+		vals[n] = fv
+		raw = append(raw, fv)
 	}
-	v, err := inject.Value(in.Secret, vals)
+	v, err = inject.Value(in.Secret, vals)
 	if err != nil {
-		return nil, "template_render_failed", err
+		return nil, raw, "template_render_failed", err
 	}
-	return v, "", nil
+	return v, raw, "", nil
 }
 
 // denialEvents records every placeholder that was found but forwarded verbatim (I5), or
@@ -243,7 +255,21 @@ func newReverseProxy(up *upstreamPool, logf Logf) *httputil.ReverseProxy {
 				for i, in := range inj.secrets {
 					inject.Apply(pr.Out.Header, in.Secret, inj.values[i])
 				}
+				// A compressed response could carry an echoed secret past the scrubber.
+				pr.Out.Header.Set("Accept-Encoding", "identity")
 			}
+		},
+		ModifyResponse: func(resp *http.Response) error {
+			inj, ok := resp.Request.Context().Value(injectedKey{}).(*injected)
+			if !ok || len(inj.scrub) == 0 || resp.StatusCode == http.StatusSwitchingProtocols {
+				return nil
+			}
+			scrubHeaders(resp.Header, inj.scrub)
+			resp.Body = newScrubReader(resp.Body, inj.scrub)
+			// Scrubbing can change the length; the agent gets a chunked (or h2 DATA) body.
+			resp.Header.Del("Content-Length")
+			resp.ContentLength = -1
+			return nil
 		},
 		Transport:     up,
 		FlushInterval: 0, // text/event-stream and unknown lengths are flushed immediately
@@ -255,8 +281,16 @@ func newReverseProxy(up *upstreamPool, logf Logf) *httputil.ReverseProxy {
 			logf("upstream %s (sni %q): %v", f.OrigDst, f.SNI, err)
 			refuse(w, http.StatusBadGateway, "upstream_unreachable")
 		},
-		ErrorLog: nil,
+		ErrorLog: log.New(logfWriter(logf), "", 0),
 	}
+}
+
+// logfWriter sends net/http's own error messages to the daemon's logger.
+type logfWriter Logf
+
+func (l logfWriter) Write(p []byte) (int, error) {
+	l("%s", strings.TrimRight(string(p), "\n"))
+	return len(p), nil
 }
 
 // upstreamPool keeps one http.Transport per (SNI, original destination), so connections are

@@ -5,6 +5,7 @@ import (
 	"crypto/tls"
 	"errors"
 	"io"
+	"log"
 	"net"
 	"net/http"
 	"net/netip"
@@ -124,7 +125,7 @@ func NewServer(opts Options) (*Server, error) {
 		MaxHeaderBytes:    1 << 20,
 		ConnContext:       s.tlsConns.connContext,
 		ConnState:         s.tlsConns.connState,
-		ErrorLog:          nil,
+		ErrorLog:          log.New(logfWriter(opts.Logf), "agent side: ", 0),
 	}
 	s.httpSrv.SetKeepAlivesEnabled(true)
 	go func() {

@@ -16,6 +16,7 @@ import (
 	"encoding/json"
 	"encoding/pem"
 	"fmt"
+	"io"
 	"math/big"
 	"net"
 	"net/http"
@@ -416,6 +417,15 @@ func startUpstream(t *testing.T, ns, dir string) *upstream {
 			fl.Flush()
 			time.Sleep(200 * time.Millisecond)
 		}
+	})
+	// An upstream that reflects the credential, like httpbin or an error page quoting it.
+	mux.HandleFunc("/v1/echo", func(w http.ResponseWriter, r *http.Request) {
+		u.record(r)
+		w.Header().Set("X-Echo-Authorization", r.Header.Get("Authorization"))
+		w.Header().Set("Content-Type", "application/json")
+		body := fmt.Sprintf(`{"authorization":%q}`+"\n", r.Header.Get("Authorization"))
+		w.Header().Set("Content-Length", fmt.Sprint(len(body)))
+		io.WriteString(w, body)
 	})
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		u.record(r)

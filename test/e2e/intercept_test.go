@@ -206,6 +206,22 @@ console.log(r.status, await r.text());
 		}
 	})
 
+	t.Run("I1_echoing_upstream_is_scrubbed", func(t *testing.T) {
+		out, err := e.agent(agentUID, "curl", "-sS", "-i", "--compressed", "-H", bearer, "https://"+hostOpenAI+"/v1/echo")
+		if err != nil {
+			t.Fatalf("curl: %v", err)
+		}
+		if got := e.upstream.last(t); got.Header.Get("Authorization") != "Bearer "+realOpenAI {
+			t.Fatalf("echo request was not injected")
+		}
+		if strings.Contains(out, realOpenAI) {
+			t.Fatalf("the agent received the real secret from an echoing upstream:\n%s", out)
+		}
+		if !strings.Contains(out, `{"authorization":"Bearer `+phOpenAI+`"}`) || !strings.Contains(strings.ToLower(out), "x-echo-authorization: bearer "+strings.ToLower(phOpenAI)) {
+			t.Fatalf("echo not scrubbed to the placeholder:\n%s", out)
+		}
+	})
+
 	t.Run("6_not_enrolled_not_redirected", func(t *testing.T) {
 		// A UID that is not enrolled talks to the upstream directly: it must trust the
 		// upstream's CA and the upstream sees its placeholder.

@@ -1,0 +1,82 @@
+package intercept
+
+import (
+	"bytes"
+	"io"
+	"net/http"
+	"strings"
+	"testing"
+)
+
+var reps = []replacement{{from: []byte("sk-REAL-secret-value"), to: []byte("PLACEHOLDER")}}
+
+func TestScrubReaderAcrossChunkBoundaries(t *testing.T) {
+	body := "a sk-REAL-secret-value b sk-REAL-secret-valu sk-REAL-secret-value" + strings.Repeat("x", 100) + "sk-REAL-secret-value"
+	for size := 1; size < 30; size++ {
+		r := newScrubReader(io.NopCloser(chunked(body, size)), reps)
+		got, err := io.ReadAll(r)
+		if err != nil {
+			t.Fatal(err)
+		}
+		want := strings.ReplaceAll(body, "sk-REAL-secret-value", "PLACEHOLDER")
+		if string(got) != want {
+			t.Fatalf("chunk %d: got %q", size, got)
+		}
+	}
+}
+
+// chunked returns s at most n bytes per Read, as a TCP stream might.
+func chunked(s string, n int) io.Reader { return &chunkReader{s: s, n: n} }
+
+type chunkReader struct {
+	s string
+	n int
+}
+
+func (c *chunkReader) Read(p []byte) (int, error) {
+	if c.s == "" {
+		return 0, io.EOF
+	}
+	k := copy(p[:min(len(p), c.n)], c.s)
+	c.s = c.s[k:]
+	return k, nil
+}
+
+// An SSE event must not wait for more data unless its tail could start a secret.
+func TestScrubReaderDoesNotHoldBackEvents(t *testing.T) {
+	pr, pw := io.Pipe()
+	r := newScrubReader(pr, reps)
+	go pw.Write([]byte("data: event 1\n\n"))
+	buf := make([]byte, 100)
+	n, err := r.Read(buf)
+	if err != nil || string(buf[:n]) != "data: event 1\n\n" {
+		t.Fatalf("got %q %v", buf[:n], err)
+	}
+	go pw.Write([]byte("data: sk-RE"))
+	n, _ = r.Read(buf)
+	if string(buf[:n]) != "data: " {
+		t.Fatalf("got %q, want only the part that cannot start a secret", buf[:n])
+	}
+	go func() { pw.Write([]byte("AL-secret-value\n\n")); pw.Close() }()
+	rest, _ := io.ReadAll(r)
+	if string(rest) != "PLACEHOLDER\n\n" {
+		t.Fatalf("got %q", rest)
+	}
+}
+
+func TestScrubHeaders(t *testing.T) {
+	h := http.Header{"X-Echo": {"Bearer sk-REAL-secret-value"}, "Other": {"fine"}}
+	scrubHeaders(h, reps)
+	if h.Get("X-Echo") != "Bearer PLACEHOLDER" || h.Get("Other") != "fine" {
+		t.Fatalf("%v", h)
+	}
+}
+
+func BenchmarkScrubReader(b *testing.B) {
+	data := bytes.Repeat([]byte("0123456789abcdef"), 4096)
+	b.SetBytes(int64(len(data)))
+	b.ReportAllocs()
+	for b.Loop() {
+		io.Copy(io.Discard, newScrubReader(io.NopCloser(bytes.NewReader(data)), reps))
+	}
+}
