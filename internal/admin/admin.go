@@ -225,11 +225,14 @@ func Call(ctx context.Context, path string, cmd string, args []string, out any) 
 	if dl, ok := ctx.Deadline(); ok {
 		c.SetDeadline(dl)
 	}
-	if err := json.NewEncoder(c).Encode(Request{Cmd: cmd, Args: args}); err != nil {
-		return fmt.Errorf("send %s to avpd: %w", cmd, err)
-	}
+	// avpd may answer (a refusal) and close before reading the request, so a failed write
+	// still reads the answer first.
+	werr := json.NewEncoder(c).Encode(Request{Cmd: cmd, Args: args})
 	var resp Response
 	if err := json.NewDecoder(c).Decode(&resp); err != nil {
+		if werr != nil {
+			return fmt.Errorf("send %s to avpd: %w", cmd, werr)
+		}
 		return fmt.Errorf("read avpd's answer to %s: %w", cmd, err)
 	}
 	if !resp.OK {

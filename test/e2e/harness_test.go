@@ -91,6 +91,7 @@ type env struct {
 	dir      string // world-readable: CA bundle and scripts for the agent
 	private  string // root-only: config, state, secrets, audit
 	runtime  string
+	state    string
 	upCA     *x509.Certificate
 	upCAPEM  []byte
 	bundle   string // upstream CA + avpd CA, for agents that must trust both
@@ -131,7 +132,10 @@ func newEnv(t *testing.T) *env {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { os.RemoveAll(e.dir); os.RemoveAll(e.private) })
-	e.runtime = filepath.Join(e.private, "run")
+	// Runtime and state directories sit in a world-traversable directory, as /run and
+	// /var/lib do, so the tests exercise avpd's own permissions on them.
+	e.runtime = filepath.Join(e.dir, "run")
+	e.state = filepath.Join(e.dir, "state")
 	e.audit = filepath.Join(e.private, "audit", "audit.jsonl")
 	e.config = filepath.Join(e.private, "bindings.yaml")
 	e.secrets = filepath.Join(e.private, "secrets.yaml")
@@ -185,7 +189,7 @@ func (e *env) startAvpd() {
 	t.Helper()
 	e.avpdLog = &syncBuffer{}
 	cmd := exec.Command("ip", "netns", "exec", e.ns, filepath.Join(binDir, "avpd"), "serve",
-		"--config", e.config, "--state-dir", filepath.Join(e.private, "state"), "--runtime-dir", e.runtime)
+		"--config", e.config, "--state-dir", e.state, "--runtime-dir", e.runtime)
 	cmd.Stdout, cmd.Stderr = e.avpdLog, e.avpdLog
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
