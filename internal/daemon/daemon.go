@@ -81,8 +81,8 @@ func Run(ctx context.Context, opts Options) error {
 	return d.serve(ctx)
 }
 
-func start(opts Options) (d *Daemon, err error) {
-	d = &Daemon{opts: opts, logf: opts.Logf, started: time.Now()}
+func start(opts Options) (_ *Daemon, err error) {
+	d := &Daemon{opts: opts, logf: opts.Logf, started: time.Now()}
 	defer func() {
 		if err != nil {
 			d.closeAll()
