@@ -136,6 +136,9 @@ func start(opts Options) (_ *Daemon, err error) {
 	}
 	uids = slices.DeleteFunc(uids, func(u uint32) bool { return checkEnrollable(u) != nil })
 	if err := d.fw.Install(uids); err != nil {
+		if errors.Is(err, syscall.EPERM) || errors.Is(err, syscall.EACCES) {
+			return nil, fmt.Errorf("%w; avpd needs CAP_NET_ADMIN: run it as root or under systemd with AmbientCapabilities=CAP_NET_ADMIN", err)
+		}
 		return nil, err
 	}
 	d.admin, err = admin.Listen(filepath.Join(opts.RuntimeDir, admin.SocketName), d.handlers(), d.logf)
