@@ -76,12 +76,19 @@ const (
 	hostOther   = "api.other.test"
 	hostUnbound = "unbound.test"
 	hostV6      = "v6.openai.test"
+	hostJira    = "acme.jira.test"
+	hostUIDOnly = "uidonly.test"
 
 	phOpenAI   = "sk-avp-PLACEHOLDER-openai-e2e-00000000000000"
 	realOpenAI = "sk-REAL-openai-7f3a9c1d5e8b2f4a6c0d1e2f3a4b5c6d"
 	phOther    = "sk-avp-PLACEHOLDER-other-e2e-000000000000000"
 	realOther  = "sk-REAL-other-0a1b2c3d4e5f60718293a4b5c6d7e8f9"
 	phMissing  = "sk-avp-PLACEHOLDER-missing-e2e-0000000000000"
+	phJira     = "avp-PLACEHOLDER-jira-e2e-000000000000000000"
+	jiraEmail  = "ops@acme.test"
+	jiraToken  = "ATATT-REAL-jira-9c8b7a6f5e4d3c2b1a0f"
+	// A third enrolled UID that a uid-scoped binding does not list.
+	otherAgentUID = 4244
 )
 
 // env is one namespace with an upstream, an avpd and the files an agent needs.
@@ -116,7 +123,7 @@ func newEnv(t *testing.T) *env {
 	if err := os.MkdirAll(filepath.Join("/etc/netns", e.ns), 0o755); err != nil {
 		t.Fatal(err)
 	}
-	hosts := fmt.Sprintf("127.0.0.1 localhost\n::1 localhost\n127.0.0.2 %s %s %s\n::1 %s\n", hostOpenAI, hostOther, hostUnbound, hostV6)
+	hosts := fmt.Sprintf("127.0.0.1 localhost\n::1 localhost\n127.0.0.2 %s %s %s %s %s\n::1 %s\n", hostOpenAI, hostOther, hostUnbound, hostJira, hostUIDOnly, hostV6)
 	if err := os.WriteFile(filepath.Join("/etc/netns", e.ns, "hosts"), []byte(hosts), 0o644); err != nil {
 		t.Fatal(err)
 	}
@@ -143,7 +150,7 @@ func newEnv(t *testing.T) *env {
 	e.upstream = startUpstream(t, e.ns, e.private)
 	e.upCA, e.upCAPEM = e.upstream.caCert, e.upstream.caPEM
 	writeFile(t, filepath.Join(e.private, "upstream-ca.pem"), e.upCAPEM, 0o644)
-	writeFile(t, e.secrets, []byte(fmt.Sprintf("OPENAI: %s\nOTHER: %s\n", realOpenAI, realOther)), 0o600)
+	writeFile(t, e.secrets, []byte(fmt.Sprintf("OPENAI: %s\nOTHER: %s\nJIRA_EMAIL: %s\nJIRA_TOKEN: %s\n", realOpenAI, realOther, jiraEmail, jiraToken)), 0o600)
 	e.writeConfig(defaultBindings)
 	return e
 }
@@ -161,6 +168,18 @@ const defaultBindings = `  OPENAI:
     inject: {header: Authorization, format: "Bearer {secret}"}
     bindings:
       - host: ` + hostOther + `
+      - host: ` + hostUIDOnly + `
+        uids: [4242]
+  JIRA:
+    placeholder: ` + phJira + `
+    inject:
+      header: Authorization
+      format: "Basic {secret}"
+      template: "{{ (JIRA_EMAIL + ':' + JIRA_TOKEN) | b64encode }}"
+      compose: [JIRA_EMAIL, JIRA_TOKEN]
+    bindings:
+      - host: ` + hostJira + `
+        paths: ["/rest/api/3/**"]
   MISSING:
     placeholder: ` + phMissing + `
     inject: {header: X-Api-Key}
@@ -401,7 +420,7 @@ func startUpstream(t *testing.T, ns, dir string) *upstream {
 	leafTmpl := &x509.Certificate{
 		SerialNumber: big.NewInt(2), Subject: pkix.Name{CommonName: "e2e upstream"},
 		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(24 * time.Hour),
-		DNSNames:    []string{hostOpenAI, hostOther, hostUnbound, hostV6},
+		DNSNames:    []string{hostOpenAI, hostOther, hostUnbound, hostV6, hostJira, hostUIDOnly},
 		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}, KeyUsage: x509.KeyUsageDigitalSignature,
 	}
 	leafDER, _ := x509.CreateCertificate(rand.Reader, leafTmpl, u.caCert, &leafKey.PublicKey, caKey)

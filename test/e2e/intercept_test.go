@@ -3,6 +3,7 @@ package e2e
 import (
 	"bufio"
 	"bytes"
+	"encoding/base64"
 	"fmt"
 	"os"
 	"os/exec"
@@ -206,6 +207,38 @@ console.log(r.status, await r.text());
 		}
 	})
 
+	t.Run("template_composes_basic_auth", func(t *testing.T) {
+		code, body, err := e.curl(agentUID, "GET", "https://"+hostJira+"/rest/api/3/myself", "Authorization: Basic "+phJira)
+		if err != nil || code != 200 {
+			t.Fatalf("curl: %d %q %v", code, body, err)
+		}
+		want := "Basic " + base64.StdEncoding.EncodeToString([]byte(jiraEmail+":"+jiraToken))
+		if got := e.upstream.last(t).Header.Get("Authorization"); got != want {
+			t.Fatalf("upstream got %q, want %q", got, want)
+		}
+		e.waitAudit("decision", "inject", "secret", "JIRA", "sni", hostJira)
+	})
+
+	t.Run("uid_scoped_binding_uses_kernel_uid", func(t *testing.T) {
+		e.avpctl("enroll-uid", strconv.Itoa(otherAgentUID))
+		defer e.avpctl("unenroll-uid", strconv.Itoa(otherAgentUID))
+		code, _, err := e.curl(otherAgentUID, "GET", "https://"+hostUIDOnly+"/x", "Authorization: Bearer "+phOther)
+		if err != nil || code != 200 {
+			t.Fatalf("curl as %d: %d %v", otherAgentUID, code, err)
+		}
+		if got := e.upstream.last(t).Header.Get("Authorization"); got != "Bearer "+phOther {
+			t.Fatalf("uid %d not in uids got %q", otherAgentUID, got)
+		}
+		e.waitAudit("decision", "forward_verbatim", "reason", "uid_not_allowed", "uid", strconv.Itoa(otherAgentUID))
+		code, _, err = e.curl(agentUID, "GET", "https://"+hostUIDOnly+"/x", "Authorization: Bearer "+phOther)
+		if err != nil || code != 200 {
+			t.Fatalf("curl as %d: %d %v", agentUID, code, err)
+		}
+		if got := e.upstream.last(t).Header.Get("Authorization"); got != "Bearer "+realOther {
+			t.Fatalf("uid %d in uids was not injected: %q", agentUID, got)
+		}
+	})
+
 	t.Run("I1_echoing_upstream_is_scrubbed", func(t *testing.T) {
 		out, err := e.agent(agentUID, "curl", "-sS", "-i", "--compressed", "-H", bearer, "https://"+hostOpenAI+"/v1/echo")
 		if err != nil {
@@ -280,7 +313,7 @@ time.sleep(60)
 
 	t.Run("10_audit_complete_and_secret_free", func(t *testing.T) {
 		log := mustRead(t, e.audit)
-		for _, secret := range []string{realOpenAI, realOther} {
+		for _, secret := range []string{realOpenAI, realOther, jiraToken} {
 			if strings.Contains(log, secret) {
 				t.Fatal("a real secret is in the audit log")
 			}
