@@ -306,10 +306,15 @@ func (e *env) agent(uid int, name string, args ...string) (string, error) {
 	}
 }
 
-// curl makes one request as uid and returns the HTTP status and body.
+// curl makes one request as uid and returns the HTTP status and body. Each extra argument is
+// a header, or "-d<body>" for a request body.
 func (e *env) curl(uid int, method, url string, headers ...string) (int, string, error) {
 	args := []string{"-sS", "--max-time", "20", "-X", method, "-o", "-", "-w", "\n%{http_code}"}
 	for _, h := range headers {
+		if body, ok := strings.CutPrefix(h, "-d"); ok {
+			args = append(args, "--data-raw", body) // "-d<body>" sends a body
+			continue
+		}
 		args = append(args, "-H", h)
 	}
 	args = append(args, url)
@@ -388,6 +393,7 @@ type seenRequest struct {
 	Host, Method, Path, SNI string
 	Header                  http.Header
 	Proto                   string
+	Body                    string
 }
 
 func (u *upstream) requests() []seenRequest {
@@ -478,8 +484,9 @@ func (u *upstream) record(r *http.Request) {
 	if r.TLS != nil {
 		sni = r.TLS.ServerName
 	}
+	body, _ := io.ReadAll(io.LimitReader(r.Body, 64<<10))
 	u.mu.Lock()
-	u.reqs = append(u.reqs, seenRequest{Host: r.Host, Method: r.Method, Path: r.URL.RequestURI(), SNI: sni, Header: r.Header.Clone(), Proto: r.Proto})
+	u.reqs = append(u.reqs, seenRequest{Host: r.Host, Method: r.Method, Path: r.URL.RequestURI(), SNI: sni, Header: r.Header.Clone(), Proto: r.Proto, Body: string(body)})
 	u.mu.Unlock()
 }
 

@@ -139,6 +139,20 @@ console.log(r.status, await r.text());
 		})
 	}
 
+	t.Run("I11_placeholder_in_query_and_body_not_replaced", func(t *testing.T) {
+		code, _, err := e.curl(agentUID, "POST", "https://"+hostOpenAI+"/v1/chat?key="+phOpenAI, bearer, `-d{"key":"`+phOpenAI+`"}`)
+		if err != nil || code != 200 {
+			t.Fatalf("curl: %d %v", code, err)
+		}
+		got := e.upstream.last(t)
+		if got.Header.Get("Authorization") != "Bearer "+realOpenAI {
+			t.Fatalf("the configured header was not injected")
+		}
+		if !strings.Contains(got.Path, "key="+phOpenAI) || got.Body != `{"key":"`+phOpenAI+`"}` {
+			t.Fatalf("query %q / body %q changed: only the configured header may be", got.Path, got.Body)
+		}
+	})
+
 	t.Run("4_host_mismatch_421", func(t *testing.T) {
 		before := len(e.upstream.requests())
 		code, body, err := e.curl(agentUID, "GET", "https://"+hostOpenAI+"/v1/models", bearer, "Host: "+hostOther)
