@@ -39,6 +39,15 @@ func TestAgentCannotReachControlPlane(t *testing.T) {
 		t.Fatalf("the agent changed enrollment: %s", st)
 	}
 
+	// avpd runs as root here: its own UID (and root in general) can never be enrolled, or its
+	// upstream connections would loop back into itself.
+	for _, who := range []string{"0", "root"} {
+		out, err := e.avpctlErr("enroll-uid", who)
+		if err == nil || !strings.Contains(string(out), "can never be enrolled") {
+			t.Fatalf("enroll-uid %s: %v %s", who, err, out)
+		}
+	}
+
 	for _, f := range []string{filepath.Join(e.state, "ca-key.pem"), e.secrets, e.config} {
 		if out, err := e.agent(agentUID, "cat", f); err == nil {
 			t.Fatalf("agent read %s: %q", f, out)

@@ -165,6 +165,19 @@ console.log(r.status, await r.text());
 		e.waitAudit("decision", "host_mismatch", "status", "421")
 	})
 
+	t.Run("4_h2_authority_mismatch_421", func(t *testing.T) {
+		// curl sends a custom Host as :authority over HTTP/2: the per-request check must see it
+		// even though the connection's SNI was fine (HTTP/2 coalescing).
+		before := len(e.upstream.requests())
+		out, err := e.agent(agentUID, "curl", "-sS", "--http2", "-o", "/dev/null", "-w", "%{http_version} %{http_code}", "-H", bearer, "-H", "Host: "+hostOther, "https://"+hostOpenAI+"/v1/models")
+		if err != nil || out != "2 421" {
+			t.Fatalf("h2 with a foreign :authority: %q %v", out, err)
+		}
+		if n := len(e.upstream.requests()) - before; n != 0 {
+			t.Fatalf("upstream got %d requests", n)
+		}
+	})
+
 	t.Run("5_unbound_host_passthrough", func(t *testing.T) {
 		// Trust only the upstream's own CA: success proves the agent saw the real server
 		// certificate, not one from avpd's CA.
