@@ -8,6 +8,7 @@ package config
 import (
 	"fmt"
 	"net/netip"
+	"net/url"
 	"os"
 	"os/user"
 	"sort"
@@ -33,6 +34,19 @@ const (
 	MinPlaceholderLen = 24
 )
 
+// Defaults of the bws backend and of the cache's BWS-related knobs.
+const (
+	// DefaultSyncInterval is how often the bws backend asks what changed, so a rotated
+	// secret is used within seconds; the TTL stays the upper bound.
+	DefaultSyncInterval = 30 * time.Second
+	DefaultMaxEntries   = 1024
+	// The BWS US cloud. The EU cloud is https://api.bitwarden.eu and
+	// https://identity.bitwarden.eu.
+	DefaultBWSAPIURL      = "https://api.bitwarden.com"
+	DefaultBWSIdentityURL = "https://identity.bitwarden.com"
+	DefaultBWSTimeout     = 10 * time.Second
+)
+
 // Config is one fully validated bindings file.
 type Config struct {
 	Version int
@@ -47,9 +61,29 @@ type Config struct {
 // Backend says where real secret values come from.
 type Backend struct {
 	// Type is "file" (a root-only YAML map of name to value, for trying the daemon and for
-	// tests) or "bws" (Bitwarden Secrets Manager; not in this release).
+	// tests) or "bws" (Bitwarden Secrets Manager).
 	Type string
 	File FileBackend
+	BWS  BWSBackend
+}
+
+// BWSBackend is a Bitwarden Secrets Manager organization read by a machine account. A
+// secret's name in bindings.yaml is its key in BWS.
+type BWSBackend struct {
+	// OrganizationID is the organization's UUID; names are looked up among its secrets.
+	OrganizationID string
+	// AccessTokenFile holds the machine account's access token and nothing else. avpd
+	// refuses to start if group or others can read it.
+	AccessTokenFile string
+	// APIURL and IdentityURL default to the US cloud and are always passed to the SDK
+	// explicitly (left unset, the SDK silently uses the US cloud).
+	APIURL      string
+	IdentityURL string
+	// StateFile, optional, lets the SDK reuse its login across restarts of its helper.
+	StateFile string
+	// Timeout bounds every fetch from BWS, login included; a hung BWS fails the request
+	// with 503 after it.
+	Timeout time.Duration
 }
 
 // FileBackend is a YAML map of secret name to value in a file that only its owner can read.
@@ -61,6 +95,10 @@ type FileBackend struct {
 type Cache struct {
 	// TTL is the upper bound on how long a rotated secret can still be injected (I8).
 	TTL time.Duration
+	// SyncInterval is how often the bws backend polls for changed secrets and evicts them.
+	SyncInterval time.Duration
+	// MaxEntries bounds the number of cached values.
+	MaxEntries int
 }
 
 // Proxy configures the listener and the upstream side.
@@ -236,7 +274,7 @@ func (d *decoder) strList(n *yaml.Node, what string) []string {
 
 func (d *decoder) config(root *yaml.Node) *Config {
 	cfg := &Config{
-		Cache: Cache{TTL: DefaultCacheTTL},
+		Cache: Cache{TTL: DefaultCacheTTL, SyncInterval: DefaultSyncInterval, MaxEntries: DefaultMaxEntries},
 		Proxy: Proxy{Listen: netip.MustParseAddrPort(DefaultListen)},
 		Audit: Audit{Path: DefaultAuditLog},
 	}
@@ -280,7 +318,7 @@ func (d *decoder) config(root *yaml.Node) *Config {
 }
 
 func (d *decoder) backend(n *yaml.Node, b *Backend) {
-	var typeNode, fileNode *yaml.Node
+	var typeNode, fileNode, bwsNode *yaml.Node
 	d.fields(n, "backend", map[string]func(*yaml.Node){
 		"type": func(v *yaml.Node) { typeNode = v; d.str(v, "backend.type", &b.Type) },
 		"file": func(v *yaml.Node) {
@@ -289,9 +327,7 @@ func (d *decoder) backend(n *yaml.Node, b *Backend) {
 				"path": func(p *yaml.Node) { d.str(p, "backend.file.path", &b.File.Path) },
 			})
 		},
-		"bws": func(v *yaml.Node) {
-			d.errf(v, "the bws backend is not available in this release; use \"type: file\"")
-		},
+		"bws": func(v *yaml.Node) { bwsNode = v; d.bws(v, &b.BWS) },
 	})
 	if n.Kind != yaml.MappingNode {
 		return
@@ -306,10 +342,111 @@ func (d *decoder) backend(n *yaml.Node, b *Backend) {
 			d.errf(fileNode, "backend.file.path must be an absolute path, got %q", b.File.Path)
 		}
 	case b.Type == "bws":
-		d.errf(typeNode, "the bws backend is not available in this release; use \"type: file\"")
+		if bwsNode == nil {
+			d.errf(n, "backend type bws needs \"bws: {organization_id: <UUID>, access_token_file: /etc/agent-vault-proxy/bws-token}\"")
+		}
+		if fileNode != nil {
+			d.errf(fileNode, "backend.file is only used with \"type: file\"; remove it")
+		}
 	default:
-		d.errf(typeNode, "unknown backend type %q; write \"file\"", b.Type)
+		d.errf(typeNode, "unknown backend type %q; write \"file\" or \"bws\"", b.Type)
 	}
+	if b.Type == "file" && bwsNode != nil {
+		d.errf(bwsNode, "backend.bws is only used with \"type: bws\"; remove it or change the type")
+	}
+}
+
+// bws reads backend.bws, applying the defaults first so an absent key means the US cloud.
+func (d *decoder) bws(n *yaml.Node, w *BWSBackend) {
+	w.APIURL, w.IdentityURL, w.Timeout = DefaultBWSAPIURL, DefaultBWSIdentityURL, DefaultBWSTimeout
+	abs := func(v *yaml.Node, what string, dst *string) {
+		d.str(v, what, dst)
+		if v.Kind == yaml.ScalarNode && !strings.HasPrefix(*dst, "/") {
+			d.errf(v, "%s must be an absolute path, got %q", what, *dst)
+		}
+	}
+	seen := d.fields(n, "backend.bws", map[string]func(*yaml.Node){
+		"organization_id": func(v *yaml.Node) {
+			d.str(v, "backend.bws.organization_id", &w.OrganizationID)
+			if v.Kind == yaml.ScalarNode && !isUUID(w.OrganizationID) {
+				d.errf(v, "backend.bws.organization_id %q is not a UUID; copy the organization's id from the Bitwarden web app (Secrets Manager, the URL after /sm/)", w.OrganizationID)
+			}
+		},
+		"access_token_file": func(v *yaml.Node) { abs(v, "backend.bws.access_token_file", &w.AccessTokenFile) },
+		"state_file":        func(v *yaml.Node) { abs(v, "backend.bws.state_file", &w.StateFile) },
+		"api_url":           func(v *yaml.Node) { d.bwsURL(v, "backend.bws.api_url", DefaultBWSAPIURL, &w.APIURL) },
+		"identity_url":      func(v *yaml.Node) { d.bwsURL(v, "backend.bws.identity_url", DefaultBWSIdentityURL, &w.IdentityURL) },
+		"timeout": func(v *yaml.Node) {
+			dur, err := time.ParseDuration(v.Value)
+			if v.Kind != yaml.ScalarNode || err != nil || dur < 100*time.Millisecond || dur > 5*time.Minute {
+				d.errf(v, "backend.bws.timeout %q is not a duration between 100ms and 5m; write for example \"timeout: 10s\"", v.Value)
+				return
+			}
+			w.Timeout = dur
+		},
+	})
+	if n.Kind != yaml.MappingNode {
+		return
+	}
+	if !seen["organization_id"] {
+		d.errf(n, "backend.bws.organization_id is missing; add \"organization_id: <the organization's UUID>\"")
+	}
+	if !seen["access_token_file"] {
+		d.errf(n, "backend.bws.access_token_file is missing; add \"access_token_file: /etc/agent-vault-proxy/bws-token\" (a file with only the token, chmod 600)")
+	}
+	if w.StateFile != "" && w.StateFile == w.AccessTokenFile {
+		d.errf(n, "backend.bws.state_file must not be the access token file; the SDK overwrites it")
+	}
+}
+
+// bwsURL accepts an https URL without path suffix slashes, query or credentials; http only
+// to a loopback address, where the token does not cross a network.
+func (d *decoder) bwsURL(v *yaml.Node, what, example string, dst *string) {
+	var s string
+	d.str(v, what, &s)
+	if v.Kind != yaml.ScalarNode {
+		return
+	}
+	u, err := url.Parse(s)
+	switch {
+	case err != nil || u.Host == "" || u.Opaque != "" || (u.Scheme != "https" && u.Scheme != "http"):
+		d.errf(v, "%s %q is not an https URL; write for example %q", what, s, example)
+	case u.User != nil || u.RawQuery != "" || u.Fragment != "":
+		d.errf(v, "%s %q must not carry credentials, a query or a fragment; write for example %q", what, s, example)
+	case u.Scheme == "http" && !loopbackHost(u.Hostname()):
+		d.errf(v, "%s %q uses http: the access token would cross the network in clear; use https", what, s)
+	default:
+		// The SDK appends "/connect/token" and the like literally.
+		*dst = strings.TrimRight(s, "/")
+	}
+}
+
+func loopbackHost(h string) bool {
+	if h == "localhost" {
+		return true
+	}
+	a, err := netip.ParseAddr(h)
+	return err == nil && a.IsLoopback()
+}
+
+func isUUID(s string) bool {
+	if len(s) != 36 {
+		return false
+	}
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		switch i {
+		case 8, 13, 18, 23:
+			if c != '-' {
+				return false
+			}
+		default:
+			if !(c >= '0' && c <= '9' || c >= 'a' && c <= 'f' || c >= 'A' && c <= 'F') {
+				return false
+			}
+		}
+	}
+	return true
 }
 
 func (d *decoder) cache(n *yaml.Node, c *Cache) {
@@ -321,6 +458,22 @@ func (d *decoder) cache(n *yaml.Node, c *Cache) {
 				return
 			}
 			c.TTL = dur
+		},
+		"sync_interval": func(v *yaml.Node) {
+			dur, err := time.ParseDuration(v.Value)
+			if v.Kind != yaml.ScalarNode || err != nil || dur < time.Second || dur > 24*time.Hour {
+				d.errf(v, "cache.sync_interval %q is not a duration between 1s and 24h; write for example \"sync_interval: 30s\"", v.Value)
+				return
+			}
+			c.SyncInterval = dur
+		},
+		"max_entries": func(v *yaml.Node) {
+			n, err := strconv.Atoi(v.Value)
+			if v.Kind != yaml.ScalarNode || err != nil || n < 1 || n > 1000000 {
+				d.errf(v, "cache.max_entries %q is not a number between 1 and 1000000; write for example \"max_entries: 1024\"", v.Value)
+				return
+			}
+			c.MaxEntries = n
 		},
 	})
 }

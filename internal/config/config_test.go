@@ -4,6 +4,7 @@ import (
 	"os"
 	"strings"
 	"testing"
+	"time"
 )
 
 func TestExampleParses(t *testing.T) {
@@ -110,4 +111,84 @@ func FuzzParse(f *testing.F) {
 			}
 		}
 	})
+}
+
+func TestBWSBackend(t *testing.T) {
+	const org = "f4e44a7f-1190-432a-9d4a-af96013127cb"
+	bwsConfig := func(backend string) string {
+		return strings.Replace(good, "backend: {type: file, file: {path: /etc/s.yaml}}", backend, 1)
+	}
+	minimal := bwsConfig("backend:\n  type: bws\n  bws: {organization_id: " + org + ", access_token_file: /etc/avp/bws-token}")
+
+	t.Run("defaults", func(t *testing.T) {
+		cfg, err := Parse("bindings.yaml", []byte(minimal))
+		if err != nil {
+			t.Fatal(err)
+		}
+		want := BWSBackend{
+			OrganizationID: org, AccessTokenFile: "/etc/avp/bws-token",
+			APIURL: "https://api.bitwarden.com", IdentityURL: "https://identity.bitwarden.com", Timeout: 10 * time.Second,
+		}
+		if cfg.Backend.Type != "bws" || cfg.Backend.BWS != want {
+			t.Fatalf("backend = %+v, want %+v", cfg.Backend, want)
+		}
+		if cfg.Cache.SyncInterval != 30*time.Second || cfg.Cache.MaxEntries != 1024 {
+			t.Fatalf("cache defaults = %+v", cfg.Cache)
+		}
+	})
+
+	t.Run("every_field", func(t *testing.T) {
+		src := bwsConfig(`backend:
+  type: bws
+  bws:
+    organization_id: ` + org + `
+    access_token_file: /etc/avp/bws-token
+    api_url: https://api.bitwarden.eu/
+    identity_url: http://127.0.0.1:8080/identity
+    state_file: /var/lib/avp/bws-state
+    timeout: 3s
+cache: {ttl: 2m, sync_interval: 5s, max_entries: 10}`)
+		cfg, err := Parse("bindings.yaml", []byte(src))
+		if err != nil {
+			t.Fatal(err)
+		}
+		b := cfg.Backend.BWS
+		if b.APIURL != "https://api.bitwarden.eu" || b.IdentityURL != "http://127.0.0.1:8080/identity" || b.StateFile != "/var/lib/avp/bws-state" || b.Timeout != 3*time.Second {
+			t.Fatalf("bws = %+v", b)
+		}
+		if cfg.Cache != (Cache{TTL: 2 * time.Minute, SyncInterval: 5 * time.Second, MaxEntries: 10}) {
+			t.Fatalf("cache = %+v", cfg.Cache)
+		}
+	})
+
+	bad := []struct {
+		name, src, want string
+	}{
+		{"bws without section", bwsConfig("backend: {type: bws}"), `bindings.yaml:2:10: backend type bws needs "bws: {organization_id: <UUID>, access_token_file: /etc/agent-vault-proxy/bws-token}"`},
+		{"missing organization", bwsConfig("backend: {type: bws, bws: {access_token_file: /t}}"), `bindings.yaml:2:27: backend.bws.organization_id is missing`},
+		{"missing token file", bwsConfig("backend: {type: bws, bws: {organization_id: " + org + "}}"), `backend.bws.access_token_file is missing; add "access_token_file: /etc/agent-vault-proxy/bws-token"`},
+		{"organization not a uuid", strings.Replace(minimal, org, "my-org", 1), `bindings.yaml:4:26: backend.bws.organization_id "my-org" is not a UUID`},
+		{"relative token file", strings.Replace(minimal, "/etc/avp/bws-token", "bws-token", 1), `backend.bws.access_token_file must be an absolute path, got "bws-token"`},
+		{"unknown bws key", strings.Replace(minimal, "access_token_file", "token_file", 1), `unknown key "token_file" in backend.bws; allowed keys are access_token_file, api_url, identity_url, organization_id, state_file, timeout`},
+		{"http to a remote host", strings.Replace(minimal, "}", ", api_url: \"http://bws.example.com\"}", 1), `backend.bws.api_url "http://bws.example.com" uses http: the access token would cross the network in clear; use https`},
+		{"not a url", strings.Replace(minimal, "}", ", identity_url: identity.bitwarden.com}", 1), `backend.bws.identity_url "identity.bitwarden.com" is not an https URL; write for example "https://identity.bitwarden.com"`},
+		{"url with credentials", strings.Replace(minimal, "}", ", api_url: \"https://u:p@bws.example.com\"}", 1), `must not carry credentials, a query or a fragment`},
+		{"timeout too short", strings.Replace(minimal, "}", ", timeout: 1ms}", 1), `backend.bws.timeout "1ms" is not a duration between 100ms and 5m`},
+		{"state file is the token", strings.Replace(minimal, "}", ", state_file: /etc/avp/bws-token}", 1), `backend.bws.state_file must not be the access token file`},
+		{"bws section with type file", bwsConfig("backend: {type: file, file: {path: /s}, bws: {organization_id: " + org + ", access_token_file: /t}}"), `backend.bws is only used with "type: bws"`},
+		{"unknown type", bwsConfig("backend: {type: vault}"), `unknown backend type "vault"; write "file" or "bws"`},
+		{"sync interval too short", minimal + "cache: {sync_interval: 10ms}\n", `cache.sync_interval "10ms" is not a duration between 1s and 24h`},
+		{"max entries zero", minimal + "cache: {max_entries: 0}\n", `cache.max_entries "0" is not a number between 1 and 1000000`},
+	}
+	for _, tc := range bad {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := Parse("bindings.yaml", []byte(tc.src))
+			if err == nil {
+				t.Fatalf("accepted:\n%s", tc.src)
+			}
+			if !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("error:\n%v\nwant it to contain:\n%s", err, tc.want)
+			}
+		})
+	}
 }
