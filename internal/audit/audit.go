@@ -24,6 +24,12 @@ const (
 	TypeConfigRejected = "config_rejected"
 	TypeEnroll         = "enroll"
 	TypeUnenroll       = "unenroll"
+	// TypeRulesRestored is written by avpd when it found its nftables table or its enrolled
+	// set missing or altered (another tool's "nft flush ruleset", say) and put it back.
+	TypeRulesRestored = "rules_restored"
+	// TypeJournalStart is written by the journal itself when it starts: what it found in
+	// the log (clean tail, torn tail moved aside, missing events) and where it resumed.
+	TypeJournalStart = "journal_start"
 )
 
 // Decisions, the values of Event.Decision.
@@ -45,6 +51,7 @@ type Event struct {
 	Secret   string    `json:"secret,omitempty"`
 	Binding  *int      `json:"binding,omitempty"`
 	UID      *int64    `json:"uid,omitempty"`
+	PID      *int64    `json:"pid,omitempty"` // the agent process, when known
 	Dst      string    `json:"dst,omitempty"`
 	SNI      string    `json:"sni,omitempty"`
 	Method   string    `json:"method,omitempty"`
@@ -56,6 +63,10 @@ type Event struct {
 	// Detail is a fixed, daemon-written sentence (never request data or an error from a
 	// backend, which could quote a secret).
 	Detail string `json:"detail,omitempty"`
+	// TornBytes and TornFile (journal_start only) say how many bytes of a torn tail the
+	// journal found after the last intact line, and the file it moved them to.
+	TornBytes int64  `json:"torn_bytes,omitempty"`
+	TornFile  string `json:"torn_file,omitempty"`
 }
 
 // Auditor makes events durable. Record returns nil only once every event is on disk; the

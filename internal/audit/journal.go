@@ -1,0 +1,888 @@
+package audit
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// The journal is the audit service: it receives events on a SOCK_SEQPACKET Unix socket, one
+// event per message, appends each as a hash-chained, MACed JSON line, and acknowledges an
+// event only once the fdatasync that covers it has returned. Events that arrive while one
+// fdatasync runs are written and synced together by the next (group commit).
+//
+// Wire protocol (JSON, one object per message):
+//
+//	client -> journal  {"id":N,"event":{...Event...}}
+//	journal -> client  {"acks":[[N,S],...]}     event N is durable as line seq S
+//	journal -> client  {"id":N,"error":"..."}   event N is not recorded
+//	journal -> client  {"error":"..."}          connection refused or closing
+//
+// One ack message carries every event of one connection that one fdatasync covered, in
+// the order the events were sent, so a busy connection costs one message per commit.
+
+// Journal defaults.
+const (
+	DefaultRotateSize = 64 << 20
+	DefaultMaxBatch   = 4096
+	// maxBatchBytes bounds what one write+fdatasync covers, and so the torn tail a crash
+	// can leave: recovery moves aside at most this much (plus one line) on its own.
+	maxBatchBytes = 1 << 20
+	maxTornBytes  = maxBatchBytes + maxLineLen
+	// MaxMessage is the largest message the journal reads; an event is far smaller.
+	MaxMessage = 64 << 10
+)
+
+// JournalOptions configure a journal.
+type JournalOptions struct {
+	// Log is the live log file. Rotated files sit beside it.
+	Log string
+	// Key is the MAC key file, created 0600 on first start.
+	Key string
+	// AllowUIDs may send events besides root.
+	AllowUIDs []uint32
+	// RotateSize rotates the live log once it reaches this many bytes; 0 means the default.
+	RotateSize int64
+	// MaxBatch bounds how many events share one fdatasync; 1 is an fsync per event (the
+	// benchmark's baseline); 0 means the default.
+	MaxBatch int
+	// AckDelay delays every ack after its fdatasync (tests only: it makes the window
+	// between "durable" and "acknowledged" observable).
+	AckDelay time.Duration
+	// Mirror sends each durable event to journald, best effort, never blocking. Nil: none.
+	Mirror func(seq uint64, e *Event)
+	Logf   func(string, ...any)
+	// sync replaces fdatasync in tests that make it fail.
+	sync func(*os.File) error
+}
+
+// Journal is an open journal log.
+type Journal struct {
+	opts     JournalOptions
+	key      []byte
+	f        *os.File
+	headF    *os.File
+	size     int64
+	firstSeq uint64 // seq of the live file's first line, or of the next line when it is empty
+	seq      uint64 // last durable seq
+	prev     string // hash of the last durable line
+
+	queue  chan *item
+	reopen chan chan error
+	stopCh chan struct{}
+
+	mu    sync.Mutex
+	conns map[*jconn]struct{}
+	lns   []net.Listener
+	wg    sync.WaitGroup
+
+	// Start is what recovery found, as recorded in the journal_start line.
+	Start Event
+	// StartSeq is the seq of the journal_start line.
+	StartSeq uint64
+}
+
+type item struct {
+	ev   Event
+	c    *jconn
+	id   uint64
+	size int        // bytes of the message, to bound a batch
+	done chan error // for events the journal writes itself
+}
+
+// ErrFsync marks a failed write or fdatasync: the journal stopped and must be restarted so
+// recovery reads the file; the data is never written again by the same process.
+var ErrFsync = errors.New("audit journal: write or fdatasync failed")
+
+// OpenJournal recovers the log (resuming seq and prev, moving a torn tail aside), opens it
+// for appending and makes a journal_start line durable.
+func OpenJournal(opts JournalOptions) (*Journal, error) {
+	if opts.Log == "" {
+		return nil, errors.New("journal: no log path")
+	}
+	if opts.RotateSize <= 0 {
+		opts.RotateSize = DefaultRotateSize
+	}
+	if opts.MaxBatch <= 0 {
+		opts.MaxBatch = DefaultMaxBatch
+	}
+	if opts.Logf == nil {
+		opts.Logf = func(string, ...any) {}
+	}
+	if opts.sync == nil {
+		opts.sync = func(f *os.File) error { return unix.Fdatasync(int(f.Fd())) }
+	}
+	if opts.Key == "" {
+		opts.Key = filepath.Join(filepath.Dir(opts.Log), "journal.key")
+	}
+	j := &Journal{
+		opts: opts, queue: make(chan *item, 8192), reopen: make(chan chan error),
+		stopCh: make(chan struct{}), conns: map[*jconn]struct{}{},
+	}
+	if err := os.MkdirAll(filepath.Dir(opts.Log), 0o750); err != nil {
+		return nil, fmt.Errorf("create log directory: %w", err)
+	}
+	key, created, err := LoadOrCreateKey(opts.Key)
+	if err != nil {
+		return nil, err
+	}
+	j.key = key
+	if created {
+		if st, err := os.Stat(opts.Log); err == nil && st.Size() > 0 {
+			os.Remove(opts.Key)
+			return nil, fmt.Errorf("journal key %s was missing but %s holds events: restore the key (its MACs cannot be checked with a new one) or move the log aside", opts.Key, opts.Log)
+		}
+	}
+	start, err := j.recover()
+	if err != nil {
+		j.close()
+		return nil, err
+	}
+	done := make(chan error, 1)
+	seq, err := j.commit([]*item{{ev: start, done: done}})
+	if err != nil {
+		j.close()
+		return nil, err
+	}
+	j.Start, j.StartSeq = start, seq
+	opts.Logf("journal: %s", start.Detail)
+	return j, nil
+}
+
+// recover reads the live log, resumes the chain and returns the journal_start event.
+func (j *Journal) recover() (Event, error) {
+	log := j.opts.Log
+	var notes []string
+	var warnings []string
+	start := Event{Type: TypeJournalStart}
+
+	f, err := os.OpenFile(log, os.O_RDWR|os.O_APPEND|os.O_CREATE|syscall.O_NOFOLLOW, 0o640)
+	if err != nil {
+		return start, fmt.Errorf("open log %s: %w", log, err)
+	}
+	j.f = f
+	syncDir(filepath.Dir(log))
+
+	// Scan the live file: the longest prefix of complete, valid, chained lines.
+	lr := newLineReader(f)
+	var valid int64
+	var lines int
+	var first, last uint64
+	var lastHash, badReason string
+	for {
+		raw, off, complete, err := lr.next()
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			return start, fmt.Errorf("read log %s: %w", log, err)
+		}
+		if !complete {
+			badReason = fmt.Sprintf("an incomplete last line after seq %d", last)
+			break
+		}
+		l, err := parseLine(raw, j.key)
+		if err == nil && lines > 0 {
+			err = chain(l, last, lastHash)
+		}
+		if err != nil {
+			badReason = fmt.Sprintf("line %d (after seq %d) is not valid: %v", lines+1, last, err)
+			valid = off
+			break
+		}
+		if lines == 0 {
+			first = l.Seq
+		}
+		sum := sha256.Sum256(raw)
+		last, lastHash = l.Seq, hex.EncodeToString(sum[:])
+		lines++
+		valid = off + int64(len(raw)) + 1
+	}
+	st, err := f.Stat()
+	if err != nil {
+		return start, err
+	}
+	if torn := st.Size() - valid; torn > 0 {
+		if torn > maxTornBytes {
+			return start, fmt.Errorf("log %s is damaged: %s, and %d bytes follow, more than a crash can leave unsynced: "+
+				"this is not a torn tail, refusing to start; inspect it with \"avpctl audit verify --key %s %s\", then move the damaged part aside by hand",
+				log, badReason, torn, j.opts.Key, log)
+		}
+		tornPath, err := moveAside(f, log, valid, st.Size())
+		if err != nil {
+			return start, err
+		}
+		start.TornBytes, start.TornFile = torn, tornPath
+		warnings = append(warnings, fmt.Sprintf("torn tail: %s; moved %d bytes to %s", badReason, torn, tornPath))
+		j.opts.Logf("journal: WARNING: torn tail in %s: %s; moved %d bytes to %s", log, badReason, torn, tornPath)
+	}
+	j.size = valid
+
+	// Where does the chain resume? The live file's last line; else the newest rotated file;
+	// the head file says how far the previous run got.
+	var h *head
+	if hh, err := readHead(HeadName(log), j.key); err == nil {
+		h = hh
+	} else if !errors.Is(err, os.ErrNotExist) {
+		warnings = append(warnings, err.Error())
+	}
+	var rotLast uint64
+	var rotHash, rotName string
+	if rot, err := rotatedFiles(log); err == nil && len(rot) > 0 {
+		rotName = rot[len(rot)-1]
+		rotLast, rotHash, err = lastLine(rotName, j.key)
+		if err != nil {
+			warnings = append(warnings, fmt.Sprintf("rotated file %s: %v", rotName, err))
+		}
+	}
+	switch {
+	case lines > 0:
+		j.seq, j.prev, j.firstSeq = last, lastHash, first
+		notes = append(notes, fmt.Sprintf("resumed after seq %d in %s", last, filepath.Base(log)))
+		if rotName != "" && rotLast > 0 && (first != rotLast+1) {
+			warnings = append(warnings, fmt.Sprintf("%s starts at seq %d but %s ends at seq %d", filepath.Base(log), first, filepath.Base(rotName), rotLast))
+		}
+	case rotLast > 0 && (h == nil || h.Seq <= rotLast):
+		j.seq, j.prev = rotLast, rotHash
+		notes = append(notes, fmt.Sprintf("resumed after seq %d in %s", rotLast, filepath.Base(rotName)))
+	case h != nil:
+		j.seq, j.prev = h.Seq, h.Hash
+		notes = append(notes, fmt.Sprintf("resumed after seq %d from the head file", h.Seq))
+		warnings = append(warnings, fmt.Sprintf("the lines up to seq %d are not in %s or its rotated files: they were moved away (log rotation by another tool) or deleted", h.Seq, filepath.Base(log)))
+	default:
+		j.seq, j.prev = 0, GenesisPrev
+		notes = append(notes, "new log: no earlier events")
+	}
+	if lines == 0 {
+		j.firstSeq = j.seq + 1
+	}
+	if h != nil && h.Seq > j.seq {
+		warnings = append(warnings, fmt.Sprintf("the head file records seq %d but the log ends at seq %d: %d acknowledged event(s) are missing", h.Seq, j.seq, h.Seq-j.seq))
+	}
+	if _, err := f.Seek(0, io.SeekEnd); err != nil {
+		return start, err
+	}
+	hf, err := os.OpenFile(HeadName(log), os.O_RDWR|os.O_CREATE|syscall.O_NOFOLLOW, 0o640)
+	if err != nil {
+		return start, fmt.Errorf("open head file: %w", err)
+	}
+	j.headF = hf
+
+	detail := "journal started: " + strings.Join(notes, "; ")
+	if len(warnings) > 0 {
+		detail += "; WARNING: " + strings.Join(warnings, "; ")
+	} else {
+		detail += "; the tail was intact"
+	}
+	if len(detail) > maxField {
+		detail = detail[:maxField]
+	}
+	start.Detail = detail
+	return start, nil
+}
+
+// moveAside copies the bytes [from, to) of f to a new file beside the log, makes the copy
+// durable, then truncates f to from. Nothing is deleted that is not kept.
+func moveAside(f *os.File, log string, from, to int64) (string, error) {
+	data := make([]byte, to-from)
+	if _, err := f.ReadAt(data, from); err != nil && err != io.EOF {
+		return "", fmt.Errorf("read torn tail: %w", err)
+	}
+	p := fmt.Sprintf("%s.torn-%s", log, time.Now().UTC().Format("20060102T150405.000000000Z"))
+	tf, err := os.OpenFile(p, os.O_WRONLY|os.O_CREATE|os.O_EXCL|syscall.O_NOFOLLOW, 0o640)
+	if err != nil {
+		return "", fmt.Errorf("keep torn tail: %w", err)
+	}
+	_, err = tf.Write(data)
+	if err == nil {
+		err = tf.Sync()
+	}
+	if cerr := tf.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		return "", fmt.Errorf("keep torn tail in %s: %w", p, err)
+	}
+	if err := syncDir(filepath.Dir(log)); err != nil {
+		return "", err
+	}
+	if err := f.Truncate(from); err != nil {
+		return "", fmt.Errorf("truncate torn tail: %w", err)
+	}
+	if err := f.Sync(); err != nil {
+		return "", fmt.Errorf("sync after truncating the torn tail: %w", err)
+	}
+	return p, nil
+}
+
+// lastLine returns the seq and hash of the last line of a rotated file, checking it.
+func lastLine(path string, key []byte) (uint64, string, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return 0, "", err
+	}
+	defer f.Close()
+	st, err := f.Stat()
+	if err != nil {
+		return 0, "", err
+	}
+	n := min(st.Size(), int64(maxLineLen+1))
+	buf := make([]byte, n)
+	if _, err := f.ReadAt(buf, st.Size()-n); err != nil && err != io.EOF {
+		return 0, "", err
+	}
+	if len(buf) == 0 || buf[len(buf)-1] != '\n' {
+		return 0, "", errors.New("does not end with a complete line")
+	}
+	buf = buf[:len(buf)-1]
+	if i := bytes.LastIndexByte(buf, '\n'); i >= 0 {
+		buf = buf[i+1:]
+	}
+	l, err := parseLine(buf, key)
+	if err != nil {
+		return 0, "", err
+	}
+	sum := sha256.Sum256(buf)
+	return l.Seq, hex.EncodeToString(sum[:]), nil
+}
+
+// commit appends the events as lines with one write and one fdatasync. On success it
+// returns the seq of the last line; on failure the journal is unusable (never retry a
+// failed fsync: the page cache may already have dropped the data).
+func (j *Journal) commit(batch []*item) (uint64, error) {
+	var buf []byte
+	seq, prev := j.seq, j.prev
+	now := time.Now().UTC()
+	seqs := make([]uint64, len(batch))
+	for i, it := range batch {
+		seq++
+		l := Line{V: LineVersion, Seq: seq, TS: now, Prev: prev, Event: it.ev}
+		l.Event.TS = time.Time{}
+		var sum [32]byte
+		var err error
+		buf, sum, err = encodeLine(j.key, &l, buf)
+		if err != nil {
+			return 0, err
+		}
+		buf = append(buf, '\n')
+		prev = hex.EncodeToString(sum[:])
+		seqs[i] = seq
+	}
+	if j.f == nil {
+		return 0, fmt.Errorf("%w: the log is closed", ErrFsync)
+	}
+	n, err := j.f.Write(buf)
+	if err != nil || n != len(buf) {
+		return 0, fmt.Errorf("%w: append to %s: wrote %d of %d bytes: %v", ErrFsync, j.opts.Log, n, len(buf), err)
+	}
+	if err := j.opts.sync(j.f); err != nil {
+		return 0, fmt.Errorf("%w: fdatasync %s: %v", ErrFsync, j.opts.Log, err)
+	}
+	j.seq, j.prev = seq, prev
+	j.size += int64(len(buf))
+	if j.headF != nil {
+		// Not synced: it only has to be no further than the log, which it never is, since it
+		// is written after the log's fdatasync.
+		if _, err := j.headF.WriteAt(encodeHead(j.key, seq, prev), 0); err != nil {
+			j.opts.Logf("journal: update head file: %v", err)
+		}
+	}
+	if j.opts.Mirror != nil {
+		for i, it := range batch {
+			j.opts.Mirror(seqs[i], &it.ev)
+		}
+	}
+	return seq, nil
+}
+
+// rotate renames the live file to its rotated name and starts a new one. The chain goes on:
+// the new file's first line has prev = hash of the old file's last line.
+func (j *Journal) rotate() error {
+	log := j.opts.Log
+	target := RotatedName(log, j.firstSeq)
+	if _, err := os.Lstat(target); err == nil {
+		return fmt.Errorf("rotate %s: %s already exists", log, target)
+	}
+	if err := os.Rename(log, target); err != nil {
+		return fmt.Errorf("rotate %s: %w", log, err)
+	}
+	if err := syncDir(filepath.Dir(log)); err != nil {
+		return fmt.Errorf("rotate %s: sync directory: %w", log, err)
+	}
+	j.f.Close()
+	j.f = nil
+	f, err := os.OpenFile(log, os.O_WRONLY|os.O_APPEND|os.O_CREATE|os.O_EXCL|syscall.O_NOFOLLOW, 0o640)
+	if err != nil {
+		return fmt.Errorf("rotate: create %s: %w", log, err)
+	}
+	if err := syncDir(filepath.Dir(log)); err != nil {
+		f.Close()
+		return fmt.Errorf("rotate %s: sync directory: %w", log, err)
+	}
+	j.f, j.size, j.firstSeq = f, 0, j.seq+1
+	j.opts.Logf("journal: rotated to %s at seq %d", filepath.Base(target), j.seq)
+	return nil
+}
+
+// reopenLog reopens the log path (SIGHUP), for tools that moved the file away.
+func (j *Journal) reopenLog() error {
+	log := j.opts.Log
+	f, err := os.OpenFile(log, os.O_WRONLY|os.O_APPEND|os.O_CREATE|syscall.O_NOFOLLOW, 0o640)
+	if err != nil {
+		return fmt.Errorf("reopen %s: %w", log, err)
+	}
+	syncDir(filepath.Dir(log))
+	st, err := f.Stat()
+	if err != nil {
+		f.Close()
+		return err
+	}
+	var same bool
+	if j.f != nil {
+		if old, err := j.f.Stat(); err == nil && os.SameFile(old, st) {
+			same = true
+		}
+		j.f.Close()
+	}
+	j.f, j.size = f, st.Size()
+	if !same {
+		j.firstSeq = j.seq + 1
+		if st.Size() > 0 {
+			j.opts.Logf("journal: WARNING: reopened %s holds %d bytes this journal did not write; appending after them", log, st.Size())
+		}
+	}
+	j.opts.Logf("journal: reopened %s", log)
+	return nil
+}
+
+// Reopen asks the serving journal to reopen its log file (SIGHUP).
+func (j *Journal) Reopen() error {
+	ch := make(chan error, 1)
+	select {
+	case j.reopen <- ch:
+		return <-ch
+	case <-j.stopCh:
+		return errors.New("journal stopped")
+	}
+}
+
+// Serve accepts connections on ln and commits events until ctx ends (nil error, after the
+// queued events are committed) or a write or fdatasync fails (an error wrapping ErrFsync:
+// the unacked events got an error and the process must exit).
+func (j *Journal) Serve(ctx context.Context, ln *net.UnixListener) error {
+	j.mu.Lock()
+	j.lns = append(j.lns, ln)
+	j.mu.Unlock()
+	j.wg.Add(1)
+	go func() { defer j.wg.Done(); j.acceptLoop(ln) }()
+	err := j.commitLoop(ctx)
+	close(j.stopCh)
+	j.mu.Lock()
+	for _, l := range j.lns {
+		l.Close()
+	}
+	// Events a reader queued after the last commit were not written: say so now rather
+	// than let their senders wait for the deadline.
+	for {
+		select {
+		case it := <-j.queue:
+			it.fail("audit journal is stopping; the event is not recorded")
+			continue
+		default:
+		}
+		break
+	}
+	for c := range j.conns {
+		if err != nil {
+			c.sendNow(ackMsg{Error: "audit journal stopped: write or fdatasync failed"})
+		}
+		c.close()
+	}
+	j.mu.Unlock()
+	j.wg.Wait()
+	j.close()
+	return err
+}
+
+func (j *Journal) close() {
+	if j.f != nil {
+		j.f.Close()
+		j.f = nil
+	}
+	if j.headF != nil {
+		j.headF.Close()
+		j.headF = nil
+	}
+}
+
+// Seq is the last durable seq. Only for tests and the benchmark, after Serve returned.
+func (j *Journal) Seq() uint64 { return j.seq }
+
+func (j *Journal) commitLoop(ctx context.Context) error {
+	batch := make([]*item, 0, j.opts.MaxBatch)
+	for {
+		var first *item
+		select {
+		case first = <-j.queue:
+		case ch := <-j.reopen:
+			ch <- j.reopenLog()
+			continue
+		case <-ctx.Done():
+			// Commit what is already queued, then stop.
+			select {
+			case first = <-j.queue:
+			default:
+				return nil
+			}
+		}
+		batch = append(batch[:0], first)
+		// A line is the event plus about 250 bytes of chain fields and MAC.
+		bytes := first.size + 256
+	drain:
+		for len(batch) < j.opts.MaxBatch && bytes < maxBatchBytes {
+			select {
+			case it := <-j.queue:
+				batch = append(batch, it)
+				bytes += it.size + 256
+			default:
+				break drain
+			}
+		}
+		last, err := j.commit(batch)
+		if err != nil {
+			j.opts.Logf("journal: %v; failing %d unacknowledged event(s) and stopping", err, len(batch))
+			msg := "audit journal: write or fdatasync failed; the event is not recorded"
+			for _, it := range batch {
+				it.fail(msg)
+			}
+			// Everything still queued was not written either.
+			for {
+				select {
+				case it := <-j.queue:
+					it.fail(msg)
+					continue
+				default:
+				}
+				break
+			}
+			return err
+		}
+		j.ack(batch, last)
+		if j.size >= j.opts.RotateSize {
+			if err := j.rotate(); err != nil {
+				j.opts.Logf("journal: %v", err)
+				return fmt.Errorf("%w: %v", ErrFsync, err)
+			}
+		}
+	}
+}
+
+func (it *item) fail(msg string) {
+	if it.done != nil {
+		it.done <- errors.New(msg)
+		return
+	}
+	it.c.send(ackMsg{ID: it.id, Error: msg})
+}
+
+func (j *Journal) ack(batch []*item, last uint64) {
+	first := last - uint64(len(batch)) + 1
+	send := func(items []*item) {
+		var order []*jconn
+		per := map[*jconn][][2]uint64{}
+		for i, it := range items {
+			if it.done != nil {
+				it.done <- nil
+				continue
+			}
+			if _, ok := per[it.c]; !ok {
+				order = append(order, it.c)
+			}
+			per[it.c] = append(per[it.c], [2]uint64{it.id, first + uint64(i)})
+		}
+		for _, c := range order {
+			for acks := per[c]; len(acks) > 0; {
+				n := min(len(acks), maxAcksPerMessage)
+				c.send(ackMsg{Acks: acks[:n]})
+				acks = acks[n:]
+			}
+		}
+	}
+	if j.opts.AckDelay <= 0 {
+		send(batch)
+		return
+	}
+	items := slices.Clone(batch)
+	time.AfterFunc(j.opts.AckDelay, func() {
+		send(items)
+		j.opts.Logf("journal: test: acked seq %d..%d at %s", first, last, time.Now().UTC().Format(time.RFC3339Nano))
+	})
+}
+
+type ackMsg struct {
+	Acks  [][2]uint64 `json:"acks,omitempty"`
+	ID    uint64      `json:"id,omitempty"`
+	Error string      `json:"error,omitempty"`
+}
+
+// maxAcksPerMessage keeps an ack message well under the client's read buffer.
+const maxAcksPerMessage = 2000
+
+type request struct {
+	ID    uint64          `json:"id"`
+	Event json.RawMessage `json:"event"`
+}
+
+func (j *Journal) acceptLoop(ln *net.UnixListener) {
+	for {
+		c, err := ln.AcceptUnix()
+		if err != nil {
+			select {
+			case <-j.stopCh:
+				return
+			default:
+			}
+			if ne, ok := err.(net.Error); ok && ne.Timeout() {
+				continue
+			}
+			if errors.Is(err, net.ErrClosed) {
+				return
+			}
+			j.opts.Logf("journal: accept: %v", err)
+			time.Sleep(50 * time.Millisecond)
+			continue
+		}
+		uid, pid, err := peerCred(c)
+		if err != nil {
+			j.opts.Logf("journal: refused a connection: cannot read its credentials: %v", err)
+			c.Close()
+			continue
+		}
+		if uid != 0 && !slices.Contains(j.opts.AllowUIDs, uid) {
+			j.opts.Logf("journal: refused a connection from uid %d (pid %d): not root and not in --allow-uid", uid, pid)
+			msg, _ := json.Marshal(ackMsg{Error: fmt.Sprintf("uid %d may not write to the audit journal", uid)})
+			c.SetWriteDeadline(time.Now().Add(time.Second))
+			c.Write(msg)
+			c.Close()
+			continue
+		}
+		jc := &jconn{c: c, out: make(chan []byte, 4096), done: make(chan struct{})}
+		j.mu.Lock()
+		select {
+		case <-j.stopCh:
+			j.mu.Unlock()
+			c.Close()
+			return
+		default:
+		}
+		j.conns[jc] = struct{}{}
+		j.mu.Unlock()
+		j.wg.Add(2)
+		go func() { defer j.wg.Done(); jc.writeLoop() }()
+		go func() {
+			defer j.wg.Done()
+			j.readLoop(jc)
+			j.mu.Lock()
+			delete(j.conns, jc)
+			j.mu.Unlock()
+		}()
+	}
+}
+
+func peerCred(c *net.UnixConn) (uid uint32, pid int32, err error) {
+	rc, err := c.SyscallConn()
+	if err != nil {
+		return 0, 0, err
+	}
+	var cred *unix.Ucred
+	var serr error
+	if err := rc.Control(func(fd uintptr) {
+		cred, serr = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED)
+	}); err != nil {
+		return 0, 0, err
+	}
+	if serr != nil {
+		return 0, 0, serr
+	}
+	return cred.Uid, cred.Pid, nil
+}
+
+func (j *Journal) readLoop(c *jconn) {
+	defer c.close()
+	buf := make([]byte, MaxMessage+1)
+	for {
+		n, _, flags, _, err := c.c.ReadMsgUnix(buf, nil)
+		if err != nil || n == 0 {
+			return
+		}
+		if flags&unix.MSG_TRUNC != 0 || n > MaxMessage {
+			c.send(ackMsg{Error: fmt.Sprintf("message longer than %d bytes; closing", MaxMessage)})
+			return
+		}
+		it, errMsg := decodeRequest(buf[:n])
+		if errMsg != "" {
+			c.send(ackMsg{ID: it.id, Error: errMsg})
+			if it.id == 0 {
+				return
+			}
+			continue
+		}
+		it.c = c
+		select {
+		case <-j.stopCh:
+			c.send(ackMsg{ID: it.id, Error: "audit journal is stopping; the event is not recorded"})
+			return
+		default:
+		}
+		select {
+		case j.queue <- it:
+		case <-j.stopCh:
+			c.send(ackMsg{ID: it.id, Error: "audit journal is stopping; the event is not recorded"})
+			return
+		case <-c.done:
+			return
+		}
+	}
+}
+
+func decodeRequest(msg []byte) (*item, string) {
+	var req request
+	dec := json.NewDecoder(bytes.NewReader(msg))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&req); err != nil || req.ID == 0 || len(req.Event) == 0 {
+		return &item{id: req.ID}, "malformed message: want {\"id\":N,\"event\":{...}}"
+	}
+	it := &item{id: req.ID, size: len(msg)}
+	edec := json.NewDecoder(bytes.NewReader(req.Event))
+	edec.DisallowUnknownFields()
+	if err := edec.Decode(&it.ev); err != nil {
+		return it, fmt.Sprintf("event is not in the schema: %v", err)
+	}
+	if err := it.ev.Validate(); err != nil {
+		return it, "event is not in the schema: " + err.Error()
+	}
+	return it, ""
+}
+
+// jconn is one client connection. Acks go through a buffered channel to a writer goroutine,
+// so the commit loop never waits on a slow client; a client that does not read its acks
+// is disconnected.
+type jconn struct {
+	c    *net.UnixConn
+	out  chan []byte
+	done chan struct{}
+	once sync.Once
+}
+
+func (c *jconn) send(m ackMsg) {
+	msg, _ := json.Marshal(m)
+	select {
+	case <-c.done:
+	case c.out <- msg:
+	default:
+		c.close()
+	}
+}
+
+// sendNow writes directly, for the last word before closing.
+func (c *jconn) sendNow(m ackMsg) {
+	msg, _ := json.Marshal(m)
+	c.c.SetWriteDeadline(time.Now().Add(100 * time.Millisecond))
+	c.c.Write(msg)
+}
+
+// close stops the reader at once; the writer flushes what is queued (errors, acks) and
+// then closes the socket.
+func (c *jconn) close() {
+	c.once.Do(func() {
+		close(c.done)
+		c.c.SetReadDeadline(time.Unix(1, 0))
+	})
+}
+
+func (c *jconn) writeLoop() {
+	for {
+		select {
+		case msg := <-c.out:
+			c.c.SetWriteDeadline(time.Now().Add(5 * time.Second))
+			if _, err := c.c.Write(msg); err != nil {
+				c.close()
+				c.c.Close()
+				return
+			}
+		case <-c.done:
+			// Flush what is already queued (errors and acks) on a best-effort basis.
+			defer c.c.Close()
+			for {
+				select {
+				case msg := <-c.out:
+					c.c.SetWriteDeadline(time.Now().Add(100 * time.Millisecond))
+					if _, err := c.c.Write(msg); err != nil {
+						return
+					}
+				default:
+					return
+				}
+			}
+		}
+	}
+}
+
+// ListenJournal binds a SOCK_SEQPACKET socket at path with mode 0660, replacing a stale
+// socket file but never a live one.
+func ListenJournal(path string) (*net.UnixListener, error) {
+	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+		return nil, fmt.Errorf("create socket directory: %w", err)
+	}
+	if st, err := os.Lstat(path); err == nil {
+		if st.Mode()&os.ModeSocket == 0 {
+			return nil, fmt.Errorf("%s exists and is not a socket; remove it or choose another --socket", path)
+		}
+		if c, err := net.Dial("unixpacket", path); err == nil {
+			c.Close()
+			return nil, fmt.Errorf("another journal is listening on %s", path)
+		}
+		os.Remove(path)
+	}
+	old := syscall.Umask(0o117)
+	ln, err := net.ListenUnix("unixpacket", &net.UnixAddr{Name: path, Net: "unixpacket"})
+	syscall.Umask(old)
+	if err != nil {
+		return nil, fmt.Errorf("listen on %s: %w", path, err)
+	}
+	if err := os.Chmod(path, 0o660); err != nil {
+		ln.Close()
+		return nil, err
+	}
+	return ln, nil
+}
+
+// FileListener turns a socket passed by systemd into a journal listener; it must be a
+// listening SOCK_SEQPACKET Unix socket (ListenSequentialPacket=).
+func FileListener(f *os.File) (*net.UnixListener, error) {
+	ln, err := net.FileListener(f)
+	if err != nil {
+		return nil, fmt.Errorf("socket %s from systemd: %w; the journal needs ListenSequentialPacket=", f.Name(), err)
+	}
+	ul, ok := ln.(*net.UnixListener)
+	if !ok || ln.Addr().Network() != "unixpacket" {
+		ln.Close()
+		return nil, fmt.Errorf("socket %s from systemd is %s, not a SOCK_SEQPACKET Unix socket; use ListenSequentialPacket= in the socket unit", f.Name(), ln.Addr().Network())
+	}
+	return ul, nil
+}

@@ -1,0 +1,359 @@
+package audit
+
+import (
+	"bufio"
+	"bytes"
+	"crypto/hmac"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"sort"
+	"strconv"
+	"strings"
+)
+
+// A log set is the live file PATH plus the files the journal rotated out of it, named
+// PATH.<16-digit seq of their first line>. The head file PATH.head records the seq and hash
+// of the last line the journal made durable, so that cutting whole lines off the end of the
+// log is detected too.
+
+const rotatedDigits = 16
+
+// RotatedName is the name a live log gets when it is rotated.
+func RotatedName(live string, firstSeq uint64) string {
+	return fmt.Sprintf("%s.%0*d", live, rotatedDigits, firstSeq)
+}
+
+// HeadName is the head file of a live log.
+func HeadName(live string) string { return live + ".head" }
+
+// rotatedSeq returns the first seq encoded in a rotated name of live, if name is one.
+func rotatedSeq(live, name string) (uint64, bool) {
+	suffix, ok := strings.CutPrefix(name, live+".")
+	if !ok || len(suffix) != rotatedDigits {
+		return 0, false
+	}
+	n, err := strconv.ParseUint(suffix, 10, 64)
+	return n, err == nil
+}
+
+// rotatedFiles lists the rotated files of live, oldest first.
+func rotatedFiles(live string) ([]string, error) {
+	ents, err := os.ReadDir(filepath.Dir(live))
+	if err != nil {
+		return nil, err
+	}
+	type rf struct {
+		name string
+		seq  uint64
+	}
+	var out []rf
+	for _, e := range ents {
+		p := filepath.Join(filepath.Dir(live), e.Name())
+		if seq, ok := rotatedSeq(live, p); ok && e.Type().IsRegular() {
+			out = append(out, rf{p, seq})
+		}
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].seq < out[j].seq })
+	names := make([]string, len(out))
+	for i, r := range out {
+		names[i] = r.name
+	}
+	return names, nil
+}
+
+// isRotatedName reports whether p looks like PATH.<16 digits>.
+func isRotatedName(p string) bool {
+	i := strings.LastIndexByte(p, '.')
+	if i < 0 {
+		return false
+	}
+	_, ok := rotatedSeq(p[:i], p)
+	return ok
+}
+
+// ExpandLogSet turns the paths an operator gives into the files to check: a live log brings
+// its rotated files along; a rotated file stands for itself.
+func ExpandLogSet(paths []string) ([]string, error) {
+	seen := map[string]bool{}
+	var out []string
+	add := func(p string) {
+		if !seen[p] {
+			seen[p] = true
+			out = append(out, p)
+		}
+	}
+	for _, p := range paths {
+		if isRotatedName(p) {
+			add(p)
+			continue
+		}
+		rot, err := rotatedFiles(p)
+		if err != nil {
+			return nil, err
+		}
+		for _, r := range rot {
+			add(r)
+		}
+		add(p)
+	}
+	return out, nil
+}
+
+// head is the content of a head file.
+type head struct {
+	V    int    `json:"v"`
+	Seq  uint64 `json:"seq"`
+	Hash string `json:"hash"`
+	MAC  string `json:"mac,omitempty"`
+}
+
+// headSize is the fixed size of a head file, so it is rewritten in place with one pwrite.
+const headSize = 256
+
+const headDomain = "agent-vault-proxy journal head\n"
+
+func headMAC(key, body []byte) string {
+	m := hmac.New(sha256.New, key)
+	m.Write([]byte(headDomain))
+	m.Write(body)
+	return hex.EncodeToString(m.Sum(nil))
+}
+
+func encodeHead(key []byte, seq uint64, hash string) []byte {
+	h := head{V: LineVersion, Seq: seq, Hash: hash}
+	body, _ := json.Marshal(h)
+	h.MAC = headMAC(key, body)
+	out, _ := json.Marshal(h)
+	buf := bytes.Repeat([]byte(" "), headSize)
+	copy(buf, out)
+	buf[headSize-1] = '\n'
+	return buf
+}
+
+// readHead reads a head file; with a key it checks the MAC. A missing file is
+// os.ErrNotExist.
+func readHead(path string, key []byte) (*head, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, err
+	}
+	var h head
+	dec := json.NewDecoder(bytes.NewReader(data))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&h); err != nil || h.V != LineVersion || len(h.Hash) != 64 || !isLowerHex([]byte(h.Hash)) {
+		return nil, fmt.Errorf("head file %s is damaged", path)
+	}
+	if key != nil {
+		body, _ := json.Marshal(head{V: h.V, Seq: h.Seq, Hash: h.Hash})
+		if !hmac.Equal([]byte(headMAC(key, body)), []byte(h.MAC)) {
+			return nil, fmt.Errorf("head file %s: MAC mismatch: it was changed, or written with another key", path)
+		}
+	}
+	return &h, nil
+}
+
+// lineReader yields the lines of a file with their offsets. A last line without a newline is
+// returned with complete=false.
+type lineReader struct {
+	r   *bufio.Reader
+	off int64
+}
+
+func newLineReader(r io.Reader) *lineReader {
+	return &lineReader{r: bufio.NewReaderSize(r, 256<<10)}
+}
+
+// next returns the next line without its newline, the offset it starts at, and whether it
+// was terminated by a newline. At the end it returns io.EOF.
+func (lr *lineReader) next() (line []byte, off int64, complete bool, err error) {
+	line, err = lr.r.ReadBytes('\n')
+	off = lr.off
+	lr.off += int64(len(line))
+	if err == io.EOF {
+		if len(line) == 0 {
+			return nil, off, false, io.EOF
+		}
+		return line, off, false, nil
+	}
+	if err != nil {
+		return nil, off, false, err
+	}
+	return line[:len(line)-1], off, true, nil
+}
+
+// Problem is the first thing wrong with a log set.
+type Problem struct {
+	File   string
+	Line   int    // 1-based line number in File; 0 when the problem is not one line
+	Seq    uint64 // the seq of the last good line before the problem
+	Reason string
+}
+
+func (p *Problem) Error() string {
+	if p.Line > 0 {
+		return fmt.Sprintf("%s:%d: %s", p.File, p.Line, p.Reason)
+	}
+	return fmt.Sprintf("%s: %s", p.File, p.Reason)
+}
+
+// VerifyReport is what Verify found.
+type VerifyReport struct {
+	Files             []string
+	Lines             int
+	FirstSeq, LastSeq uint64
+	MACsChecked       bool
+	HeadChecked       bool
+	// Notes are things an auditor should know that do not break the chain: the set does not
+	// start at seq 1, a journal restart found a torn tail, no head file was found.
+	Notes []string
+	// Problem is nil when the set is intact.
+	Problem *Problem
+}
+
+// Verify checks a log set: every line is a journal line of the closed schema, seq increases
+// by one, prev is the hash of the line before (across files), with a key every MAC, and the
+// head file of a live log matches. It returns an error only when a file cannot be read.
+func Verify(paths []string, key []byte) (*VerifyReport, error) {
+	rep := &VerifyReport{MACsChecked: key != nil}
+	type file struct {
+		path  string
+		first uint64
+	}
+	var files []file
+	for _, p := range paths {
+		f, err := os.Open(p)
+		if err != nil {
+			return nil, err
+		}
+		lr := newLineReader(f)
+		raw, _, complete, err := lr.next()
+		f.Close()
+		if err == io.EOF {
+			rep.Notes = append(rep.Notes, fmt.Sprintf("%s is empty", p))
+			continue
+		}
+		if err != nil {
+			return nil, fmt.Errorf("read %s: %w", p, err)
+		}
+		if !complete {
+			rep.Problem = &Problem{File: p, Line: 1, Reason: "incomplete line: a torn write or a truncated file"}
+			return rep, nil
+		}
+		l, err := parseLine(raw, key)
+		if err != nil {
+			rep.Problem = &Problem{File: p, Line: 1, Reason: err.Error()}
+			return rep, nil
+		}
+		if want, ok := rotatedSeq(strings.TrimSuffix(p, filepath.Ext(p)), p); ok && want != l.Seq {
+			rep.Problem = &Problem{File: p, Line: 1, Reason: fmt.Sprintf("the file name says it starts at seq %d but its first line is seq %d: lines were cut from its start", want, l.Seq)}
+			return rep, nil
+		}
+		files = append(files, file{p, l.Seq})
+	}
+	sort.SliceStable(files, func(i, j int) bool { return files[i].first < files[j].first })
+
+	// Head files of the live logs in the set, with the hash found at their seq.
+	type headCheck struct {
+		path string
+		h    *head
+		got  string
+	}
+	var heads []*headCheck
+	for _, p := range paths {
+		if isRotatedName(p) {
+			continue
+		}
+		h, err := readHead(HeadName(p), key)
+		if errors.Is(err, os.ErrNotExist) {
+			rep.Notes = append(rep.Notes, fmt.Sprintf("no head file %s: lines cut from the end of %s at a line boundary cannot be detected", HeadName(p), p))
+			continue
+		}
+		if err != nil {
+			rep.Problem = &Problem{File: HeadName(p), Reason: err.Error()}
+			return rep, nil
+		}
+		heads = append(heads, &headCheck{path: HeadName(p), h: h})
+	}
+
+	var prevSeq uint64
+	var prevHash string
+	for fi, f := range files {
+		rep.Files = append(rep.Files, f.path)
+		fh, err := os.Open(f.path)
+		if err != nil {
+			return nil, err
+		}
+		lr := newLineReader(fh)
+		for n := 1; ; n++ {
+			raw, _, complete, err := lr.next()
+			if err == io.EOF {
+				break
+			}
+			if err != nil {
+				fh.Close()
+				return nil, fmt.Errorf("read %s: %w", f.path, err)
+			}
+			bad := func(reason string) (*VerifyReport, error) {
+				fh.Close()
+				rep.Problem = &Problem{File: f.path, Line: n, Seq: prevSeq, Reason: reason}
+				return rep, nil
+			}
+			if !complete {
+				return bad(fmt.Sprintf("incomplete last line of %d bytes: a torn write or a truncated file", len(raw)))
+			}
+			l, err := parseLine(raw, key)
+			if err != nil {
+				return bad(err.Error())
+			}
+			if fi == 0 && n == 1 {
+				rep.FirstSeq = l.Seq
+				if l.Seq == 1 {
+					if err := chain(l, 0, GenesisPrev); err != nil {
+						return bad(err.Error())
+					}
+				} else {
+					rep.Notes = append(rep.Notes, fmt.Sprintf("the set starts at seq %d: the files before it were not given, so its first link is not checked", l.Seq))
+				}
+			} else if err := chain(l, prevSeq, prevHash); err != nil {
+				if n == 1 {
+					return bad(err.Error() + fmt.Sprintf(" (the previous file is %s)", files[fi-1].path))
+				}
+				return bad(err.Error())
+			}
+			sum := sha256.Sum256(raw)
+			prevSeq, prevHash = l.Seq, hex.EncodeToString(sum[:])
+			for _, hc := range heads {
+				if hc.h.Seq == l.Seq {
+					hc.got = prevHash
+				}
+			}
+			if l.Type == TypeJournalStart && strings.Contains(l.Detail, "WARNING") {
+				rep.Notes = append(rep.Notes, fmt.Sprintf("%s:%d: seq %d: %s", f.path, n, l.Seq, l.Detail))
+			}
+			rep.Lines++
+		}
+		fh.Close()
+	}
+	rep.LastSeq = prevSeq
+	for _, hc := range heads {
+		switch {
+		case hc.h.Seq > prevSeq:
+			rep.Problem = &Problem{File: hc.path, Seq: prevSeq, Reason: fmt.Sprintf("the head file records seq %d, but the log ends at seq %d: the log was truncated", hc.h.Seq, prevSeq)}
+			return rep, nil
+		case hc.h.Seq < rep.FirstSeq:
+			rep.Notes = append(rep.Notes, fmt.Sprintf("the head file %s records seq %d, before the files given", hc.path, hc.h.Seq))
+		case hc.got != hc.h.Hash:
+			rep.Problem = &Problem{File: hc.path, Seq: hc.h.Seq, Reason: fmt.Sprintf("the line with seq %d does not match the head file: the end of the log was rewritten", hc.h.Seq)}
+			return rep, nil
+		default:
+			rep.HeadChecked = true
+		}
+	}
+	return rep, nil
+}
