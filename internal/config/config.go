@@ -112,7 +112,26 @@ type Proxy struct {
 
 // Audit configures where decisions are recorded before any modified byte goes upstream.
 type Audit struct {
+	// Path is the log avpd writes itself (append + fsync per decision), used only when
+	// Socket is empty.
 	Path string
+	// Socket is the audit journal's SOCK_SEQPACKET socket ("avpd journal"); when set, avpd
+	// records every event there and Path is not used.
+	Socket string
+	// Timeout is how long avpd waits for the journal's ack before failing the request with
+	// 503 audit_unavailable; 0 means DefaultAuditTimeout. See AckTimeout.
+	Timeout time.Duration
+}
+
+// DefaultAuditTimeout is audit.timeout when the file does not set it.
+const DefaultAuditTimeout = 2 * time.Second
+
+// AckTimeout is Timeout with its default applied.
+func (a Audit) AckTimeout() time.Duration {
+	if a.Timeout <= 0 {
+		return DefaultAuditTimeout
+	}
+	return a.Timeout
 }
 
 // Secret is one real credential, the placeholder agents use for it, and where it may go.
@@ -498,14 +517,39 @@ func (d *decoder) proxy(n *yaml.Node, p *Proxy) {
 }
 
 func (d *decoder) audit(n *yaml.Node, a *Audit) {
-	d.fields(n, "audit", map[string]func(*yaml.Node){
+	var pathNode *yaml.Node
+	seen := d.fields(n, "audit", map[string]func(*yaml.Node){
 		"path": func(v *yaml.Node) {
+			pathNode = v
 			d.str(v, "audit.path", &a.Path)
 			if !strings.HasPrefix(a.Path, "/") {
 				d.errf(v, "audit.path must be an absolute path, got %q", a.Path)
 			}
 		},
+		"socket": func(v *yaml.Node) {
+			d.str(v, "audit.socket", &a.Socket)
+			if !strings.HasPrefix(a.Socket, "/") {
+				d.errf(v, "audit.socket must be the absolute path of the journal's socket, for example \"socket: /run/avp-journal/journal.sock\", got %q", a.Socket)
+			}
+		},
+		"timeout": func(v *yaml.Node) {
+			dur, err := time.ParseDuration(v.Value)
+			if v.Kind != yaml.ScalarNode || err != nil || dur < 10*time.Millisecond || dur > time.Minute {
+				d.errf(v, "audit.timeout %q is not a duration between 10ms and 1m; write for example \"timeout: 2s\"", v.Value)
+				return
+			}
+			a.Timeout = dur
+		},
 	})
+	if seen["socket"] && pathNode != nil {
+		d.errf(pathNode, "audit.path and audit.socket exclude each other: with socket the journal (avpd journal --log) decides where events are written; remove path")
+	}
+	if seen["timeout"] && !seen["socket"] {
+		d.errf(n, "audit.timeout applies only to the journal; add \"socket: /run/avp-journal/journal.sock\" or remove timeout")
+	}
+	if seen["socket"] {
+		a.Path = ""
+	}
 }
 
 func (d *decoder) secrets(n *yaml.Node) []*Secret {

@@ -192,3 +192,38 @@ cache: {ttl: 2m, sync_interval: 5s, max_entries: 10}`)
 		})
 	}
 }
+
+func TestAuditJournalConfig(t *testing.T) {
+	cfg, err := Parse("bindings.yaml", []byte(good+"audit: {socket: /run/avp-journal/journal.sock, timeout: 500ms}\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cfg.Audit.Socket != "/run/avp-journal/journal.sock" || cfg.Audit.Timeout != 500*time.Millisecond || cfg.Audit.AckTimeout() != 500*time.Millisecond || cfg.Audit.Path != "" {
+		t.Fatalf("audit %+v", cfg.Audit)
+	}
+	cfg, err = Parse("bindings.yaml", []byte(good+"audit: {socket: /run/j.sock}\n"))
+	if err != nil || cfg.Audit.AckTimeout() != DefaultAuditTimeout || DefaultAuditTimeout != 2*time.Second {
+		t.Fatalf("default timeout: %v %v", cfg.Audit.AckTimeout(), err)
+	}
+	cfg, err = Parse("bindings.yaml", []byte(good))
+	if err != nil || cfg.Audit.Socket != "" || cfg.Audit.Path != DefaultAuditLog {
+		t.Fatalf("without audit: section the in-process log is used: %+v %v", cfg.Audit, err)
+	}
+	bad := []struct{ name, audit, want string }{
+		{"relative socket", "audit: {socket: j.sock}\n", `bindings.yaml:11:17: audit.socket must be the absolute path of the journal's socket`},
+		{"bad timeout", "audit: {socket: /j.sock, timeout: soon}\n", `bindings.yaml:11:35: audit.timeout "soon" is not a duration between 10ms and 1m; write for example "timeout: 2s"`},
+		{"zero timeout", "audit: {socket: /j.sock, timeout: 0s}\n", `audit.timeout "0s" is not a duration`},
+		{"huge timeout", "audit: {socket: /j.sock, timeout: 2h}\n", `audit.timeout "2h" is not a duration`},
+		{"path and socket", "audit: {path: /var/log/a.jsonl, socket: /j.sock}\n", `bindings.yaml:11:15: audit.path and audit.socket exclude each other`},
+		{"timeout without socket", "audit: {timeout: 2s}\n", `bindings.yaml:11:8: audit.timeout applies only to the journal`},
+		{"unknown audit key", "audit: {sokcet: /j.sock}\n", `bindings.yaml:11:9: unknown key "sokcet" in audit; allowed keys are path, socket, timeout`},
+	}
+	for _, tc := range bad {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := Parse("bindings.yaml", []byte(good+tc.audit))
+			if err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("error:\n%v\nwant it to contain:\n%s", err, tc.want)
+			}
+		})
+	}
+}

@@ -161,8 +161,13 @@ func loadConfig(path string) (*config.Config, string, error) {
 	return cfg, hex.EncodeToString(sum[:]), nil
 }
 
-// openAuditor opens the configured audit sink.
+// openAuditor opens the configured audit sink: the journal when audit.socket is set (it
+// connects on first use, so a journal that starts later is picked up), else the in-process
+// file writer.
 func openAuditor(cfg *config.Config) (auditCloser, error) {
+	if cfg.Audit.Socket != "" {
+		return audit.NewJournalClient(cfg.Audit.Socket, cfg.Audit.AckTimeout()), nil
+	}
 	return audit.OpenFile(cfg.Audit.Path)
 }
 
