@@ -10,8 +10,11 @@ FUZZTIME ?= 10s
 
 all: build
 
+# avpd links the Bitwarden SDK (a Rust static library) through cgo: it needs a C compiler and
+# links dynamically against libc, libm and libgcc_s. avpctl and the demo upstream stay static.
 build:
-	CGO_ENABLED=0 $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o bin/avpd ./cmd/avpd
+	@command -v $${CC:-gcc} >/dev/null || { echo "make build: avpd needs a C compiler for cgo (the Bitwarden SDK); on Debian: apt-get install gcc libc6-dev"; exit 1; }
+	CGO_ENABLED=1 $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o bin/avpd ./cmd/avpd
 	CGO_ENABLED=0 $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o bin/avpctl ./cmd/avpctl
 	CGO_ENABLED=0 $(GO) build -trimpath -o bin/avp-demo-upstream ./tools/demo-upstream
 

@@ -100,6 +100,7 @@ func printStatus(w io.Writer, st daemon.Status) {
 	fmt.Fprintf(w, "enrolled uids:  %s\n", joinUIDs(st.Enrolled))
 	fmt.Fprintf(w, "config:         %s (sha256 %s)\n", st.Config, st.ConfigSHA256)
 	fmt.Fprintf(w, "backend:        %s, %d secret(s) cached\n", st.Backend, st.CachedSecrets)
+	printBackendStatus(w, st)
 	fmt.Fprintf(w, "secrets:        %s\n", strings.Join(st.Secrets, ", "))
 	fmt.Fprintf(w, "audit log:      %s\n", st.AuditPath)
 	fmt.Fprintf(w, "CA:             %s\n", st.CAFingerprint)

@@ -35,6 +35,7 @@ func commands() map[string]command {
 		"reload":       {"", "re-read the bindings file; an invalid file changes nothing", runReload},
 		"bindings":     {"check [FILE] | diff OLD NEW", "validate a bindings file offline, or show what a change widens (exit 3)", runBindings},
 		"explain":      {"[--uid U] [--config FILE] METHOD URL [-H 'H: v']", "show the decision for a request and why", runExplain},
+		"cache":        {"flush [NAME]", "wipe cached secret values (one, or all) so the next request fetches anew", runCache},
 	}
 }
 

@@ -38,6 +38,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 	case "version", "--version":
 		fmt.Fprintln(stdout, "avpd", daemon.Version)
 		return 0
+	case "bws-helper":
+		return bwsHelper(args[1:], stdout, stderr)
 	case "serve":
 		return serve(args[1:], stdout, stderr)
 	}

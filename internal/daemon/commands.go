@@ -13,6 +13,8 @@ import (
 	"github.com/agent-vault-proxy/agent-vault-proxy/internal/audit"
 	"github.com/agent-vault-proxy/agent-vault-proxy/internal/inject"
 	"github.com/agent-vault-proxy/agent-vault-proxy/internal/intercept"
+	"github.com/agent-vault-proxy/agent-vault-proxy/internal/store"
+	"github.com/agent-vault-proxy/agent-vault-proxy/internal/store/bws"
 )
 
 // Status is what `avpctl status` shows. It holds no secret value and no placeholder.
@@ -31,6 +33,10 @@ type Status struct {
 	CAFingerprint string          `json:"ca_fingerprint"`
 	AuditPath     string          `json:"audit_path"`
 	Stats         intercept.Stats `json:"stats"`
+	// Cache, Memory and BWS are filled in by backendStatus (backend.go).
+	Cache  store.CacheStats     `json:"cache"`
+	Memory store.ProcessHygiene `json:"memory"`
+	BWS    *bws.Health          `json:"bws,omitempty"`
 }
 
 // Version is set at build time.
@@ -44,6 +50,7 @@ func (d *Daemon) handlers() map[string]admin.Handler {
 		"ca-cert":      d.cmdCACert,
 		"reload":       d.cmdReload,
 		"explain":      d.cmdExplain,
+		"cache-flush":  d.cmdCacheFlush,
 	}
 }
 
@@ -138,6 +145,7 @@ func (d *Daemon) cmdStatus(ctx context.Context, _ uint32, _ []string) (any, erro
 	st.Enrolled = uids
 	ok, err := d.fw.Healthy()
 	st.FirewallOK = ok && err == nil
+	d.backendStatus(&st)
 	return st, nil
 }
 

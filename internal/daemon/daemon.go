@@ -35,6 +35,7 @@ import (
 	"github.com/agent-vault-proxy/agent-vault-proxy/internal/intercept"
 	"github.com/agent-vault-proxy/agent-vault-proxy/internal/redirect"
 	"github.com/agent-vault-proxy/agent-vault-proxy/internal/store"
+	"github.com/agent-vault-proxy/agent-vault-proxy/internal/store/bws"
 )
 
 // Options are avpd serve's flags.
@@ -58,6 +59,7 @@ type Daemon struct {
 	fw        *redirect.Firewall
 	ca        *intercept.CA
 	cache     *store.Cache
+	bws       *bws.Backend // nil unless backend type bws
 	auditor   auditCloser
 	srv       *intercept.Server
 	listeners []net.Listener
@@ -88,6 +90,10 @@ func start(opts Options) (_ *Daemon, err error) {
 			d.closeAll()
 		}
 	}()
+	// No core dumps and no same-UID ptrace: the cache holds real secrets.
+	if err := store.NoCoreDumps(); err != nil {
+		return nil, err
+	}
 	cfg, sum, err := loadConfig(opts.ConfigPath)
 	if err != nil {
 		return nil, err
@@ -100,11 +106,9 @@ func start(opts Options) (_ *Daemon, err error) {
 	if err != nil {
 		return nil, err
 	}
-	backend, err := newBackend(cfg)
-	if err != nil {
+	if err := d.openBackend(cfg); err != nil {
 		return nil, err
 	}
-	d.cache = store.NewCache(backend, cfg.Cache.TTL)
 	d.auditor, err = openAuditor(cfg)
 	if err != nil {
 		return nil, err
@@ -169,14 +173,6 @@ func openAuditor(cfg *config.Config) (auditCloser, error) {
 		return audit.NewJournalClient(cfg.Audit.Socket, cfg.Audit.AckTimeout()), nil
 	}
 	return audit.OpenFile(cfg.Audit.Path)
-}
-
-func newBackend(cfg *config.Config) (store.SecretsBackend, error) {
-	switch cfg.Backend.Type {
-	case "file":
-		return store.NewFileBackend(cfg.Backend.File.Path)
-	}
-	return nil, fmt.Errorf("backend type %q is not available", cfg.Backend.Type)
 }
 
 func upstreamTLSConfig(caFile string) (*tls.Config, error) {
@@ -256,6 +252,8 @@ func (d *Daemon) serve(ctx context.Context) error {
 	}
 	wg.Add(1)
 	go func() { defer wg.Done(); d.admin.Serve(ctx) }()
+	wg.Add(1)
+	go func() { defer wg.Done(); d.runBackend(ctx) }()
 	d.logf("avpd ready: listening on %v, %d secret(s), CA %s", d.addrs, len(d.cfg.Secrets), d.caFingerprint())
 
 loop:
@@ -297,6 +295,7 @@ func (d *Daemon) closeAll() {
 	if d.auditor != nil {
 		d.auditor.Close()
 	}
+	d.closeBackend()
 }
 
 // audit records a lifecycle event; a failure is logged, the event's subject already happened.

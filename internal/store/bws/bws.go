@@ -265,7 +265,7 @@ func (b *Backend) Fetch(ctx context.Context, name string) ([]byte, error) {
 	defer cancel()
 	v, err := b.fetch(ctx, name)
 	if err != nil {
-		return nil, fmt.Errorf("fetch %s from BWS: %w", name, err)
+		return nil, fmt.Errorf("BWS: %w", err)
 	}
 	return v, nil
 }
