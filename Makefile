@@ -39,5 +39,11 @@ e2e:
 demo: build
 	bash scripts/demo.sh
 
+# Acknowledged events/s through the audit journal on the real disk, 1/16/64 writers, group
+# commit against fsync per event in the same run, and the ratio.
+.PHONY: bench-journal
+bench-journal:
+	bash scripts/bench-journal.sh
+
 clean:
 	rm -rf bin

@@ -28,6 +28,7 @@ type command struct {
 // commands lists every subcommand. Each lives in its own file.
 func commands() map[string]command {
 	return map[string]command{
+		"audit":        {"verify [--key FILE] [PATH...] | tail [-f] [PATH]", "check the audit log's chain, seq and MACs (exit 1: broken), or show its events; tail also takes -n N, --secret NAME, --decision D, --json", runAudit},
 		"enroll-uid":   {"USER|UID", "redirect this user's outbound HTTPS through avpd", runEnroll},
 		"unenroll-uid": {"USER|UID", "stop redirecting this user", runUnenroll},
 		"status":       {"[--json]", "listeners, enrolled UIDs, secret names (never values), counters", runStatus},

@@ -17,6 +17,7 @@ const usage = `usage: avpd COMMAND [flags]
 
 Commands:
   serve     run the proxy (redirect, intercept, inject)
+  journal   run the audit journal (hash-chained, group-committed log on a seqpacket socket)
   version   print the version
 
 Run "avpd COMMAND --help" for a command's flags.
@@ -42,6 +43,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 		return bwsHelper(args[1:], stdout, stderr)
 	case "serve":
 		return serve(args[1:], stdout, stderr)
+	case "journal":
+		return journalCmd(args[1:], stdout, stderr)
 	}
 	fmt.Fprintf(stderr, "avpd: unknown command %q\n\n%s", args[0], usage)
 	return 2

@@ -1,0 +1,261 @@
+package main
+
+import (
+	"bytes"
+	"encoding/json"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/agent-vault-proxy/agent-vault-proxy/internal/audit"
+	"github.com/agent-vault-proxy/agent-vault-proxy/internal/config"
+)
+
+// The audit commands are offline: they read the journal's files and need no daemon.
+
+const (
+	auditVerifyUsage = "audit verify [--key FILE] [PATH...]"
+	auditTailUsage   = "audit tail [-f] [-n N] [--secret NAME] [--decision D] [--json] [PATH]"
+)
+
+func runAudit(g globals, args []string, stdout, stderr io.Writer) int {
+	if len(args) == 0 {
+		return usageErr(stderr, auditVerifyUsage+"\n       avpctl "+auditTailUsage)
+	}
+	switch args[0] {
+	case "verify":
+		return auditVerify(args[1:], stdout, stderr)
+	case "tail":
+		return auditTail(args[1:], stdout, stderr)
+	}
+	fmt.Fprintf(stderr, "avpctl: unknown audit command %q\n", args[0])
+	return usageErr(stderr, auditVerifyUsage+"\n       avpctl "+auditTailUsage)
+}
+
+// parseInterleaved parses flags that may come before or after the positional arguments.
+func parseInterleaved(fs *flag.FlagSet, args []string) ([]string, error) {
+	var pos []string
+	for {
+		if err := fs.Parse(args); err != nil {
+			return nil, err
+		}
+		if fs.NArg() == 0 {
+			return pos, nil
+		}
+		pos = append(pos, fs.Arg(0))
+		args = fs.Args()[1:]
+	}
+}
+
+func auditVerify(args []string, stdout, stderr io.Writer) int {
+	fs := flag.NewFlagSet("audit verify", flag.ContinueOnError)
+	fs.SetOutput(io.Discard)
+	keyPath := fs.String("key", "", "")
+	paths, err := parseInterleaved(fs, args)
+	if err != nil {
+		fmt.Fprintf(stderr, "avpctl: %v\n", err)
+		return usageErr(stderr, auditVerifyUsage)
+	}
+	if len(paths) == 0 {
+		paths = []string{config.DefaultAuditLog}
+	}
+	var key []byte
+	if *keyPath != "" {
+		if key, err = audit.ReadKey(*keyPath); err != nil {
+			return fail(stderr, err)
+		}
+	}
+	set, err := audit.ExpandLogSet(paths)
+	if err != nil {
+		return fail(stderr, err)
+	}
+	rep, err := audit.Verify(set, key)
+	if err != nil {
+		return fail(stderr, err)
+	}
+	for _, n := range rep.Notes {
+		fmt.Fprintf(stdout, "note: %s\n", n)
+	}
+	if rep.Problem != nil {
+		fmt.Fprintf(stdout, "BROKEN: %v\n", rep.Problem)
+		if rep.Problem.Seq > 0 {
+			fmt.Fprintf(stdout, "the lines up to seq %d verified; nothing after this point can be trusted\n", rep.Problem.Seq)
+		}
+		return 1
+	}
+	what := []string{fmt.Sprintf("%d file(s), %d line(s)", len(rep.Files), rep.Lines)}
+	if rep.Lines > 0 {
+		what = append(what, fmt.Sprintf("seq %d..%d", rep.FirstSeq, rep.LastSeq))
+	}
+	if rep.MACsChecked {
+		what = append(what, "every MAC checked")
+	} else {
+		what = append(what, "MACs NOT checked (no --key): an edit of the last line or a rewritten tail would go unnoticed")
+	}
+	if rep.HeadChecked {
+		what = append(what, "head file matches")
+	}
+	fmt.Fprintf(stdout, "ok: %s\n", strings.Join(what, "; "))
+	return 0
+}
+
+func auditTail(args []string, stdout, stderr io.Writer) int {
+	fs := flag.NewFlagSet("audit tail", flag.ContinueOnError)
+	fs.SetOutput(io.Discard)
+	follow := fs.Bool("f", false, "")
+	n := fs.Int("n", 10, "")
+	secret := fs.String("secret", "", "")
+	decision := fs.String("decision", "", "")
+	asJSON := fs.Bool("json", false, "")
+	paths, err := parseInterleaved(fs, args)
+	if err != nil || len(paths) > 1 || *n < 0 {
+		if err != nil {
+			fmt.Fprintf(stderr, "avpctl: %v\n", err)
+		}
+		return usageErr(stderr, auditTailUsage)
+	}
+	live := config.DefaultAuditLog
+	if len(paths) == 1 {
+		live = paths[0]
+	}
+	match := func(l *audit.Line) bool {
+		return (*secret == "" || l.Secret == *secret) && (*decision == "" || l.Decision == *decision)
+	}
+	print := func(raw []byte) {
+		l, err := audit.ParseLine(raw, nil)
+		if err != nil {
+			fmt.Fprintf(stderr, "avpctl: skipping a line that is not a journal line (%v); run avpctl audit verify\n", err)
+			return
+		}
+		if !match(l) {
+			return
+		}
+		if *asJSON {
+			stdout.Write(append(raw, '\n'))
+			return
+		}
+		fmt.Fprintln(stdout, formatLine(l))
+	}
+
+	// The last n matching lines, newest file first until there are enough.
+	set, err := audit.ExpandLogSet([]string{live})
+	if err != nil {
+		return fail(stderr, err)
+	}
+	var last [][]byte
+	for i := len(set) - 1; i >= 0 && len(last) < *n; i-- {
+		data, err := os.ReadFile(set[i])
+		if err != nil {
+			return fail(stderr, err)
+		}
+		lines := bytes.Split(data, []byte("\n"))
+		if len(lines) > 0 && len(lines[len(lines)-1]) == 0 {
+			lines = lines[:len(lines)-1]
+		}
+		var found [][]byte
+		for k := len(lines) - 1; k >= 0 && len(found)+len(last) < *n; k-- {
+			if l, err := audit.ParseLine(lines[k], nil); err == nil && match(l) {
+				found = append(found, lines[k])
+			}
+		}
+		last = append(last, found...)
+	}
+	for i := len(last) - 1; i >= 0; i-- {
+		print(last[i])
+	}
+	if !*follow {
+		return 0
+	}
+	return followLog(live, print, stderr)
+}
+
+// followLog prints lines appended to live from its current end, across rotation.
+func followLog(live string, print func([]byte), stderr io.Writer) int {
+	f, err := os.Open(live)
+	if err != nil {
+		return fail(stderr, err)
+	}
+	off, err := f.Seek(0, io.SeekEnd)
+	if err != nil {
+		return fail(stderr, err)
+	}
+	var partial []byte
+	buf := make([]byte, 64<<10)
+	for {
+		n, err := f.ReadAt(buf, off)
+		if n > 0 {
+			off += int64(n)
+			partial = append(partial, buf[:n]...)
+			for {
+				i := bytes.IndexByte(partial, '\n')
+				if i < 0 {
+					break
+				}
+				print(partial[:i])
+				partial = partial[i+1:]
+			}
+			continue
+		}
+		if err != nil && err != io.EOF {
+			return fail(stderr, err)
+		}
+		// At the end: has the journal rotated (a new file at the path)?
+		if st, err := os.Stat(live); err == nil {
+			if cur, err := f.Stat(); err == nil && !os.SameFile(st, cur) {
+				f.Close()
+				if f, err = os.Open(live); err != nil {
+					return fail(stderr, err)
+				}
+				off, partial = 0, nil
+				continue
+			}
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+}
+
+// formatLine is the human form of one event.
+func formatLine(l *audit.Line) string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "%s #%d %s", l.TS.UTC().Format("2006-01-02T15:04:05.000Z"), l.Seq, l.Type)
+	add := func(k, v string) {
+		if v != "" {
+			fmt.Fprintf(&b, " %s=%s", k, v)
+		}
+	}
+	if l.Decision != "" {
+		b.WriteString(" " + l.Decision)
+	}
+	add("reason", l.Reason)
+	add("secret", l.Secret)
+	if l.Binding != nil {
+		add("binding", strconv.Itoa(*l.Binding))
+	}
+	if l.UID != nil {
+		add("uid", strconv.FormatInt(*l.UID, 10))
+	}
+	if l.PID != nil {
+		add("pid", strconv.FormatInt(*l.PID, 10))
+	}
+	add("dst", l.Dst)
+	if l.Method != "" || l.SNI != "" || l.Path != "" {
+		fmt.Fprintf(&b, " %s %s%s", l.Method, l.SNI, l.Path)
+	}
+	if l.Status != 0 {
+		add("status", strconv.Itoa(l.Status))
+	}
+	add("config_sha256", l.ConfigSHA256)
+	if l.TornBytes != 0 {
+		add("torn_bytes", strconv.FormatInt(l.TornBytes, 10))
+	}
+	add("torn_file", l.TornFile)
+	if l.Detail != "" {
+		d, _ := json.Marshal(l.Detail)
+		fmt.Fprintf(&b, " detail=%s", d)
+	}
+	return b.String()
+}
