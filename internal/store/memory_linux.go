@@ -12,7 +12,12 @@ import (
 // dumping back on. avpd and its BWS helper call it first thing.
 func NoCoreDumps() error {
 	if err := unix.Setrlimit(unix.RLIMIT_CORE, &unix.Rlimit{Cur: 0, Max: 0}); err != nil {
-		return fmt.Errorf("set RLIMIT_CORE to 0: %w", err)
+		// A seccomp filter (systemd's SystemCallFilter=~@resources) may refuse setrlimit;
+		// then LimitCORE=0 in the unit must already have done it.
+		var rl unix.Rlimit
+		if gerr := unix.Getrlimit(unix.RLIMIT_CORE, &rl); gerr != nil || rl.Cur != 0 {
+			return fmt.Errorf("set RLIMIT_CORE to 0: %w (with a seccomp filter, set LimitCORE=0 in the unit)", err)
+		}
 	}
 	if err := unix.Prctl(unix.PR_SET_DUMPABLE, 0, 0, 0, 0); err != nil {
 		return fmt.Errorf("prctl(PR_SET_DUMPABLE, 0): %w", err)
