@@ -6,7 +6,7 @@ VERSION ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
 LDFLAGS := -X github.com/agent-vault-proxy/agent-vault-proxy/internal/daemon.Version=$(VERSION)
 FUZZTIME ?= 10s
 
-.PHONY: all build test unit fuzz e2e demo vet fmt clean
+.PHONY: all build test unit fuzz e2e demo vet fmt clean bench bench-deps
 
 all: build
 
@@ -38,6 +38,16 @@ e2e:
 
 demo: build
 	bash scripts/demo.sh
+
+# The side-by-side benchmark (issue 7): direct, avpd, nginx and mitmproxy in a throwaway
+# network namespace; about 9 minutes, root, results in bench/results/. Not part of `make test`.
+# BENCHFLAGS passes flags to avpbench run, for example BENCHFLAGS='-rounds 1 -scenarios ka32'.
+bench: bench-deps
+	bash bench/run.sh $(BENCHFLAGS)
+
+# What `make bench` needs from Debian (nginx, mitmproxy, h2load, gnuplot); installs only what is missing.
+bench-deps:
+	bash bench/deps.sh
 
 # Acknowledged events/s through the audit journal on the real disk, 1/16/64 writers, group
 # commit against fsync per event in the same run, and the ratio.
