@@ -2,11 +2,23 @@
 # (root-only tests run when root or in CI); `sudo make demo` shows the main job end to end.
 GO      ?= go
 PREFIX  ?= /usr/local
+# make install / uninstall: every path below is under $(DESTDIR). The config stays in /etc
+# (avpd's default --config) whatever PREFIX is; /usr/local/lib/systemd, sysusers.d and
+# tmpfiles.d are on systemd's search paths, so the default PREFIX needs nothing more.
+BINDIR      ?= $(PREFIX)/bin
+LIBDIR      ?= $(PREFIX)/lib
+UNITDIR     ?= $(LIBDIR)/systemd/system
+SYSUSERSDIR ?= $(LIBDIR)/sysusers.d
+TMPFILESDIR ?= $(LIBDIR)/tmpfiles.d
+DOCDIR      ?= $(PREFIX)/share/doc/agent-vault-proxy
+SYSCONFDIR  ?= /etc
+CONFDIR     := $(SYSCONFDIR)/agent-vault-proxy
+UNITS       := avpd.socket avpd.service avp-journal.socket avp-journal.service
 VERSION ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
 LDFLAGS := -X github.com/agent-vault-proxy/agent-vault-proxy/internal/daemon.Version=$(VERSION)
 FUZZTIME ?= 10s
 
-.PHONY: all build test unit fuzz e2e demo vet fmt clean bench bench-deps
+.PHONY: all build test unit fuzz e2e demo vet fmt clean bench bench-deps install uninstall
 
 all: build
 
@@ -54,6 +66,43 @@ bench-deps:
 .PHONY: bench-journal
 bench-journal:
 	bash scripts/bench-journal.sh
+
+# Binaries, systemd units (with BINDIR filled in), sysusers.d and tmpfiles.d entries, the
+# reference nftables ruleset and the example config. bindings.example.yaml becomes the config
+# only when there is none: an operator's bindings.yaml is never overwritten.
+install: build
+	install -d -m 0755 $(DESTDIR)$(BINDIR) $(DESTDIR)$(UNITDIR) $(DESTDIR)$(SYSUSERSDIR) $(DESTDIR)$(TMPFILESDIR) $(DESTDIR)$(DOCDIR)
+	install -m 0755 bin/avpd bin/avpctl $(DESTDIR)$(BINDIR)/
+	for u in $(UNITS); do \
+		sed -e 's|@BINDIR@|$(BINDIR)|g' -e 's|@DOCDIR@|$(DOCDIR)|g' systemd/$$u > $(DESTDIR)$(UNITDIR)/$$u.tmp && \
+		chmod 0644 $(DESTDIR)$(UNITDIR)/$$u.tmp && mv -f $(DESTDIR)$(UNITDIR)/$$u.tmp $(DESTDIR)$(UNITDIR)/$$u || exit 1; \
+	done
+	install -m 0644 systemd/sysusers.conf $(DESTDIR)$(SYSUSERSDIR)/agent-vault-proxy.conf
+	install -m 0644 systemd/tmpfiles.conf $(DESTDIR)$(TMPFILESDIR)/agent-vault-proxy.conf
+	install -m 0644 README.md bindings.example.yaml nft/agent-vault-proxy.nft $(DESTDIR)$(DOCDIR)/
+	install -d -m 0750 $(DESTDIR)$(CONFDIR)
+	@if [ -e $(DESTDIR)$(CONFDIR)/bindings.yaml ]; then \
+		echo "keeping the existing $(DESTDIR)$(CONFDIR)/bindings.yaml"; \
+	else \
+		install -m 0640 bindings.example.yaml $(DESTDIR)$(CONFDIR)/bindings.yaml && \
+		echo "installed $(DESTDIR)$(CONFDIR)/bindings.yaml from bindings.example.yaml: edit it"; \
+	fi
+
+# Removes what install put there. The config is the operator's: bindings.yaml goes only if it
+# is still the unedited example, and nothing else in $(CONFDIR) is touched. State (the CA,
+# enrollment) and the audit log are left for the operator to archive or delete.
+uninstall:
+	rm -f $(addprefix $(DESTDIR)$(BINDIR)/,avpd avpctl)
+	rm -f $(addprefix $(DESTDIR)$(UNITDIR)/,$(UNITS))
+	rm -f $(DESTDIR)$(SYSUSERSDIR)/agent-vault-proxy.conf $(DESTDIR)$(TMPFILESDIR)/agent-vault-proxy.conf
+	rm -f $(addprefix $(DESTDIR)$(DOCDIR)/,README.md bindings.example.yaml agent-vault-proxy.nft)
+	-rmdir $(DESTDIR)$(DOCDIR) 2>/dev/null
+	@if cmp -s bindings.example.yaml $(DESTDIR)$(CONFDIR)/bindings.yaml; then \
+		rm -f $(DESTDIR)$(CONFDIR)/bindings.yaml; \
+	elif [ -e $(DESTDIR)$(CONFDIR)/bindings.yaml ]; then \
+		echo "keeping $(DESTDIR)$(CONFDIR)/bindings.yaml: it was edited"; \
+	fi
+	-rmdir $(DESTDIR)$(CONFDIR) 2>/dev/null
 
 clean:
 	rm -rf bin
