@@ -66,9 +66,13 @@ func (d *Daemon) runBackend(ctx context.Context) {
 	d.bws.Run(ctx, func(name string) { d.cache.Flush(name) })
 }
 
+// closeBackend stops the BWS helper and wipes every cached value.
 func (d *Daemon) closeBackend() {
 	if d.bws != nil {
 		d.bws.Close()
+	}
+	if d.cache != nil {
+		d.cache.Flush("")
 	}
 }
 

@@ -331,9 +331,6 @@ func TestBWSMalformedIdentityDoesNotTakeDownTheListener(t *testing.T) {
 	e.startAvpd()
 	e.avpctl("enroll-uid", strconv.Itoa(agentUID))
 	e.waitLog("the SDK panicked", 10*time.Second)
-	if e.avpd.ProcessState != nil {
-		t.Fatal("avpd exited")
-	}
 	code, body := e.curlOut("GET", "https://"+hostOpenAI+"/v1/models", "Authorization: Bearer "+phOpenAI)
 	if code != 503 || !strings.Contains(body, "secret_unavailable") {
 		t.Fatalf("while the helper crashes: %d %q, want 503", code, body)
