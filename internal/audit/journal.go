@@ -675,10 +675,7 @@ func (j *Journal) acceptLoop(ln *net.UnixListener) {
 		}
 		if uid != 0 && !slices.Contains(j.opts.AllowUIDs, uid) {
 			j.opts.Logf("journal: refused a connection from uid %d (pid %d): not root and not in --allow-uid", uid, pid)
-			msg, _ := json.Marshal(ackMsg{Error: fmt.Sprintf("uid %d may not write to the audit journal", uid)})
-			c.SetWriteDeadline(time.Now().Add(time.Second))
-			c.Write(msg)
-			c.Close()
+			go refuse(c, uid)
 			continue
 		}
 		jc := &jconn{c: c, out: make(chan []byte, 4096), done: make(chan struct{})}
@@ -701,6 +698,24 @@ func (j *Journal) acceptLoop(ln *net.UnixListener) {
 			delete(j.conns, jc)
 			j.mu.Unlock()
 		}()
+	}
+}
+
+// refuse tells a client it may not write, then waits briefly for it to hang up: closing
+// with its message unread would make it see a bare reset instead of the reason.
+func refuse(c *net.UnixConn, uid uint32) {
+	defer c.Close()
+	msg, _ := json.Marshal(ackMsg{Error: fmt.Sprintf("uid %d may not write to the audit journal", uid)})
+	c.SetDeadline(time.Now().Add(time.Second))
+	if _, err := c.Write(msg); err != nil {
+		return
+	}
+	c.CloseWrite()
+	buf := make([]byte, 512)
+	for {
+		if n, err := c.Read(buf); err != nil || n == 0 {
+			return
+		}
 	}
 }
 
