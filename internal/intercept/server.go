@@ -78,6 +78,7 @@ type Server struct {
 	dial      func(ctx context.Context, network, addr string) (net.Conn, error)
 
 	httpSrv  *http.Server
+	agentTLS *tls.Config
 	tlsConns *connQueue
 	upstream *upstreamPool
 	proxy    http.Handler
@@ -116,6 +117,7 @@ func NewServer(opts Options) (*Server, error) {
 		s.dial = d.DialContext
 	}
 	s.policy.Store(opts.Policy)
+	s.agentTLS = s.newAgentTLS()
 	s.upstream = newUpstreamPool(opts.UpstreamTLS, s.dial)
 	s.proxy = newReverseProxy(s.upstream, s.logf)
 	s.httpSrv = &http.Server{
@@ -310,18 +312,37 @@ func splice(a, b net.Conn) {
 	wg.Wait()
 }
 
-func (s *Server) terminate(c *net.TCPConn, peeked []byte, f inject.Facts) {
-	s.stats.terminated.Add(1)
-	cfg := &tls.Config{
+// agentConn is what the agent-side TLS server reads: the peeked bytes replayed, and the name
+// the connection is terminated for.
+type agentConn struct {
+	*PrefixConn
+	sni string
+}
+
+// newAgentTLS is the one TLS config of every terminated connection. Sharing it shares its
+// session ticket keys, so an agent that reconnects resumes its session instead of doing a
+// full handshake (a config per connection had keys of its own, and no ticket ever came
+// back). What is decided for a connection never comes from a resumed session: the facts are
+// the peeked ClientHello's, and the upstream is verified on avpd's own connection.
+func (s *Server) newAgentTLS() *tls.Config {
+	return &tls.Config{
 		MinVersion: tls.VersionTLS12,
 		NextProtos: []string{"h2", "http/1.1"},
 		GetCertificate: func(hello *tls.ClientHelloInfo) (*tls.Certificate, error) {
 			// The peeked SNI decided that this connection is terminated; mint for that
 			// name only, whatever the handshake claims later.
-			return s.ca.Leaf(f.SNI)
+			ac, ok := hello.Conn.(*agentConn)
+			if !ok {
+				return nil, errors.New("intercept: handshake on an unknown connection")
+			}
+			return s.ca.Leaf(ac.sni)
 		},
 	}
-	tc := tls.Server(NewPrefixConn(c, peeked), cfg)
+}
+
+func (s *Server) terminate(c *net.TCPConn, peeked []byte, f inject.Facts) {
+	s.stats.terminated.Add(1)
+	tc := tls.Server(&agentConn{PrefixConn: NewPrefixConn(c, peeked), sni: f.SNI}, s.agentTLS)
 	hctx, cancel := context.WithTimeout(context.Background(), handshakeTimeout)
 	err := tc.HandshakeContext(hctx)
 	cancel()
