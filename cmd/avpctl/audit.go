@@ -185,27 +185,40 @@ func followLog(live string, print func([]byte), stderr io.Writer) int {
 	}
 	var partial []byte
 	buf := make([]byte, 64<<10)
-	for {
-		n, err := f.ReadAt(buf, off)
-		if n > 0 {
-			off += int64(n)
-			partial = append(partial, buf[:n]...)
-			for {
-				i := bytes.IndexByte(partial, '\n')
-				if i < 0 {
-					break
+	// drain prints every complete line from off to the end of f.
+	drain := func() error {
+		for {
+			n, err := f.ReadAt(buf, off)
+			if n > 0 {
+				off += int64(n)
+				partial = append(partial, buf[:n]...)
+				for {
+					i := bytes.IndexByte(partial, '\n')
+					if i < 0 {
+						break
+					}
+					print(partial[:i])
+					partial = partial[i+1:]
 				}
-				print(partial[:i])
-				partial = partial[i+1:]
+				continue
 			}
-			continue
+			if err != nil && err != io.EOF {
+				return err
+			}
+			return nil
 		}
-		if err != nil && err != io.EOF {
+	}
+	for {
+		if err := drain(); err != nil {
 			return fail(stderr, err)
 		}
-		// At the end: has the journal rotated (a new file at the path)?
+		// At the end: has the journal rotated (a new file at the path)? Then the old file
+		// may have grown between the read above and the rename: read it to its end first.
 		if st, err := os.Stat(live); err == nil {
 			if cur, err := f.Stat(); err == nil && !os.SameFile(st, cur) {
+				if err := drain(); err != nil {
+					return fail(stderr, err)
+				}
 				f.Close()
 				if f, err = os.Open(live); err != nil {
 					return fail(stderr, err)
@@ -218,17 +231,27 @@ func followLog(live string, print func([]byte), stderr io.Writer) int {
 	}
 }
 
+// printable keeps a field from driving the terminal: anything but printable ASCII is quoted.
+func printable(s string) string {
+	for i := 0; i < len(s); i++ {
+		if s[i] < 0x20 || s[i] > 0x7e {
+			return strconv.QuoteToASCII(s)
+		}
+	}
+	return s
+}
+
 // formatLine is the human form of one event.
 func formatLine(l *audit.Line) string {
 	var b strings.Builder
 	fmt.Fprintf(&b, "%s #%d %s", l.TS.UTC().Format("2006-01-02T15:04:05.000Z"), l.Seq, l.Type)
 	add := func(k, v string) {
 		if v != "" {
-			fmt.Fprintf(&b, " %s=%s", k, v)
+			fmt.Fprintf(&b, " %s=%s", k, printable(v))
 		}
 	}
 	if l.Decision != "" {
-		b.WriteString(" " + l.Decision)
+		b.WriteString(" " + printable(l.Decision))
 	}
 	add("reason", l.Reason)
 	add("secret", l.Secret)
@@ -243,7 +266,7 @@ func formatLine(l *audit.Line) string {
 	}
 	add("dst", l.Dst)
 	if l.Method != "" || l.SNI != "" || l.Path != "" {
-		fmt.Fprintf(&b, " %s %s%s", l.Method, l.SNI, l.Path)
+		fmt.Fprintf(&b, " %s %s%s", printable(l.Method), printable(l.SNI), printable(l.Path))
 	}
 	if l.Status != 0 {
 		add("status", strconv.Itoa(l.Status))

@@ -100,3 +100,11 @@ func TestAuditTailCommand(t *testing.T) {
 		t.Fatalf("json: %q", out)
 	}
 }
+
+func TestAuditTailQuotesControlCharacters(t *testing.T) {
+	l := &audit.Line{Seq: 1, Event: audit.Event{Type: audit.TypeDecision, Decision: audit.DecisionPassthrough, SNI: "evil\x1b[2J.test", Path: "/ok"}}
+	got := formatLine(l)
+	if strings.ContainsRune(got, 0x1b) || !strings.Contains(got, `"evil\x1b[2J.test"`) {
+		t.Fatalf("%q", got)
+	}
+}
