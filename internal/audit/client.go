@@ -85,15 +85,19 @@ func (c *JournalClient) Record(ctx context.Context, events ...Event) error {
 		}
 		msgs[i] = msg
 	}
-	cc, err := c.conn(ctx)
-	if err != nil {
-		return err
-	}
 	waits := make([]chan ackResult, len(events))
-	cc.mu.Lock()
-	if cc.err != nil {
+	var cc *clientConn
+	for {
+		var err error
+		if cc, err = c.conn(ctx); err != nil {
+			return err
+		}
+		cc.mu.Lock()
+		if cc.err == nil {
+			break
+		}
+		// It died since conn() returned: nothing was sent on it, so dial again.
 		cc.mu.Unlock()
-		return cc.err
 	}
 	for i, id := range ids {
 		waits[i] = make(chan ackResult, 1)
