@@ -265,12 +265,16 @@ func newReverseProxy(up *upstreamPool, logf Logf) *httputil.ReverseProxy {
 				return nil
 			}
 			scrubHeaders(resp.Header, inj.scrub)
+			if resp.ContentLength >= 0 && resp.ContentLength <= maxWholeScrub && !isEventStream(resp.Header) {
+				return scrubWhole(resp, inj.scrub)
+			}
 			resp.Body = newScrubReader(resp.Body, inj.scrub)
 			// Scrubbing can change the length; the agent gets a chunked (or h2 DATA) body.
 			resp.Header.Del("Content-Length")
 			resp.ContentLength = -1
 			return nil
 		},
+		BufferPool:    copyBuffers,
 		Transport:     up,
 		FlushInterval: 0, // text/event-stream and unknown lengths are flushed immediately
 		ErrorHandler: func(w http.ResponseWriter, r *http.Request, err error) {
@@ -283,6 +287,11 @@ func newReverseProxy(up *upstreamPool, logf Logf) *httputil.ReverseProxy {
 		},
 		ErrorLog: log.New(logfWriter(logf), "", 0),
 	}
+}
+
+func isEventStream(h http.Header) bool {
+	ct := h.Get("Content-Type")
+	return len(ct) >= 17 && strings.EqualFold(ct[:17], "text/event-stream")
 }
 
 // logfWriter sends net/http's own error messages to the daemon's logger.

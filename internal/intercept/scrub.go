@@ -2,8 +2,11 @@ package intercept
 
 import (
 	"bytes"
+	"errors"
 	"io"
 	"net/http"
+	"strconv"
+	"sync"
 )
 
 // minScrubLen keeps very short values (which would match ordinary text) out of scrubbing.
@@ -47,7 +50,7 @@ type scrubReader struct {
 }
 
 func newScrubReader(src io.ReadCloser, reps []replacement) *scrubReader {
-	return &scrubReader{src: src, reps: reps, buf: make([]byte, 32<<10)}
+	return &scrubReader{src: src, reps: reps, buf: copyBuffers.Get()}
 }
 
 func (s *scrubReader) Read(p []byte) (int, error) {
@@ -56,7 +59,10 @@ func (s *scrubReader) Read(p []byte) (int, error) {
 			return 0, s.err
 		}
 		n, err := s.src.Read(s.buf)
-		data := append(s.pending, s.buf[:n]...)
+		data := s.buf[:n] // read again only once out is drained
+		if len(s.pending) > 0 {
+			data = append(s.pending, data...)
+		}
 		s.pending = nil
 		for _, r := range s.reps {
 			if bytes.Contains(data, r.from) {
@@ -94,4 +100,73 @@ func partialTail(data []byte, reps []replacement) int {
 	return best
 }
 
-func (s *scrubReader) Close() error { return s.src.Close() }
+// Close closes the upstream body and returns the read buffer, wiped (it held the raw
+// upstream bytes), to the pool.
+func (s *scrubReader) Close() error {
+	if s.buf != nil {
+		clear(s.buf)
+		copyBuffers.Put(s.buf)
+		s.buf = nil
+		if s.err == nil {
+			s.err = errReadAfterClose
+		}
+	}
+	return s.src.Close()
+}
+
+var errReadAfterClose = errors.New("read after close")
+
+// maxWholeScrub is the largest response body of an injected request that is scrubbed in one
+// piece: read whole, scrubbed, and sent with its (new) Content-Length in one write. Larger
+// bodies, bodies of unknown length and event streams are scrubbed as a stream.
+const maxWholeScrub = 64 << 10
+
+// scrubWhole reads a small body of known length, scrubs it and replaces it, so the response
+// keeps a Content-Length and goes out in one write instead of a flushed chunk per read.
+func scrubWhole(resp *http.Response, reps []replacement) error {
+	buf := copyBuffers.Get()
+	defer func() {
+		clear(buf) // it held the raw upstream bytes
+		copyBuffers.Put(buf)
+	}()
+	var raw []byte
+	if resp.ContentLength <= int64(len(buf)) {
+		n, err := io.ReadFull(resp.Body, buf[:resp.ContentLength])
+		if err != nil {
+			return err
+		}
+		raw = buf[:n]
+	} else {
+		b, err := io.ReadAll(io.LimitReader(resp.Body, resp.ContentLength))
+		if err != nil {
+			return err
+		}
+		if int64(len(b)) != resp.ContentLength {
+			return io.ErrUnexpectedEOF
+		}
+		defer clear(b)
+		raw = b
+	}
+	resp.Body.Close()
+	out := raw
+	for _, r := range reps {
+		if bytes.Contains(out, r.from) {
+			out = bytes.ReplaceAll(out, r.from, r.to)
+		}
+	}
+	out = bytes.Clone(out) // raw goes back to the pool; out is the scrubbed copy
+	resp.Body = io.NopCloser(bytes.NewReader(out))
+	resp.ContentLength = int64(len(out))
+	resp.Header.Set("Content-Length", strconv.Itoa(len(out)))
+	return nil
+}
+
+// bufferPool hands out 32 KiB buffers: ReverseProxy's copy buffer (via BufferPool), the
+// scrubber's read buffer and scrubWhole's. Without it each proxied response allocated (and
+// the GC then scanned) 32-64 KiB.
+type bufferPool struct{ p sync.Pool }
+
+var copyBuffers = &bufferPool{p: sync.Pool{New: func() any { b := make([]byte, 32<<10); return &b }}}
+
+func (b *bufferPool) Get() []byte  { return *b.p.Get().(*[]byte) }
+func (b *bufferPool) Put(v []byte) { b.p.Put(&v) }

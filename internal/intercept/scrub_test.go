@@ -2,6 +2,7 @@ package intercept
 
 import (
 	"bytes"
+	"fmt"
 	"io"
 	"net/http"
 	"strings"
@@ -78,5 +79,35 @@ func BenchmarkScrubReader(b *testing.B) {
 	b.ReportAllocs()
 	for b.Loop() {
 		io.Copy(io.Discard, newScrubReader(io.NopCloser(bytes.NewReader(data)), reps))
+	}
+}
+
+// A small body of known length is scrubbed whole and keeps an exact Content-Length.
+func TestScrubWhole(t *testing.T) {
+	body := `{"echo":"Bearer sk-REAL-secret-value","n":1}`
+	resp := &http.Response{Header: http.Header{"Content-Length": {fmt.Sprint(len(body))}},
+		ContentLength: int64(len(body)), Body: io.NopCloser(strings.NewReader(body))}
+	if err := scrubWhole(resp, reps); err != nil {
+		t.Fatal(err)
+	}
+	got, _ := io.ReadAll(resp.Body)
+	want := strings.ReplaceAll(body, "sk-REAL-secret-value", "PLACEHOLDER")
+	if string(got) != want || resp.ContentLength != int64(len(want)) || resp.Header.Get("Content-Length") != fmt.Sprint(len(want)) {
+		t.Fatalf("got %q, length %d / %q", got, resp.ContentLength, resp.Header.Get("Content-Length"))
+	}
+	// A body shorter than its Content-Length is an error, not a short response.
+	short := &http.Response{Header: http.Header{}, ContentLength: 100, Body: io.NopCloser(strings.NewReader("abc"))}
+	if err := scrubWhole(short, reps); err == nil {
+		t.Fatal("short body accepted")
+	}
+	// Larger than one pooled buffer but under the whole-scrub limit.
+	big := strings.Repeat("x", 40<<10) + "sk-REAL-secret-value"
+	resp = &http.Response{Header: http.Header{}, ContentLength: int64(len(big)), Body: io.NopCloser(strings.NewReader(big))}
+	if err := scrubWhole(resp, reps); err != nil {
+		t.Fatal(err)
+	}
+	got, _ = io.ReadAll(resp.Body)
+	if !strings.HasSuffix(string(got), "xPLACEHOLDER") || len(got) != len(big)-len("sk-REAL-secret-value")+len("PLACEHOLDER") {
+		t.Fatalf("big body scrubbed wrongly (%d bytes)", len(got))
 	}
 }
