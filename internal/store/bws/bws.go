@@ -473,7 +473,7 @@ func (b *Backend) session(ctx context.Context) (*helper, error) {
 				return nil, b.ctxErr(ctx)
 			}
 		case time.Now().Before(b.retryAt):
-			err := fmt.Errorf("BWS unavailable, next attempt in %s: %w", time.Until(b.retryAt).Round(100*time.Millisecond), b.lastErr)
+			err := fmt.Errorf("unavailable (next attempt in %s): %w", time.Until(b.retryAt).Round(100*time.Millisecond), b.lastErr)
 			b.mu.Unlock()
 			return nil, err
 		}
