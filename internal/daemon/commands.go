@@ -33,6 +33,8 @@ type Status struct {
 	CAFingerprint string          `json:"ca_fingerprint"`
 	AuditPath     string          `json:"audit_path"`
 	Stats         intercept.Stats `json:"stats"`
+	// The state directory and what the every-second firewall check found (reconcile.go).
+	OpsStatus
 	// Cache, Memory and BWS are filled in by backendStatus (backend.go).
 	Cache  store.CacheStats     `json:"cache"`
 	Memory store.ProcessHygiene `json:"memory"`
@@ -73,8 +75,8 @@ func (d *Daemon) cmdEnroll(ctx context.Context, peer uint32, args []string) (any
 	if err := checkEnrollable(uid); err != nil {
 		return nil, err
 	}
-	d.mu.Lock()
-	defer d.mu.Unlock()
+	d.enrollMu.Lock()
+	defer d.enrollMu.Unlock()
 	uids, err := loadEnrollment(d.opts.StateDir)
 	if err != nil {
 		return nil, err
@@ -88,6 +90,7 @@ func (d *Daemon) cmdEnroll(ctx context.Context, peer uint32, args []string) (any
 	if err := saveEnrollment(d.opts.StateDir, uids); err != nil {
 		return nil, err
 	}
+	d.setEnrolled(uids)
 	if err := d.fw.Enroll(uid); err != nil {
 		return nil, fmt.Errorf("enroll uid %d: %w", uid, err)
 	}
@@ -105,8 +108,8 @@ func (d *Daemon) cmdUnenroll(ctx context.Context, peer uint32, args []string) (a
 	if err != nil {
 		return nil, err
 	}
-	d.mu.Lock()
-	defer d.mu.Unlock()
+	d.enrollMu.Lock()
+	defer d.enrollMu.Unlock()
 	uids, err := loadEnrollment(d.opts.StateDir)
 	if err != nil {
 		return nil, err
@@ -116,6 +119,7 @@ func (d *Daemon) cmdUnenroll(ctx context.Context, peer uint32, args []string) (a
 	if err := d.fw.Unenroll(uid); err != nil {
 		return nil, fmt.Errorf("unenroll uid %d: %w", uid, err)
 	}
+	d.setEnrolled(uids)
 	if err := saveEnrollment(d.opts.StateDir, uids); err != nil {
 		return nil, err
 	}
@@ -138,6 +142,7 @@ func (d *Daemon) cmdStatus(ctx context.Context, _ uint32, _ []string) (any, erro
 	for _, s := range d.cfg.Secrets {
 		st.Secrets = append(st.Secrets, s.Name)
 	}
+	st.OpsStatus = d.opsStatus()
 	uids, err := d.fw.Enrolled()
 	if err != nil {
 		return nil, fmt.Errorf("read enrolled uids from nftables: %w", err)

@@ -23,6 +23,7 @@ import (
 	"slices"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -52,7 +53,7 @@ type Daemon struct {
 	logf    func(string, ...any)
 	started time.Time
 
-	mu        sync.Mutex // serializes reloads and enrollment changes
+	mu        sync.Mutex // serializes reloads and guards cfg, cfgSHA and policy
 	cfg       *config.Config
 	cfgSHA    string
 	policy    *inject.Policy
@@ -65,6 +66,14 @@ type Daemon struct {
 	listeners []net.Listener
 	addrs     []netip.AddrPort
 	admin     *admin.Server
+
+	// enrollMu serializes enrollment changes and the firewall reconcile; enrolled is the
+	// set the kernel must hold (persisted in the state directory).
+	enrollMu sync.Mutex
+	enrolled []uint32
+	fwWatch  fwWatch
+	// listenersDown counts listeners whose Serve returned while avpd was still serving.
+	listenersDown atomic.Int32
 }
 
 // auditCloser is the audit sink the daemon owns: the in-process file writer today, the
@@ -145,6 +154,8 @@ func start(opts Options) (_ *Daemon, err error) {
 		}
 		return nil, err
 	}
+	d.setEnrolled(uids)
+	d.fwWatch.ok(time.Now())
 	d.admin, err = admin.Listen(filepath.Join(opts.RuntimeDir, admin.SocketName), d.handlers(), d.logf)
 	if err != nil {
 		return nil, err
@@ -239,7 +250,9 @@ func (d *Daemon) serve(ctx context.Context) error {
 	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP)
 	defer signal.Stop(sigs)
 
-	d.audit(audit.Event{Type: audit.TypeProxyStart, ConfigSHA256: d.cfgSHA, Detail: "avpd started"})
+	// READY=1 waits for this event's acknowledgement: by now the rules, the CA, the config
+	// and the listeners are in place, and the ack proves the audit log or journal works.
+	started := d.recordStart(true)
 	var wg sync.WaitGroup
 	for _, ln := range d.listeners {
 		wg.Add(1)
@@ -248,31 +261,16 @@ func (d *Daemon) serve(ctx context.Context) error {
 			if err := d.srv.Serve(ctx, ln); err != nil {
 				d.logf("%v", err)
 			}
+			d.listenerDone(ctx, ln)
 		}()
 	}
 	wg.Add(1)
 	go func() { defer wg.Done(); d.admin.Serve(ctx) }()
 	wg.Add(1)
 	go func() { defer wg.Done(); d.runBackend(ctx) }()
-	d.logf("avpd ready: listening on %v, %d secret(s), CA %s", d.addrs, len(d.cfg.Secrets), d.caFingerprint())
-
-loop:
-	for {
-		select {
-		case <-ctx.Done():
-			break loop
-		case s := <-sigs:
-			if s == syscall.SIGHUP {
-				if err := d.reload(); err != nil {
-					d.logf("reload: %v", err)
-				}
-				continue
-			}
-			d.logf("received %v; draining", s)
-			break loop
-		}
-	}
+	d.mainLoop(ctx, sigs, started)
 	cancel()
+	d.notify("STOPPING=1\nSTATUS=draining connections (up to 10s)")
 	dctx, dcancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer dcancel()
 	d.srv.Shutdown(dctx)
@@ -310,6 +308,9 @@ func (d *Daemon) audit(e audit.Event) {
 // reload parses and validates the config fully, then swaps the policy atomically. An
 // invalid file leaves the running config untouched.
 func (d *Daemon) reload() error {
+	d.notifyReloading()
+	// READY=1 again whatever the outcome: a refused reload leaves the old config serving.
+	defer d.notifyReady()
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	cfg, sum, err := loadConfig(d.opts.ConfigPath)
