@@ -61,20 +61,6 @@ func runStatus(g globals, args []string, stdout, stderr io.Writer) int {
 	return 0
 }
 
-func runCA(g globals, args []string, stdout, stderr io.Writer) int {
-	if len(args) != 1 || args[0] != "cert" {
-		return usageErr(stderr, "ca cert")
-	}
-	var out struct {
-		PEM string `json:"pem"`
-	}
-	if err := call(g, "ca-cert", nil, &out); err != nil {
-		return fail(stderr, err)
-	}
-	fmt.Fprint(stdout, out.PEM)
-	return 0
-}
-
 func runReload(g globals, args []string, stdout, stderr io.Writer) int {
 	if len(args) != 0 {
 		return usageErr(stderr, "reload")
@@ -92,8 +78,9 @@ func runReload(g globals, args []string, stdout, stderr io.Writer) int {
 func printStatus(w io.Writer, st daemon.Status) {
 	fw := "ok"
 	if !st.FirewallOK {
-		fw = "MISSING OR INCOMPLETE (enrolled users may bypass or be cut off; restart avpd)"
+		fw = "MISSING OR INCOMPLETE (avpd restores it within 2 s; if this persists, run avpctl doctor)"
 	}
+	fw += firewallWatchLine(st)
 	fmt.Fprintf(w, "avpd %s (pid %d) up since %s\n", st.Version, st.PID, st.StartedAt.Format(time.RFC3339))
 	fmt.Fprintf(w, "listeners:      %s\n", strings.Join(st.Listeners, ", "))
 	fmt.Fprintf(w, "firewall:       %s\n", fw)

@@ -1,0 +1,697 @@
+package main
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"net"
+	"net/netip"
+	"os"
+	"os/exec"
+	"os/user"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/agent-vault-proxy/agent-vault-proxy/internal/admin"
+	"github.com/agent-vault-proxy/agent-vault-proxy/internal/config"
+	"github.com/agent-vault-proxy/agent-vault-proxy/internal/daemon"
+	"github.com/agent-vault-proxy/agent-vault-proxy/internal/redirect"
+)
+
+const doctorUsage = "doctor [--uid USER] [--host NAME] [--config FILE] [--state-dir DIR] [--json]"
+
+// Check results. Only "fail" makes doctor exit 1; "warn" names something worth fixing
+// that does not open a bypass or stop injection.
+const (
+	statusOK   = "ok"
+	statusFail = "fail"
+	statusWarn = "warn"
+	statusSkip = "skip"
+)
+
+// check is one line of the report. Fix is a command or a sentence that repairs it.
+type check struct {
+	Name   string `json:"name"`
+	Status string `json:"status"`
+	Detail string `json:"detail"`
+	Fix    string `json:"fix,omitempty"`
+}
+
+type doctorReport struct {
+	OK     bool    `json:"ok"`
+	Checks []check `json:"checks"`
+}
+
+type doctor struct {
+	g          globals
+	uidArg     string
+	host       string
+	configFlag string
+	stateFlag  string
+	root       bool
+
+	checks    []check
+	st        *daemon.Status
+	cfg       *config.Config
+	ca        *x509.Certificate
+	daemonUID int    // avpd's UID, -1 when unknown
+	daemonUsr string // its name, for fixes
+	kernelSet []uint32
+	kernelOK  bool
+}
+
+func (d *doctor) add(name, status, detail, fix string) {
+	d.checks = append(d.checks, check{Name: name, Status: status, Detail: detail, Fix: fix})
+}
+
+// runDoctor checks everything avpd needs and prints a fix for each failure. Exit 0 when no
+// check failed, 1 when one did, 2 on a usage error.
+func runDoctor(g globals, args []string, stdout, stderr io.Writer) int {
+	fs := flag.NewFlagSet("avpctl doctor", flag.ContinueOnError)
+	fs.SetOutput(io.Discard)
+	d := &doctor{g: g, daemonUID: -1, root: os.Geteuid() == 0}
+	fs.StringVar(&d.uidArg, "uid", "", "")
+	fs.StringVar(&d.host, "host", "", "")
+	fs.StringVar(&d.configFlag, "config", "", "")
+	fs.StringVar(&d.stateFlag, "state-dir", "", "")
+	asJSON := fs.Bool("json", false, "")
+	probe := fs.String("probe", "", "") // internal: the TLS probe, run as the agent's UID
+	if err := fs.Parse(args); err != nil || fs.NArg() != 0 {
+		return usageErr(stderr, doctorUsage)
+	}
+	if *probe != "" {
+		return runProbe(*probe, stdout)
+	}
+
+	d.checkKernel()
+	d.checkDaemon()
+	d.checkConfig()
+	d.checkSecretFiles()
+	d.checkListeners()
+	d.checkFirewall()
+	d.checkEnrolled()
+	d.checkCA()
+	d.checkCATrust()
+	d.checkAudit()
+	if d.uidArg != "" {
+		d.checkAgent()
+	}
+
+	rep := doctorReport{OK: true, Checks: d.checks}
+	for _, c := range d.checks {
+		if c.Status == statusFail {
+			rep.OK = false
+		}
+	}
+	if *asJSON {
+		enc := json.NewEncoder(stdout)
+		enc.SetIndent("", "  ")
+		enc.Encode(rep)
+	} else {
+		printReport(stdout, rep)
+	}
+	if !rep.OK {
+		return 1
+	}
+	return 0
+}
+
+func printReport(w io.Writer, rep doctorReport) {
+	width := 0
+	for _, c := range rep.Checks {
+		width = max(width, len(c.Name))
+	}
+	for _, c := range rep.Checks {
+		fmt.Fprintf(w, "%-4s  %-*s  %s\n", strings.ToUpper(c.Status), width, c.Name, c.Detail)
+		if c.Fix != "" && (c.Status == statusFail || c.Status == statusWarn) {
+			fmt.Fprintf(w, "      %*s  fix: %s\n", width, "", c.Fix)
+		}
+	}
+	fails, warns := 0, 0
+	for _, c := range rep.Checks {
+		switch c.Status {
+		case statusFail:
+			fails++
+		case statusWarn:
+			warns++
+		}
+	}
+	if rep.OK {
+		fmt.Fprintf(w, "all checks passed (%d warning(s))\n", warns)
+	} else {
+		fmt.Fprintf(w, "%d check(s) failed, %d warning(s)\n", fails, warns)
+	}
+}
+
+// checkKernel: inet-family NAT needs Linux 5.2, and the redirect needs conntrack, whose
+// sysctls appear in the current network namespace once it is loaded.
+func (d *doctor) checkKernel() {
+	var u unix.Utsname
+	if err := unix.Uname(&u); err != nil {
+		d.add("kernel", statusFail, "uname: "+err.Error(), "")
+		return
+	}
+	rel := unix.ByteSliceToString(u.Release[:])
+	var major, minor int
+	fmt.Sscanf(rel, "%d.%d", &major, &minor)
+	if major < 5 || major == 5 && minor < 2 {
+		d.add("kernel", statusFail, "Linux "+rel+": nftables NAT in the inet family needs 5.2 or later", "upgrade the kernel to 5.2 or later")
+	} else {
+		d.add("kernel", statusOK, "Linux "+rel, "")
+	}
+	if _, err := os.Stat("/proc/sys/net/netfilter/nf_conntrack_max"); err != nil {
+		d.add("conntrack", statusFail, "connection tracking is not available in this network namespace; the redirect and SO_ORIGINAL_DST need it",
+			"modprobe nf_conntrack nf_nat (a kernel built with CONFIG_NF_CONNTRACK and CONFIG_NF_NAT)")
+		return
+	}
+	d.add("conntrack", statusOK, "nf_conntrack is loaded", "")
+}
+
+// checkDaemon asks avpd for its status; most later checks use the answer.
+func (d *doctor) checkDaemon() {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	var st daemon.Status
+	sock := filepath.Join(d.g.runtimeDir, admin.SocketName)
+	if err := admin.Call(ctx, sock, "status", nil, &st); err != nil {
+		fix := "systemctl start avpd.socket avpd.service, then journalctl -u avpd for why it stopped"
+		if strings.Contains(err.Error(), "permission denied") {
+			fix = "run avpctl doctor as root or as a member of group " + admin.GroupName
+		}
+		d.add("avpd", statusFail, "avpd does not answer: "+err.Error(), fix)
+		return
+	}
+	d.st = &st
+	d.daemonUID, d.daemonUsr = processUID(st.PID)
+	d.add("avpd", statusOK, fmt.Sprintf("avpd %s answers (pid %d, user %s, up since %s)", st.Version, st.PID, d.daemonUsr, st.StartedAt.Format(time.RFC3339)), "")
+}
+
+// processUID returns the real UID of pid and its user name.
+func processUID(pid int) (int, string) {
+	var s unix.Stat_t
+	if err := unix.Stat(fmt.Sprintf("/proc/%d", pid), &s); err != nil {
+		return -1, "?"
+	}
+	name := strconv.Itoa(int(s.Uid))
+	if u, err := user.LookupId(name); err == nil {
+		name = u.Username
+	}
+	return int(s.Uid), name
+}
+
+// daemonOwner is who should own avpd's private files: its running user, else avp when that
+// user exists, else root.
+func (d *doctor) daemonOwner() (int, string) {
+	if d.daemonUID >= 0 {
+		return d.daemonUID, d.daemonUsr
+	}
+	if u, err := user.Lookup("avp"); err == nil {
+		n, _ := strconv.Atoi(u.Uid)
+		return n, "avp"
+	}
+	return 0, "root"
+}
+
+func (d *doctor) configPath() string {
+	switch {
+	case d.configFlag != "":
+		return d.configFlag
+	case d.st != nil && d.st.Config != "":
+		return d.st.Config
+	}
+	return defaultConfig
+}
+
+func (d *doctor) checkConfig() {
+	path := d.configPath()
+	cfg, err := config.Load(path)
+	if err != nil {
+		first, _, _ := strings.Cut(err.Error(), "\n")
+		d.add("config", statusFail, "invalid: "+first, "avpctl bindings check "+path+" lists every error with its fix; then avpctl reload")
+	} else {
+		d.cfg = cfg
+		n := 0
+		for _, s := range cfg.Secrets {
+			n += len(s.Bindings)
+		}
+		d.add("config", statusOK, fmt.Sprintf("%s is valid (%d secret(s), %d binding(s))", path, len(cfg.Secrets), n), "")
+	}
+	fi, err := os.Stat(path)
+	if err != nil {
+		return
+	}
+	owner := fi.Sys().(*syscall.Stat_t).Uid
+	uid, name := d.daemonOwner()
+	switch {
+	case fi.Mode().Perm()&0o022 != 0:
+		d.add("config-permissions", statusFail, fmt.Sprintf("%s has mode %04o: others can change which hosts get secrets", path, fi.Mode().Perm()),
+			fmt.Sprintf("chown root:%s %s && chmod 640 %s", groupFor(name), path, path))
+	case owner != 0 && int(owner) != uid:
+		d.add("config-permissions", statusFail, fmt.Sprintf("%s is owned by uid %d, neither root nor avpd's user", path, owner),
+			fmt.Sprintf("chown root:%s %s && chmod 640 %s", groupFor(name), path, path))
+	default:
+		d.add("config-permissions", statusOK, fmt.Sprintf("%s: mode %04o, owner uid %d", path, fi.Mode().Perm(), owner), "")
+	}
+}
+
+// groupFor is the group avpd reads its config through: its user's primary group.
+func groupFor(userName string) string {
+	if u, err := user.Lookup(userName); err == nil {
+		if g, err := user.LookupGroupId(u.Gid); err == nil {
+			return g.Name
+		}
+	}
+	return userName
+}
+
+// checkSecretFiles: the file backend's secrets and the BWS access token must be readable
+// by avpd's user and nobody else.
+func (d *doctor) checkSecretFiles() {
+	if d.cfg == nil {
+		d.add("secret-files", statusSkip, "no valid config to read the backend from", "")
+		return
+	}
+	var files []string
+	switch d.cfg.Backend.Type {
+	case "file":
+		files = append(files, d.cfg.Backend.File.Path)
+	case "bws":
+		files = append(files, d.cfg.Backend.BWS.AccessTokenFile)
+	}
+	uid, name := d.daemonOwner()
+	for _, p := range files {
+		fi, err := os.Stat(p)
+		switch {
+		case err != nil:
+			d.add("secret-files", statusFail, err.Error(), "create it, then: chown "+name+" "+p+" && chmod 600 "+p)
+			continue
+		case !fi.Mode().IsRegular():
+			d.add("secret-files", statusFail, p+" is not a regular file", "replace it with a regular file owned by "+name+", mode 600")
+			continue
+		}
+		owner := int(fi.Sys().(*syscall.Stat_t).Uid)
+		switch {
+		case fi.Mode().Perm()&0o077 != 0:
+			d.add("secret-files", statusFail, fmt.Sprintf("%s has mode %04o: group or others can read real secrets", p, fi.Mode().Perm()),
+				fmt.Sprintf("chown %s %s && chmod 600 %s", name, p, p))
+		case owner != uid && !(owner == 0 && uid == 0):
+			d.add("secret-files", statusFail, fmt.Sprintf("%s is owned by uid %d; avpd runs as %s (uid %d) and must own it", p, owner, name, uid),
+				fmt.Sprintf("chown %s %s && chmod 600 %s", name, p, p))
+		default:
+			d.add("secret-files", statusOK, fmt.Sprintf("%s: mode %04o, owned by %s", p, fi.Mode().Perm(), name), "")
+		}
+	}
+}
+
+func (d *doctor) listenAddrs() []string {
+	if d.st != nil && len(d.st.Listeners) > 0 {
+		return d.st.Listeners
+	}
+	if d.cfg != nil {
+		l := d.cfg.Proxy.Listen
+		return []string{l.String(), netip.AddrPortFrom(netip.IPv6Loopback(), l.Port()).String()}
+	}
+	return nil
+}
+
+// checkListeners connects to each listener. With socket activation this also wakes avpd.
+func (d *doctor) checkListeners() {
+	addrs := d.listenAddrs()
+	if len(addrs) == 0 {
+		d.add("listener", statusSkip, "neither avpd nor the config names a listener", "")
+		return
+	}
+	var bad []string
+	for _, a := range addrs {
+		c, err := net.DialTimeout("tcp", a, 3*time.Second)
+		if err != nil {
+			bad = append(bad, err.Error())
+			continue
+		}
+		c.Close()
+	}
+	if len(bad) > 0 {
+		d.add("listener", statusFail, "not reachable: "+strings.Join(bad, "; "),
+			"systemctl status avpd.socket avpd.service; proxy.listen in the config must match ListenStream= in avpd.socket")
+		return
+	}
+	d.add("listener", statusOK, "accepting on "+strings.Join(addrs, ", "), "")
+}
+
+// checkFirewall reads the table from the kernel (root only); without root it reports what
+// avpd says.
+func (d *doctor) checkFirewall() {
+	fix := "avpd restores its table within 2 s while it runs: start it (systemctl start avpd), or load " +
+		"/usr/local/share/doc/agent-vault-proxy/agent-vault-proxy.nft by hand; then find the tool that removed it"
+	if !d.root {
+		switch {
+		case d.st == nil:
+			d.add("firewall", statusSkip, "needs root (or a running avpd) to read table inet "+redirect.TableName, "")
+		case !d.st.FirewallOK:
+			d.add("firewall", statusFail, "avpd reports table inet "+redirect.TableName+" missing or incomplete", fix)
+		default:
+			d.add("firewall", statusOK, "avpd reports table inet "+redirect.TableName+" in place", "")
+		}
+		return
+	}
+	fw, err := redirect.New(14322) // the port only matters for Install, which doctor never calls
+	if err != nil {
+		d.add("firewall", statusFail, "open nftables: "+err.Error(), "run doctor as root on Linux 5.2 or later")
+		return
+	}
+	defer fw.Close()
+	ok, err := fw.Healthy()
+	if err != nil {
+		d.add("firewall", statusFail, err.Error(), fix)
+		return
+	}
+	if !ok {
+		detail := "table inet " + redirect.TableName + " is missing or incomplete: enrolled users' HTTPS is not redirected"
+		if d.st != nil && d.st.FirewallError != "" {
+			detail += "; avpd's check fails: " + d.st.FirewallError
+		}
+		d.add("firewall", statusFail, detail, fix)
+		return
+	}
+	d.kernelOK = true
+	d.kernelSet, _ = fw.Enrolled()
+	detail := fmt.Sprintf("table inet %s in place, %d uid(s) in set %s", redirect.TableName, len(d.kernelSet), redirect.SetName)
+	if d.st != nil && d.st.FirewallRestores > 0 {
+		last := ""
+		if d.st.FirewallLastRestored != nil {
+			last = " (last " + d.st.FirewallLastRestored.Format(time.RFC3339) + ": " + d.st.FirewallLastRestoreWhy + ")"
+		}
+		d.add("firewall", statusWarn, fmt.Sprintf("%s; avpd had to restore it %d time(s)%s", detail, d.st.FirewallRestores, last),
+			"find the tool that flushes or edits the ruleset (a firewall service reloading with flush ruleset, say) and make it leave table inet "+redirect.TableName+" alone")
+		return
+	}
+	d.add("firewall", statusOK, detail, "")
+}
+
+func (d *doctor) enrolledSet() ([]uint32, bool) {
+	if d.kernelOK {
+		return d.kernelSet, true
+	}
+	if d.st != nil {
+		return d.st.Enrolled, true
+	}
+	return nil, false
+}
+
+// checkEnrolled: every enrolled UID should be a real user, and someone should be enrolled.
+func (d *doctor) checkEnrolled() {
+	set, known := d.enrolledSet()
+	if !known {
+		d.add("enrolled", statusSkip, "neither the kernel nor avpd could be asked", "")
+		return
+	}
+	if len(set) == 0 {
+		d.add("enrolled", statusWarn, "no user is enrolled: avpd intercepts nothing", "avpctl enroll-uid USER")
+		return
+	}
+	var missing []string
+	for _, u := range set {
+		if _, err := user.LookupId(strconv.Itoa(int(u))); err != nil {
+			missing = append(missing, strconv.Itoa(int(u)))
+		}
+	}
+	if len(missing) > 0 {
+		d.add("enrolled", statusWarn, fmt.Sprintf("enrolled uid(s) %s have no user in the passwd database", strings.Join(missing, ", ")),
+			"create the user, or avpctl unenroll-uid "+missing[0])
+		return
+	}
+	d.add("enrolled", statusOK, fmt.Sprintf("%d enrolled uid(s): %s", len(set), joinUIDs(set)), "")
+}
+
+func (d *doctor) stateDir() string {
+	switch {
+	case d.stateFlag != "":
+		return d.stateFlag
+	case d.st != nil && d.st.StateDir != "":
+		return d.st.StateDir
+	}
+	return "/var/lib/agent-vault-proxy"
+}
+
+// checkCA: the CA certificate parses and is the one avpd serves, and its key is private to
+// avpd's user.
+func (d *doctor) checkCA() {
+	dir := d.stateDir()
+	certPath, keyPath := filepath.Join(dir, "ca.pem"), filepath.Join(dir, "ca-key.pem")
+	data, err := os.ReadFile(certPath)
+	if err != nil && d.st != nil {
+		// Not root: ask avpd instead.
+		data, err = fetchCA(d.g)
+	}
+	if err != nil {
+		d.add("ca", statusFail, "CA certificate: "+err.Error(), "start avpd once: it creates its CA in "+dir)
+		return
+	}
+	cert, err := parseCA(data)
+	if err != nil {
+		d.add("ca", statusFail, certPath+": "+err.Error(), "move "+dir+"/ca.pem and ca-key.pem aside and restart avpd to create a new CA (then avpctl ca install)")
+		return
+	}
+	d.ca = cert
+	fp := fingerprint(cert)
+	if d.st != nil && d.st.CAFingerprint != fp {
+		d.add("ca", statusFail, fmt.Sprintf("%s is %s but avpd serves %s", certPath, fp, d.st.CAFingerprint), "pass doctor the --state-dir avpd runs with")
+		return
+	}
+	if time.Until(cert.NotAfter) < 30*24*time.Hour {
+		d.add("ca", statusWarn, fmt.Sprintf("CA %s expires %s", fp, cert.NotAfter.Format(time.DateOnly)), "")
+	}
+	fi, err := os.Stat(keyPath)
+	if err != nil {
+		if d.root {
+			d.add("ca", statusFail, "CA key: "+err.Error(), "restore "+keyPath+" from backup, or move ca.pem aside and restart avpd for a new CA")
+		} else {
+			d.add("ca", statusSkip, "CA key: needs root to inspect "+keyPath, "")
+		}
+		return
+	}
+	uid, name := d.daemonOwner()
+	owner := int(fi.Sys().(*syscall.Stat_t).Uid)
+	if fi.Mode().Perm() != 0o600 || owner != uid {
+		d.add("ca", statusFail, fmt.Sprintf("CA key %s has mode %04o and owner uid %d: only avpd's user (%s) may read it", keyPath, fi.Mode().Perm(), owner, name),
+			fmt.Sprintf("chown %s %s && chmod 600 %s", name, keyPath, keyPath))
+		return
+	}
+	d.add("ca", statusOK, fmt.Sprintf("CA %s, key %s mode 0600 owned by %s", fp, keyPath, name), "")
+}
+
+// checkCATrust: agents trust avpd's CA through the system store (Go's view of it, which is
+// the same bundle OpenSSL and curl read).
+func (d *doctor) checkCATrust() {
+	if d.ca == nil {
+		d.add("ca-trust", statusSkip, "no CA to look for", "")
+		return
+	}
+	pool, err := x509.SystemCertPool()
+	if err == nil {
+		_, err = d.ca.Verify(x509.VerifyOptions{Roots: pool, KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageAny}})
+	}
+	if err != nil {
+		d.add("ca-trust", statusFail, "avpd's CA "+fingerprint(d.ca)+" is not trusted by the system store: agents will reject its certificates",
+			"avpctl ca install (and, for Node or Python requests, avpctl ca env)")
+		return
+	}
+	d.add("ca-trust", statusOK, "the system store trusts avpd's CA", "")
+}
+
+// checkAudit: failures to record decisions make every injection fail closed.
+func (d *doctor) checkAudit() {
+	if d.st == nil {
+		d.add("audit", statusSkip, "avpd does not answer", "")
+		return
+	}
+	if n := d.st.Stats.AuditErrors; n > 0 {
+		d.add("audit", statusWarn, fmt.Sprintf("%d request(s) failed because the audit log did not acknowledge them (%s)", n, d.st.AuditPath),
+			"check the audit log's disk and, with a journal, systemctl status avp-journal.socket avp-journal.service")
+		return
+	}
+	d.add("audit", statusOK, "no audit failures since avpd started ("+d.st.AuditPath+")", "")
+}
+
+// checkAgent: the UID is enrolled, and as that UID a TLS handshake to a bound host comes
+// back with avpd's certificate and verifies against the system store.
+func (d *doctor) checkAgent() {
+	uid, gid, err := lookupAgent(d.uidArg)
+	if err != nil {
+		d.add("agent", statusFail, err.Error(), "give --uid a user name from /etc/passwd or a numeric UID")
+		return
+	}
+	if set, known := d.enrolledSet(); known {
+		if !slices.Contains(set, uid) {
+			d.add("agent-enrolled", statusFail, fmt.Sprintf("uid %d is not enrolled: its HTTPS goes straight to the internet with the placeholder", uid),
+				"avpctl enroll-uid "+d.uidArg)
+		} else {
+			d.add("agent-enrolled", statusOK, fmt.Sprintf("uid %d is enrolled", uid), "")
+		}
+	}
+	if !d.root {
+		d.add("agent-tls", statusSkip, "needs root to run the probe as uid "+strconv.Itoa(int(uid)), "")
+		return
+	}
+	host := d.host
+	if host == "" && d.cfg != nil {
+	find:
+		for _, s := range d.cfg.Secrets {
+			for _, b := range s.Bindings {
+				if !strings.HasPrefix(b.Host, "*.") {
+					host = b.Host
+					break find
+				}
+			}
+		}
+	}
+	if host == "" {
+		d.add("agent-tls", statusSkip, "no bound host without a wildcard to try; give --host NAME", "")
+		return
+	}
+	res, err := runProbeAs(uid, gid, host)
+	if err != nil {
+		d.add("agent-tls", statusFail, "probe: "+err.Error(), "")
+		return
+	}
+	name := fmt.Sprintf("TLS to %s:443 as uid %d", host, uid)
+	if res.DialError != "" {
+		fix := "systemctl status avpd.socket avpd.service"
+		if strings.Contains(res.DialError, "no such host") || strings.Contains(res.DialError, "lookup") {
+			fix = "the agent cannot resolve " + host + ": check DNS for that user, or give --host"
+		}
+		d.add("agent-tls", statusFail, name+": "+res.DialError, fix)
+		return
+	}
+	leaf, err := x509.ParseCertificate(res.Leaf)
+	if err != nil {
+		d.add("agent-tls", statusFail, name+": unparsable certificate: "+err.Error(), "")
+		return
+	}
+	if d.ca == nil || leaf.CheckSignatureFrom(d.ca) != nil {
+		d.add("agent-tls", statusFail, fmt.Sprintf("%s: not intercepted; %s answered with its own certificate (issuer %q)", name, host, leaf.Issuer.CommonName),
+			"avpctl enroll-uid "+d.uidArg+", and check the firewall line above")
+		return
+	}
+	if res.VerifyError != "" {
+		d.add("agent-tls", statusFail, name+": avpd's certificate does not verify with the system store: "+res.VerifyError,
+			"avpctl ca install (and avpctl ca env for runtimes with their own roots)")
+		return
+	}
+	d.add("agent-tls", statusOK, name+": redirected to avpd, certificate verifies with the system store", "")
+}
+
+// lookupAgent resolves a user name or number to a UID and its primary GID (the UID itself
+// for a number without a passwd entry).
+func lookupAgent(s string) (uint32, uint32, error) {
+	var u *user.User
+	var err error
+	if _, nerr := strconv.ParseUint(s, 10, 32); nerr == nil {
+		u, err = user.LookupId(s)
+		if err != nil {
+			n, _ := strconv.ParseUint(s, 10, 32)
+			return uint32(n), uint32(n), nil
+		}
+	} else if u, err = user.Lookup(s); err != nil {
+		return 0, 0, fmt.Errorf("no user %q", s)
+	}
+	uid, _ := strconv.ParseUint(u.Uid, 10, 32)
+	gid, _ := strconv.ParseUint(u.Gid, 10, 32)
+	return uint32(uid), uint32(gid), nil
+}
+
+// probeResult is what the probe, running as the agent's UID, saw.
+type probeResult struct {
+	DialError   string `json:"dial_error,omitempty"`
+	Leaf        []byte `json:"leaf,omitempty"`
+	VerifyError string `json:"verify_error,omitempty"`
+}
+
+// runProbeAs runs this binary's probe as uid:gid with no supplementary groups and an empty
+// environment, so it sees the system store exactly as a fresh agent process would.
+func runProbeAs(uid, gid uint32, host string) (*probeResult, error) {
+	exe, err := os.Executable()
+	if err != nil {
+		return nil, err
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, exe, "doctor", "--probe", host)
+	cmd.Env = []string{}
+	cmd.Dir = "/"
+	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: uid, Gid: gid, Groups: []uint32{}}}
+	out, err := cmd.Output()
+	if err != nil {
+		var ee *exec.ExitError
+		if errors.As(err, &ee) {
+			return nil, fmt.Errorf("%v: %s", err, ee.Stderr)
+		}
+		return nil, err
+	}
+	var res probeResult
+	if err := json.Unmarshal(out, &res); err != nil {
+		return nil, fmt.Errorf("probe output %q: %w", out, err)
+	}
+	return &res, nil
+}
+
+// runProbe dials host:443, completes a TLS handshake without trusting anything yet, and
+// reports the leaf and whether it verifies for host against the system store.
+func runProbe(host string, stdout io.Writer) int {
+	var res probeResult
+	defer func() { json.NewEncoder(stdout).Encode(res) }()
+	dialer := &net.Dialer{Timeout: 5 * time.Second}
+	conn, err := tls.DialWithDialer(dialer, "tcp", net.JoinHostPort(host, "443"), &tls.Config{
+		ServerName: host, InsecureSkipVerify: true, // verified below, against the system store
+	})
+	if err != nil {
+		res.DialError = err.Error()
+		return 0
+	}
+	defer conn.Close()
+	certs := conn.ConnectionState().PeerCertificates
+	if len(certs) == 0 {
+		res.DialError = "the server sent no certificate"
+		return 0
+	}
+	res.Leaf = certs[0].Raw
+	roots, err := x509.SystemCertPool()
+	if err != nil {
+		res.VerifyError = "no system store: " + err.Error()
+		return 0
+	}
+	inter := x509.NewCertPool()
+	for _, c := range certs[1:] {
+		inter.AddCert(c)
+	}
+	if _, err := certs[0].Verify(x509.VerifyOptions{DNSName: host, Roots: roots, Intermediates: inter}); err != nil {
+		res.VerifyError = err.Error()
+	}
+	return 0
+}
+
+// firewallWatchLine adds to status's firewall line what avpd's every-second check restored.
+func firewallWatchLine(st daemon.Status) string {
+	var s string
+	if st.FirewallRestores > 0 {
+		s = fmt.Sprintf("; restored %d time(s)", st.FirewallRestores)
+		if st.FirewallLastRestored != nil {
+			s += ", last " + st.FirewallLastRestored.Format(time.RFC3339) + ": " + st.FirewallLastRestoreWhy
+		}
+	}
+	if st.FirewallError != "" {
+		s += "; CHECK FAILING: " + st.FirewallError
+	}
+	return s
+}
