@@ -302,9 +302,14 @@ func (l logfWriter) Write(p []byte) (int, error) {
 	return len(p), nil
 }
 
-// upstreamPool keeps one http.Transport per (SNI, original destination), so connections are
-// reused across agent connections but a request is only ever sent to the address the agent
-// dialled, over TLS verified for the name the agent asked for.
+// upstreamPool keeps one http.Transport per (SNI, original destination, protocol), so
+// connections are reused across agent connections but a request is only ever sent to the
+// address the agent dialled, over TLS verified for the name the agent asked for.
+//
+// The upstream speaks the protocol the agent spoke: HTTP/2 requests go over HTTP/2 (gRPC and
+// trailers need it), HTTP/1.1 requests over a pool of HTTP/1.1 keep-alive connections.
+// Funnelling every agent's HTTP/1.1 requests into one multiplexed HTTP/2 connection made
+// them queue behind its single writer and reader.
 type upstreamPool struct {
 	tlsBase *tls.Config
 	dial    func(ctx context.Context, network, addr string) (net.Conn, error)
@@ -316,6 +321,7 @@ type upstreamPool struct {
 type upstreamKey struct {
 	sni  string
 	addr netip.AddrPort
+	h1   bool
 }
 
 const maxTransports = 1024
@@ -329,7 +335,7 @@ func (p *upstreamPool) RoundTrip(r *http.Request) (*http.Response, error) {
 	if f == nil {
 		return nil, errors.New("request without connection facts")
 	}
-	return p.transport(upstreamKey{sni: f.SNI, addr: f.OrigDst}).RoundTrip(r)
+	return p.transport(upstreamKey{sni: f.SNI, addr: f.OrigDst, h1: r.ProtoMajor < 2}).RoundTrip(r)
 }
 
 func (p *upstreamPool) transport(k upstreamKey) *http.Transport {
@@ -348,6 +354,9 @@ func (p *upstreamPool) transport(k upstreamKey) *http.Transport {
 	tc := p.tlsBase.Clone()
 	tc.ServerName = k.sni
 	tc.NextProtos = nil // let the transport offer h2 and http/1.1
+	if k.h1 {
+		tc.NextProtos = []string{"http/1.1"}
+	}
 	if tc.ClientSessionCache == nil {
 		tc.ClientSessionCache = tls.NewLRUClientSessionCache(64)
 	}
@@ -357,7 +366,7 @@ func (p *upstreamPool) transport(k upstreamKey) *http.Transport {
 			return p.dial(ctx, network, addr)
 		},
 		TLSClientConfig:     tc,
-		ForceAttemptHTTP2:   true,
+		ForceAttemptHTTP2:   !k.h1,
 		MaxIdleConns:        256,
 		MaxIdleConnsPerHost: 64,
 		IdleConnTimeout:     90 * time.Second,
@@ -366,6 +375,10 @@ func (p *upstreamPool) transport(k upstreamKey) *http.Transport {
 		DisableCompression:    true,
 		ExpectContinueTimeout: time.Second,
 		Proxy:                 nil,
+	}
+	if k.h1 {
+		// A non-nil empty map keeps the transport from upgrading to HTTP/2.
+		t.TLSNextProto = map[string]func(string, *tls.Conn) http.RoundTripper{}
 	}
 	p.transports[k] = t
 	return t
