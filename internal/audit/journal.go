@@ -644,8 +644,8 @@ type ackMsg struct {
 const maxAcksPerMessage = 2000
 
 type request struct {
-	ID    uint64          `json:"id"`
-	Event json.RawMessage `json:"event"`
+	ID    uint64 `json:"id"`
+	Event *Event `json:"event"`
 }
 
 func (j *Journal) acceptLoop(ln *net.UnixListener) {
@@ -776,17 +776,20 @@ func (j *Journal) readLoop(c *jconn) {
 }
 
 func decodeRequest(msg []byte) (*item, string) {
-	var req request
+	it := &item{size: len(msg)}
+	req := request{Event: &it.ev}
 	dec := json.NewDecoder(bytes.NewReader(msg))
-	dec.DisallowUnknownFields()
-	if err := dec.Decode(&req); err != nil || req.ID == 0 || len(req.Event) == 0 {
-		return &item{id: req.ID}, "malformed message: want {\"id\":N,\"event\":{...}}"
+	dec.DisallowUnknownFields() // applies to the event's fields too: the schema is closed
+	err := dec.Decode(&req)
+	it.id = req.ID
+	if err != nil {
+		if req.ID != 0 {
+			return it, fmt.Sprintf("event is not in the schema: %v", err)
+		}
+		return it, "malformed message: want {\"id\":N,\"event\":{...}}"
 	}
-	it := &item{id: req.ID, size: len(msg)}
-	edec := json.NewDecoder(bytes.NewReader(req.Event))
-	edec.DisallowUnknownFields()
-	if err := edec.Decode(&it.ev); err != nil {
-		return it, fmt.Sprintf("event is not in the schema: %v", err)
+	if req.ID == 0 || req.Event == nil {
+		return it, "malformed message: want {\"id\":N,\"event\":{...}}"
 	}
 	if err := it.ev.Validate(); err != nil {
 		return it, "event is not in the schema: " + err.Error()
