@@ -54,7 +54,7 @@ func (d *Daemon) runBackend(ctx context.Context) {
 	if d.bws == nil {
 		return
 	}
-	if err := d.bws.Start(); err != nil {
+	if err := d.bws.Start(ctx); err != nil {
 		d.logf("bws: not ready: %v; requests that need a secret get 503 until this is fixed (avpctl status shows the state)", err)
 	} else {
 		h := d.bws.Health(d.secretNames())

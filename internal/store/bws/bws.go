@@ -54,7 +54,7 @@ type Options struct {
 	// RetryBackoff is the first pause after a failed login or a helper crash; it doubles up
 	// to MaxBackoff. Zero means 1s.
 	RetryBackoff time.Duration
-	Logf         func(string, ...any)
+	Logf         func(string, ...any) `json:"-"`
 }
 
 // MaxBackoff caps the pause between helper restarts.
@@ -249,8 +249,8 @@ func (e *CallError) Error() string { return e.Msg }
 
 // Start logs in and lists the organization's secrets, within Timeout. A failure is returned
 // for the log and kept for status; requests then fail closed and the helper is retried.
-func (b *Backend) Start() error {
-	ctx, cancel := context.WithTimeout(context.Background(), b.opts.Timeout)
+func (b *Backend) Start(ctx context.Context) error {
+	ctx, cancel := context.WithTimeout(ctx, b.opts.Timeout)
 	defer cancel()
 	h, err := b.session(ctx)
 	if err != nil {
@@ -582,6 +582,7 @@ type Health struct {
 	APIURL         string    `json:"api_url"`
 	IdentityURL    string    `json:"identity_url"`
 	OrganizationID string    `json:"organization_id"`
+	HelperPID      int       `json:"helper_pid,omitempty"`
 	InFlight       int       `json:"calls_in_flight"`
 	MaxInFlight    int       `json:"max_calls_in_flight"`
 	KnownNames     int       `json:"names_in_bws"`
@@ -602,6 +603,7 @@ func (b *Backend) Health(names []string) Health {
 	switch {
 	case b.cur != nil:
 		hl.State = "ready"
+		hl.HelperPID = b.cur.cmd.Process.Pid
 	case b.starting != nil:
 		hl.State = "starting"
 	default:

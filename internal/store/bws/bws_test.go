@@ -2,15 +2,20 @@ package bws_test
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"net"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/agent-vault-proxy/agent-vault-proxy/internal/store"
 	"github.com/agent-vault-proxy/agent-vault-proxy/internal/store/bws"
@@ -25,6 +30,9 @@ const helperEnvVar = "AVP_BWS_TEST_HELPER"
 func TestMain(m *testing.M) {
 	if os.Getenv(helperEnvVar) == "1" {
 		os.Exit(sdkhelper.Main(os.Stderr))
+	}
+	if os.Getenv(capsChildEnvVar) != "" {
+		os.Exit(capsChild())
 	}
 	os.Exit(m.Run())
 }
@@ -152,7 +160,7 @@ func TestFetchThroughRealSDK(t *testing.T) {
 	f.fake.Put("OPENAI", "sk-real-openai-value")
 	f.fake.Put("OTHER", "other-value")
 	b := f.backend()
-	if err := b.Start(); err != nil {
+	if err := b.Start(context.Background()); err != nil {
 		t.Fatalf("start: %v\n%s", err, f.log)
 	}
 	v, err := b.Fetch(context.Background(), "OPENAI")
@@ -176,7 +184,7 @@ func TestRefreshOnMiss(t *testing.T) {
 	f := newFixture(t)
 	f.fake.Put("A", "a")
 	b := f.backend()
-	if err := b.Start(); err != nil {
+	if err := b.Start(context.Background()); err != nil {
 		t.Fatal(err)
 	}
 	f.fake.Put("LATE", "late-value")
@@ -218,7 +226,7 @@ func TestHungBWSFailsWithinTimeoutAndRecovers(t *testing.T) {
 	f.fake.Put("A", "a")
 	f.fake.Put("B", "b")
 	b := f.backend(func(o *bws.Options) { o.Timeout = time.Second })
-	if err := b.Start(); err != nil {
+	if err := b.Start(context.Background()); err != nil {
 		t.Fatal(err)
 	}
 	f.fake.SetAPIFault(bwsfake.Hang)
@@ -246,7 +254,7 @@ func TestInFlightCallsAreBounded(t *testing.T) {
 		f.fake.Put(k, k)
 	}
 	b := f.backend(func(o *bws.Options) { o.MaxInFlight = 2; o.Timeout = time.Second })
-	if err := b.Start(); err != nil {
+	if err := b.Start(context.Background()); err != nil {
 		t.Fatal(err)
 	}
 	f.fake.SetAPIFault(bwsfake.Hang)
@@ -270,7 +278,7 @@ func TestHelperAbortOnlyFailsItsCalls(t *testing.T) {
 	f.fake.Put("A", "a-value")
 	f.fake.SetIdentityFault(bwsfake.Malformed)
 	b := f.backend()
-	err := b.Start()
+	err := b.Start(context.Background())
 	if err == nil || !strings.Contains(err.Error(), "the SDK panicked") {
 		t.Fatalf("start against a malformed identity response: %v\n%s", err, f.log)
 	}
@@ -291,7 +299,7 @@ func TestWrongTokenIsAClearError(t *testing.T) {
 		f := newFixture(t)
 		f.token = bwsfake.ForeignToken()
 		f.writeToken(f.token, 0o600)
-		err := f.backend().Start()
+		err := f.backend().Start(context.Background())
 		if err == nil || !strings.Contains(err.Error(), "the access token is wrong, expired or revoked") {
 			t.Fatalf("err = %v", err)
 		}
@@ -303,7 +311,7 @@ func TestWrongTokenIsAClearError(t *testing.T) {
 		left, _, _ := strings.Cut(f.token, ":")
 		f.token = left + ":" + strings.Split(bwsfake.ForeignToken(), ":")[1]
 		f.writeToken(f.token, 0o600)
-		err := f.backend().Start()
+		err := f.backend().Start(context.Background())
 		if err == nil || !strings.Contains(err.Error(), "decryption failed") {
 			t.Fatalf("err = %v", err)
 		}
@@ -335,7 +343,7 @@ func TestErrorsNeverQuoteTheToken(t *testing.T) {
 	f := newFixture(t)
 	f.fake.Put("A", "a-value")
 	b := f.backend(func(o *bws.Options) { o.RetryBackoff = time.Millisecond })
-	if err := b.Start(); err != nil {
+	if err := b.Start(context.Background()); err != nil {
 		t.Fatal(err)
 	}
 	f.fake.SetAPIFault(bwsfake.Fail)
@@ -348,7 +356,7 @@ func TestErrorsNeverQuoteTheToken(t *testing.T) {
 	for _, fault := range []bwsfake.Fault{bwsfake.Fail, bwsfake.MalformedEcho} {
 		f.fake.SetIdentityFault(fault)
 		b2 := f.backend(func(o *bws.Options) { o.RetryBackoff = time.Millisecond })
-		err := b2.Start()
+		err := b2.Start(context.Background())
 		if err == nil {
 			t.Fatalf("fault %d: login succeeded", fault)
 		}
@@ -364,7 +372,7 @@ func TestSyncEvictsRotatedAndDeletedSecrets(t *testing.T) {
 	f.fake.Put("A", "a1")
 	f.fake.Put("B", "b1")
 	b := f.backend()
-	if err := b.Start(); err != nil {
+	if err := b.Start(context.Background()); err != nil {
 		t.Fatal(err)
 	}
 	for _, n := range []string{"A", "B"} {
@@ -399,5 +407,100 @@ func TestSyncEvictsRotatedAndDeletedSecrets(t *testing.T) {
 	}
 	if h := b.Health(nil); h.LastSync.IsZero() || h.LastSyncError != "" {
 		t.Fatalf("health: %+v", h)
+	}
+}
+
+const capsChildEnvVar = "AVP_BWS_CAPS_CHILD"
+
+// capsChild runs as an unprivileged user holding CAP_NET_ADMIN as an ambient capability, as
+// avpd does under systemd: it starts a backend from the options in its environment and
+// prints its own and its helper's capability sets.
+func capsChild() int {
+	var o bws.Options
+	if err := json.Unmarshal([]byte(os.Getenv(capsChildEnvVar)), &o); err != nil || o.Timeout == 0 {
+		fmt.Println(err)
+		return 1
+	}
+	o.Env = append(os.Environ(), helperEnvVar+"=1")
+	self, _ := os.ReadFile("/proc/self/status")
+	b, err := bws.New(o)
+	if err != nil {
+		fmt.Println(err)
+		return 1
+	}
+	defer b.Close()
+	if err := b.Start(context.Background()); err != nil {
+		fmt.Println(err)
+		return 1
+	}
+	helper, _ := os.ReadFile(fmt.Sprintf("/proc/%d/status", b.Health(nil).HelperPID))
+	fmt.Printf("self:\n%s\nhelper:\n%s", capLines(string(self)), capLines(string(helper)))
+	return 0
+}
+
+func capLines(status string) string {
+	var out []string
+	for _, l := range strings.Split(status, "\n") {
+		if strings.HasPrefix(l, "Cap") {
+			out = append(out, strings.Join(strings.Fields(l), " "))
+		}
+	}
+	return strings.Join(out, "\n")
+}
+
+// Under systemd avpd runs as user avp with CAP_NET_ADMIN as an ambient capability; the helper
+// must not inherit it.
+func TestHelperRunsWithoutCapabilities(t *testing.T) {
+	if os.Geteuid() != 0 {
+		if os.Getenv("CI") != "" {
+			t.Fatal("CI is set but not running as root")
+		}
+		t.Skip("SKIP: needs root to start a process as another user with an ambient capability (sudo make test)")
+	}
+	f := newFixture(t)
+	// The child runs as uid 4242: it needs a binary, a token and a CA it can read.
+	dir := t.TempDir()
+	os.Chmod(dir, 0o755)
+	os.Chmod(filepath.Dir(dir), 0o755) // the test's own temp root
+	bin := filepath.Join(dir, "bws.test")
+	data, err := os.ReadFile(os.Args[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(bin, data, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	os.Chmod(filepath.Dir(f.tokFile), 0o755)
+	os.Chown(f.tokFile, 4242, 4242)
+	o := f.options()
+	o.Helper, o.Env, o.Logf = []string{bin}, nil, nil
+	opts, err := json.Marshal(o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(bin)
+	for _, kv := range f.env {
+		if !strings.HasPrefix(kv, helperEnvVar+"=") {
+			cmd.Env = append(cmd.Env, kv)
+		}
+	}
+	cmd.Env = append(cmd.Env, capsChildEnvVar+"="+string(opts))
+	cmd.SysProcAttr = &syscall.SysProcAttr{
+		Credential:  &syscall.Credential{Uid: 4242, Gid: 4242},
+		AmbientCaps: []uintptr{unix.CAP_NET_ADMIN},
+	}
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		t.Fatalf("child: %v\n%s", err, out)
+	}
+	self, helper, ok := strings.Cut(string(out), "helper:")
+	if !ok || !strings.Contains(self, "CapAmb: 0000000000001000") {
+		t.Fatalf("the child does not hold CAP_NET_ADMIN as an ambient capability, so this proves nothing:\n%s", out)
+	}
+	// CapInh may stay: without ambient or file capabilities it grants nothing at execve.
+	for _, set := range []string{"CapPrm", "CapEff", "CapAmb"} {
+		if !strings.Contains(helper, set+": 0000000000000000") {
+			t.Errorf("the helper has %s set:\n%s", set, helper)
+		}
 	}
 }

@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"regexp"
+	"runtime"
 	"strings"
 	"sync"
 	"time"
@@ -76,7 +77,7 @@ func (b *Backend) spawn() (*helper, error) {
 	cmd.ExtraFiles = []*os.File{theirs}
 	cmd.Stdout, cmd.Stderr = logW, logW
 	cmd.Dir = "/"
-	err = cmd.Start()
+	err = startWithoutAmbientCaps(cmd)
 	logW.Close()
 	if err != nil {
 		conn.Close()
@@ -98,6 +99,23 @@ func (b *Backend) spawn() (*helper, error) {
 	go h.readLoop()
 	go h.watchdog()
 	return h, nil
+}
+
+// startWithoutAmbientCaps starts cmd from a thread whose ambient capabilities are cleared.
+// Under systemd avpd holds CAP_NET_ADMIN as an ambient capability, which execve would pass on
+// to the helper; the helper parses network input and needs no capability. Capabilities are
+// per thread, so the start runs on a thread of its own that is never returned to the pool.
+func startWithoutAmbientCaps(cmd *exec.Cmd) error {
+	errc := make(chan error, 1)
+	go func() {
+		runtime.LockOSThread() // never unlocked: the thread exits with this goroutine
+		if err := unix.Prctl(unix.PR_CAP_AMBIENT, unix.PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0); err != nil && !errors.Is(err, unix.EINVAL) {
+			errc <- fmt.Errorf("clear ambient capabilities: %w", err)
+			return
+		}
+		errc <- cmd.Start()
+	}()
+	return <-errc
 }
 
 // logLines copies the helper's stdout and stderr (the SDK's own log and panic messages) to
