@@ -510,18 +510,38 @@ func (d *doctor) checkCATrust() {
 	d.add("ca-trust", statusOK, "the system store trusts avpd's CA", "")
 }
 
-// checkAudit: failures to record decisions make every injection fail closed.
+// checkAudit: failures to record decisions make every injection fail closed. With a
+// journal configured, its socket must accept a connection (which also wakes a
+// socket-activated journal).
 func (d *doctor) checkAudit() {
+	if d.cfg != nil && d.cfg.Audit.Socket != "" {
+		sock := d.cfg.Audit.Socket
+		c, err := net.DialTimeout("unixpacket", sock, 3*time.Second)
+		if err != nil {
+			fix := "systemctl start avp-journal.socket avp-journal.service, then journalctl -u avp-journal"
+			if errors.Is(err, syscall.EACCES) {
+				fix = "run avpctl doctor as root (the journal's socket is avpd's user's alone)"
+			}
+			d.add("journal", statusFail, "the audit journal does not answer at "+sock+": "+err.Error()+"; every injection gets 503 audit_unavailable", fix)
+		} else {
+			c.Close()
+			d.add("journal", statusOK, "the audit journal accepts connections at "+sock, "")
+		}
+	}
 	if d.st == nil {
 		d.add("audit", statusSkip, "avpd does not answer", "")
 		return
 	}
+	where := d.st.AuditPath
+	if d.cfg != nil && d.cfg.Audit.Socket != "" {
+		where = "journal at " + d.cfg.Audit.Socket
+	}
 	if n := d.st.Stats.AuditErrors; n > 0 {
-		d.add("audit", statusWarn, fmt.Sprintf("%d request(s) failed because the audit log did not acknowledge them (%s)", n, d.st.AuditPath),
+		d.add("audit", statusWarn, fmt.Sprintf("%d request(s) failed because the audit log did not acknowledge them (%s)", n, where),
 			"check the audit log's disk and, with a journal, systemctl status avp-journal.socket avp-journal.service")
 		return
 	}
-	d.add("audit", statusOK, "no audit failures since avpd started ("+d.st.AuditPath+")", "")
+	d.add("audit", statusOK, "no audit failures since avpd started ("+where+")", "")
 }
 
 // checkAgent: the UID is enrolled, and as that UID a TLS handshake to a bound host comes

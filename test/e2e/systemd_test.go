@@ -111,6 +111,27 @@ func startActivated(t *testing.T, ns string, out *syncBuffer, args ...string) (*
 	return cmd, done
 }
 
+type doctorEntry struct {
+	Name, Status, Detail, Fix string
+}
+
+// doctorCheck runs avpctl doctor --json in the namespace and returns the named check.
+func doctorCheck(t *testing.T, e *env, name string, args ...string) doctorEntry {
+	t.Helper()
+	out, _ := exec.Command("ip", append([]string{"netns", "exec", e.ns, filepath.Join(binDir, "avpctl"), "--runtime-dir", e.runtime, "doctor", "--json"}, args...)...).Output()
+	var r struct{ Checks []doctorEntry }
+	if err := json.Unmarshal(out, &r); err != nil {
+		t.Fatalf("doctor --json: %v\n%s", err, out)
+	}
+	for _, c := range r.Checks {
+		if c.Name == name {
+			return c
+		}
+	}
+	t.Fatalf("doctor has no %s check:\n%s", name, out)
+	return doctorEntry{}
+}
+
 func procComm(pid int) string {
 	data, _ := os.ReadFile(fmt.Sprintf("/proc/%d/comm", pid))
 	return strings.TrimSpace(string(data))
@@ -152,7 +173,7 @@ secrets:
 	run(t, "ip", "netns", "exec", e.ns, "nft", "-f", "../../nft/agent-vault-proxy.nft")
 
 	var jout syncBuffer
-	_, _ = startActivated(t, "", &jout, "--seqpacket", "-l", jsock, "--",
+	journal, journalDone := startActivated(t, "", &jout, "--seqpacket", "-l", jsock, "--",
 		filepath.Join(binDir, "avpd"), "journal", "--log", e.audit, "--journald", "off",
 		"--socket", filepath.Join(e.private, "unused.sock"))
 	notify := newNotifySocket(t, e.private)
@@ -215,6 +236,11 @@ secrets:
 	w := notify.wait(t, ready, 3*time.Second, "WATCHDOG=1")
 	notify.wait(t, w+1, 3*time.Second, "WATCHDOG=1")
 
+	// doctor sees the journal answer (the other checks are TestDoctor's).
+	if c := doctorCheck(t, e, "journal"); c.Status != "ok" {
+		t.Fatalf("doctor's journal check: %+v", c)
+	}
+
 	ssa.Process.Signal(unix.SIGHUP)
 	r := notify.wait(t, 0, 5*time.Second, "RELOADING=1", "MONOTONIC_USEC=")
 	notify.wait(t, r+1, 5*time.Second, "READY=1")
@@ -233,6 +259,12 @@ secrets:
 	}
 	notify.wait(t, 0, time.Second, "STOPPING=1")
 	e.waitAudit("type", "proxy_stop")
+	// With the journal gone too, doctor names the journal's units.
+	journal.Process.Signal(unix.SIGTERM)
+	<-journalDone
+	if c := doctorCheck(t, e, "journal", "--config", e.config, "--state-dir", e.state); c.Status != "fail" || !strings.Contains(c.Fix, "systemctl start avp-journal.socket") {
+		t.Fatalf("doctor's journal check with the journal stopped: %+v", c)
+	}
 	// The rules stay: enrolled users fail closed until avpd is back.
 	if out, err := exec.Command("ip", "netns", "exec", e.ns, "nft", "list", "set", "inet", "agent_vault_proxy", "agents").CombinedOutput(); err != nil || !strings.Contains(string(out), "4242") {
 		t.Fatalf("the redirect did not outlive avpd: %v\n%s", err, out)
