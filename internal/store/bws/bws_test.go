@@ -15,6 +15,7 @@ import (
 	"testing"
 	"time"
 
+	sdk "github.com/bitwarden/sdk-go"
 	"golang.org/x/sys/unix"
 
 	"github.com/agent-vault-proxy/agent-vault-proxy/internal/store"
@@ -502,5 +503,60 @@ func TestHelperRunsWithoutCapabilities(t *testing.T) {
 		if !strings.Contains(helper, set+": 0000000000000000") {
 			t.Errorf("the helper has %s set:\n%s", set, helper)
 		}
+	}
+}
+
+// The fake must answer every call the adapter might make the way sdk-go v1.0.2 reads it;
+// this drives the SDK directly (in this process, over plain HTTP) through all four shapes.
+func TestFakeSpeaksTheSDKProtocol(t *testing.T) {
+	fake := bwsfake.New()
+	idA := fake.Put("A", "value-a")
+	idB := fake.Put("B", "value-b")
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	fake.Serve(ln)
+	defer fake.Close()
+	for _, k := range []string{"HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"} {
+		t.Setenv(k, "")
+	}
+	api, idp := bwsfake.URLs(bwsfake.BaseURL("http", ln.Addr()))
+	c, err := sdk.NewBitwardenClient(&api, &idp)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if err := c.AccessTokenLogin(fake.NewToken(), nil); err != nil {
+		t.Fatalf("login: %v", err)
+	}
+	list, err := c.Secrets().List(fake.OrgID)
+	if err != nil || len(list.Data) != 2 || list.Data[0].Key != "A" || list.Data[0].ID != idA {
+		t.Fatalf("List = %+v, %v", list, err)
+	}
+	got, err := c.Secrets().Get(idB)
+	if err != nil || got.Key != "B" || got.Value != "value-b" || got.RevisionDate.IsZero() {
+		t.Fatalf("Get = %+v, %v", got, err)
+	}
+	byIDs, err := c.Secrets().GetByIDS([]string{idA, idB})
+	if err != nil || len(byIDs.Data) != 2 || byIDs.Data[0].Value != "value-a" {
+		t.Fatalf("GetByIDS = %+v, %v", byIDs, err)
+	}
+	all, err := c.Secrets().Sync(fake.OrgID, nil)
+	if err != nil || !all.HasChanges || len(all.Secrets) != 2 {
+		t.Fatalf("Sync(nil) = %+v, %v", all, err)
+	}
+	since := time.Now()
+	none, err := c.Secrets().Sync(fake.OrgID, &since)
+	if err != nil || none.HasChanges || none.Secrets != nil {
+		t.Fatalf("Sync(now) = %+v, %v", none, err)
+	}
+	fake.Put("A", "value-a2")
+	changed, err := c.Secrets().Sync(fake.OrgID, &since)
+	if err != nil || !changed.HasChanges || len(changed.Secrets) != 2 {
+		t.Fatalf("Sync after a change = %+v, %v", changed, err)
+	}
+	if n := fake.Count(bwsfake.CountLogin); n != 1 {
+		t.Fatalf("logins = %d", n)
 	}
 }
