@@ -313,9 +313,14 @@ func TestJournalCrashSafety(t *testing.T) {
 	args := []string{"--rotate-size", "256K"}
 	j := startJournal(t, dir, nil, args...)
 	live := filepath.Join(dir, "log", "audit.jsonl")
+	key := filepath.Join(dir, "log", "journal.key")
 
 	const writers = 32
+	var mu sync.Mutex // guards acked
 	acked := make([][]int, writers)
+	// Writers hold gate for reading around each Record; the test takes it for writing to
+	// hold them between a restart and its checks (the kill itself hits them mid-stream).
+	var gate sync.RWMutex
 	var stop atomic.Bool
 	var wg sync.WaitGroup
 	var failures atomic.Int64
@@ -323,32 +328,88 @@ func TestJournalCrashSafety(t *testing.T) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			c := audit.NewJournalClient(j.sock, 2*time.Second)
+			c := audit.NewJournalClient(j.sock, time.Second)
 			defer c.Close()
 			for n := 0; !stop.Load(); n++ {
 				ev := audit.Event{Type: audit.TypeDecision, Decision: audit.DecisionPassthrough, Reason: "sni_not_bound",
 					SNI: fmt.Sprintf("w%02d.test", w), Path: fmt.Sprintf("/n/%d", n)}
-				if err := c.Record(context.Background(), ev); err != nil {
+				gate.RLock()
+				err := c.Record(context.Background(), ev)
+				if err == nil {
+					mu.Lock()
+					acked[w] = append(acked[w], n)
+					mu.Unlock()
+				}
+				gate.RUnlock()
+				if err != nil {
 					failures.Add(1)
 					time.Sleep(5 * time.Millisecond)
-					continue
 				}
-				acked[w] = append(acked[w], n)
 			}
 		}()
 	}
+
+	// check verifies the whole set with avpctl and that every acknowledged event is in it,
+	// once and in its writer's order. It returns the journal_start lines and verify's output.
+	check := func(when string) ([]audit.Line, []byte) {
+		t.Helper()
+		out, err := exec.Command(filepath.Join(binDir, "avpctl"), "audit", "verify", "--key", key, live).CombinedOutput()
+		if err != nil || !bytes.Contains(out, []byte("ok: ")) {
+			t.Fatalf("verify %s: %v\n%s", when, err, out)
+		}
+		set, err := audit.ExpandLogSet([]string{live})
+		if err != nil {
+			t.Fatal(err)
+		}
+		seen := make([]map[int]bool, writers)
+		last := make([]int, writers)
+		for w := range seen {
+			seen[w], last[w] = map[int]bool{}, -1
+		}
+		var starts []audit.Line
+		for _, p := range set {
+			data, _ := os.ReadFile(p)
+			for _, raw := range bytes.Split(bytes.TrimSuffix(data, []byte("\n")), []byte("\n")) {
+				if len(raw) == 0 {
+					continue
+				}
+				l, err := audit.ParseLine(raw, nil)
+				if err != nil {
+					t.Fatalf("%s: %s: %v", when, p, err)
+				}
+				if l.Type == audit.TypeJournalStart {
+					starts = append(starts, *l)
+					continue
+				}
+				var w, n int
+				fmt.Sscanf(l.SNI, "w%02d.test", &w)
+				fmt.Sscanf(l.Path, "/n/%d", &n)
+				if n <= last[w] {
+					t.Fatalf("%s: writer %d: event %d after %d: out of order or repeated", when, w, n, last[w])
+				}
+				last[w] = n
+				seen[w][n] = true
+			}
+		}
+		mu.Lock()
+		defer mu.Unlock()
+		for w := range acked {
+			for _, n := range acked[w] {
+				if !seen[w][n] {
+					t.Fatalf("%s: writer %d: acknowledged event %d is not in the log", when, w, n)
+				}
+			}
+		}
+		return starts, out
+	}
+
 	const kills = 4
 	torn := []byte(`{"v":1,"seq":999999,"ts":"2026-01-01T00:00:00Z","prev":"0000`)
-	countAcked := func() int { // after the writers stopped
-		n := 0
-		for w := range acked {
-			n += len(acked[w])
-		}
-		return n
-	}
+	var tornOut []byte
 	for k := 0; k < kills; k++ {
-		time.Sleep(400 * time.Millisecond)
-		j.stop(unix.SIGKILL)
+		time.Sleep(300 * time.Millisecond)
+		j.stop(unix.SIGKILL) // mid-stream: 32 writers have events in flight
+		gate.Lock()          // let the in-flight Records fail, hold new ones
 		if k == 1 {
 			// A crash in the middle of a write leaves part of a line: simulate one.
 			f, err := os.OpenFile(live, os.O_WRONLY|os.O_APPEND, 0)
@@ -359,82 +420,47 @@ func TestJournalCrashSafety(t *testing.T) {
 			f.Close()
 		}
 		j = startJournal(t, dir, nil, args...)
+		starts, out := check(fmt.Sprintf("after restart %d", k+1))
+		if len(starts) != k+2 {
+			t.Fatalf("after restart %d: %d journal_start events", k+1, len(starts))
+		}
+		if k == 1 {
+			// This restart reported the torn write and kept its bytes.
+			st := starts[k+1]
+			if st.TornBytes < int64(len(torn)) || st.TornFile == "" || !strings.Contains(st.Detail, "WARNING: torn tail") {
+				t.Fatalf("the restart after the torn write recorded %+v", st)
+			}
+			kept, err := os.ReadFile(st.TornFile)
+			if err != nil || !bytes.HasSuffix(kept, torn) || int64(len(kept)) != st.TornBytes {
+				t.Fatalf("torn bytes kept in %s: %q %v", st.TornFile, kept, err)
+			}
+			tornOut = out
+		}
+		gate.Unlock()
 	}
-	time.Sleep(400 * time.Millisecond)
+	time.Sleep(300 * time.Millisecond)
 	stop.Store(true)
 	wg.Wait()
 	j.stop(unix.SIGTERM)
-	total := countAcked()
-	t.Logf("%d events acknowledged, %d failed while the journal was down, %d kills", total, failures.Load(), kills)
+	starts, out := check("at the end")
+	mu.Lock()
+	total := 0
+	for w := range acked {
+		total += len(acked[w])
+	}
+	mu.Unlock()
+	t.Logf("%d events acknowledged, %d failed around the kills, %d kills; avpctl audit verify: %s", total, failures.Load(), kills, bytes.TrimSpace(out))
 	if total < writers*10 {
 		t.Fatalf("only %d events acknowledged", total)
-	}
-
-	key := filepath.Join(dir, "log", "journal.key")
-	out, err := exec.Command(filepath.Join(binDir, "avpctl"), "audit", "verify", "--key", key, live).CombinedOutput()
-	if err != nil || !bytes.Contains(out, []byte("ok: ")) {
-		t.Fatalf("verify after %d kills: %v\n%s", kills, err, out)
-	}
-	t.Logf("avpctl audit verify: %s", bytes.TrimSpace(out))
-
-	set, err := audit.ExpandLogSet([]string{live})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if len(set) < 2 {
-		t.Fatalf("the log never rotated (%v): the test does not cover rotation", set)
-	}
-	seen := make([][]int, writers)
-	var starts []audit.Line
-	for _, p := range set {
-		data, _ := os.ReadFile(p)
-		for _, raw := range bytes.Split(bytes.TrimSuffix(data, []byte("\n")), []byte("\n")) {
-			if len(raw) == 0 {
-				continue
-			}
-			l, err := audit.ParseLine(raw, nil)
-			if err != nil {
-				t.Fatalf("%s: %v", p, err)
-			}
-			if l.Type == audit.TypeJournalStart {
-				starts = append(starts, *l)
-				continue
-			}
-			var w, n int
-			fmt.Sscanf(l.SNI, "w%02d.test", &w)
-			fmt.Sscanf(l.Path, "/n/%d", &n)
-			if k := len(seen[w]); k > 0 && seen[w][k-1] >= n {
-				t.Fatalf("writer %d: event %d after %d: out of order or repeated", w, n, seen[w][k-1])
-			}
-			seen[w] = append(seen[w], n)
-		}
-	}
-	for w := range acked {
-		in := map[int]bool{}
-		for _, n := range seen[w] {
-			in[n] = true
-		}
-		for _, n := range acked[w] {
-			if !in[n] {
-				t.Fatalf("writer %d: acknowledged event %d is not in the log", w, n)
-			}
-		}
 	}
 	if len(starts) != kills+1 {
 		t.Fatalf("%d journal_start events, want %d", len(starts), kills+1)
 	}
-	// The restart after the simulated torn write (the second kill) reported it and kept the
-	// bytes.
-	st := starts[2]
-	if st.TornBytes < int64(len(torn)) || st.TornFile == "" || !strings.Contains(st.Detail, "WARNING: torn tail") {
-		t.Fatalf("the restart after the torn write recorded %+v", st)
-	}
-	kept, err := os.ReadFile(st.TornFile)
-	if err != nil || !bytes.HasSuffix(kept, torn) || int64(len(kept)) != st.TornBytes {
-		t.Fatalf("torn bytes kept in %s: %q %v", st.TornFile, kept, err)
-	}
-	if !bytes.Contains(out, []byte("torn tail")) {
+	if !bytes.Contains(tornOut, []byte("torn tail")) || !bytes.Contains(out, []byte("torn tail")) {
 		t.Fatalf("avpctl audit verify does not mention the torn tail:\n%s", out)
+	}
+	if set, _ := audit.ExpandLogSet([]string{live}); len(set) < 2 {
+		t.Fatalf("the log never rotated (%v): the test does not cover rotation", set)
 	}
 }
 
