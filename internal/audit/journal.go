@@ -143,9 +143,21 @@ func OpenJournal(opts JournalOptions) (*Journal, error) {
 	}
 	j.key = key
 	if created {
+		// A new key next to an existing log would make every old MAC fail and restart the
+		// chain at seq 1: refuse, and leave no key behind.
+		var found []string
 		if st, err := os.Stat(opts.Log); err == nil && st.Size() > 0 {
+			found = append(found, opts.Log)
+		}
+		if _, err := os.Stat(HeadName(opts.Log)); err == nil {
+			found = append(found, HeadName(opts.Log))
+		}
+		if rot, _ := rotatedFiles(opts.Log); len(rot) > 0 {
+			found = append(found, rot...)
+		}
+		if len(found) > 0 {
 			os.Remove(opts.Key)
-			return nil, fmt.Errorf("journal key %s was missing but %s holds events: restore the key (its MACs cannot be checked with a new one) or move the log aside", opts.Key, opts.Log)
+			return nil, fmt.Errorf("journal key %s was missing but the log exists (%s): restore the key (its MACs cannot be checked with a new one) or move the log aside", opts.Key, strings.Join(found, ", "))
 		}
 	}
 	start, err := j.recover()

@@ -80,6 +80,19 @@ func TestJournalRefusesMissingKeyForExistingLog(t *testing.T) {
 	if _, err := os.Stat(filepath.Join(dir, "journal.key")); err == nil {
 		t.Fatal("a new key was left behind")
 	}
+	// Also when only rotated files are left.
+	dir2 := t.TempDir()
+	j2 := openTestJournal(t, dir2, func(o *JournalOptions) { o.RotateSize = 1000 })
+	appendEvents(t, j2, 3)
+	j2.close()
+	if st, _ := os.Stat(j2.opts.Log); st.Size() != 0 {
+		t.Fatal("not rotated")
+	}
+	os.Remove(filepath.Join(dir2, "journal.key"))
+	os.Remove(HeadName(j2.opts.Log))
+	if _, err := OpenJournal(JournalOptions{Log: j2.opts.Log}); err == nil || !strings.Contains(err.Error(), "audit.jsonl.0000000000000001") {
+		t.Fatalf("got %v", err)
+	}
 }
 
 // rotatedLog writes a log set of several files and returns the live path and the key.
