@@ -29,7 +29,7 @@ import (
 	"github.com/agent-vault-proxy/agent-vault-proxy/internal/redirect"
 )
 
-const doctorUsage = "doctor [--uid USER] [--host NAME] [--config FILE] [--state-dir DIR] [--json]"
+const doctorUsage = "doctor [--uid USER] [--host NAME] [--config FILE] [--state-dir DIR] [--daemon-user USER] [--json]"
 
 // Check results. Only "fail" makes doctor exit 1; "warn" names something worth fixing
 // that does not open a bypass or stop injection.
@@ -59,6 +59,7 @@ type doctor struct {
 	host       string
 	configFlag string
 	stateFlag  string
+	userFlag   string
 	root       bool
 
 	checks    []check
@@ -85,6 +86,7 @@ func runDoctor(g globals, args []string, stdout, stderr io.Writer) int {
 	fs.StringVar(&d.host, "host", "", "")
 	fs.StringVar(&d.configFlag, "config", "", "")
 	fs.StringVar(&d.stateFlag, "state-dir", "", "")
+	fs.StringVar(&d.userFlag, "daemon-user", "", "")
 	asJSON := fs.Bool("json", false, "")
 	probe := fs.String("probe", "", "") // internal: the TLS probe, run as the agent's UID
 	if err := fs.Parse(args); err != nil || fs.NArg() != 0 {
@@ -197,24 +199,39 @@ func (d *doctor) checkDaemon() {
 	d.add("avpd", statusOK, fmt.Sprintf("avpd %s answers (pid %d, user %s, up since %s)", st.Version, st.PID, d.daemonUsr, st.StartedAt.Format(time.RFC3339)), "")
 }
 
-// processUID returns the real UID of pid and its user name.
+// processUID returns the effective UID of pid and its user name. It reads /proc/PID/status:
+// the owner of /proc/PID itself is root for a non-dumpable process, which avpd is.
 func processUID(pid int) (int, string) {
-	var s unix.Stat_t
-	if err := unix.Stat(fmt.Sprintf("/proc/%d", pid), &s); err != nil {
+	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
 		return -1, "?"
 	}
-	name := strconv.Itoa(int(s.Uid))
+	uid := -1
+	for _, line := range strings.Split(string(data), "\n") {
+		if f := strings.Fields(line); len(f) >= 3 && f[0] == "Uid:" {
+			uid, _ = strconv.Atoi(f[2])
+		}
+	}
+	if uid < 0 {
+		return -1, "?"
+	}
+	name := strconv.Itoa(uid)
 	if u, err := user.LookupId(name); err == nil {
 		name = u.Username
 	}
-	return int(s.Uid), name
+	return uid, name
 }
 
-// daemonOwner is who should own avpd's private files: its running user, else avp when that
-// user exists, else root.
+// daemonOwner is who should own avpd's private files: its running user, else --daemon-user,
+// else avp when that user exists, else root.
 func (d *doctor) daemonOwner() (int, string) {
 	if d.daemonUID >= 0 {
 		return d.daemonUID, d.daemonUsr
+	}
+	if d.userFlag != "" {
+		if uid, _, err := lookupAgent(d.userFlag); err == nil {
+			return int(uid), d.userFlag
+		}
 	}
 	if u, err := user.Lookup("avp"); err == nil {
 		n, _ := strconv.Atoi(u.Uid)

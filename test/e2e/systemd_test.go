@@ -400,11 +400,62 @@ func (m *mountNS) cmd(name string, args ...string) *exec.Cmd {
 	return exec.Command("nsenter", append([]string{"-t", strconv.Itoa(m.pid), "-m", "-n", "--", name}, args...)...)
 }
 
+// daemonUID stands for the avp user: avpd runs as it with CAP_NET_ADMIN as its only
+// (ambient) capability, as avpd.service runs it.
+const daemonUID = 4250
+
+// startAvpdAsDaemonUser runs avpd as daemonUID with only CAP_NET_ADMIN, owning its state,
+// runtime and private directories (and the config and secrets, as tmpfiles.d sets them up).
+func (e *env) startAvpdAsDaemonUser() {
+	t := e.t
+	t.Helper()
+	for _, d := range []string{e.state, e.runtime} {
+		if err := os.MkdirAll(d, 0o700); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, p := range []string{e.private, e.state, e.runtime, e.config, e.secrets} {
+		if err := os.Chown(p, daemonUID, daemonUID); err != nil {
+			t.Fatal(err)
+		}
+	}
+	e.avpdLog = &syncBuffer{}
+	cmd := exec.Command("ip", "netns", "exec", e.ns, "setpriv",
+		fmt.Sprintf("--reuid=%d", daemonUID), fmt.Sprintf("--regid=%d", daemonUID), "--clear-groups",
+		"--inh-caps=-all,+net_admin", "--ambient-caps=-all,+net_admin", "--bounding-set=-all,+net_admin", "--",
+		filepath.Join(binDir, "avpd"), "serve", "--config", e.config, "--state-dir", e.state, "--runtime-dir", e.runtime)
+	cmd.Stdout, cmd.Stderr = e.avpdLog, e.avpdLog
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	e.avpd = cmd
+	t.Cleanup(func() {
+		cmd.Process.Signal(unix.SIGTERM)
+		cmd.Wait()
+		if t.Failed() {
+			t.Logf("avpd log:\n%s", e.avpdLog.String())
+		}
+	})
+	deadline := time.Now().Add(15 * time.Second)
+	for {
+		if _, err := os.Stat(filepath.Join(e.runtime, "admin.sock")); err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("avpd did not start as uid %d:\n%s", daemonUID, e.avpdLog.String())
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	e.bundle = filepath.Join(e.dir, "ca-bundle.pem")
+	writeFile(t, e.bundle, append(append([]byte{}, e.upCAPEM...), e.avpctl("ca", "cert")...), 0o644)
+}
+
 // TestDoctor: avpctl doctor passes in the e2e setup once the CA is in the (scratch) system
-// store, then fails, naming the fix, as each check in turn is broken and repaired.
+// store, then fails, naming the fix, as each check in turn is broken and repaired. avpd runs
+// as an unprivileged user with CAP_NET_ADMIN only, as under avpd.service.
 func TestDoctor(t *testing.T) {
 	e := newEnv(t)
-	e.startAvpd()
+	e.startAvpdAsDaemonUser()
 	e.avpctl("enroll-uid", strconv.Itoa(agentUID))
 	m := newMountNS(t, e)
 	avpctl := filepath.Join(binDir, "avpctl")
@@ -484,6 +535,13 @@ func TestDoctor(t *testing.T) {
 		t.Fatalf("doctor text: %d\n%s", code, text)
 	}
 	t.Logf("doctor:\n%s", text)
+	if !strings.Contains(text, fmt.Sprintf("user %d,", daemonUID)) {
+		t.Fatalf("doctor does not see avpd's user:\n%s", text)
+	}
+	// The daemon's user owns the CA key; the agent cannot read it.
+	if out, err := e.agent(agentUID, "cat", filepath.Join(e.state, "ca-key.pem")); err == nil {
+		t.Fatalf("the agent read the CA key: %q", out)
+	}
 
 	// The Node/Python variables point at what ca install wrote.
 	envOut, code := ctl("ca", "env", "--format", "systemd")
@@ -509,9 +567,9 @@ func TestDoctor(t *testing.T) {
 	breakFile(filepath.Join(e.state, "ca-key.pem"), 0o644, map[string]string{"ca": "chmod 600 " + filepath.Join(e.state, "ca-key.pem")})
 
 	good, _ := os.ReadFile(e.config)
-	writeFile(t, e.config, append(append([]byte{}, good...), []byte("bogus: key\n")...), 0o600)
+	os.WriteFile(e.config, append(append([]byte{}, good...), []byte("bogus: key\n")...), 0o600)
 	expectFail("invalid config", map[string]string{"config": "avpctl bindings check " + e.config}, "--uid", strconv.Itoa(agentUID))
-	writeFile(t, e.config, good, 0o600)
+	os.WriteFile(e.config, good, 0o600)
 	expectPass("config restored")
 
 	if out, code := ctl("ca", "uninstall"); code != 0 {
@@ -527,10 +585,10 @@ func TestDoctor(t *testing.T) {
 	e.avpd.Process.Signal(unix.SIGTERM)
 	e.avpd.Wait()
 	expectFail("avpd stopped", map[string]string{"avpd": "systemctl start avpd", "listener": "systemctl status avpd.socket", "agent-tls": "systemctl status avpd.socket"},
-		"--uid", strconv.Itoa(agentUID), "--config", e.config, "--state-dir", e.state)
+		"--uid", strconv.Itoa(agentUID), "--config", e.config, "--state-dir", e.state, "--daemon-user", strconv.Itoa(daemonUID))
 	run(t, "ip", "netns", "exec", e.ns, "nft", "delete", "table", "inet", "agent_vault_proxy")
 	expectFail("avpd stopped and table deleted", map[string]string{
 		"avpd": "systemctl start avpd", "listener": "systemctl status avpd.socket", "firewall": "start it (systemctl start avpd)",
 		"agent-tls": "avpctl enroll-uid 4242",
-	}, "--uid", strconv.Itoa(agentUID), "--config", e.config, "--state-dir", e.state)
+	}, "--uid", strconv.Itoa(agentUID), "--config", e.config, "--state-dir", e.state, "--daemon-user", strconv.Itoa(daemonUID))
 }
