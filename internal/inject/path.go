@@ -23,6 +23,9 @@ func NormalizePath(raw string) (path string, ok bool) {
 	if !strings.HasPrefix(raw, "/") || len(raw) > 8192 {
 		return "", false
 	}
+	if isNormal(raw) {
+		return raw, true // the common case, without allocating
+	}
 	segs := strings.Split(raw[1:], "/")
 	out := make([]string, 0, len(segs))
 	trailing := strings.HasSuffix(raw, "/")
@@ -61,6 +64,23 @@ func NormalizePath(raw string) (path string, ok bool) {
 		p += "/"
 	}
 	return p, true
+}
+
+// isNormal reports whether NormalizePath would return raw unchanged: no escape, no
+// backslash, no empty segment but a trailing one, and no segment starting with "." (which
+// covers dot segments and "..;x"). raw starts with "/".
+func isNormal(raw string) bool {
+	for i := 1; i < len(raw); i++ {
+		switch raw[i] {
+		case '%', '\\':
+			return false
+		case '/', '.':
+			if raw[i-1] == '/' {
+				return false
+			}
+		}
+	}
+	return true
 }
 
 func isUnreserved(c byte) bool {
@@ -122,9 +142,7 @@ func decodeSegment(seg string) (dec string, escaped, ok bool) {
 // within one segment, "**" as a whole segment matches zero or more segments. A trailing
 // slash on the path is ignored for matching.
 func MatchPath(glob, path string) bool {
-	g := splitPath(glob)
-	p := splitPath(path)
-	return matchSegs(g, p)
+	return matchSegs(strings.Trim(glob, "/"), strings.Trim(path, "/"))
 }
 
 func splitPath(s string) []string {
@@ -135,23 +153,32 @@ func splitPath(s string) []string {
 	return strings.Split(s, "/")
 }
 
-func matchSegs(g, p []string) bool {
-	for len(g) > 0 {
-		if g[0] == "**" {
-			rest := g[1:]
-			for i := 0; i <= len(p); i++ {
-				if matchSegs(rest, p[i:]) {
+// matchSegs matches "/"-separated segments given as strings ("" is no segment), walking
+// them in place so the decision allocates nothing per binding.
+func matchSegs(g, p string) bool {
+	for g != "" {
+		gs, grest, _ := strings.Cut(g, "/")
+		if gs == "**" {
+			for {
+				if matchSegs(grest, p) {
 					return true
 				}
+				if p == "" {
+					return false
+				}
+				_, p, _ = strings.Cut(p, "/")
 			}
+		}
+		if p == "" {
 			return false
 		}
-		if len(p) == 0 || !matchSeg(g[0], p[0]) {
+		ps, prest, _ := strings.Cut(p, "/")
+		if !matchSeg(gs, ps) {
 			return false
 		}
-		g, p = g[1:], p[1:]
+		g, p = grest, prest
 	}
-	return len(p) == 0
+	return p == ""
 }
 
 // matchSeg matches one segment with "*" wildcards (greedy with backtracking over stars only,
