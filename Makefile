@@ -69,8 +69,10 @@ bench-journal:
 
 # Binaries, systemd units (with BINDIR filled in), sysusers.d and tmpfiles.d entries, the
 # reference nftables ruleset and the example config. bindings.example.yaml becomes the config
-# only when there is none: an operator's bindings.yaml is never overwritten.
-install: build
+# only when there is none: an operator's bindings.yaml is never overwritten. install uses the
+# binaries make build wrote (building them only when bin/ has none), so "sudo make install"
+# needs no Go toolchain in root's PATH: run make build first after changing the code.
+install: bin/avpd bin/avpctl
 	install -d -m 0755 $(DESTDIR)$(BINDIR) $(DESTDIR)$(UNITDIR) $(DESTDIR)$(SYSUSERSDIR) $(DESTDIR)$(TMPFILESDIR) $(DESTDIR)$(DOCDIR)
 	install -m 0755 bin/avpd bin/avpctl $(DESTDIR)$(BINDIR)/
 	for u in $(UNITS); do \
@@ -87,6 +89,9 @@ install: build
 		install -m 0640 bindings.example.yaml $(DESTDIR)$(CONFDIR)/bindings.yaml && \
 		echo "installed $(DESTDIR)$(CONFDIR)/bindings.yaml from bindings.example.yaml: edit it"; \
 	fi
+
+bin/avpd bin/avpctl &:
+	$(MAKE) build
 
 # Removes what install put there. The config is the operator's: bindings.yaml goes only if it
 # is still the unedited example, and nothing else in $(CONFDIR) is touched. State (the CA,
