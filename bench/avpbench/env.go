@@ -258,8 +258,12 @@ func (e *env) startAvpd(auditDir string) error {
 			"--log", e.auditPath, "--socket", sock, "--journald", "off")
 		lf, _ := os.Create(filepath.Join(e.work, "logs", "journal-"+filepath.Base(filepath.Dir(auditDir))+"-"+filepath.Base(auditDir)+".log"))
 		e.journal.Stdout, e.journal.Stderr = lf, lf
+		e.journal.Env = os.Environ()
 		if cpu := os.Getenv("AVPBENCH_AVPD_CPUPROFILE"); cpu != "" {
-			e.journal.Env = append(os.Environ(), "AVPD_CPUPROFILE="+cpu+".journal")
+			e.journal.Env = append(e.journal.Env, "AVPD_CPUPROFILE="+cpu+".journal")
+		}
+		if extra := os.Getenv("AVPBENCH_JOURNAL_ENV"); extra != "" {
+			e.journal.Env = append(e.journal.Env, strings.Fields(extra)...)
 		}
 		if err := e.journal.Start(); err != nil {
 			return err
@@ -301,8 +305,14 @@ secrets:
 	e.avpd = exec.Command("ip", "netns", "exec", e.ns, e.avpdBin, "serve",
 		"--config", cfgPath, "--state-dir", filepath.Join(e.priv, "state"), "--runtime-dir", runtimeDir)
 	e.avpd.Stdout, e.avpd.Stderr = lf, lf
+	e.avpd.Env = os.Environ()
 	if cpu := os.Getenv("AVPBENCH_AVPD_CPUPROFILE"); cpu != "" {
-		e.avpd.Env = append(os.Environ(), "AVPD_CPUPROFILE="+cpu)
+		e.avpd.Env = append(e.avpd.Env, "AVPD_CPUPROFILE="+cpu)
+	}
+	// AVPBENCH_AVPD_ENV adds variables to avpd's environment (for experiments such as
+	// GOMAXPROCS or GOGC); the report says when it was set.
+	if extra := os.Getenv("AVPBENCH_AVPD_ENV"); extra != "" {
+		e.avpd.Env = append(e.avpd.Env, strings.Fields(extra)...)
 	}
 	if err := e.avpd.Start(); err != nil {
 		return err

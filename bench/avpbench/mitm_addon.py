@@ -17,7 +17,9 @@ class Swap:
     def __init__(self):
         self.fd = os.open(os.environ["AVPBENCH_AUDIT"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
 
-    def request(self, flow):
+    # requestheaders, not request: with stream_large_bodies a large upload is streamed
+    # upstream before the request hook would run, so the swap must happen on the headers.
+    def requestheaders(self, flow):
         value = flow.request.headers.get("authorization")
         if value is None or PLACEHOLDER not in value:
             return

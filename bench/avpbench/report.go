@@ -17,9 +17,11 @@ import (
 )
 
 type settings struct {
-	DurationS float64 `json:"duration_s"`
-	WarmupS   float64 `json:"warmup_s"`
-	Rounds    int     `json:"rounds"`
+	DurationS  float64 `json:"duration_s"`
+	WarmupS    float64 `json:"warmup_s"`
+	Rounds     int     `json:"rounds"`
+	AvpdEnv    string  `json:"avpd_env,omitempty"`
+	JournalEnv string  `json:"journal_env,omitempty"`
 }
 
 type report struct {
@@ -30,10 +32,12 @@ type report struct {
 	Settings  settings   `json:"settings"`
 	Scenarios []scenario `json:"scenarios"`
 	Audit     struct {
-		Journal        bool      `json:"journal_service"`
-		DiskPath       string    `json:"disk_path"`
-		DiskFdatasync  syncStats `json:"disk_fdatasync"`
-		TmpfsFdatasync syncStats `json:"tmpfs_fdatasync"`
+		Journal       bool      `json:"journal_service"`
+		DiskPath      string    `json:"disk_path"`
+		DiskFdatasync syncStats `json:"disk_fdatasync"`
+		// DiskFdatasyncBetween is measured after each scenario of the disk phase.
+		DiskFdatasyncBetween []syncStats `json:"disk_fdatasync_between_scenarios"`
+		TmpfsFdatasync       syncStats   `json:"tmpfs_fdatasync"`
 	} `json:"audit"`
 	Memory struct {
 		AvpdIdleRSSKB  int64   `json:"avpd_idle_rss_kb"`
@@ -256,6 +260,8 @@ func procOf(c *exec.Cmd) *os.Process {
 	return c.Process
 }
 
+var phases = []string{"disk", "tmpfs", "tmpfs-inproc"}
+
 type summary struct {
 	Scenario  string  `json:"scenario"`
 	Target    string  `json:"target"`
@@ -391,16 +397,26 @@ func (r *report) markdown() string {
 		sink = "`avpd journal` (group commit)"
 	}
 	fmt.Fprintf(&b, "avpd audits to %s; mitmproxy's addon appends and fsyncs one line per request. ", sink)
-	fmt.Fprintf(&b, "fdatasync of one line on the audit disk: p50 %.0f µs, p99 %.0f µs", r.Audit.DiskFdatasync.P50us, r.Audit.DiskFdatasync.P99us)
+	fmt.Fprintf(&b, "fdatasync of one line on the audit disk: p50 %.0f µs, p99 %.0f µs before the load", r.Audit.DiskFdatasync.P50us, r.Audit.DiskFdatasync.P99us)
+	if n := len(r.Audit.DiskFdatasyncBetween); n > 0 {
+		var p50s []float64
+		for _, x := range r.Audit.DiskFdatasyncBetween {
+			p50s = append(p50s, x.P50us)
+		}
+		fmt.Fprintf(&b, "; between scenarios p50 %.0f µs (median of %d probes, max %.0f µs)", median(p50s), n, slices.Max(p50s))
+	}
 	if r.Audit.TmpfsFdatasync.N > 0 {
 		fmt.Fprintf(&b, " (tmpfs: p50 %.0f µs)", r.Audit.TmpfsFdatasync.P50us)
+	}
+	if r.Settings.AvpdEnv != "" || r.Settings.JournalEnv != "" {
+		fmt.Fprintf(&b, ". Extra environment: avpd `%s`, journal `%s`", r.Settings.AvpdEnv, r.Settings.JournalEnv)
 	}
 	fmt.Fprintf(&b, ".\n\nCPU is the proxy's processes (avpd + journal; nginx master + workers; mitmproxy), in CPU seconds per 1000 requests; peak RSS is their VmHWM during the run (summed over processes).\n\n")
 	titles := map[string]string{}
 	for _, s := range r.Scenarios {
 		titles[s.Name] = s.Title
 	}
-	for _, ph := range []string{"disk", "tmpfs"} {
+	for _, ph := range phases {
 		var rows []summary
 		for _, s := range r.Summary {
 			if s.Phase == ph {
@@ -410,10 +426,13 @@ func (r *report) markdown() string {
 		if len(rows) == 0 {
 			continue
 		}
-		if ph == "disk" {
+		switch ph {
+		case "disk":
 			fmt.Fprintf(&b, "## Audit on the real disk\n\n")
-		} else {
+		case "tmpfs":
 			fmt.Fprintf(&b, "## Audit on tmpfs (avpd and mitmproxy restarted with their audit in /dev/shm)\n\n")
+		case "tmpfs-inproc":
+			fmt.Fprintf(&b, "## avpd with its in-process audit writer on tmpfs (no journal process: the difference to the tmpfs phase is the journal round trip)\n\n")
 		}
 		fmt.Fprintf(&b, "| scenario | target | req/s | p50 µs | p99 µs | proxy CPU s/1k req | proxy peak RSS MB | valid |\n|---|---|---:|---:|---:|---:|---:|---|\n")
 		for _, s := range rows {
@@ -489,11 +508,11 @@ func (r *report) chart(path string) error {
 		p50   []float64
 	}
 	var rows []row
-	for _, ph := range []string{"disk", "tmpfs"} {
+	for _, ph := range phases {
 		for _, sc := range r.Scenarios {
 			rw := row{label: sc.Name}
-			if ph == "tmpfs" {
-				rw.label += "/tmpfs"
+			if ph != "disk" {
+				rw.label += "/" + ph
 			}
 			found := false
 			for _, t := range targets {
@@ -539,9 +558,11 @@ set key top right autotitle columnheader
 set grid ytics
 set logscale y
 set xtics rotate by -20
+set yrange [1:*]
 set ylabel "requests/s (log)"
 set title "Throughput"
 plot for [i=2:5] %q using i:xtic(1)
+set yrange [0.01:*]
 set ylabel "p50 latency, ms (log)"
 set title "p50 latency (SSE: time to first event)"
 plot for [i=2:5] %q using i:xtic(1)

@@ -48,8 +48,12 @@ func runMain(args []string) int {
 	only := fs.String("scenarios", "", "comma-separated subset of scenarios (default all)")
 	holdN := fs.Int("idle-conns", 10000, "idle terminated connections for the memory measurement (0: skip)")
 	noTmpfs := fs.Bool("no-tmpfs", false, "skip the audit-on-tmpfs phase")
+	noDisk := fs.Bool("no-disk", false, "skip the audit-on-disk phase (for profiling runs)")
+	tmpfsScenarios := fs.String("tmpfs-scenarios", "ka1,ka32,newconn,sse", "scenarios of the audit-on-tmpfs phase")
+	inprocScenarios := fs.String("inproc-scenarios", "ka1", "scenarios of the phase with avpd's in-process audit writer on tmpfs, to show the journal round trip (empty: skip)")
 	onlyTargets := fs.String("targets", "", "comma-separated subset of targets (default all; for profiling runs)")
 	profile := fs.String("avpd-cpuprofile", "", "build avpd with the benchprofile tag and write its CPU profile here")
+	noJournal := fs.Bool("no-journal", false, "audit with avpd's in-process file writer even when avpd has the journal service")
 	fs.Parse(args)
 
 	if os.Geteuid() != 0 {
@@ -105,10 +109,14 @@ func runMain(args []string) int {
 	if *profile != "" {
 		os.Setenv("AVPBENCH_AVPD_CPUPROFILE", *profile)
 	}
+	if *noJournal {
+		e.useJournal = false
+	}
 	b := &bench{env: e, dur: *dur, warm: *warm, rounds: *rounds, logf: logf}
 	b.res.Started = start.UTC().Format(time.RFC3339)
 	b.res.Machine = machineInfo()
-	b.res.Settings = settings{DurationS: dur.Seconds(), WarmupS: warm.Seconds(), Rounds: *rounds}
+	b.res.Settings = settings{DurationS: dur.Seconds(), WarmupS: warm.Seconds(), Rounds: *rounds,
+		AvpdEnv: os.Getenv("AVPBENCH_AVPD_ENV"), JournalEnv: os.Getenv("AVPBENCH_JOURNAL_ENV")}
 	b.res.Audit.Journal = e.useJournal
 	mon := newMonitor()
 
@@ -142,7 +150,9 @@ func runMain(args []string) int {
 			}
 		}
 	}
-	b.phase("disk", sel, targets)
+	if !*noDisk {
+		b.phase("disk", sel, targets)
+	}
 
 	if !*noTmpfs {
 		// Phase 2: avpd's and mitmproxy's audit on tmpfs, to separate the proxy's own cost
@@ -162,7 +172,7 @@ func runMain(args []string) int {
 			b.res.Audit.TmpfsFdatasync = measureFdatasync(tdir)
 			var tsel []scenario
 			for _, s := range sel {
-				if s.Name == "ka1" || s.Name == "ka32" {
+				if slices.Contains(strings.Split(*tmpfsScenarios, ","), s.Name) {
 					tsel = append(tsel, s)
 				}
 			}
@@ -179,6 +189,30 @@ func runMain(args []string) int {
 				}
 			}
 			b.phase("tmpfs", tsel, ttargets)
+			if *holdN > 0 {
+				b.idleConns(*holdN)
+				*holdN = 0
+			}
+			// Phase 3: the same avpd with its in-process audit writer on tmpfs: the difference
+			// to phase 2 is the round trip to the journal process.
+			var isel []scenario
+			for _, s := range sel {
+				if slices.Contains(strings.Split(*inprocScenarios, ","), s.Name) {
+					isel = append(isel, s)
+				}
+			}
+			if e.useJournal && len(isel) > 0 {
+				logf("restarting avpd with its in-process audit writer on tmpfs")
+				e.useJournal = false
+				err := e.restartAvpd(filepath.Join(tdir, "audit-inproc"))
+				e.useJournal = true
+				if err != nil {
+					fmt.Fprintf(os.Stderr, "avpbench: in-process phase: %v\n", err)
+					return 1
+				}
+				itargets := slices.DeleteFunc(slices.Clone(ttargets), func(t *target) bool { return t.Name != "direct" && t.Name != "avpd" })
+				b.phase("tmpfs-inproc", isel, itargets)
+			}
 		}
 	}
 	if *holdN > 0 {
@@ -297,9 +331,15 @@ func (b *bench) phase(name string, sel []scenario, targets []*target) {
 						flag += fmt.Sprintf(" (upstream saw %d requests, %d with the real secret)", r.UpstreamRequests, r.UpstreamReal)
 					}
 				}
-				b.logf("%-5s %-8s r%d %-9s %8.0f req/s  p50 %8.0f µs  p99 %8.0f µs  cpu/1k %6.3f s  peak %6d KB%s",
+				b.logf("%-5.5s %-8s r%d %-9s %8.0f req/s  p50 %8.0f µs  p99 %8.0f µs  cpu/1k %6.3f s  peak %6d KB%s",
 					name, sc.Name, round+1, t.Name, r.RPS, r.P50us, r.P99us, r.CPUPer1k, r.PeakRSSKB, flag)
 			}
+		}
+		if name == "disk" {
+			// fdatasync on the audit disk between scenarios: the disk is shared with other
+			// processes, so its latency moves during the run.
+			st := measureFdatasync(filepath.Dir(b.env.auditPath))
+			b.res.Audit.DiskFdatasyncBetween = append(b.res.Audit.DiskFdatasyncBetween, st)
 		}
 	}
 }
