@@ -11,6 +11,7 @@ import (
 
 	"github.com/agent-vault-proxy/agent-vault-proxy/internal/admin"
 	"github.com/agent-vault-proxy/agent-vault-proxy/internal/audit"
+	"github.com/agent-vault-proxy/agent-vault-proxy/internal/config"
 	"github.com/agent-vault-proxy/agent-vault-proxy/internal/inject"
 	"github.com/agent-vault-proxy/agent-vault-proxy/internal/intercept"
 	"github.com/agent-vault-proxy/agent-vault-proxy/internal/store"
@@ -134,7 +135,7 @@ func (d *Daemon) cmdStatus(ctx context.Context, _ uint32, _ []string) (any, erro
 	st := Status{
 		Version: Version, PID: osGetpid(), StartedAt: d.started.UTC(), Config: d.opts.ConfigPath,
 		ConfigSHA256: d.cfgSHA, Backend: d.cfg.Backend.Type, CachedSecrets: d.cache.Len(),
-		CAFingerprint: d.caFingerprint(), AuditPath: d.cfg.Audit.Path, Stats: d.srv.Stats(),
+		CAFingerprint: d.caFingerprint(), AuditPath: auditWhere(d.cfg.Audit), Stats: d.srv.Stats(),
 	}
 	for _, a := range d.addrs {
 		st.Listeners = append(st.Listeners, a.String())
@@ -185,4 +186,12 @@ func (d *Daemon) cmdExplain(_ context.Context, _ uint32, args []string) (any, er
 	p := d.policy
 	d.mu.Unlock()
 	return map[string]string{"text": p.Explain(f, r)}, nil
+}
+
+// auditWhere says where decisions go: the in-process log file or the journal's socket.
+func auditWhere(a config.Audit) string {
+	if a.Socket != "" {
+		return "journal at " + a.Socket
+	}
+	return a.Path
 }
