@@ -138,6 +138,7 @@ type monitor struct {
 	first     map[int]int64
 	last      map[int]int64
 	cmd       map[int]string
+	comm      map[int]string
 	stop      chan struct{}
 	done      chan struct{}
 	selfStart float64
@@ -168,7 +169,7 @@ func ownCPU() float64 {
 
 func newMonitor() *monitor {
 	m := &monitor{start: time.Now(), busy0: machineBusyTicks(), first: map[int]int64{}, last: map[int]int64{},
-		cmd: map[int]string{}, stop: make(chan struct{}), done: make(chan struct{}), selfStart: ownCPU()}
+		cmd: map[int]string{}, comm: map[int]string{}, stop: make(chan struct{}), done: make(chan struct{}), selfStart: ownCPU()}
 	m.sample(true)
 	go func() {
 		defer close(m.done)
@@ -202,6 +203,8 @@ func (m *monitor) sample(initial bool) {
 			}
 			cl, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
 			m.cmd[pid] = strings.TrimSpace(strings.ReplaceAll(string(cl), "\x00", " "))
+			comm, _ := os.ReadFile(fmt.Sprintf("/proc/%d/comm", pid))
+			m.comm[pid] = strings.TrimSpace(string(comm))
 		}
 		m.last[pid] = t
 	}
@@ -230,11 +233,10 @@ func (m *monitor) finish(e *env) interference {
 		}
 		d := float64(t-m.first[pid]) / 100
 		if d >= 0.2 {
-			comm, _ := os.ReadFile(fmt.Sprintf("/proc/%d/comm", pid))
 			if len(cmd) > 120 {
 				cmd = cmd[:120] + "..."
 			}
-			others = append(others, otherProc{PID: pid, Comm: strings.TrimSpace(string(comm)), CPUS: d, Cmd: cmd})
+			others = append(others, otherProc{PID: pid, Comm: m.comm[pid], CPUS: d, Cmd: cmd})
 		}
 	}
 	sort.Slice(others, func(i, j int) bool { return others[i].CPUS > others[j].CPUS })
@@ -430,7 +432,7 @@ func (r *report) markdown() string {
 		case "disk":
 			fmt.Fprintf(&b, "## Audit on the real disk\n\n")
 		case "tmpfs":
-			fmt.Fprintf(&b, "## Audit on tmpfs (avpd and mitmproxy restarted with their audit in /dev/shm)\n\n")
+			fmt.Fprintf(&b, "## Audit on tmpfs (avpd and mitmproxy restarted with their audit in /dev/shm; nginx unchanged)\n\n")
 		case "tmpfs-inproc":
 			fmt.Fprintf(&b, "## avpd with its in-process audit writer on tmpfs (no journal process: the difference to the tmpfs phase is the journal round trip)\n\n")
 		}
