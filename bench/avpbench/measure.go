@@ -263,7 +263,7 @@ func readH2loadLog(path string) ([]float64, error) {
 }
 
 func (b *bench) goLoad(sc scenario, t *target, url string) (loadResult, error) {
-	cmd := b.env.asUID(t.uid, b.env.selfBin, "load", "-mode", sc.mode, "-url", url, "-auth", t.auth,
+	cmd := b.env.asUIDTrusting(t.uid, t.ca, b.env.selfBin, "load", "-mode", sc.mode, "-url", url, "-auth", t.auth,
 		"-c", fmt.Sprint(sc.conns), "-d", b.dur.String(), "-warmup", b.warm.String())
 	var stdout, stderr bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr

@@ -349,7 +349,7 @@ func (b *bench) idleConns(n int) {
 	runtime.GC()
 	time.Sleep(2 * time.Second)
 	before := statusKB(pid, "VmRSS")
-	cmd := e.asUID(uidAvpd, e.selfBin, "load", "-mode", "hold", "-n", fmt.Sprint(n),
+	cmd := e.asUIDTrusting(uidAvpd, e.avpCAFile, e.selfBin, "load", "-mode", "hold", "-n", fmt.Sprint(n),
 		"-url", "https://"+apiHost+"/v1/small", "-auth", "Bearer "+placeholder)
 	stdin, _ := cmd.StdinPipe()
 	stdout, _ := cmd.StdoutPipe()
