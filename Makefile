@@ -1,6 +1,7 @@
 # agent-vault-proxy. `make build` writes bin/avpd and bin/avpctl; `make test` runs every test
 # (root-only tests run when root or in CI); `sudo make demo` shows the main job end to end.
-GO      ?= go
+# sudo resets PATH (secure_path), so fall back to the usual Go install location.
+GO      ?= $(shell command -v go 2>/dev/null || echo /usr/local/go/bin/go)
 PREFIX  ?= /usr/local
 # make install / uninstall: every path below is under $(DESTDIR). The config stays in /etc
 # (avpd's default --config) whatever PREFIX is; /usr/local/lib/systemd, sysusers.d and

@@ -81,7 +81,7 @@ func buildBinaries(dir string) error {
 	errs := make(chan error, len(cgo))
 	for c, env := range cgo {
 		go func() {
-			cmd := exec.Command("go", "build", "-o", filepath.Join(dir, c), "../../cmd/"+c)
+			cmd := exec.Command(filepath.Join(runtime.GOROOT(), "bin", "go"), "build", "-o", filepath.Join(dir, c), "../../cmd/"+c)
 			cmd.Env = append(os.Environ(), env)
 			out, err := cmd.CombinedOutput()
 			if err != nil {
