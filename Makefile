@@ -59,7 +59,7 @@ demo: build
 # network namespace; about 9 minutes, root, results in bench/results/. Not part of `make test`.
 # BENCHFLAGS passes flags to avpbench run, for example BENCHFLAGS='-rounds 1 -scenarios ka32'.
 bench: bench-deps
-	bash bench/run.sh $(BENCHFLAGS)
+	GO=$(GO) bash bench/run.sh $(BENCHFLAGS)
 
 # What `make bench` needs from Debian (nginx, mitmproxy, h2load, gnuplot); installs only what is missing.
 bench-deps:

@@ -8,6 +8,13 @@ if [ "$(id -u)" -ne 0 ]; then
   echo "bench: needs root for a network namespace and nftables; run: sudo make bench" >&2
   exit 1
 fi
+# sudo resets PATH (secure_path): use the Go make found, else the usual install location.
+# avpbench builds avpd with the same go.
+if [ -n "${GO:-}" ] && [ -x "$GO" ]; then
+  export PATH="$(dirname "$GO"):$PATH"
+elif ! command -v go >/dev/null; then
+  export PATH="/usr/local/go/bin:$PATH"
+fi
 bash bench/deps.sh
 bin=$(mktemp -d /tmp/avpbench-bin-XXXXXX)
 trap 'rm -rf "$bin"' EXIT
