@@ -71,7 +71,9 @@ type Daemon struct {
 	// set the kernel must hold (persisted in the state directory).
 	enrollMu sync.Mutex
 	enrolled []uint32
-	fwWatch  fwWatch
+	// enrolledSet is a snapshot of enrolled for the connection path.
+	enrolledSet atomic.Pointer[map[uint32]bool]
+	fwWatch     fwWatch
 	// listenersDown counts listeners whose Serve returned while avpd was still serving.
 	listenersDown atomic.Int32
 }
@@ -132,7 +134,7 @@ func start(opts Options) (_ *Daemon, err error) {
 	d.policy = inject.NewPolicy(cfg)
 	d.srv, err = intercept.NewServer(intercept.Options{
 		Policy: d.policy, CA: d.ca, Secrets: d.cache, Auditor: d.auditor,
-		Logf: d.logf, Listeners: d.addrs, UpstreamTLS: upstreamTLS,
+		Logf: d.logf, Listeners: d.addrs, UpstreamTLS: upstreamTLS, IsEnrolled: d.isEnrolled,
 	})
 	if err != nil {
 		return nil, err

@@ -154,4 +154,15 @@ func (d *Daemon) setEnrolled(uids []uint32) {
 	uids = slices.DeleteFunc(slices.Clone(uids), func(u uint32) bool { return checkEnrollable(u) != nil })
 	slices.Sort(uids)
 	d.enrolled = slices.Compact(uids)
+	set := make(map[uint32]bool, len(d.enrolled))
+	for _, u := range d.enrolled {
+		set[u] = true
+	}
+	d.enrolledSet.Store(&set)
+}
+
+// isEnrolled answers the proxy's per-connection question without taking enrollMu.
+func (d *Daemon) isEnrolled(uid uint32) bool {
+	set := d.enrolledSet.Load()
+	return set != nil && (*set)[uid]
 }

@@ -50,6 +50,10 @@ type Options struct {
 	UpstreamTLS *tls.Config
 	// UpstreamDial dials the original destination; nil means a net.Dialer.
 	UpstreamDial func(ctx context.Context, network, addr string) (net.Conn, error)
+	// IsEnrolled reports whether a UID is enrolled. A connection from a UID that is not
+	// (conntrack can hand another user's connection to the redirect when it reuses an
+	// entry) is spliced through untouched: only enrolled users ever get injection.
+	IsEnrolled func(uid uint32) bool
 }
 
 // Stats are counters for status.
@@ -68,14 +72,15 @@ type Stats struct {
 
 // Server accepts redirected connections, splices unbound ones and terminates bound ones.
 type Server struct {
-	policy    atomic.Pointer[inject.Policy]
-	gate      sync.RWMutex
-	ca        *CA
-	secrets   Secrets
-	auditor   audit.Auditor
-	logf      Logf
-	listeners []netip.AddrPort
-	dial      func(ctx context.Context, network, addr string) (net.Conn, error)
+	policy     atomic.Pointer[inject.Policy]
+	gate       sync.RWMutex
+	ca         *CA
+	secrets    Secrets
+	auditor    audit.Auditor
+	logf       Logf
+	listeners  []netip.AddrPort
+	dial       func(ctx context.Context, network, addr string) (net.Conn, error)
+	isEnrolled func(uid uint32) bool
 
 	httpSrv  *http.Server
 	agentTLS *tls.Config
@@ -103,14 +108,15 @@ func NewServer(opts Options) (*Server, error) {
 		opts.Logf = func(string, ...any) {}
 	}
 	s := &Server{
-		ca:        opts.CA,
-		secrets:   opts.Secrets,
-		auditor:   opts.Auditor,
-		logf:      opts.Logf,
-		listeners: opts.Listeners,
-		dial:      opts.UpstreamDial,
-		tlsConns:  newConnQueue(),
-		active:    map[net.Conn]struct{}{},
+		ca:         opts.CA,
+		secrets:    opts.Secrets,
+		auditor:    opts.Auditor,
+		logf:       opts.Logf,
+		listeners:  opts.Listeners,
+		dial:       opts.UpstreamDial,
+		isEnrolled: opts.IsEnrolled,
+		tlsConns:   newConnQueue(),
+		active:     map[net.Conn]struct{}{},
 	}
 	if s.dial == nil {
 		d := &net.Dialer{Timeout: dialTimeout, KeepAlive: 30 * time.Second}
@@ -256,6 +262,10 @@ func (s *Server) handleConn(ctx context.Context, c *net.TCPConn) {
 	info, peeked, err := PeekClientHello(c, helloTimeout, helloMax)
 	facts := inject.Facts{UID: uid, SNI: info.ServerName, OrigDst: orig}
 	policy := s.policy.Load()
+	if uid >= 0 && s.isEnrolled != nil && !s.isEnrolled(uint32(uid)) {
+		s.passthrough(ctx, c, peeked, facts, "uid_not_enrolled")
+		return
+	}
 	if err != nil || info.ServerName == "" || !policy.Bound(info.ServerName) {
 		reason := "host_not_bound"
 		switch {

@@ -44,4 +44,5 @@ const (
 	setComment    = "UIDs whose outbound HTTPS avpd intercepts"
 	natComment    = "avpd: send enrolled UIDs' HTTPS (TCP 443) to the local proxy"
 	filterComment = "avpd: block enrolled UIDs' QUIC (UDP 443) so clients use TCP"
+	bypassComment = "avpd: refuse enrolled UIDs' TCP 443 that missed the redirect"
 )

@@ -231,6 +231,24 @@ func filterRule(c *nftables.Chain, set *nftables.Set) *nftables.Rule {
 	}
 }
 
+// bypassRule is "meta skuid @agents tcp dport 443 reject". The filter hook runs after the
+// nat hook, so a redirected connection's packets already carry the listener's port here;
+// one that still goes to port 443 missed the redirect. That happens when a new connection
+// reuses a conntrack entry (TCP TIME_WAIT reuse on loopback was seen to do it under load),
+// since NAT rules only see the first packet of a new entry. Refusing it keeps I12: an
+// enrolled UID reaches port 443 only through avpd, or not at all.
+func bypassRule(c *nftables.Chain, set *nftables.Set) *nftables.Rule {
+	exprs := append(matchAgentsDport443(set, unix.IPPROTO_TCP),
+		&expr.Reject{Type: unix.NFT_REJECT_ICMPX_UNREACH, Code: unix.NFT_REJECT_ICMPX_PORT_UNREACH},
+	)
+	return &nftables.Rule{
+		Table:    c.Table,
+		Chain:    c,
+		Exprs:    exprs,
+		UserData: userdata.AppendString(nil, userdata.TypeComment, bypassComment),
+	}
+}
+
 // Install (re)creates the whole table with uids as the enrolled set, in one
 // atomic netlink batch: either everything below is in place afterwards or the
 // kernel is unchanged. Whatever the table held before (from an earlier run of
@@ -280,6 +298,7 @@ func (f *Firewall) install(uids []uint32) error {
 	nat := f.conn.AddChain(natChain(t))
 	filter := f.conn.AddChain(filterChain(t))
 	f.conn.AddRule(f.natRule(nat, set))
+	f.conn.AddRule(bypassRule(filter, set))
 	f.conn.AddRule(filterRule(filter, set))
 	return f.end(f.conn.Flush())
 }
@@ -444,6 +463,7 @@ func (f *Firewall) contentsHealthy() (bool, error) {
 	if err != nil {
 		return false, err
 	}
+	wantRules := map[string]int{natChainName: 1, filterChainName: 2}
 	for _, want := range []*nftables.Chain{natChain(t), filterChain(t)} {
 		var got *nftables.Chain
 		for _, c := range chains {
@@ -460,7 +480,7 @@ func (f *Firewall) contentsHealthy() (bool, error) {
 		if err != nil {
 			return false, err
 		}
-		if len(rules) != 1 {
+		if len(rules) != wantRules[want.Name] {
 			return false, nil
 		}
 	}

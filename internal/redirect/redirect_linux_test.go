@@ -116,7 +116,7 @@ func TestInstallIdempotent(t *testing.T) {
 	if first != second {
 		t.Fatalf("ruleset changed on second Install\n--- first:\n%s\n--- second:\n%s", first, second)
 	}
-	for _, s := range []string{"table inet " + TableName, "set " + SetName, "chain " + natChainName, "chain " + filterChainName, "redirect to", "reject"} {
+	for _, s := range []string{"table inet " + TableName, "set " + SetName, "chain " + natChainName, "chain " + filterChainName, "redirect to", "tcp dport 443 reject", "udp dport 443 reject"} {
 		if n := strings.Count(second, s); n != 1 {
 			t.Errorf("%q appears %d times in the ruleset, want 1:\n%s", s, n, second)
 		}
@@ -512,6 +512,32 @@ func TestRejectQUIC(t *testing.T) {
 				t.Errorf("enrolled uid %d sending UDP to %s: %q, want %s (optionally after %s)", enrolledUID, fam.target, got, outcomeRefused, strings.TrimSpace(sendEPERM))
 			}
 			t.Logf("enrolled uid sending UDP to %s: %s", fam.target, got)
+		})
+	}
+}
+
+// TestNoBypassWhenRedirectMisses: the nat rule only sees the first packet of a new
+// conntrack entry, and a reused entry (TCP TIME_WAIT reuse on loopback was seen to do it
+// under load) can carry an enrolled UID's connection to port 443 without the redirect. The
+// filter chain must then refuse it rather than let it reach the real server (I12). The
+// test removes the nat rule to make every connection miss the redirect.
+func TestNoBypassWhenRedirectMisses(t *testing.T) {
+	for _, fam := range families {
+		t.Run(fam.name, func(t *testing.T) {
+			ns := newNetns(t)
+			if _, err := ns.startGreeter(fam.listenNet, fam.target, "real-server"); err != nil {
+				t.Skipf("cannot listen on %s in the namespace: %v", fam.target, err)
+			}
+			fw := ns.newFirewall(testPort)
+			mustInstall(t, fw, enrolledUID)
+			ns.mustNft("flush", "chain", "inet", TableName, "nat_output")
+
+			if got := ns.connectAs(enrolledUID, "tcp", fam.target); got != outcomeRefused {
+				t.Errorf("enrolled uid %d reached %s without the redirect: %q, want %s", enrolledUID, fam.target, got, outcomeRefused)
+			}
+			if got := ns.connectAs(otherUID, "tcp", fam.target); got != outcomeGot+"real-server" {
+				t.Errorf("uid %d (not enrolled) dialling %s: %q, want to reach the real server", otherUID, fam.target, got)
+			}
 		})
 	}
 }

@@ -338,6 +338,26 @@ time.sleep(60)
 		e.waitAudit("type", "unenroll", "uid", strconv.Itoa(agentUID))
 	})
 
+	t.Run("I12_not_enrolled_uid_reaching_avpd_is_spliced", func(t *testing.T) {
+		// Conntrack can hand a non-enrolled user's connection to the redirect when it reuses
+		// an entry; a second table does the same on purpose for uid 4243.
+		rules := "table inet avp_e2e_extra {\n chain out {\n  type nat hook output priority -110;\n  meta skuid 4243 tcp dport 443 redirect to :14322\n }\n}\n"
+		nft := exec.Command("ip", "netns", "exec", e.ns, "nft", "-f", "-")
+		nft.Stdin = strings.NewReader(rules)
+		if out, err := nft.CombinedOutput(); err != nil {
+			t.Fatalf("nft: %v %s", err, out)
+		}
+		defer exec.Command("ip", "netns", "exec", e.ns, "nft", "delete", "table", "inet", "avp_e2e_extra").Run()
+		out, err := e.agent(notEnrolled, "curl", "-sS", "--cacert", filepath.Join(e.dir, "upstream-ca.pem"), "-o", "/dev/null", "-w", "%{http_code}", "-H", bearer, "https://"+hostOpenAI+"/v1/models")
+		if err != nil || out != "200" {
+			t.Fatalf("curl as a not-enrolled uid through avpd: %q %v", out, err)
+		}
+		if got := e.upstream.last(t).Header.Get("Authorization"); got != "Bearer "+phOpenAI {
+			t.Fatalf("a not-enrolled uid got injection: %q", got)
+		}
+		e.waitAudit("decision", "passthrough", "reason", "uid_not_enrolled", "uid", strconv.Itoa(notEnrolled))
+	})
+
 	t.Run("10_audit_complete_and_secret_free", func(t *testing.T) {
 		log := mustRead(t, e.audit)
 		for _, secret := range []string{realOpenAI, realOther, jiraToken} {
