@@ -7,7 +7,6 @@ require (
 	github.com/coreos/go-systemd/v22 v22.7.0
 	github.com/google/nftables v0.3.0
 	github.com/mdlayher/netlink v1.7.3-0.20250113171957-fbb4dce95f42
-	github.com/vishvananda/netlink v1.3.1
 	golang.org/x/net v0.33.0
 	golang.org/x/sys v0.50.0
 	gopkg.in/yaml.v3 v3.0.1
