@@ -467,10 +467,6 @@ func TestJournalCrashSafety(t *testing.T) {
 // Socket activation through systemd-socket-activate --seqpacket; SO_PEERCRED allows root
 // and --allow-uid users and refuses everyone else.
 func TestJournalSocketActivation(t *testing.T) {
-	ssa, err := exec.LookPath("systemd-socket-activate")
-	if err != nil {
-		t.Fatal("systemd-socket-activate is missing: apt-get install systemd (.ci/run installs it)")
-	}
 	dir, err := os.MkdirTemp("", "avpssa")
 	if err != nil {
 		t.Fatal(err)
@@ -480,27 +476,9 @@ func TestJournalSocketActivation(t *testing.T) {
 	sock := filepath.Join(dir, "journal.sock")
 	log := filepath.Join(dir, "log", "audit.jsonl")
 	var out syncBuffer
-	cmd := exec.Command(ssa, "--seqpacket", "-l", sock, "--",
+	cmd, done := startActivated(t, "", &out, "--seqpacket", "-l", sock, "--",
 		filepath.Join(binDir, "avpd"), "journal", "--log", log, "--allow-uid", strconv.Itoa(otherAgentUID), "--journald", "off",
 		"--socket", filepath.Join(dir, "unused.sock"))
-	cmd.Stdout, cmd.Stderr = &out, &out
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	done := make(chan struct{})
-	go func() { cmd.Wait(); close(done) }()
-	t.Cleanup(func() {
-		cmd.Process.Signal(unix.SIGTERM)
-		select {
-		case <-done:
-		case <-time.After(10 * time.Second):
-			cmd.Process.Kill()
-			<-done
-		}
-		if t.Failed() {
-			t.Logf("systemd-socket-activate + journal output:\n%s", out.String())
-		}
-	})
 	deadline := time.Now().Add(10 * time.Second)
 	for {
 		if _, err := os.Stat(sock); err == nil {
