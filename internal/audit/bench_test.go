@@ -73,3 +73,68 @@ func benchJournal(b *testing.B, maxBatch, writers int) {
 		b.Fatal(err)
 	}
 }
+
+// BenchmarkRoundTrip measures one Record through the real path (client, seqpacket socket,
+// journal, write, fdatasync, ack) as latency per event: one client calling Record
+// sequentially, and 32 goroutines sharing one client as avpd's requests do. The log is on
+// tmpfs (/dev/shm, where fdatasync is nearly free, so the cost is the hand-offs between
+// goroutines and processes' sockets) and on disk (/var/tmp). A file system whose directory
+// does not exist is skipped.
+func BenchmarkRoundTrip(b *testing.B) {
+	for _, fs := range []struct{ name, dir string }{{"tmpfs", "/dev/shm"}, {"disk", "/var/tmp"}} {
+		for _, goroutines := range []int{1, 32} {
+			b.Run(fmt.Sprintf("fs=%s/goroutines=%d", fs.name, goroutines), func(b *testing.B) {
+				benchRoundTrip(b, fs.dir, goroutines)
+			})
+		}
+	}
+}
+
+func benchRoundTrip(b *testing.B, base string, goroutines int) {
+	if st, err := os.Stat(base); err != nil || !st.IsDir() {
+		b.Skipf("%s: not a directory", base)
+	}
+	dir, err := os.MkdirTemp(base, "avpj")
+	if err != nil {
+		b.Skip(err)
+	}
+	b.Cleanup(func() { os.RemoveAll(dir) })
+	j := openTestJournal(b, dir, func(o *JournalOptions) { o.Logf = nil })
+	sock, stop := serveJournal(b, j, dir)
+	c := NewJournalClient(sock, 10*time.Second)
+	defer c.Close()
+	ev := decisionEvent(1)
+	if err := c.Record(context.Background(), ev); err != nil {
+		b.Fatal(err)
+	}
+	b.ReportAllocs()
+	b.ResetTimer()
+	if goroutines == 1 {
+		for b.Loop() {
+			if err := c.Record(context.Background(), ev); err != nil {
+				b.Fatal(err)
+			}
+		}
+	} else {
+		var next atomic.Int64
+		var failed atomic.Int64
+		var wg sync.WaitGroup
+		for range goroutines {
+			wg.Go(func() {
+				for n := next.Add(1); n <= int64(b.N); n = next.Add(1) {
+					if err := c.Record(context.Background(), ev); err != nil {
+						failed.Add(1)
+					}
+				}
+			})
+		}
+		wg.Wait()
+		if failed.Load() > 0 {
+			b.Fatalf("%d events failed", failed.Load())
+		}
+	}
+	b.StopTimer()
+	if err := stop(); err != nil {
+		b.Fatal(err)
+	}
+}
