@@ -11,6 +11,7 @@ import (
 	"net/http/httptrace"
 	"net/http/httputil"
 	"net/netip"
+	"net/url"
 	"strings"
 	"sync"
 	"time"
@@ -49,31 +50,86 @@ func (s *Server) serveHTTP(w http.ResponseWriter, r *http.Request) {
 		refuse(w, http.StatusInternalServerError, "internal_error")
 		return
 	}
-	f := cf.Facts
 	if r.Method == http.MethodConnect {
 		s.stats.refused.Add(1)
 		refuse(w, http.StatusMethodNotAllowed, "connect_not_allowed")
 		return
 	}
 	stripH2CUpgrade(r.Header)
+	p := s.prepare(r.Context(), cf.Facts, r.Method, r.Host, r.URL, r.Header)
+	defer p.finish()
+	if p.status != 0 {
+		refuse(w, p.status, p.reason)
+		return
+	}
+	if p.inj == nil {
+		s.proxy.ServeHTTP(w, r)
+		return
+	}
+	ctx := context.WithValue(r.Context(), injectedKey{}, p.inj)
+	ctx = httptrace.WithClientTrace(ctx, &httptrace.ClientTrace{WroteHeaders: p.release})
+	s.proxy.ServeHTTP(w, r.WithContext(ctx))
+}
 
+// prepared is the outcome of deciding one request, shared by the HTTP/1.1 loop and the
+// net/http (HTTP/2) handler.
+type prepared struct {
+	// status and reason, when status is non-zero, are the refusal the agent gets.
+	status int
+	reason string
+	// inj is nil when the request goes upstream verbatim.
+	inj *injected
+	// release lets a reload proceed. It must run once the request's headers are written
+	// upstream (or at once for anything that does not inject); it is idempotent.
+	release func()
+	// policy is the policy the request was decided under.
+	policy *inject.Policy
+}
+
+// finish releases the reload gate and wipes the request's real values.
+func (p *prepared) finish() {
+	p.release()
+	if p.inj != nil {
+		p.inj.wipeAll()
+	}
+}
+
+func (inj *injected) wipeAll() {
+	for _, v := range inj.values {
+		store.Wipe(v)
+	}
+	for _, v := range inj.wipe {
+		store.Wipe(v)
+	}
+}
+
+// prepare decides a request, fetches what it injects and makes the decision durable in the
+// audit log (I7) before the caller forwards anything.
+func (s *Server) prepare(ctx context.Context, f inject.Facts, method, authority string, u *url.URL, h http.Header) prepared {
 	// The gate makes a reload wait until every request decided under the old policy has
 	// written its headers upstream, so once a reload returns nothing the new policy forbids
 	// is injected. Non-injecting paths release it as soon as they have decided.
 	s.gate.RLock()
 	release := sync.OnceFunc(s.gate.RUnlock)
-	defer release()
 	policy := s.policy.Load()
-	rawPath := r.URL.EscapedPath()
-	if r.URL.Opaque != "" {
-		rawPath = r.URL.Opaque
+	rawPath := u.EscapedPath()
+	if u.Opaque != "" {
+		rawPath = u.Opaque
 	}
 	d := policy.Decide(f, inject.Request{
-		Method: r.Method, Authority: r.Host, RawPath: rawPath, RawQuery: r.URL.RawQuery, Header: r.Header,
+		Method: method, Authority: authority, RawPath: rawPath, RawQuery: u.RawQuery, Header: h,
 	})
 	base := audit.Event{
 		Type: audit.TypeDecision, UID: uidPtr(f.UID), Dst: f.OrigDst.String(), SNI: f.SNI,
-		Method: auditMethod(r.Method), Path: d.Path,
+		Method: auditMethod(method), Path: d.Path,
+	}
+	deny := func(status int, reason string) prepared {
+		release()
+		return prepared{status: status, reason: reason, release: release, policy: policy}
+	}
+	refused := func(status int, reason string) prepared {
+		s.stats.refused.Add(1)
+		return deny(status, reason)
 	}
 
 	if d.Action != inject.Inject {
@@ -81,42 +137,30 @@ func (s *Server) serveHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	switch d.Action {
 	case inject.Refuse:
-		s.stats.refused.Add(1)
 		e := base
 		e.Decision, e.Reason, e.Status = audit.DecisionRefuse, d.Reason, d.Status
 		if d.Reason == inject.ReasonHostMismatch {
 			e.Decision = audit.DecisionHostMismatch
 		}
-		_ = s.record(r.Context(), e)
-		refuse(w, d.Status, d.Reason)
-		return
+		_ = s.record(ctx, e)
+		return refused(d.Status, d.Reason)
 
 	case inject.ForwardVerbatim:
 		events := denialEvents(base, d)
-		if err := s.record(r.Context(), events...); err != nil {
-			s.stats.refused.Add(1)
-			refuse(w, http.StatusServiceUnavailable, "audit_unavailable")
-			return
+		if err := s.record(ctx, events...); err != nil {
+			return refused(http.StatusServiceUnavailable, "audit_unavailable")
 		}
 		s.stats.verbatim.Add(1)
-		s.proxy.ServeHTTP(w, r)
-		return
+		return prepared{release: release, policy: policy}
 	}
 
 	// Inject: fetch every value first, so nothing is audited as injected that was not.
 	inj := &injected{secrets: d.Injections}
-	defer func() {
-		for _, v := range inj.values {
-			store.Wipe(v)
-		}
-		for _, v := range inj.wipe {
-			store.Wipe(v)
-		}
-	}()
 	for _, in := range d.Injections {
-		v, raw, reason, err := s.value(r.Context(), in)
+		v, raw, reason, err := s.value(ctx, in)
 		inj.wipe = append(inj.wipe, raw...)
 		if err != nil {
+			inj.wipeAll()
 			if reason == "secret_unavailable" {
 				s.stats.backendErrors.Add(1)
 			}
@@ -124,9 +168,8 @@ func (s *Server) serveHTTP(w http.ResponseWriter, r *http.Request) {
 			s.logf("value of secret %s for %s: %s", in.Secret.Name, f.SNI, scrubError(err))
 			e := base
 			e.Decision, e.Reason, e.Secret, e.Binding, e.Status = audit.DecisionBackendError, reason, in.Secret.Name, audit.Int(in.Binding), http.StatusServiceUnavailable
-			_ = s.record(r.Context(), e)
-			refuse(w, http.StatusServiceUnavailable, reason)
-			return
+			_ = s.record(ctx, e)
+			return deny(http.StatusServiceUnavailable, reason)
 		}
 		inj.values = append(inj.values, v)
 		ph := []byte(in.Secret.Placeholder)
@@ -142,19 +185,39 @@ func (s *Server) serveHTTP(w http.ResponseWriter, r *http.Request) {
 		e.Decision, e.Reason, e.Secret, e.Binding = audit.DecisionInject, d.Reason, in.Secret.Name, audit.Int(in.Binding)
 		events = append(events, e)
 	}
-	// I7: the decision is durable before any modified byte goes upstream.
-	actx, cancel := context.WithTimeout(r.Context(), 5*time.Second)
-	err := s.record(actx, events...)
-	cancel()
-	if err != nil {
-		s.stats.refused.Add(1)
-		refuse(w, http.StatusServiceUnavailable, "audit_unavailable")
-		return
+	// I7: the decision is durable before any modified byte goes upstream. The auditor bounds
+	// the wait (audit.timeout).
+	if err := s.record(ctx, events...); err != nil {
+		inj.wipeAll()
+		return refused(http.StatusServiceUnavailable, "audit_unavailable")
 	}
 	s.stats.injected.Add(1)
-	ctx := context.WithValue(r.Context(), injectedKey{}, inj)
-	ctx = httptrace.WithClientTrace(ctx, &httptrace.ClientTrace{WroteHeaders: release})
-	s.proxy.ServeHTTP(w, r.WithContext(ctx))
+	return prepared{inj: inj, release: release, policy: policy}
+}
+
+// injectHeaders writes the real values into an outgoing request's header.
+func (inj *injected) injectHeaders(h http.Header) {
+	for i, in := range inj.secrets {
+		inject.Apply(h, in.Secret, inj.values[i])
+	}
+	// A compressed response could carry an echoed secret past the scrubber.
+	h.Set("Accept-Encoding", "identity")
+}
+
+// scrubResponse replaces real values the upstream echoes in the response's headers and body.
+func (inj *injected) scrubResponse(resp *http.Response) error {
+	if inj == nil || len(inj.scrub) == 0 || resp.StatusCode == http.StatusSwitchingProtocols {
+		return nil
+	}
+	scrubHeaders(resp.Header, inj.scrub)
+	if resp.ContentLength >= 0 && resp.ContentLength <= maxWholeScrub && !isEventStream(resp.Header) {
+		return scrubWhole(resp, inj.scrub)
+	}
+	resp.Body = newScrubReader(resp.Body, inj.scrub)
+	// Scrubbing can change the length; the agent gets a chunked (or h2 DATA) body.
+	resp.Header.Del("Content-Length")
+	resp.ContentLength = -1
+	return nil
 }
 
 // value fetches what one injection needs and computes the replacement. raw are the fetched
@@ -252,27 +315,12 @@ func newReverseProxy(up *upstreamPool, logf Logf) *httputil.ReverseProxy {
 			}
 			pr.Out.Host = pr.In.Host
 			if inj, ok := pr.In.Context().Value(injectedKey{}).(*injected); ok {
-				for i, in := range inj.secrets {
-					inject.Apply(pr.Out.Header, in.Secret, inj.values[i])
-				}
-				// A compressed response could carry an echoed secret past the scrubber.
-				pr.Out.Header.Set("Accept-Encoding", "identity")
+				inj.injectHeaders(pr.Out.Header)
 			}
 		},
 		ModifyResponse: func(resp *http.Response) error {
-			inj, ok := resp.Request.Context().Value(injectedKey{}).(*injected)
-			if !ok || len(inj.scrub) == 0 || resp.StatusCode == http.StatusSwitchingProtocols {
-				return nil
-			}
-			scrubHeaders(resp.Header, inj.scrub)
-			if resp.ContentLength >= 0 && resp.ContentLength <= maxWholeScrub && !isEventStream(resp.Header) {
-				return scrubWhole(resp, inj.scrub)
-			}
-			resp.Body = newScrubReader(resp.Body, inj.scrub)
-			// Scrubbing can change the length; the agent gets a chunked (or h2 DATA) body.
-			resp.Header.Del("Content-Length")
-			resp.ContentLength = -1
-			return nil
+			inj, _ := resp.Request.Context().Value(injectedKey{}).(*injected)
+			return inj.scrubResponse(resp)
 		},
 		BufferPool:    copyBuffers,
 		Transport:     up,
@@ -314,8 +362,17 @@ type upstreamPool struct {
 	tlsBase *tls.Config
 	dial    func(ctx context.Context, network, addr string) (net.Conn, error)
 
+	// onConn, when set, learns of each HTTP/1.1 upstream connection opened and closed, so
+	// shutdown can close the ones in use.
+	onConn func(c net.Conn, open bool)
+
 	mu         sync.Mutex
 	transports map[upstreamKey]*http.Transport
+	configs    map[upstreamKey]*tls.Config
+	idle       map[upstreamKey][]*upConn
+	nIdle      int
+	lastSweep  time.Time
+	closed     bool
 }
 
 type upstreamKey struct {
@@ -327,7 +384,8 @@ type upstreamKey struct {
 const maxTransports = 1024
 
 func newUpstreamPool(base *tls.Config, dial func(ctx context.Context, network, addr string) (net.Conn, error)) *upstreamPool {
-	return &upstreamPool{tlsBase: base, dial: dial, transports: map[upstreamKey]*http.Transport{}}
+	return &upstreamPool{tlsBase: base, dial: dial, transports: map[upstreamKey]*http.Transport{},
+		configs: map[upstreamKey]*tls.Config{}, idle: map[upstreamKey][]*upConn{}}
 }
 
 func (p *upstreamPool) RoundTrip(r *http.Request) (*http.Response, error) {

@@ -88,10 +88,12 @@ type Server struct {
 	upstream *upstreamPool
 	proxy    http.Handler
 
-	mu     sync.Mutex
-	active map[net.Conn]struct{}
-	wg     sync.WaitGroup
-	closed bool
+	mu      sync.Mutex
+	active  map[net.Conn]struct{}
+	h1conns map[*h1conn]struct{}
+	wg      sync.WaitGroup
+	closed  bool
+	closing atomic.Bool
 
 	stats struct {
 		connections, passthrough, terminated, requests, injected, verbatim,
@@ -117,6 +119,7 @@ func NewServer(opts Options) (*Server, error) {
 		isEnrolled: opts.IsEnrolled,
 		tlsConns:   newConnQueue(),
 		active:     map[net.Conn]struct{}{},
+		h1conns:    map[*h1conn]struct{}{},
 	}
 	if s.dial == nil {
 		d := &net.Dialer{Timeout: dialTimeout, KeepAlive: 30 * time.Second}
@@ -125,6 +128,7 @@ func NewServer(opts Options) (*Server, error) {
 	s.policy.Store(opts.Policy)
 	s.agentTLS = s.newAgentTLS()
 	s.upstream = newUpstreamPool(opts.UpstreamTLS, s.dial)
+	s.upstream.onConn = s.trackUpstream
 	s.proxy = newReverseProxy(s.upstream, s.logf)
 	s.httpSrv = &http.Server{
 		Handler:           http.HandlerFunc(s.serveHTTP),
@@ -207,6 +211,29 @@ func (s *Server) track(c net.Conn) bool {
 	return true
 }
 
+// trackUpstream keeps the HTTP/1.1 upstream connections in the set shutdown closes.
+func (s *Server) trackUpstream(c net.Conn, open bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if open {
+		s.active[c] = struct{}{}
+	} else {
+		delete(s.active, c)
+	}
+}
+
+func (s *Server) trackH1(hc *h1conn, open bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if open {
+		s.h1conns[hc] = struct{}{}
+	} else {
+		delete(s.h1conns, hc)
+	}
+}
+
+func (s *Server) isClosing() bool { return s.closing.Load() }
+
 func (s *Server) untrack(c net.Conn) {
 	s.mu.Lock()
 	delete(s.active, c)
@@ -219,7 +246,16 @@ func (s *Server) untrack(c net.Conn) {
 func (s *Server) Shutdown(ctx context.Context) error {
 	s.mu.Lock()
 	s.closed = true
+	s.closing.Store(true)
+	// HTTP/1.1 connections waiting for their next request end now; one in the middle of a
+	// request finishes it and then sees closing.
+	for hc := range s.h1conns {
+		if hc.idle.Load() {
+			hc.agent.SetReadDeadline(time.Now())
+		}
+	}
 	s.mu.Unlock()
+	s.upstream.closeIdleH1(true)
 	err := s.httpSrv.Shutdown(ctx)
 	done := make(chan struct{})
 	go func() { s.wg.Wait(); close(done) }()
@@ -234,6 +270,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 		<-done
 	}
 	s.upstream.closeIdle()
+	s.upstream.closeIdleH1(true)
 	return err
 }
 
@@ -361,8 +398,12 @@ func (s *Server) terminate(c *net.TCPConn, peeked []byte, f inject.Facts) {
 		tc.Close()
 		return
 	}
-	done := s.tlsConns.push(tc, &connFacts{Facts: f})
-	<-done
+	if tc.ConnectionState().NegotiatedProtocol == "h2" {
+		done := s.tlsConns.push(tc, &connFacts{Facts: f})
+		<-done
+		return
+	}
+	s.serveH1(tc, f)
 }
 
 // record sends events to the auditor and counts failures.

@@ -1,0 +1,559 @@
+package intercept
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"math"
+	"net/http"
+	"net/textproto"
+	"strconv"
+	"strings"
+	"sync/atomic"
+	"time"
+
+	"crypto/tls"
+
+	"github.com/agent-vault-proxy/agent-vault-proxy/internal/inject"
+)
+
+// The HTTP/1.1 path. net/http's server, ReverseProxy and Transport hand every request
+// across about six goroutines (the server's background reader, the transport's read and
+// write loops, the pool); on a small machine each hand-off is a futex wake and a scheduler
+// pass, and together they cost more than the TLS and the copying. This loop serves one
+// terminated agent connection in one goroutine: it parses with net/http's parser, decides,
+// writes the request on an upstream connection it holds for the agent connection's lifetime
+// and copies the response back, flushing only when the upstream has nothing more buffered.
+// HTTP/2 agents still go through net/http.
+
+const (
+	h1MaxHeaderBytes = 1 << 20
+	h1HeaderTimeout  = 30 * time.Second
+	h1IdleTimeout    = 2 * time.Minute
+	// An upstream connection idle for longer than this is probed before reuse: the server
+	// may have closed it.
+	upstreamProbeAfter = time.Second
+	max1xxResponses    = 10
+)
+
+// limitReader caps how much the request parser may read; n is reset between the header and
+// the body, as net/http's server does.
+type limitReader struct {
+	r io.Reader
+	n int64
+}
+
+var errHeaderTooLarge = errors.New("request header too large")
+
+func (l *limitReader) Read(p []byte) (int, error) {
+	if l.n <= 0 {
+		return 0, errHeaderTooLarge
+	}
+	if int64(len(p)) > l.n {
+		p = p[:l.n]
+	}
+	n, err := l.r.Read(p)
+	l.n -= int64(n)
+	return n, err
+}
+
+type h1conn struct {
+	s     *Server
+	agent *tls.Conn
+	lr    limitReader
+	br    *bufio.Reader
+	bw    *bufio.Writer
+	f     inject.Facts
+	ctx   context.Context
+	up    *upConn // held across the connection's requests
+	idle  atomic.Bool
+	// replay is the current request's body when it was read whole with the headers.
+	replay *bytes.Reader
+}
+
+// serveH1 runs the request loop of one terminated HTTP/1.x agent connection.
+func (s *Server) serveH1(tc *tls.Conn, f inject.Facts) {
+	hc := &h1conn{s: s, agent: tc, f: f}
+	hc.ctx = context.WithValue(context.Background(), factsKey{}, &connFacts{Facts: f})
+	hc.lr = limitReader{r: tc, n: math.MaxInt64}
+	hc.br = bufio.NewReaderSize(&hc.lr, 4<<10)
+	hc.bw = bufio.NewWriterSize(tc, 4<<10)
+	s.trackH1(hc, true)
+	defer func() {
+		s.trackH1(hc, false)
+		if hc.up != nil {
+			s.upstream.putH1(hc.up)
+			hc.up = nil
+		}
+		tc.Close()
+	}()
+	for {
+		hc.idle.Store(true)
+		if s.isClosing() {
+			return
+		}
+		tc.SetReadDeadline(time.Now().Add(h1IdleTimeout))
+		if _, err := hc.br.Peek(1); err != nil {
+			return
+		}
+		hc.idle.Store(false)
+		tc.SetReadDeadline(time.Now().Add(h1HeaderTimeout))
+		hc.lr.n = h1MaxHeaderBytes
+		req, err := http.ReadRequest(hc.br)
+		tooLarge := hc.lr.n <= 0
+		hc.lr.n = math.MaxInt64
+		tc.SetReadDeadline(time.Time{})
+		if err != nil {
+			if tooLarge {
+				hc.writeRefusal(http.StatusRequestHeaderFieldsTooLarge, "request_header_too_large", true)
+			} else if !errors.Is(err, io.EOF) && !isTimeout(err) {
+				hc.writeRefusal(http.StatusBadRequest, "bad_request", true)
+			}
+			return
+		}
+		if reason := checkH1Request(req); reason != "" {
+			s.stats.requests.Add(1)
+			s.stats.refused.Add(1)
+			hc.writeRefusal(http.StatusBadRequest, reason, true)
+			return
+		}
+		if !hc.serve(req) {
+			return
+		}
+	}
+}
+
+// checkH1Request applies the checks net/http's server makes after parsing.
+func checkH1Request(req *http.Request) string {
+	if req.ProtoMajor != 1 {
+		return "unsupported_protocol_version"
+	}
+	// http.ReadRequest has already moved the Host header (the first one, or the host of an
+	// absolute request-target) to req.Host; only that one value is decided on and sent.
+	if req.ProtoAtLeast(1, 1) && req.Host == "" && req.Method != http.MethodConnect {
+		return "missing_host_header"
+	}
+	if !validHostHeader(req.Host) {
+		return "malformed_host_header"
+	}
+	for k, vv := range req.Header {
+		if !validHeaderFieldName(k) {
+			return "invalid_header_name"
+		}
+		for _, v := range vv {
+			if !validHeaderFieldValue(v) {
+				return "invalid_header_value"
+			}
+		}
+	}
+	return ""
+}
+
+func isTimeout(err error) bool {
+	var ne interface{ Timeout() bool }
+	return errors.As(err, &ne) && ne.Timeout()
+}
+
+// serve handles one request and reports whether the connection can take another.
+func (hc *h1conn) serve(req *http.Request) bool {
+	s := hc.s
+	s.stats.requests.Add(1)
+	defer req.Body.Close()
+	if req.Method == http.MethodConnect {
+		s.stats.refused.Add(1)
+		hc.writeRefusal(http.StatusMethodNotAllowed, "connect_not_allowed", true)
+		return false
+	}
+	stripH2CUpgrade(req.Header)
+	if ex, ok := req.Header["Expect"]; ok {
+		// The proxy answers 100-continue itself when it starts reading the body; the
+		// upstream gets the body without waiting. Other expectations are not supported.
+		if len(ex) != 1 || !strings.EqualFold(ex[0], "100-continue") {
+			s.stats.refused.Add(1)
+			hc.writeRefusal(http.StatusExpectationFailed, "expectation_failed", true)
+			return false
+		}
+		delete(req.Header, "Expect")
+		if req.Body != http.NoBody {
+			req.Body = &continueReader{ReadCloser: req.Body, hc: hc}
+		}
+	}
+	p := s.prepare(hc.ctx, hc.f, req.Method, req.Host, req.URL, req.Header)
+	defer p.finish()
+	// A body not read to its end would be taken for the next request.
+	keepAlive := !req.Close && req.Body == http.NoBody
+	if p.status != 0 {
+		return hc.writeRefusal(p.status, p.reason, !keepAlive) && keepAlive
+	}
+
+	out, upgrade := hc.outbound(req, p.inj)
+	resp, err := hc.roundTrip(out, &p)
+	if hc.replay != nil {
+		// Move the parser past the body that went out from its buffer.
+		io.Copy(io.Discard, req.Body)
+		hc.replay = nil
+	}
+	if err != nil {
+		if !errors.Is(err, errPolicyChanged) {
+			s.logf("upstream %s (sni %q): %v", hc.f.OrigDst, hc.f.SNI, err)
+		}
+		hc.writeRefusal(http.StatusBadGateway, "upstream_unreachable", true)
+		return false
+	}
+	defer resp.Body.Close()
+	if err := p.inj.scrubResponse(resp); err != nil {
+		s.logf("upstream %s (sni %q): read response: %v", hc.f.OrigDst, hc.f.SNI, err)
+		hc.dropUpstream()
+		hc.writeRefusal(http.StatusBadGateway, "upstream_unreachable", true)
+		return false
+	}
+	if upgrade != "" && resp.StatusCode == http.StatusSwitchingProtocols {
+		hc.switchProtocols(resp)
+		return false
+	}
+	keepAlive = !req.Close
+	ok, upReusable := hc.writeResponse(req, resp, keepAlive)
+	if !upReusable {
+		hc.dropUpstream()
+	}
+	return ok && keepAlive
+}
+
+// outbound builds the request sent upstream: the agent's, less hop-by-hop and forwarding
+// headers, with the real values injected.
+func (hc *h1conn) outbound(req *http.Request, inj *injected) (*http.Request, string) {
+	h := req.Header
+	upgrade := ""
+	if headerValuesContainToken(h["Connection"], "Upgrade") {
+		upgrade = h.Get("Upgrade")
+		if !asciiPrintable(upgrade) {
+			upgrade = ""
+		}
+	}
+	trailers := headerValuesContainToken(h["Te"], "trailers")
+	removeHopByHop(h)
+	for _, k := range []string{"Forwarded", "X-Forwarded-For", "X-Forwarded-Host", "X-Forwarded-Proto"} {
+		delete(h, k)
+	}
+	if upgrade != "" {
+		h["Connection"] = []string{"Upgrade"}
+		h["Upgrade"] = []string{upgrade}
+	}
+	if trailers {
+		h["Te"] = []string{"trailers"}
+	}
+	if _, ok := h["User-Agent"]; !ok {
+		// Keep net/http from adding its own.
+		h["User-Agent"] = []string{""}
+	}
+	if inj != nil {
+		inj.injectHeaders(h)
+	}
+	body := req.Body
+	hc.replay = nil
+	// A small body already read with the headers goes out in the same write, and can be
+	// replayed if a reused upstream connection turns out to be closed. The agent's body is
+	// read past it (drainReplayed) once the request is sent.
+	if req.ContentLength > 0 && req.ContentLength <= int64(hc.br.Buffered()) {
+		if b, err := hc.br.Peek(int(req.ContentLength)); err == nil {
+			hc.replay = bytes.NewReader(b)
+			body = io.NopCloser(hc.replay)
+		}
+	}
+	u := *req.URL
+	u.Scheme, u.Host = "", ""
+	return &http.Request{
+		Method: req.Method, URL: &u, Proto: "HTTP/1.1", ProtoMajor: 1, ProtoMinor: 1,
+		Header: h, Body: body, ContentLength: req.ContentLength, Host: req.Host,
+	}, upgrade
+}
+
+// continueReader sends the agent its 100 Continue on the first read of the body.
+type continueReader struct {
+	io.ReadCloser
+	hc   *h1conn
+	sent bool
+}
+
+func (c *continueReader) Read(p []byte) (int, error) {
+	if !c.sent {
+		c.sent = true
+		c.hc.bw.WriteString("HTTP/1.1 100 Continue\r\n\r\n")
+		if err := c.hc.bw.Flush(); err != nil {
+			return 0, err
+		}
+	}
+	return c.ReadCloser.Read(p)
+}
+
+func asciiPrintable(s string) bool {
+	if s == "" {
+		return false
+	}
+	for i := 0; i < len(s); i++ {
+		if s[i] < 0x21 || s[i] > 0x7e {
+			return false
+		}
+	}
+	return true
+}
+
+// hopHeaders are removed in both directions (RFC 9110 section 7.6.1), as ReverseProxy does.
+var hopHeaders = []string{
+	"Connection", "Proxy-Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization",
+	"Te", "Trailer", "Transfer-Encoding", "Upgrade",
+}
+
+func removeHopByHop(h http.Header) {
+	for _, f := range h["Connection"] {
+		for sf := range strings.SplitSeq(f, ",") {
+			if sf = textproto.TrimString(sf); sf != "" {
+				delete(h, http.CanonicalHeaderKey(sf))
+			}
+		}
+	}
+	for _, k := range hopHeaders {
+		delete(h, k)
+	}
+}
+
+var errPolicyChanged = errors.New("policy reloaded before the request could be retried")
+
+// roundTrip writes out on the held upstream connection (dialling one, or taking an idle one
+// from the pool) and reads the response head. A request that fails on a reused connection
+// before any response byte arrived is retried once on a fresh one when it can be replayed.
+func (hc *h1conn) roundTrip(out *http.Request, p *prepared) (*http.Response, error) {
+	for attempt := 0; ; attempt++ {
+		if attempt > 0 && p.inj != nil {
+			// The first attempt released the reload gate once its headers were written; a
+			// retry injects again, so it must still be under the policy that decided it.
+			hc.s.gate.RLock()
+			if hc.s.policy.Load() != p.policy {
+				hc.s.gate.RUnlock()
+				return nil, errPolicyChanged
+			}
+			p.release = onceFunc(hc.s.gate.RUnlock)
+		}
+		if hc.up != nil && !alive(hc.up) {
+			hc.dropUpstream()
+		}
+		reused := hc.up != nil
+		if hc.up == nil {
+			up, r, err := hc.s.upstream.getH1(hc.ctx, hc.f)
+			if err != nil {
+				p.release()
+				return nil, err
+			}
+			hc.up, reused = up, r
+		}
+		up := hc.up
+		up.onWrite = p.release
+		err := out.Write(up.bw)
+		if err == nil {
+			err = up.bw.Flush()
+		}
+		up.onWrite = nil
+		p.release()
+		var resp *http.Response
+		if err == nil {
+			// Nothing at all coming back means the server closed the connection.
+			if _, err = up.br.Peek(1); err == nil {
+				resp, err = readResponse(up.br, out)
+				if err != nil {
+					hc.dropUpstream()
+					return nil, err
+				}
+				up.lastUsed = time.Now()
+				return resp, nil
+			}
+		}
+		hc.dropUpstream()
+		if !reused || attempt > 0 || !hc.replayable(out) {
+			return nil, err
+		}
+	}
+}
+
+func onceFunc(f func()) func() {
+	var done atomic.Bool
+	return func() {
+		if done.CompareAndSwap(false, true) {
+			f()
+		}
+	}
+}
+
+// replayable reports whether out's body can be sent again, and rewinds it.
+func (hc *h1conn) replayable(out *http.Request) bool {
+	if out.Body == nil || out.Body == http.NoBody {
+		return true
+	}
+	if hc.replay != nil {
+		_, err := hc.replay.Seek(0, io.SeekStart)
+		return err == nil
+	}
+	return false
+}
+
+// readResponse reads the response head, skipping interim 1xx responses (the agent's
+// Expect is answered by the proxy itself) but not 101.
+func readResponse(br *bufio.Reader, out *http.Request) (*http.Response, error) {
+	for i := 0; ; i++ {
+		resp, err := http.ReadResponse(br, out)
+		if err != nil {
+			return nil, err
+		}
+		if resp.StatusCode >= 200 || resp.StatusCode == http.StatusSwitchingProtocols || resp.StatusCode < 100 {
+			return resp, nil
+		}
+		if i >= max1xxResponses {
+			return nil, errors.New("too many interim responses")
+		}
+	}
+}
+
+func (hc *h1conn) dropUpstream() {
+	if hc.up != nil {
+		hc.s.upstream.closeConn(hc.up)
+		hc.up = nil
+	}
+}
+
+// writeResponse copies resp to the agent. ok is false when the agent can no longer be
+// written to; upReusable is false when the upstream connection cannot carry another request.
+func (hc *h1conn) writeResponse(req *http.Request, resp *http.Response, keepAlive bool) (ok, upReusable bool) {
+	bw := hc.bw
+	h := resp.Header
+	upReusable = !resp.Close
+	removeHopByHop(h)
+	code := resp.StatusCode
+	bodyless := req.Method == http.MethodHead || code == http.StatusNoContent || code == http.StatusNotModified || code < 200
+	chunked := false
+	if !bodyless {
+		switch {
+		case resp.ContentLength >= 0:
+			h["Content-Length"] = []string{strconv.FormatInt(resp.ContentLength, 10)}
+		case req.ProtoAtLeast(1, 1):
+			delete(h, "Content-Length")
+			h["Transfer-Encoding"] = []string{"chunked"}
+			chunked = true
+		default:
+			// An HTTP/1.0 agent reads an unknown length to the end of the connection.
+			delete(h, "Content-Length")
+			keepAlive = false
+		}
+		if resp.ContentLength < 0 && len(resp.TransferEncoding) == 0 {
+			// Read to the upstream's close: that connection is done.
+			upReusable = false
+		}
+	}
+	if !keepAlive {
+		h["Connection"] = []string{"close"}
+	}
+	text := strings.TrimPrefix(resp.Status, strconv.Itoa(code))
+	text = strings.TrimSpace(text)
+	if text == "" || !asciiPrintableSpace(text) {
+		text = http.StatusText(code)
+	}
+	fmt.Fprintf(bw, "HTTP/1.1 %03d %s\r\n", code, text)
+	h.Write(bw)
+	bw.WriteString("\r\n")
+	if bodyless {
+		return bw.Flush() == nil, upReusable
+	}
+	buf := copyBuffers.Get()
+	defer copyBuffers.Put(buf)
+	var cerr error
+	for {
+		n, err := resp.Body.Read(buf)
+		if n > 0 && cerr == nil {
+			if chunked {
+				fmt.Fprintf(bw, "%x\r\n", n)
+				bw.Write(buf[:n])
+				_, cerr = bw.WriteString("\r\n")
+			} else {
+				_, cerr = bw.Write(buf[:n])
+			}
+			// Flush when the upstream has nothing more buffered: streamed events go out as
+			// they arrive, and a small response goes out in one write with its head.
+			if cerr == nil && (hc.up == nil || hc.up.br.Buffered() == 0) {
+				cerr = bw.Flush()
+			}
+		}
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			// The response cannot be completed; the agent must not take a truncated body
+			// for a whole one, so the connection ends here.
+			hc.s.logf("upstream %s (sni %q): response body: %v", hc.f.OrigDst, hc.f.SNI, err)
+			bw.Flush()
+			return false, false
+		}
+		if cerr != nil {
+			// The agent went away; stop reading the upstream.
+			return false, false
+		}
+	}
+	if chunked {
+		bw.WriteString("0\r\n\r\n")
+	}
+	return bw.Flush() == nil, upReusable
+}
+
+func asciiPrintableSpace(s string) bool {
+	for i := 0; i < len(s); i++ {
+		if s[i] < 0x20 || s[i] > 0x7e {
+			return false
+		}
+	}
+	return true
+}
+
+// writeRefusal answers the agent with one line that says it was the proxy, not the upstream.
+func (hc *h1conn) writeRefusal(status int, reason string, closeConn bool) bool {
+	body := "agent-vault-proxy: " + reason + "\n"
+	fmt.Fprintf(hc.bw, "HTTP/1.1 %03d %s\r\nContent-Type: text/plain; charset=utf-8\r\nX-Agent-Vault-Proxy: %s\r\nContent-Length: %d\r\n",
+		status, http.StatusText(status), reason, len(body))
+	if closeConn {
+		hc.bw.WriteString("Connection: close\r\n")
+	}
+	hc.bw.WriteString("\r\n")
+	hc.bw.WriteString(body)
+	return hc.bw.Flush() == nil
+}
+
+// switchProtocols hands a 101 response to the agent and then splices both ways: what follows
+// is no longer HTTP, so no further request is checked on this connection.
+func (hc *h1conn) switchProtocols(resp *http.Response) {
+	up := hc.up
+	hc.up = nil
+	defer hc.s.upstream.closeConn(up)
+	h := resp.Header
+	upType := h.Get("Upgrade")
+	removeHopByHop(h)
+	if !asciiPrintable(upType) {
+		hc.writeRefusal(http.StatusBadGateway, "upstream_unreachable", true)
+		return
+	}
+	h["Connection"] = []string{"Upgrade"}
+	h["Upgrade"] = []string{upType}
+	fmt.Fprintf(hc.bw, "HTTP/1.1 101 Switching Protocols\r\n")
+	h.Write(hc.bw)
+	hc.bw.WriteString("\r\n")
+	if hc.bw.Flush() != nil {
+		return
+	}
+	done := make(chan struct{})
+	go func() {
+		io.Copy(up.c, hc.br)
+		up.c.CloseWrite()
+		close(done)
+	}()
+	io.Copy(hc.agent, up.br)
+	hc.agent.CloseWrite()
+	<-done
+}

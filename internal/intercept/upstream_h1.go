@@ -1,0 +1,203 @@
+package intercept
+
+import (
+	"bufio"
+	"context"
+	"crypto/tls"
+	"errors"
+	"net"
+	"time"
+
+	"github.com/agent-vault-proxy/agent-vault-proxy/internal/inject"
+)
+
+// upConn is one verified HTTP/1.1 connection to an upstream. An agent connection holds one
+// while it lives; then it goes back to the pool for the next agent connection to the same
+// name and address, so a new agent connection does not cost an upstream handshake.
+type upConn struct {
+	key      upstreamKey
+	c        *tls.Conn
+	br       *bufio.Reader
+	bw       *bufio.Writer
+	lastUsed time.Time
+	// onWrite runs after the first write to the network of a request (its headers).
+	onWrite func()
+}
+
+// upWriter is what upConn.bw flushes to: the TLS connection, with the hook that releases the
+// reload gate once a request's headers are on their way.
+type upWriter struct{ u *upConn }
+
+func (w upWriter) Write(p []byte) (int, error) {
+	n, err := w.u.c.Write(p)
+	if f := w.u.onWrite; f != nil {
+		w.u.onWrite = nil
+		f()
+	}
+	return n, err
+}
+
+func (u *upConn) close() { u.c.Close() }
+
+const (
+	maxIdleH1PerKey = 64
+	maxIdleH1       = 512
+	idleH1Timeout   = 90 * time.Second
+)
+
+// tlsConfig returns the client TLS config of one upstream key. One per key keeps its session
+// cache, so a new upstream connection resumes instead of doing a full handshake.
+func (p *upstreamPool) tlsConfig(k upstreamKey) *tls.Config {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if tc, ok := p.configs[k]; ok {
+		return tc
+	}
+	if len(p.configs) >= maxTransports {
+		for old := range p.configs {
+			delete(p.configs, old)
+			break
+		}
+	}
+	tc := p.tlsBase.Clone()
+	tc.ServerName = k.sni
+	tc.NextProtos = []string{"http/1.1"}
+	if tc.ClientSessionCache == nil {
+		tc.ClientSessionCache = tls.NewLRUClientSessionCache(64)
+	}
+	p.configs[k] = tc
+	return tc
+}
+
+// getH1 returns an idle connection for f's name and original destination, or dials one.
+// reused tells the caller that the server may have closed it meanwhile.
+func (p *upstreamPool) getH1(ctx context.Context, f inject.Facts) (up *upConn, reused bool, err error) {
+	k := upstreamKey{sni: f.SNI, addr: f.OrigDst, h1: true}
+	now := time.Now()
+	for {
+		p.mu.Lock()
+		idle := p.idle[k]
+		if len(idle) == 0 {
+			p.mu.Unlock()
+			break
+		}
+		up = idle[len(idle)-1]
+		idle[len(idle)-1] = nil
+		p.idle[k] = idle[:len(idle)-1]
+		p.nIdle--
+		p.mu.Unlock()
+		if now.Sub(up.lastUsed) < idleH1Timeout && alive(up) {
+			return up, true, nil
+		}
+		p.closeConn(up)
+	}
+	up, err = p.dialH1(ctx, k)
+	return up, false, err
+}
+
+// alive probes an idle connection without blocking: a closed one reads EOF, a live one
+// times out at once. A connection idle for under a second is taken as it is; the caller
+// retries a request that fails on it before any response byte.
+func alive(up *upConn) bool {
+	if time.Since(up.lastUsed) < upstreamProbeAfter {
+		return true
+	}
+	up.c.SetReadDeadline(time.Unix(1, 0))
+	_, err := up.br.Peek(1)
+	up.c.SetReadDeadline(time.Time{})
+	return isTimeout(err)
+}
+
+func (p *upstreamPool) dialH1(ctx context.Context, k upstreamKey) (*upConn, error) {
+	dctx, cancel := context.WithTimeout(ctx, dialTimeout+handshakeTimeout)
+	defer cancel()
+	raw, err := p.dial(dctx, "tcp", k.addr.String())
+	if err != nil {
+		return nil, err
+	}
+	tc := tls.Client(raw, p.tlsConfig(k))
+	if err := tc.HandshakeContext(dctx); err != nil {
+		raw.Close()
+		return nil, err
+	}
+	if np := tc.ConnectionState().NegotiatedProtocol; np != "" && np != "http/1.1" {
+		tc.Close()
+		return nil, errors.New("upstream negotiated " + np + " for an HTTP/1.1 connection")
+	}
+	up := &upConn{key: k, c: tc, lastUsed: time.Now()}
+	up.br = bufio.NewReaderSize(tc, 4<<10)
+	up.bw = bufio.NewWriterSize(upWriter{up}, 4<<10)
+	if p.onConn != nil {
+		p.onConn(tc, true)
+	}
+	return up, nil
+}
+
+func (p *upstreamPool) closeConn(up *upConn) {
+	if p.onConn != nil {
+		p.onConn(up.c, false)
+	}
+	up.close()
+}
+
+// putH1 returns a connection that finished its last response cleanly.
+func (p *upstreamPool) putH1(up *upConn) {
+	if up.br.Buffered() > 0 {
+		// Bytes nobody asked for: the connection is out of step.
+		p.closeConn(up)
+		return
+	}
+	now := time.Now()
+	var expired []*upConn
+	p.mu.Lock()
+	if p.closed || p.nIdle >= maxIdleH1 || len(p.idle[up.key]) >= maxIdleH1PerKey {
+		p.mu.Unlock()
+		p.closeConn(up)
+		return
+	}
+	p.idle[up.key] = append(p.idle[up.key], up)
+	p.nIdle++
+	if now.Sub(p.lastSweep) > idleH1Timeout/3 {
+		p.lastSweep = now
+		for k, conns := range p.idle {
+			kept := conns[:0]
+			for _, c := range conns {
+				if now.Sub(c.lastUsed) >= idleH1Timeout {
+					expired = append(expired, c)
+					p.nIdle--
+				} else {
+					kept = append(kept, c)
+				}
+			}
+			clear(conns[len(kept):])
+			if len(kept) == 0 {
+				delete(p.idle, k)
+			} else {
+				p.idle[k] = kept
+			}
+		}
+	}
+	p.mu.Unlock()
+	for _, c := range expired {
+		p.closeConn(c)
+	}
+}
+
+// closeIdleH1 closes every idle HTTP/1.1 connection; after shutdown none is pooled again.
+func (p *upstreamPool) closeIdleH1(shutdown bool) {
+	p.mu.Lock()
+	idle := p.idle
+	p.idle = map[upstreamKey][]*upConn{}
+	p.nIdle = 0
+	if shutdown {
+		p.closed = true
+	}
+	p.mu.Unlock()
+	for _, conns := range idle {
+		for _, c := range conns {
+			p.closeConn(c)
+		}
+	}
+}
+
+var _ net.Conn = (*tls.Conn)(nil)

@@ -1,0 +1,188 @@
+package e2e
+
+import (
+	"encoding/base64"
+	"fmt"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+)
+
+// rawTLSClient sends bytes over a verified TLS connection (HTTP/1.1 by ALPN) and prints
+// everything that comes back until the server closes or goes quiet. Arguments: host, then
+// base64 parts; "WAIT100" between parts waits for a "100 Continue" before the next part, and
+// "PAD<n>" sends a header line of n bytes.
+const rawTLSClient = `
+import base64, socket, ssl, sys, time
+host = sys.argv[1]
+ctx = ssl.create_default_context()
+ctx.set_alpn_protocols(["http/1.1"])
+s = ctx.wrap_socket(socket.create_connection((host, 443), timeout=10), server_hostname=host)
+out = b""
+for part in sys.argv[2:]:
+    if part.startswith("PAD"):
+        s.sendall(b"X-Pad: " + b"a" * int(part[3:]) + b"\r\n")
+        continue
+    if part == "WAIT100":
+        while b"100 Continue\r\n\r\n" not in out:
+            b = s.recv(65536)
+            if not b:
+                break
+            out += b
+        continue
+    s.sendall(base64.b64decode(part))
+s.settimeout(2)
+try:
+    while True:
+        b = s.recv(65536)
+        if not b:
+            break
+        out += b
+except socket.timeout:
+    pass
+sys.stdout.write(out.decode("latin-1"))
+`
+
+// raw runs rawTLSClient as the agent; parts are raw request bytes, or "WAIT100".
+func (e *env) raw(t *testing.T, host string, parts ...string) string {
+	t.Helper()
+	script := filepath.Join(e.dir, "rawtls.py")
+	writeFile(t, script, []byte(rawTLSClient), 0o644)
+	args := []string{script, host}
+	for _, p := range parts {
+		if p != "WAIT100" && !strings.HasPrefix(p, "PAD") {
+			p = base64.StdEncoding.EncodeToString([]byte(p))
+		}
+		args = append(args, p)
+	}
+	out, err := e.agent(agentUID, "python3", args...)
+	if err != nil {
+		t.Fatalf("raw client: %v\n%s", err, out)
+	}
+	return out
+}
+
+// TestHTTP1Framing attacks the proxy's own HTTP/1.1 loop: pipelining, request smuggling
+// through conflicting framing, oversized and malformed heads, and Expect: 100-continue. The
+// proxy decides each request on its own and re-frames every body it forwards, so nothing
+// hidden in one request reaches the upstream as another.
+func TestHTTP1Framing(t *testing.T) {
+	e := newEnv(t)
+	e.startAvpd()
+	e.avpctl("enroll-uid", strconv.Itoa(agentUID))
+	auth := "Authorization: Bearer " + phOpenAI + "\r\n"
+	host := "Host: " + hostOpenAI + "\r\n"
+	since := func() int { return len(e.upstream.requests()) }
+	newReqs := func(n int) []seenRequest { return e.upstream.requests()[n:] }
+
+	t.Run("pipelined requests are decided one by one", func(t *testing.T) {
+		n := since()
+		out := e.raw(t, hostOpenAI,
+			"GET /v1/models HTTP/1.1\r\n"+host+auth+"\r\n"+
+				"DELETE /v1/models HTTP/1.1\r\n"+host+auth+"\r\n"+
+				"GET /v1/last HTTP/1.1\r\n"+host+auth+"Connection: close\r\n\r\n")
+		if c := strings.Count(out, "HTTP/1.1 200 "); c != 3 {
+			t.Fatalf("want 3 responses of 200, got %d:\n%s", c, out)
+		}
+		got := newReqs(n)
+		if len(got) != 3 {
+			t.Fatalf("upstream saw %d requests, want 3", len(got))
+		}
+		want := []string{"Bearer " + realOpenAI, "Bearer " + phOpenAI, "Bearer " + realOpenAI}
+		for i, r := range got {
+			if a := r.Header.Get("Authorization"); a != want[i] {
+				t.Errorf("request %d (%s %s): Authorization %q, want %q", i, r.Method, r.Path, a, want[i])
+			}
+		}
+	})
+
+	t.Run("Content-Length and chunked together: the body stays a body", func(t *testing.T) {
+		n := since()
+		smuggled := "GET /v1/smuggled HTTP/1.1\r\n" + host + auth + "\r\n"
+		body := fmt.Sprintf("%x\r\n%s\r\n0\r\n\r\n", len(smuggled), smuggled)
+		out := e.raw(t, hostOpenAI,
+			"POST /v1/chat HTTP/1.1\r\n"+host+auth+"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"+body+
+				"GET /v1/after HTTP/1.1\r\n"+host+"Connection: close\r\n\r\n")
+		sawChat := false
+		for _, r := range newReqs(n) {
+			sawChat = sawChat || r.Path == "/v1/chat"
+			if strings.Contains(r.Path, "smuggled") {
+				t.Fatalf("a request hidden in a body reached the upstream: %s %s (Authorization %q)\n%s", r.Method, r.Path, r.Header.Get("Authorization"), out)
+			}
+			if r.Path == "/v1/chat" && r.Body != smuggled {
+				t.Fatalf("upstream got body %q, want the chunked body %q", r.Body, smuggled)
+			}
+		}
+		if !sawChat {
+			t.Fatalf("the chunked request did not reach the upstream:\n%s", out)
+		}
+	})
+
+	for _, tc := range []struct{ name, req, status, reason string }{
+		{"unsupported transfer coding", "POST /v1/chat HTTP/1.1\r\n" + host + auth + "Transfer-Encoding: gzip, chunked\r\n\r\n", "400", "bad_request"},
+		{"two different Content-Lengths", "POST /v1/chat HTTP/1.1\r\n" + host + auth + "Content-Length: 3\r\nContent-Length: 30\r\n\r\nabc", "400", "bad_request"},
+		{"space before the colon", "GET /v1/models HTTP/1.1\r\n" + host + "Authorization : Bearer " + phOpenAI + "\r\n\r\n", "400", "invalid_header_name"},
+		{"control byte in a value", "GET /v1/models HTTP/1.1\r\n" + host + auth + "X-A: a\x01b\r\n\r\n", "400", ""},
+		{"no Host", "GET /v1/models HTTP/1.1\r\n" + auth + "\r\n", "400", "missing_host_header"},
+		{"CONNECT", "CONNECT " + hostOpenAI + ":443 HTTP/1.1\r\n" + host + auth + "\r\n", "405", "connect_not_allowed"},
+		{"unknown expectation", "GET /v1/models HTTP/1.1\r\n" + host + auth + "Expect: teapot\r\n\r\n", "417", "expectation_failed"},
+	} {
+		t.Run("refused: "+tc.name, func(t *testing.T) {
+			n := since()
+			out := e.raw(t, hostOpenAI, tc.req+"GET /v1/next HTTP/1.1\r\n"+host+auth+"\r\n")
+			if !strings.HasPrefix(out, "HTTP/1.1 "+tc.status+" ") || !strings.Contains(out, "agent-vault-proxy: "+tc.reason) {
+				t.Fatalf("want %s %s, got:\n%.300s", tc.status, tc.reason, out)
+			}
+			if strings.Count(out, "HTTP/1.1 ") != 1 {
+				t.Fatalf("the connection went on after a malformed request:\n%.300s", out)
+			}
+			if got := newReqs(n); len(got) != 0 {
+				t.Fatalf("upstream saw %d requests, want none: %s %s", len(got), got[0].Method, got[0].Path)
+			}
+		})
+	}
+
+	t.Run("refused: oversized head", func(t *testing.T) {
+		n := since()
+		out := e.raw(t, hostOpenAI, "GET /v1/models HTTP/1.1\r\n"+host+auth, "PAD1100000", "\r\n")
+		if !strings.HasPrefix(out, "HTTP/1.1 431 ") || !strings.Contains(out, "request_header_too_large") {
+			t.Fatalf("want 431, got:\n%.300s", out)
+		}
+		if got := newReqs(n); len(got) != 0 {
+			t.Fatalf("upstream saw %d requests, want none", len(got))
+		}
+	})
+
+	t.Run("Expect: 100-continue is answered by the proxy", func(t *testing.T) {
+		n := since()
+		out := e.raw(t, hostOpenAI,
+			"POST /v1/chat HTTP/1.1\r\n"+host+auth+"Content-Length: 11\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n",
+			"WAIT100", "hello world")
+		if !strings.HasPrefix(out, "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 ") {
+			t.Fatalf("want 100 then 200, got:\n%s", out)
+		}
+		got := newReqs(n)
+		if len(got) != 1 || got[0].Body != "hello world" || got[0].Header.Get("Authorization") != "Bearer "+realOpenAI || got[0].Header.Get("Expect") != "" {
+			t.Fatalf("upstream saw %+v", got)
+		}
+	})
+
+	t.Run("hop-by-hop and forwarding headers do not reach the upstream", func(t *testing.T) {
+		n := since()
+		e.raw(t, hostOpenAI, "GET /v1/models HTTP/1.1\r\n"+host+auth+
+			"Connection: close, X-Drop-Me\r\nX-Drop-Me: 1\r\nKeep-Alive: timeout=5\r\nProxy-Authorization: Basic eA==\r\nX-Forwarded-For: 1.2.3.4\r\nX-Keep: yes\r\n\r\n")
+		got := newReqs(n)
+		if len(got) != 1 {
+			t.Fatalf("upstream saw %d requests", len(got))
+		}
+		for _, k := range []string{"X-Drop-Me", "Keep-Alive", "Proxy-Authorization", "X-Forwarded-For"} {
+			if v := got[0].Header.Get(k); v != "" {
+				t.Errorf("upstream got %s: %q", k, v)
+			}
+		}
+		if got[0].Header.Get("X-Keep") != "yes" || got[0].Header.Get("Authorization") != "Bearer "+realOpenAI {
+			t.Errorf("upstream headers: %v", got[0].Header)
+		}
+	})
+}
