@@ -375,6 +375,11 @@ func (s *Server) newAgentTLS() *tls.Config {
 	return &tls.Config{
 		MinVersion: tls.VersionTLS12,
 		NextProtos: []string{"h2", "http/1.1"},
+		// The agent's connection never leaves the host (the redirect is to a local
+		// listener), so the post-quantum hybrid key exchange protects nothing here; it was
+		// half of avpd's handshake CPU on a new connection. Upstream connections keep Go's
+		// defaults, hybrid included.
+		CurvePreferences: []tls.CurveID{tls.X25519, tls.CurveP256, tls.CurveP384},
 		GetCertificate: func(hello *tls.ClientHelloInfo) (*tls.Certificate, error) {
 			// The peeked SNI decided that this connection is terminated; mint for that
 			// name only, whatever the handshake claims later.
