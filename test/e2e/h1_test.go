@@ -97,6 +97,24 @@ func TestHTTP1Framing(t *testing.T) {
 		}
 	})
 
+	t.Run("an upstream connection closed after a response is replaced", func(t *testing.T) {
+		n := since()
+		out := e.raw(t, hostOpenAI,
+			"GET /v1/drop HTTP/1.1\r\n"+host+auth+"\r\n"+
+				"HEAD /v1/models HTTP/1.1\r\n"+host+auth+"\r\n"+
+				"GET /v1/drop HTTP/1.1\r\n"+host+auth+"\r\n"+
+				"GET /v1/models HTTP/1.1\r\n"+host+auth+"Connection: close\r\n\r\n")
+		if c := strings.Count(out, "HTTP/1.1 200 "); c != 4 {
+			t.Fatalf("want 4 responses of 200, got %d:\n%s", c, out)
+		}
+		if c := strings.Count(out, `{"dropped":1}`); c != 2 || !strings.HasSuffix(out, `{"ok":true,"path":"/v1/models"}`) {
+			t.Fatalf("bodies out of step:\n%s", out)
+		}
+		if got := newReqs(n); len(got) != 4 {
+			t.Fatalf("upstream saw %d requests, want 4", len(got))
+		}
+	})
+
 	t.Run("Content-Length and chunked together: the body stays a body", func(t *testing.T) {
 		n := since()
 		smuggled := "GET /v1/smuggled HTTP/1.1\r\n" + host + auth + "\r\n"

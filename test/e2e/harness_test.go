@@ -495,6 +495,18 @@ func startUpstream(t *testing.T, ns, dir string) *upstream {
 		w.Header().Set("Content-Length", fmt.Sprint(len(body)))
 		io.WriteString(w, body)
 	})
+	// An upstream that closes its connection after answering without saying so, as a server
+	// whose keep-alive timer fired does: the next request on that connection fails.
+	mux.HandleFunc("/v1/drop", func(w http.ResponseWriter, r *http.Request) {
+		u.record(r)
+		c, bw, err := w.(http.Hijacker).Hijack()
+		if err != nil {
+			return
+		}
+		bw.WriteString("HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 13\r\n\r\n{\"dropped\":1}")
+		bw.Flush()
+		c.Close()
+	})
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		u.record(r)
 		w.Header().Set("Content-Type", "application/json")
