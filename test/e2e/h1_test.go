@@ -11,7 +11,8 @@ import (
 
 // rawTLSClient sends bytes over a verified TLS connection (HTTP/1.1 by ALPN) and prints
 // everything that comes back until the server closes or goes quiet. Arguments: host, then
-// base64 parts; "WAIT100" between parts waits for a "100 Continue" before the next part, and
+// base64 parts; "WAIT<code>" between parts waits for a response head with that status
+// before the next part, and
 // "PAD<n>" sends a header line of n bytes.
 const rawTLSClient = `
 import base64, socket, ssl, sys, time
@@ -24,8 +25,8 @@ for part in sys.argv[2:]:
     if part.startswith("PAD"):
         s.sendall(b"X-Pad: " + b"a" * int(part[3:]) + b"\r\n")
         continue
-    if part == "WAIT100":
-        while b"100 Continue\r\n\r\n" not in out:
+    if part.startswith("WAIT"):
+        while (b"HTTP/1.1 " + part[4:].encode()) not in out or not out.endswith(b"\r\n\r\n"):
             b = s.recv(65536)
             if not b:
                 break
@@ -44,14 +45,14 @@ except socket.timeout:
 sys.stdout.write(out.decode("latin-1"))
 `
 
-// raw runs rawTLSClient as the agent; parts are raw request bytes, or "WAIT100".
+// raw runs rawTLSClient as the agent; parts are raw request bytes, "WAIT<code>" or "PAD<n>".
 func (e *env) raw(t *testing.T, host string, parts ...string) string {
 	t.Helper()
 	script := filepath.Join(e.dir, "rawtls.py")
 	writeFile(t, script, []byte(rawTLSClient), 0o644)
 	args := []string{script, host}
 	for _, p := range parts {
-		if p != "WAIT100" && !strings.HasPrefix(p, "PAD") {
+		if !strings.HasPrefix(p, "WAIT") && !strings.HasPrefix(p, "PAD") {
 			p = base64.StdEncoding.EncodeToString([]byte(p))
 		}
 		args = append(args, p)
@@ -112,6 +113,19 @@ func TestHTTP1Framing(t *testing.T) {
 		}
 		if got := newReqs(n); len(got) != 4 {
 			t.Fatalf("upstream saw %d requests, want 4", len(got))
+		}
+	})
+
+	t.Run("a protocol switch is injected once, then spliced", func(t *testing.T) {
+		n := since()
+		out := e.raw(t, hostOpenAI,
+			"GET /v1/upgrade HTTP/1.1\r\n"+host+auth+"Connection: Upgrade\r\nUpgrade: echo\r\n\r\n", "WAIT101", "ping")
+		if !strings.HasPrefix(out, "HTTP/1.1 101 ") || !strings.HasSuffix(out, "echo:ping") {
+			t.Fatalf("want 101 and the echo, got:\n%s", out)
+		}
+		got := newReqs(n)
+		if len(got) != 1 || got[0].Header.Get("Authorization") != "Bearer "+realOpenAI {
+			t.Fatalf("upstream saw %+v", got)
 		}
 	})
 

@@ -507,6 +507,26 @@ func startUpstream(t *testing.T, ns, dir string) *upstream {
 		bw.Flush()
 		c.Close()
 	})
+	// A protocol switch (as a WebSocket's): after the 101 the upstream echoes what it reads,
+	// prefixed with the credential's presence, never its value.
+	mux.HandleFunc("/v1/upgrade", func(w http.ResponseWriter, r *http.Request) {
+		u.record(r)
+		if r.Header.Get("Upgrade") != "echo" {
+			http.Error(w, "want Upgrade: echo", http.StatusBadRequest)
+			return
+		}
+		c, bw, err := w.(http.Hijacker).Hijack()
+		if err != nil {
+			return
+		}
+		defer c.Close()
+		bw.WriteString("HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n")
+		bw.Flush()
+		c.SetDeadline(time.Now().Add(5 * time.Second))
+		buf := make([]byte, 64)
+		n, _ := bw.Read(buf)
+		fmt.Fprintf(c, "echo:%s", buf[:n])
+	})
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		u.record(r)
 		w.Header().Set("Content-Type", "application/json")
