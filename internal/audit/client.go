@@ -1,11 +1,14 @@
 package audit
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"net"
+	"os"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -20,15 +23,19 @@ const DefaultTimeout = 2 * time.Second
 // into 503 audit_unavailable with nothing sent upstream. A journal restart is survived by
 // dialing again on the next Record; an event whose connection broke before its ack is an
 // error too, never resent (it may or may not be in the log).
+//
+// Record writes its messages to the socket itself, under the connection's write lock; one
+// reader goroutine per connection hands each ack to the Record waiting for it. That is the
+// only hand-off between goroutines on the client's side.
 type JournalClient struct {
 	socket  string
 	timeout time.Duration
 	nextID  atomic.Uint64
 
 	dialMu sync.Mutex // one dial at a time
-	mu     sync.Mutex
-	cur    *clientConn
-	closed bool
+	mu     sync.Mutex // guards the writes of cur and closed
+	cur    atomic.Pointer[clientConn]
+	closed atomic.Bool
 }
 
 var _ Auditor = (*JournalClient)(nil)
@@ -41,21 +48,44 @@ func NewJournalClient(socket string, timeout time.Duration) *JournalClient {
 	return &JournalClient{socket: socket, timeout: timeout}
 }
 
-type ackResult struct {
-	seq uint64
-	err error
+// clientConn is one connection. Records write to it under wmu; the reader goroutine hands
+// each ack to the waiter of the Record that sent the event.
+type clientConn struct {
+	c    *net.UnixConn
+	wmu  sync.Mutex // one writer at a time, and the write deadline with it
+	dead chan struct{}
+	once sync.Once
+
+	mu      sync.Mutex // guards err and pending, and every waiter's fields
+	err     error
+	pending map[uint64]*waiter // event id -> the Record that sent it
 }
 
-// clientConn is one connection: a writer goroutine sends queued messages, a reader
-// goroutine hands each ack to the Record waiting for it.
-type clientConn struct {
-	c       *net.UnixConn
-	out     chan []byte
-	dead    chan struct{}
-	once    sync.Once
-	mu      sync.Mutex
-	err     error
-	pending map[uint64]chan ackResult
+// waiter is one Record call waiting for its acks. Its fields are guarded by the connection's
+// mu; it is signalled once, on ch, when every event is acked or when one failed.
+type waiter struct {
+	ch    chan error // capacity 1
+	left  int        // events not acked yet
+	done  bool       // ch was sent to
+	timer *time.Timer
+	buf   bytes.Buffer  // the encoded messages, one after the other
+	enc   *json.Encoder // writes to buf
+	ends  []int         // where each message ends in buf
+	ids   []uint64
+}
+
+var waiterPool = sync.Pool{New: func() any {
+	w := &waiter{ch: make(chan error, 1)}
+	w.enc = json.NewEncoder(&w.buf)
+	return w
+}}
+
+// signal hands the waiter its result, once. The connection's mu is held.
+func (w *waiter) signal(err error) {
+	if !w.done {
+		w.done = true
+		w.ch <- err
+	}
 }
 
 // ErrJournalUnavailable wraps every failure to get an event acknowledged.
@@ -66,30 +96,30 @@ func (c *JournalClient) Record(ctx context.Context, events ...Event) error {
 	if len(events) == 0 {
 		return nil
 	}
-	ctx, cancel := context.WithTimeout(ctx, c.timeout)
-	defer cancel()
-	msgs := make([][]byte, len(events))
-	ids := make([]uint64, len(events))
+	if ctx.Err() != nil {
+		return c.timeoutErr(ctx)
+	}
+	deadline := time.Now().Add(c.timeout)
+	if d, ok := ctx.Deadline(); ok && d.Before(deadline) {
+		deadline = d
+	}
+	w := waiterPool.Get().(*waiter)
+	defer c.putWaiter(w)
 	for i := range events {
-		e := events[i]
-		if err := e.Validate(); err != nil {
+		if err := events[i].Validate(); err != nil {
 			return fmt.Errorf("audit event: %w", err)
 		}
-		ids[i] = c.nextID.Add(1)
-		msg, err := json.Marshal(struct {
-			ID    uint64 `json:"id"`
-			Event *Event `json:"event"`
-		}{ids[i], &e})
-		if err != nil {
+		id := c.nextID.Add(1)
+		if err := w.appendRequest(id, &events[i]); err != nil {
 			return fmt.Errorf("encode audit event: %w", err)
 		}
-		msgs[i] = msg
+		w.ids = append(w.ids, id)
+		w.ends = append(w.ends, w.buf.Len())
 	}
-	waits := make([]chan ackResult, len(events))
 	var cc *clientConn
 	for {
 		var err error
-		if cc, err = c.conn(ctx); err != nil {
+		if cc, err = c.conn(ctx, deadline); err != nil {
 			return err
 		}
 		cc.mu.Lock()
@@ -99,36 +129,87 @@ func (c *JournalClient) Record(ctx context.Context, events ...Event) error {
 		// It died since conn() returned: nothing was sent on it, so dial again.
 		cc.mu.Unlock()
 	}
-	for i, id := range ids {
-		waits[i] = make(chan ackResult, 1)
-		cc.pending[id] = waits[i]
+	w.left, w.done = len(w.ids), false
+	for _, id := range w.ids {
+		cc.pending[id] = w
 	}
 	cc.mu.Unlock()
 	defer func() {
 		cc.mu.Lock()
-		for _, id := range ids {
+		for _, id := range w.ids {
 			delete(cc.pending, id)
 		}
 		cc.mu.Unlock()
 	}()
-	for _, m := range msgs {
-		select {
-		case cc.out <- m:
-		case <-cc.dead:
-			return cc.failure()
-		case <-ctx.Done():
+	if err := cc.send(w, deadline); err != nil {
+		if errors.Is(err, os.ErrDeadlineExceeded) {
 			return c.timeoutErr(ctx)
 		}
+		return err
 	}
-	for _, w := range waits {
-		select {
-		case r := <-w:
-			if r.err != nil {
-				return r.err
+	if w.timer == nil {
+		w.timer = time.NewTimer(time.Until(deadline))
+	} else {
+		w.timer.Reset(time.Until(deadline))
+	}
+	defer w.timer.Stop()
+	select {
+	case err := <-w.ch:
+		return err
+	case <-ctx.Done():
+		return c.timeoutErr(ctx)
+	case <-w.timer.C:
+		return c.deadlineErr()
+	}
+}
+
+// putWaiter returns w to the pool. Its ids are no longer pending, so nothing sends to ch
+// any more; a result that came after Record gave up is dropped here.
+func (c *JournalClient) putWaiter(w *waiter) {
+	select {
+	case <-w.ch:
+	default:
+	}
+	if w.buf.Cap() > 64<<10 {
+		return // a rare large batch: let it go rather than keep it pooled
+	}
+	w.buf.Reset()
+	w.ends, w.ids = w.ends[:0], w.ids[:0]
+	waiterPool.Put(w)
+}
+
+// appendRequest appends the message {"id":N,"event":{...}} to buf: the bytes json.Marshal
+// writes for it.
+func (w *waiter) appendRequest(id uint64, e *Event) error {
+	var num [20]byte
+	w.buf.WriteString(`{"id":`)
+	w.buf.Write(strconv.AppendUint(num[:0], id, 10))
+	w.buf.WriteString(`,"event":`)
+	if err := w.enc.Encode(e); err != nil {
+		return err
+	}
+	w.buf.Bytes()[w.buf.Len()-1] = '}' // Encode ends the value with a newline
+	return nil
+}
+
+// send writes w's messages, one message per event (the protocol's unit), under the write
+// lock so no other Record's message comes between them or within one. A write that hits
+// the deadline sent nothing of its message (a SOCK_SEQPACKET message goes whole or not at
+// all), so the connection is still good; any other failure kills it.
+func (cc *clientConn) send(w *waiter, deadline time.Time) error {
+	cc.wmu.Lock()
+	defer cc.wmu.Unlock()
+	cc.c.SetWriteDeadline(deadline)
+	buf, start := w.buf.Bytes(), 0
+	for _, end := range w.ends {
+		if _, err := cc.c.Write(buf[start:end]); err != nil {
+			if errors.Is(err, os.ErrDeadlineExceeded) {
+				return err
 			}
-		case <-ctx.Done():
-			return c.timeoutErr(ctx)
+			cc.kill(fmt.Errorf("send to the journal: %v", err))
+			return cc.failure()
 		}
+		start = end
 	}
 	return nil
 }
@@ -137,43 +218,43 @@ func (c *JournalClient) timeoutErr(ctx context.Context) error {
 	if errors.Is(ctx.Err(), context.Canceled) {
 		return fmt.Errorf("%w: canceled before the journal acknowledged", ErrJournalUnavailable)
 	}
+	return c.deadlineErr()
+}
+
+func (c *JournalClient) deadlineErr() error {
 	return fmt.Errorf("%w: no acknowledgement from %s within the deadline (audit.timeout %v)", ErrJournalUnavailable, c.socket, c.timeout)
 }
 
-// conn returns the live connection, dialing (and retrying until ctx ends) when there is
-// none: a restarting journal is back within the deadline or the event fails.
-func (c *JournalClient) conn(ctx context.Context) (*clientConn, error) {
-	c.mu.Lock()
-	cc, closed := c.cur, c.closed
-	c.mu.Unlock()
-	if closed {
+// conn returns the live connection, dialing (and retrying until the deadline or ctx ends)
+// when there is none: a restarting journal is back within the deadline or the event fails.
+func (c *JournalClient) conn(ctx context.Context, deadline time.Time) (*clientConn, error) {
+	if c.closed.Load() {
 		return nil, fmt.Errorf("%w: client closed", ErrJournalUnavailable)
 	}
-	if cc != nil && !cc.isDead() {
+	if cc := c.cur.Load(); cc != nil && !cc.isDead() {
 		return cc, nil
 	}
 	c.dialMu.Lock()
 	defer c.dialMu.Unlock()
-	c.mu.Lock()
-	cc = c.cur
-	c.mu.Unlock()
-	if cc != nil && !cc.isDead() {
+	if cc := c.cur.Load(); cc != nil && !cc.isDead() {
 		return cc, nil
 	}
+	ctx, cancel := context.WithDeadline(ctx, deadline)
+	defer cancel()
 	backoff := 10 * time.Millisecond
 	var lastErr error
 	for {
 		var d net.Dialer
 		nc, err := d.DialContext(ctx, "unixpacket", c.socket)
 		if err == nil {
-			cc = newClientConn(nc.(*net.UnixConn))
+			cc := newClientConn(nc.(*net.UnixConn))
 			c.mu.Lock()
-			if c.closed {
+			if c.closed.Load() {
 				c.mu.Unlock()
 				cc.kill(errors.New("client closed"))
 				return nil, fmt.Errorf("%w: client closed", ErrJournalUnavailable)
 			}
-			c.cur = cc
+			c.cur.Store(cc)
 			c.mu.Unlock()
 			return cc, nil
 		}
@@ -190,8 +271,7 @@ func (c *JournalClient) conn(ctx context.Context) (*clientConn, error) {
 }
 
 func newClientConn(nc *net.UnixConn) *clientConn {
-	cc := &clientConn{c: nc, out: make(chan []byte, 1024), dead: make(chan struct{}), pending: map[uint64]chan ackResult{}}
-	go cc.writeLoop()
+	cc := &clientConn{c: nc, dead: make(chan struct{}), pending: map[uint64]*waiter{}}
 	go cc.readLoop()
 	return cc
 }
@@ -217,28 +297,13 @@ func (cc *clientConn) kill(err error) {
 		cc.mu.Lock()
 		cc.err = fmt.Errorf("%w: %v", ErrJournalUnavailable, err)
 		for id, w := range cc.pending {
-			w <- ackResult{err: cc.err}
+			w.signal(cc.err)
 			delete(cc.pending, id)
 		}
 		cc.mu.Unlock()
 		close(cc.dead)
 		cc.c.Close()
 	})
-}
-
-func (cc *clientConn) writeLoop() {
-	for {
-		select {
-		case m := <-cc.out:
-			cc.c.SetWriteDeadline(time.Now().Add(10 * time.Second))
-			if _, err := cc.c.Write(m); err != nil {
-				cc.kill(fmt.Errorf("send to the journal: %v", err))
-				return
-			}
-		case <-cc.dead:
-			return
-		}
-	}
 }
 
 func (cc *clientConn) readLoop() {
@@ -249,18 +314,19 @@ func (cc *clientConn) readLoop() {
 			cc.kill(errors.New("the journal closed the connection"))
 			return
 		}
+		msg := buf[:n]
+		if cc.ackFast(msg) {
+			continue
+		}
 		var a ackMsg
-		if err := json.Unmarshal(buf[:n], &a); err != nil {
+		if err := json.Unmarshal(msg, &a); err != nil {
 			cc.kill(fmt.Errorf("malformed message from the journal: %v", err))
 			return
 		}
 		if len(a.Acks) > 0 {
 			cc.mu.Lock()
 			for _, ack := range a.Acks {
-				if w, ok := cc.pending[ack[0]]; ok { // else its Record already gave up
-					delete(cc.pending, ack[0])
-					w <- ackResult{seq: ack[1]}
-				}
+				cc.acked(ack[0])
 			}
 			cc.mu.Unlock()
 			continue
@@ -270,21 +336,102 @@ func (cc *clientConn) readLoop() {
 			return
 		}
 		cc.mu.Lock()
-		w, ok := cc.pending[a.ID]
-		delete(cc.pending, a.ID)
-		cc.mu.Unlock()
-		if ok {
-			w <- ackResult{err: fmt.Errorf("%w: the journal refused the event: %s", ErrJournalUnavailable, a.Error)}
+		if w, ok := cc.pending[a.ID]; ok { // else its Record already gave up
+			w.signal(fmt.Errorf("%w: the journal refused the event: %s", ErrJournalUnavailable, a.Error))
 		}
+		cc.mu.Unlock()
 	}
+}
+
+// acked counts event id as durable. The connection's mu is held.
+func (cc *clientConn) acked(id uint64) {
+	w, ok := cc.pending[id]
+	if !ok { // its Record already gave up
+		return
+	}
+	delete(cc.pending, id)
+	if w.left--; w.left == 0 {
+		w.signal(nil)
+	}
+}
+
+// ackFast handles an ack message in the exact form the journal writes,
+// {"acks":[[N,S],...]}, without allocating. Anything else is left to encoding/json.
+func (cc *clientConn) ackFast(msg []byte) bool {
+	const prefix = `{"acks":[`
+	if !bytes.HasPrefix(msg, []byte(prefix)) || !bytes.HasSuffix(msg, []byte("]}")) {
+		return false
+	}
+	// Parse every pair first: a message is applied whole or handed to encoding/json.
+	var ids [64]uint64
+	var more []uint64
+	n := 0
+	p := msg[len(prefix) : len(msg)-2]
+	for {
+		if len(p) == 0 || p[0] != '[' {
+			return false
+		}
+		id, rest, ok := parseUint(p[1:])
+		if !ok || id == 0 || len(rest) == 0 || rest[0] != ',' {
+			return false
+		}
+		_, rest, ok = parseUint(rest[1:])
+		if !ok || len(rest) == 0 || rest[0] != ']' {
+			return false
+		}
+		if n < len(ids) {
+			ids[n] = id
+		} else {
+			more = append(more, id)
+		}
+		n++
+		p = rest[1:]
+		if len(p) == 0 {
+			break
+		}
+		if p[0] != ',' {
+			return false
+		}
+		p = p[1:]
+	}
+	cc.mu.Lock()
+	for _, id := range ids[:min(n, len(ids))] {
+		cc.acked(id)
+	}
+	for _, id := range more {
+		cc.acked(id)
+	}
+	cc.mu.Unlock()
+	return true
+}
+
+// parseUint reads the decimal digits at the start of p (no sign, no leading zero unless
+// the number is 0), as JSON writes an unsigned integer.
+func parseUint(p []byte) (uint64, []byte, bool) {
+	i := 0
+	var v uint64
+	for i < len(p) && p[i] >= '0' && p[i] <= '9' {
+		if i == 20 {
+			return 0, nil, false
+		}
+		d := uint64(p[i] - '0')
+		if v > (1<<64-1-d)/10 {
+			return 0, nil, false
+		}
+		v = v*10 + d
+		i++
+	}
+	if i == 0 || (i > 1 && p[0] == '0') {
+		return 0, nil, false
+	}
+	return v, p[i:], true
 }
 
 // Close closes the connection; later Records fail.
 func (c *JournalClient) Close() error {
 	c.mu.Lock()
-	c.closed = true
-	cc := c.cur
-	c.cur = nil
+	c.closed.Store(true)
+	cc := c.cur.Swap(nil)
 	c.mu.Unlock()
 	if cc != nil {
 		cc.kill(errors.New("client closed"))

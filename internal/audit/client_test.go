@@ -1,0 +1,142 @@
+package audit
+
+import (
+	"context"
+	"errors"
+	"net"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+)
+
+// The ack fast path takes exactly the journal's form and nothing else; whatever it refuses
+// goes to encoding/json, which decides.
+func TestClientAckFastPath(t *testing.T) {
+	for _, tc := range []struct {
+		msg  string
+		fast bool
+		acks []uint64
+	}{
+		{`{"acks":[[1,2]]}`, true, []uint64{1}},
+		{`{"acks":[[1,2],[3,4],[18446744073709551615,5]]}`, true, []uint64{1, 3, 18446744073709551615}},
+		{`{"acks":[]}`, false, nil},
+		{`{"acks":[[0,2]]}`, false, nil},
+		{`{"acks":[[01,2]]}`, false, nil},
+		{`{"acks":[[1,2],]}`, false, nil},
+		{`{"acks":[[1,2][3,4]]}`, false, nil},
+		{`{"acks":[[1, 2]]}`, false, nil},
+		{`{"acks":[[1,2,3]]}`, false, nil},
+		{`{"acks":[[-1,2]]}`, false, nil},
+		{`{"acks":[[18446744073709551616,2]]}`, false, nil},
+		{`{"acks":[[1,2]],"error":"x"}`, false, nil},
+		{`{"id":1,"error":"x"}`, false, nil},
+	} {
+		cc := &clientConn{pending: map[uint64]*waiter{}}
+		ws := map[uint64]*waiter{}
+		for _, id := range []uint64{1, 3, 18446744073709551615} {
+			w := &waiter{ch: make(chan error, 1), left: 1}
+			ws[id] = w
+			cc.pending[id] = w
+		}
+		if got := cc.ackFast([]byte(tc.msg)); got != tc.fast {
+			t.Errorf("%s: fast path %v, want %v", tc.msg, got, tc.fast)
+			continue
+		}
+		for _, id := range tc.acks {
+			if w := ws[id]; !w.done || len(w.ch) != 1 {
+				t.Errorf("%s: event %d not acked", tc.msg, id)
+			}
+			delete(ws, id)
+		}
+		for id, w := range ws {
+			if w.done {
+				t.Errorf("%s: event %d acked", tc.msg, id)
+			}
+		}
+	}
+	// Over 64 pairs (the fast path's array) in one message, and a Record with several events.
+	cc := &clientConn{pending: map[uint64]*waiter{}}
+	w := &waiter{ch: make(chan error, 1), left: 100}
+	msg := []byte(`{"acks":[`)
+	for id := uint64(1); id <= 100; id++ {
+		cc.pending[id] = w
+		if id > 1 {
+			msg = append(msg, ',')
+		}
+		msg = append(msg, '[')
+		msg = append(msg, []byte(itoa(id))...)
+		msg = append(msg, ",7]"...)
+	}
+	msg = append(msg, "]}"...)
+	if !cc.ackFast(msg) || !w.done || w.left != 0 || len(cc.pending) != 0 {
+		t.Fatalf("100 acks: done %v, %d left, %d pending", w.done, w.left, len(cc.pending))
+	}
+}
+
+func itoa(v uint64) string {
+	if v == 0 {
+		return "0"
+	}
+	var b []byte
+	for ; v > 0; v /= 10 {
+		b = append([]byte{byte('0' + v%10)}, b...)
+	}
+	return string(b)
+}
+
+// A journal that does not read: Records write until the socket buffer is full, then each
+// one fails within its deadline instead of blocking in its write, and the connection stays
+// usable (a timed-out write sent nothing).
+func TestClientWriteTimesOutWhenTheJournalDoesNotRead(t *testing.T) {
+	dir := shortDir(t)
+	sock := filepath.Join(dir, "j.sock")
+	ln, err := net.ListenUnix("unixpacket", &net.UnixAddr{Name: sock, Net: "unixpacket"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	accepted := make(chan *net.UnixConn, 1)
+	go func() {
+		c, err := ln.AcceptUnix()
+		if err == nil {
+			accepted <- c
+		}
+	}()
+	c := NewJournalClient(sock, 200*time.Millisecond)
+	defer c.Close()
+	big := Event{Type: TypeProxyStop, Detail: strings.Repeat("x", maxField)}
+	var wg sync.WaitGroup
+	var mu sync.Mutex
+	var slowest time.Duration
+	var errs []error
+	for g := 0; g < 16; g++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := 0; i < 5; i++ {
+				t0 := time.Now()
+				err := c.Record(context.Background(), big, big, big, big)
+				d := time.Since(t0)
+				mu.Lock()
+				slowest = max(slowest, d)
+				errs = append(errs, err)
+				mu.Unlock()
+			}
+		}()
+	}
+	wg.Wait()
+	if slowest > time.Second {
+		t.Fatalf("a Record took %v with a 200ms deadline", slowest)
+	}
+	for _, err := range errs {
+		if !errors.Is(err, ErrJournalUnavailable) || !strings.Contains(err.Error(), "within the deadline") {
+			t.Fatalf("got %v, want a deadline error", err)
+		}
+	}
+	if cc := c.cur.Load(); cc == nil || cc.isDead() {
+		t.Fatal("a write that timed out killed the connection")
+	}
+	(<-accepted).Close()
+}
