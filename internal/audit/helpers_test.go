@@ -45,7 +45,7 @@ func appendEvents(t testing.TB, j *Journal, n int) {
 	for i := 0; i < n; {
 		var batch []*item
 		for k := 0; k < 7 && i < n; k, i = k+1, i+1 {
-			batch = append(batch, &item{ev: decisionEvent(i), done: make(chan error, 1)})
+			batch = append(batch, &item{ev: decisionEvent(i)})
 		}
 		if _, err := j.commit(batch); err != nil {
 			t.Fatal(err)

@@ -13,8 +13,10 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -26,6 +28,14 @@ import (
 // event only once the fdatasync that covers it has returned. Events that arrive while one
 // fdatasync runs are written and synced together by the next (group commit).
 //
+// Group commit is leader/follower, with no goroutine in between: each connection's reader
+// takes every message already queued on its socket, appends the events to the shared
+// pending batch and, when no commit is running, becomes the leader: it writes and
+// fdatasyncs the whole pending batch (its own events and any other connection's), then
+// publishes which events are durable. A reader whose events another leader took waits for
+// that commit, and leads the next one when its events are still pending. Each reader then
+// writes its own connection's acks and errors itself.
+//
 // Wire protocol (JSON, one object per message):
 //
 //	client -> journal  {"id":N,"event":{...Event...}}
@@ -33,8 +43,9 @@ import (
 //	journal -> client  {"id":N,"error":"..."}   event N is not recorded
 //	journal -> client  {"error":"..."}          connection refused or closing
 //
-// One ack message carries every event of one connection that one fdatasync covered, in
-// the order the events were sent, so a busy connection costs one message per commit.
+// One ack message carries every event that the reader took from its connection in one go
+// (all of them covered by one fdatasync unless MaxBatch split them), in the order the
+// events were sent, so a busy connection costs one message per commit.
 
 // Journal defaults.
 const (
@@ -82,9 +93,19 @@ type Journal struct {
 	seq      uint64 // last durable seq
 	prev     string // hash of the last durable line
 
-	queue  chan *item
-	reopen chan chan error
-	stopCh chan struct{}
+	// Group commit. cmu guards pending, committing, stopping, failed and every pending item's
+	// seq and errMsg. committing is the token: its holder alone touches f, headF, size,
+	// firstSeq, seq and prev, so it commits (the leader), rotates and reopens the log
+	// without holding cmu. cond is signalled whenever a commit ends or the token is free.
+	cmu        sync.Mutex
+	cond       sync.Cond
+	pending    []*item
+	spare      []*item // the last batch's array, for the next one
+	committing bool
+	stopping   bool          // Serve is stopping: no new events
+	failed     error         // a write, fdatasync or rotation failed: nothing more is committed
+	fatal      chan struct{} // closed when failed is set
+	stopCh     chan struct{} // closed when Serve stops accepting
 
 	mu    sync.Mutex
 	conns map[*jconn]struct{}
@@ -99,10 +120,11 @@ type Journal struct {
 
 type item struct {
 	ev   Event
-	c    *jconn
 	id   uint64
-	size int        // bytes of the message, to bound a batch
-	done chan error // for events the journal writes itself
+	size int // bytes of the message, to bound a batch
+	// Set under cmu: seq once the event is durable, or errMsg when it never will be.
+	seq    uint64
+	errMsg string
 }
 
 // ErrFsync marks a failed write or fdatasync: the journal stopped and must be restarted so
@@ -131,9 +153,9 @@ func OpenJournal(opts JournalOptions) (*Journal, error) {
 		opts.Key = filepath.Join(filepath.Dir(opts.Log), "journal.key")
 	}
 	j := &Journal{
-		opts: opts, queue: make(chan *item, 8192), reopen: make(chan chan error),
-		stopCh: make(chan struct{}), conns: map[*jconn]struct{}{},
+		opts: opts, fatal: make(chan struct{}), stopCh: make(chan struct{}), conns: map[*jconn]struct{}{},
 	}
+	j.cond.L = &j.cmu
 	if err := os.MkdirAll(filepath.Dir(opts.Log), 0o750); err != nil {
 		return nil, fmt.Errorf("create log directory: %w", err)
 	}
@@ -165,8 +187,7 @@ func OpenJournal(opts JournalOptions) (*Journal, error) {
 		j.close()
 		return nil, err
 	}
-	done := make(chan error, 1)
-	seq, err := j.commit([]*item{{ev: start, done: done}})
+	seq, err := j.commit([]*item{{ev: start}})
 	if err != nil {
 		j.close()
 		return nil, err
@@ -482,42 +503,56 @@ func (j *Journal) reopenLog() error {
 	return nil
 }
 
-// Reopen asks the serving journal to reopen its log file (SIGHUP).
+// Reopen asks the serving journal to reopen its log file (SIGHUP). It waits for the commit
+// that runs, if any, and holds off the next one while it reopens.
 func (j *Journal) Reopen() error {
-	ch := make(chan error, 1)
-	select {
-	case j.reopen <- ch:
-		return <-ch
-	case <-j.stopCh:
+	j.cmu.Lock()
+	defer j.cmu.Unlock()
+	for j.committing {
+		j.cond.Wait()
+	}
+	if j.stopping || j.failed != nil {
 		return errors.New("journal stopped")
 	}
+	j.committing = true
+	j.cmu.Unlock()
+	err := j.reopenLog()
+	j.cmu.Lock()
+	j.committing = false
+	j.cond.Broadcast()
+	return err
 }
 
 // Serve accepts connections on ln and commits events until ctx ends (nil error, after the
-// queued events are committed) or a write or fdatasync fails (an error wrapping ErrFsync:
-// the unacked events got an error and the process must exit).
+// events readers already handed over are committed) or a write or fdatasync fails (an error
+// wrapping ErrFsync: the unacked events got an error and the process must exit).
 func (j *Journal) Serve(ctx context.Context, ln *net.UnixListener) error {
 	j.mu.Lock()
 	j.lns = append(j.lns, ln)
 	j.mu.Unlock()
 	j.wg.Add(1)
 	go func() { defer j.wg.Done(); j.acceptLoop(ln) }()
-	err := j.commitLoop(ctx)
+	select {
+	case <-ctx.Done():
+	case <-j.fatal:
+	}
+	// Take no new events; commit those already pending (their readers wait for them), then
+	// stop.
+	j.cmu.Lock()
+	j.stopping = true
+	for j.failed == nil && (j.committing || len(j.pending) > 0) {
+		if !j.committing {
+			j.lead()
+			continue
+		}
+		j.cond.Wait()
+	}
+	err := j.failed
+	j.cmu.Unlock()
 	close(j.stopCh)
 	j.mu.Lock()
 	for _, l := range j.lns {
 		l.Close()
-	}
-	// Events a reader queued after the last commit were not written: say so now rather
-	// than let their senders wait for the deadline.
-	for {
-		select {
-		case it := <-j.queue:
-			it.fail("audit journal is stopping; the event is not recorded")
-			continue
-		default:
-		}
-		break
 	}
 	for c := range j.conns {
 		if err != nil {
@@ -545,105 +580,112 @@ func (j *Journal) close() {
 // Seq is the last durable seq. Only for tests and the benchmark, after Serve returned.
 func (j *Journal) Seq() uint64 { return j.seq }
 
-func (j *Journal) commitLoop(ctx context.Context) error {
-	batch := make([]*item, 0, j.opts.MaxBatch)
-	for {
-		var first *item
-		select {
-		case first = <-j.queue:
-		case ch := <-j.reopen:
-			ch <- j.reopenLog()
+const (
+	msgFailed   = "audit journal: write or fdatasync failed; the event is not recorded"
+	msgStopping = "audit journal is stopping; the event is not recorded"
+)
+
+// submit hands a reader's events to group commit and returns once each is durable (its
+// seq is set) or never will be (its errMsg is set). The caller then acks or fails them.
+func (j *Journal) submit(items []*item) {
+	j.cmu.Lock()
+	defer j.cmu.Unlock()
+	if j.failed != nil || j.stopping {
+		msg := msgStopping
+		if j.failed != nil {
+			msg = msgFailed
+		}
+		for _, it := range items {
+			it.errMsg = msg
+		}
+		return
+	}
+	j.pending = append(j.pending, items...)
+	// Batches are taken from the front of pending, in order: once the last item is
+	// durable, all are.
+	last := items[len(items)-1]
+	for last.seq == 0 && j.failed == nil {
+		if !j.committing {
+			j.lead()
 			continue
-		case <-ctx.Done():
-			// Commit what is already queued, then stop.
-			select {
-			case first = <-j.queue:
-			default:
-				return nil
+		}
+		j.cond.Wait()
+	}
+	if j.failed != nil {
+		for _, it := range items {
+			if it.seq == 0 {
+				it.errMsg = msgFailed
 			}
 		}
-		batch = append(batch[:0], first)
-		// A line is the event plus about 250 bytes of chain fields and MAC.
-		bytes := first.size + 256
-	drain:
-		for len(batch) < j.opts.MaxBatch && bytes < maxBatchBytes {
-			select {
-			case it := <-j.queue:
-				batch = append(batch, it)
-				bytes += it.size + 256
-			default:
-				break drain
-			}
+	}
+}
+
+// lead commits one batch from the front of pending as the leader. cmu is held, the token is
+// free, pending is not empty and no commit failed; cmu is released during the write and
+// the fdatasync and held again on return.
+func (j *Journal) lead() {
+	// A line is the event plus about 250 bytes of chain fields and MAC.
+	n, bytes := 1, j.pending[0].size+256
+	for n < len(j.pending) && n < j.opts.MaxBatch && bytes < maxBatchBytes {
+		bytes += j.pending[n].size + 256
+		n++
+	}
+	var batch []*item
+	if n == len(j.pending) {
+		batch, j.pending = j.pending, j.spare[:0]
+	} else {
+		batch = append(j.spare[:0], j.pending[:n]...)
+		rest := copy(j.pending, j.pending[n:])
+		clear(j.pending[rest:])
+		j.pending = j.pending[:rest]
+	}
+	j.spare = nil
+	j.committing = true
+	j.cmu.Unlock()
+
+	last, err := j.commit(batch)
+
+	j.cmu.Lock()
+	if err != nil {
+		j.fail(err, len(batch))
+	} else {
+		first := last - uint64(len(batch)) + 1
+		for i, it := range batch {
+			it.seq = first + uint64(i)
 		}
-		last, err := j.commit(batch)
-		if err != nil {
-			j.opts.Logf("journal: %v; failing %d unacknowledged event(s) and stopping", err, len(batch))
-			msg := "audit journal: write or fdatasync failed; the event is not recorded"
-			for _, it := range batch {
-				it.fail(msg)
-			}
-			// Everything still queued was not written either.
-			for {
-				select {
-				case it := <-j.queue:
-					it.fail(msg)
-					continue
-				default:
-				}
-				break
-			}
-			return err
-		}
-		j.ack(batch, last)
 		if j.size >= j.opts.RotateSize {
-			if err := j.rotate(); err != nil {
+			// The batch is durable: its readers may ack it while the log rotates.
+			j.cond.Broadcast()
+			j.cmu.Unlock()
+			err := j.rotate()
+			j.cmu.Lock()
+			if err != nil {
 				j.opts.Logf("journal: %v", err)
-				return fmt.Errorf("%w: %v", ErrFsync, err)
+				j.fail(fmt.Errorf("%w: %v", ErrFsync, err), 0)
 			}
 		}
 	}
+	clear(batch)
+	j.spare = batch[:0]
+	j.committing = false
+	j.cond.Broadcast()
 }
 
-func (it *item) fail(msg string) {
-	if it.done != nil {
-		it.done <- errors.New(msg)
+// fail makes the journal unusable after a failed write, fdatasync or rotation: every event
+// not durable yet gets an error, nothing is committed again, and Serve returns err. cmu is
+// held.
+func (j *Journal) fail(err error, batch int) {
+	if j.failed != nil {
 		return
 	}
-	it.c.send(ackMsg{ID: it.id, Error: msg})
-}
-
-func (j *Journal) ack(batch []*item, last uint64) {
-	first := last - uint64(len(batch)) + 1
-	send := func(items []*item) {
-		var order []*jconn
-		per := map[*jconn][][2]uint64{}
-		for i, it := range items {
-			if it.done != nil {
-				it.done <- nil
-				continue
-			}
-			if _, ok := per[it.c]; !ok {
-				order = append(order, it.c)
-			}
-			per[it.c] = append(per[it.c], [2]uint64{it.id, first + uint64(i)})
-		}
-		for _, c := range order {
-			for acks := per[c]; len(acks) > 0; {
-				n := min(len(acks), maxAcksPerMessage)
-				c.send(ackMsg{Acks: acks[:n]})
-				acks = acks[n:]
-			}
-		}
+	if batch > 0 || len(j.pending) > 0 {
+		j.opts.Logf("journal: %v; failing %d unacknowledged event(s) and stopping", err, batch+len(j.pending))
 	}
-	if j.opts.AckDelay <= 0 {
-		send(batch)
-		return
-	}
-	items := slices.Clone(batch)
-	time.AfterFunc(j.opts.AckDelay, func() {
-		send(items)
-		j.opts.Logf("journal: test: acked seq %d..%d at %s", first, last, time.Now().UTC().Format(time.RFC3339Nano))
-	})
+	j.failed = err
+	// Pending events are never committed now; their readers see failed and answer.
+	clear(j.pending)
+	j.pending = j.pending[:0]
+	close(j.fatal)
 }
 
 type ackMsg struct {
@@ -690,7 +732,12 @@ func (j *Journal) acceptLoop(ln *net.UnixListener) {
 			go refuse(c, uid)
 			continue
 		}
-		jc := &jconn{c: c, out: make(chan []byte, 4096), done: make(chan struct{})}
+		jc, err := newJconn(c)
+		if err != nil {
+			j.opts.Logf("journal: refused a connection: %v", err)
+			c.Close()
+			continue
+		}
 		j.mu.Lock()
 		select {
 		case <-j.stopCh:
@@ -701,8 +748,7 @@ func (j *Journal) acceptLoop(ln *net.UnixListener) {
 		}
 		j.conns[jc] = struct{}{}
 		j.mu.Unlock()
-		j.wg.Add(2)
-		go func() { defer j.wg.Done(); jc.writeLoop() }()
+		j.wg.Add(1)
 		go func() {
 			defer j.wg.Done()
 			j.readLoop(jc)
@@ -750,38 +796,59 @@ func peerCred(c *net.UnixConn) (uid uint32, pid int32, err error) {
 }
 
 func (j *Journal) readLoop(c *jconn) {
+	defer c.c.Close()
 	defer c.close()
 	buf := make([]byte, MaxMessage+1)
+	var items []*item
 	for {
-		n, _, flags, _, err := c.c.ReadMsgUnix(buf, nil)
+		// Block for one message, then take those already queued behind it, up to a batch:
+		// they all go to one commit and their acks to one message.
+		n, err := c.recv(buf, true)
 		if err != nil || n == 0 {
 			return
 		}
-		if flags&unix.MSG_TRUNC != 0 || n > MaxMessage {
-			c.send(ackMsg{Error: fmt.Sprintf("message longer than %d bytes; closing", MaxMessage)})
-			return
+		items = items[:0]
+		bytes := 0
+		closing := false
+		for {
+			if n > MaxMessage {
+				c.send(ackMsg{Error: fmt.Sprintf("message longer than %d bytes; closing", MaxMessage)})
+				closing = true
+				break
+			}
+			it, errMsg := decodeRequest(buf[:n])
+			if errMsg != "" {
+				c.send(ackMsg{ID: it.id, Error: errMsg})
+				if it.id == 0 {
+					closing = true
+					break
+				}
+			} else {
+				items = append(items, it)
+				bytes += n + 256
+			}
+			if len(items) >= j.opts.MaxBatch || bytes >= maxBatchBytes {
+				break
+			}
+			if n, err = c.recv(buf, false); err != nil || n == 0 {
+				// Nothing more queued (EAGAIN), or the connection ended: the events read so
+				// far are committed and answered either way.
+				closing = !errors.Is(err, unix.EAGAIN)
+				break
+			}
 		}
-		it, errMsg := decodeRequest(buf[:n])
-		if errMsg != "" {
-			c.send(ackMsg{ID: it.id, Error: errMsg})
-			if it.id == 0 {
+		if len(items) > 0 {
+			j.submit(items)
+			if !c.reply(items, j.opts.AckDelay, j.opts.Logf) {
 				return
 			}
-			continue
+			if items[len(items)-1].errMsg != "" {
+				// The journal is stopping or failed: it takes nothing more.
+				return
+			}
+			clear(items)
 		}
-		it.c = c
-		select {
-		case <-j.stopCh:
-			c.send(ackMsg{ID: it.id, Error: "audit journal is stopping; the event is not recorded"})
-			return
-		default:
-		}
-		select {
-		case j.queue <- it:
-		case <-j.stopCh:
-			c.send(ackMsg{ID: it.id, Error: "audit journal is stopping; the event is not recorded"})
-			return
-		case <-c.done:
+		if closing {
 			return
 		}
 	}
@@ -809,68 +876,158 @@ func decodeRequest(msg []byte) (*item, string) {
 	return it, ""
 }
 
-// jconn is one client connection. Acks go through a buffered channel to a writer goroutine,
-// so the commit loop never waits on a slow client; a client that does not read its acks
-// is disconnected.
+// jconn is one client connection. Its reader goroutine reads, commits (or waits for the
+// commit that covers its events) and writes the acks itself, under wmu; a client that does
+// not read its acks for ackWriteTimeout is disconnected, and only its own reader waits for
+// it meanwhile, never a commit.
 type jconn struct {
-	c    *net.UnixConn
-	out  chan []byte
-	done chan struct{}
-	once sync.Once
+	c       *net.UnixConn
+	rc      syscall.RawConn
+	wmu     sync.Mutex
+	wbuf    []byte // guarded by wmu
+	closing atomic.Bool
+	once    sync.Once
 }
 
-func (c *jconn) send(m ackMsg) {
-	msg, _ := json.Marshal(m)
-	select {
-	case <-c.done:
-	case c.out <- msg:
-	default:
-		c.close()
+// ackWriteTimeout bounds one write to a client; closingWriteTimeout bounds the last writes
+// while the connection closes.
+const (
+	ackWriteTimeout     = 5 * time.Second
+	closingWriteTimeout = 100 * time.Millisecond
+)
+
+func newJconn(c *net.UnixConn) (*jconn, error) {
+	rc, err := c.SyscallConn()
+	if err != nil {
+		return nil, err
 	}
+	return &jconn{c: c, rc: rc}, nil
 }
 
-// sendNow writes directly, for the last word before closing.
+// recv reads one message into buf: n > MaxMessage means it was longer than MaxMessage (a
+// SOCK_SEQPACKET read cuts the rest off) and n == 0 that the client hung up. With block
+// false it returns unix.EAGAIN when no message is queued instead of waiting for one.
+func (c *jconn) recv(buf []byte, block bool) (int, error) {
+	var n int
+	var rerr error
+	err := c.rc.Read(func(fd uintptr) bool {
+		for {
+			n, rerr = unix.Read(int(fd), buf)
+			if rerr != unix.EINTR {
+				break
+			}
+		}
+		return !block || rerr != unix.EAGAIN
+	})
+	if err != nil {
+		return 0, err
+	}
+	if rerr != nil {
+		return 0, rerr
+	}
+	return n, nil
+}
+
+// reply writes the acks of the durable items, in messages of at most maxAcksPerMessage, and
+// an error message for each failed one. After AckDelay when it is set (tests only). It
+// returns false when the connection failed.
+func (c *jconn) reply(items []*item, delay time.Duration, logf func(string, ...any)) bool {
+	var failed []*item
+	for i := 0; i < len(items); {
+		c.wmu.Lock()
+		msg := append(c.wbuf[:0], `{"acks":[`...)
+		var first, last uint64
+		n := 0
+		for ; i < len(items) && n < maxAcksPerMessage; i++ {
+			it := items[i]
+			if it.seq == 0 {
+				failed = append(failed, it)
+				continue
+			}
+			if n > 0 {
+				msg = append(msg, ',')
+			} else {
+				first = it.seq
+			}
+			msg = append(msg, '[')
+			msg = strconv.AppendUint(msg, it.id, 10)
+			msg = append(msg, ',')
+			msg = strconv.AppendUint(msg, it.seq, 10)
+			msg = append(msg, ']')
+			last = it.seq
+			n++
+		}
+		msg = append(msg, `]}`...)
+		c.wbuf = msg
+		if n == 0 {
+			c.wmu.Unlock()
+			continue
+		}
+		if delay > 0 {
+			msg = slices.Clone(msg)
+			c.wmu.Unlock()
+			time.AfterFunc(delay, func() {
+				at := time.Now().UTC()
+				c.write(msg)
+				logf("journal: test: acked seq %d..%d at %s", first, last, at.Format(time.RFC3339Nano))
+			})
+			continue
+		}
+		ok := c.writeLocked(msg)
+		c.wmu.Unlock()
+		if !ok {
+			return false
+		}
+	}
+	for _, it := range failed {
+		if !c.send(ackMsg{ID: it.id, Error: it.errMsg}) {
+			return false
+		}
+	}
+	return true
+}
+
+// send writes one message; false means the connection failed and is closing.
+func (c *jconn) send(m ackMsg) bool {
+	msg, _ := json.Marshal(m)
+	return c.write(msg)
+}
+
+func (c *jconn) write(msg []byte) bool {
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	return c.writeLocked(msg)
+}
+
+func (c *jconn) writeLocked(msg []byte) bool {
+	d := ackWriteTimeout
+	if c.closing.Load() {
+		d = closingWriteTimeout
+	}
+	c.c.SetWriteDeadline(time.Now().Add(d))
+	if _, err := c.c.Write(msg); err != nil {
+		c.close()
+		return false
+	}
+	return true
+}
+
+// sendNow writes directly, for the last word before closing, without waiting for a write
+// in progress.
 func (c *jconn) sendNow(m ackMsg) {
 	msg, _ := json.Marshal(m)
-	c.c.SetWriteDeadline(time.Now().Add(100 * time.Millisecond))
+	c.c.SetWriteDeadline(time.Now().Add(closingWriteTimeout))
 	c.c.Write(msg)
 }
 
-// close stops the reader at once; the writer flushes what is queued (errors, acks) and
-// then closes the socket.
+// close stops the reader once its events are answered: its next read fails at once, and
+// writes from now on wait closingWriteTimeout at most. The reader closes the socket.
 func (c *jconn) close() {
 	c.once.Do(func() {
-		close(c.done)
+		c.closing.Store(true)
 		c.c.SetReadDeadline(time.Unix(1, 0))
+		c.c.SetWriteDeadline(time.Now().Add(closingWriteTimeout))
 	})
-}
-
-func (c *jconn) writeLoop() {
-	for {
-		select {
-		case msg := <-c.out:
-			c.c.SetWriteDeadline(time.Now().Add(5 * time.Second))
-			if _, err := c.c.Write(msg); err != nil {
-				c.close()
-				c.c.Close()
-				return
-			}
-		case <-c.done:
-			// Flush what is already queued (errors and acks) on a best-effort basis.
-			defer c.c.Close()
-			for {
-				select {
-				case msg := <-c.out:
-					c.c.SetWriteDeadline(time.Now().Add(100 * time.Millisecond))
-					if _, err := c.c.Write(msg); err != nil {
-						return
-					}
-				default:
-					return
-				}
-			}
-		}
-	}
 }
 
 // ListenJournal binds a SOCK_SEQPACKET socket at path with mode 0660, replacing a stale
