@@ -42,10 +42,9 @@ func run(args []string, stdout, stderr io.Writer) int {
 	case "bws-helper":
 		return bwsHelper(args[1:], stdout, stderr)
 	case "serve":
-		setProcs(2)
 		return serve(args[1:], stdout, stderr)
 	case "journal":
-		setProcs(0)
+		journalProcs()
 		return journalCmd(args[1:], stdout, stderr)
 	}
 	fmt.Fprintf(stderr, "avpd: unknown command %q\n\n%s", args[0], usage)
