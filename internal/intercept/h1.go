@@ -31,8 +31,11 @@ import (
 
 const (
 	h1MaxHeaderBytes = 1 << 20
-	h1HeaderTimeout  = 30 * time.Second
-	h1IdleTimeout    = 2 * time.Minute
+	// An upstream's response head may be larger (cookies, CSP); net/http's Transport allows
+	// 10 MB by default.
+	h1MaxResponseHeaderBytes = 10 << 20
+	h1HeaderTimeout          = 30 * time.Second
+	h1IdleTimeout            = 2 * time.Minute
 	// An upstream connection idle for longer than this is probed before reuse: the server
 	// may have closed it.
 	upstreamProbeAfter = time.Second
@@ -361,7 +364,9 @@ func (hc *h1conn) roundTrip(out *http.Request, p *prepared) (*http.Response, err
 		if err == nil {
 			// Nothing at all coming back means the server closed the connection.
 			if _, err = up.br.Peek(1); err == nil {
+				up.lr.n = h1MaxResponseHeaderBytes
 				resp, err = readResponse(up.br, out)
+				up.lr.n = math.MaxInt64
 				if err != nil {
 					hc.dropUpstream()
 					return nil, err
@@ -452,6 +457,9 @@ func (hc *h1conn) writeResponse(req *http.Request, resp *http.Response, keepAliv
 	}
 	if !keepAlive {
 		h["Connection"] = []string{"close"}
+	} else if req.ProtoMinor == 0 {
+		// An HTTP/1.0 agent that asked to keep the connection is told it is kept.
+		h["Connection"] = []string{"keep-alive"}
 	}
 	text := strings.TrimPrefix(resp.Status, strconv.Itoa(code))
 	text = strings.TrimSpace(text)

@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/tls"
 	"errors"
+	"math"
 	"net"
 	"time"
 
@@ -17,6 +18,7 @@ import (
 type upConn struct {
 	key      upstreamKey
 	c        *tls.Conn
+	lr       limitReader // bounds a response head
 	br       *bufio.Reader
 	bw       *bufio.Writer
 	lastUsed time.Time
@@ -125,7 +127,8 @@ func (p *upstreamPool) dialH1(ctx context.Context, k upstreamKey) (*upConn, erro
 		return nil, errors.New("upstream negotiated " + np + " for an HTTP/1.1 connection")
 	}
 	up := &upConn{key: k, c: tc, lastUsed: time.Now()}
-	up.br = bufio.NewReaderSize(tc, 4<<10)
+	up.lr = limitReader{r: tc, n: math.MaxInt64}
+	up.br = bufio.NewReaderSize(&up.lr, 4<<10)
 	up.bw = bufio.NewWriterSize(upWriter{up}, 4<<10)
 	if p.onConn != nil {
 		p.onConn(tc, true)

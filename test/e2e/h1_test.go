@@ -98,6 +98,16 @@ func TestHTTP1Framing(t *testing.T) {
 		}
 	})
 
+	t.Run("HTTP/1.0 keep-alive", func(t *testing.T) {
+		out := e.raw(t, hostOpenAI,
+			"GET /v1/models HTTP/1.0\r\n"+host+auth+"Connection: keep-alive\r\n\r\n"+
+				"GET /v1/models HTTP/1.0\r\n"+host+auth+"\r\n")
+		first, second, ok := strings.Cut(out, `{"ok":true,"path":"/v1/models"}`)
+		if !ok || !strings.Contains(first, "\r\nConnection: keep-alive\r\n") || !strings.Contains(second, "\r\nConnection: close\r\n") {
+			t.Fatalf("want a kept and then a closed connection:\n%s", out)
+		}
+	})
+
 	t.Run("an upstream connection closed after a response is replaced", func(t *testing.T) {
 		n := since()
 		out := e.raw(t, hostOpenAI,
