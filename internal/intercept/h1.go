@@ -71,7 +71,7 @@ type h1conn struct {
 	bw    *bufio.Writer
 	f     inject.Facts
 	ctx   context.Context
-	up    *upConn // held across the connection's requests
+	up    *upConn // held while requests follow each other
 	idle  atomic.Bool
 	// replay is the current request's body when it was read whole with the headers.
 	replay *bytes.Reader
@@ -97,6 +97,13 @@ func (s *Server) serveH1(tc *tls.Conn, f inject.Facts) {
 		hc.idle.Store(true)
 		if s.isClosing() {
 			return
+		}
+		if hc.up != nil && hc.br.Buffered() == 0 {
+			// Waiting for the agent: the upstream connection goes back to the pool, so
+			// idle agent connections do not each hold one (10,000 idle agents held
+			// 10,000 upstream connections).
+			s.upstream.putH1(hc.up)
+			hc.up = nil
 		}
 		tc.SetReadDeadline(time.Now().Add(h1IdleTimeout))
 		if _, err := hc.br.Peek(1); err != nil {

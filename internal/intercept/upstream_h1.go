@@ -12,9 +12,9 @@ import (
 	"github.com/agent-vault-proxy/agent-vault-proxy/internal/inject"
 )
 
-// upConn is one verified HTTP/1.1 connection to an upstream. An agent connection holds one
-// while it lives; then it goes back to the pool for the next agent connection to the same
-// name and address, so a new agent connection does not cost an upstream handshake.
+// upConn is one verified HTTP/1.1 connection to an upstream. An agent connection takes one
+// from the pool for a request (and keeps it for pipelined ones that follow) and puts it back
+// before it waits for the agent, so agent connections, new or idle, share them.
 type upConn struct {
 	key      upstreamKey
 	c        *tls.Conn
