@@ -3,11 +3,13 @@ package audit
 import (
 	"bytes"
 	"context"
+	"crypto/hmac"
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"hash"
 	"io"
 	"net"
 	"os"
@@ -19,6 +21,7 @@ import (
 	"sync/atomic"
 	"syscall"
 	"time"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 )
@@ -92,10 +95,15 @@ type Journal struct {
 	firstSeq uint64 // seq of the live file's first line, or of the next line when it is empty
 	seq      uint64 // last durable seq
 	prev     string // hash of the last durable line
+	lineMAC  hash.Hash
+	headMAC  hash.Hash
+	headBuf  []byte
+	lineBuf  []byte
 
 	// Group commit. cmu guards pending, committing, stopping, failed and every pending item's
 	// seq and errMsg. committing is the token: its holder alone touches f, headF, size,
-	// firstSeq, seq and prev, so it commits (the leader), rotates and reopens the log
+	// firstSeq, seq, prev, the MACs and buffers above, so it commits (the leader), rotates
+	// and reopens the log
 	// without holding cmu. cond is signalled whenever a commit ends or the token is free.
 	cmu        sync.Mutex
 	cond       sync.Cond
@@ -164,6 +172,7 @@ func OpenJournal(opts JournalOptions) (*Journal, error) {
 		return nil, err
 	}
 	j.key = key
+	j.lineMAC, j.headMAC = hmac.New(sha256.New, key), hmac.New(sha256.New, key)
 	if created {
 		// A new key next to an existing log would make every old MAC fail and restart the
 		// chain at seq 1: refuse, and leave no key behind.
@@ -398,23 +407,24 @@ func lastLine(path string, key []byte) (uint64, string, error) {
 // returns the seq of the last line; on failure the journal is unusable (never retry a
 // failed fsync: the page cache may already have dropped the data).
 func (j *Journal) commit(batch []*item) (uint64, error) {
-	var buf []byte
+	buf := j.lineBuf[:0]
 	seq, prev := j.seq, j.prev
 	now := time.Now().UTC()
-	seqs := make([]uint64, len(batch))
-	for i, it := range batch {
+	for _, it := range batch {
 		seq++
 		l := Line{V: LineVersion, Seq: seq, TS: now, Prev: prev, Event: it.ev}
 		l.Event.TS = time.Time{}
 		var sum [32]byte
 		var err error
-		buf, sum, err = encodeLine(j.key, &l, buf)
+		buf, sum, err = encodeLine(j.lineMAC, &l, buf)
 		if err != nil {
 			return 0, err
 		}
 		buf = append(buf, '\n')
 		prev = hex.EncodeToString(sum[:])
-		seqs[i] = seq
+	}
+	if cap(buf) <= maxBatchBytes+maxLineLen {
+		j.lineBuf = buf
 	}
 	if j.f == nil {
 		return 0, fmt.Errorf("%w: the log is closed", ErrFsync)
@@ -431,13 +441,15 @@ func (j *Journal) commit(batch []*item) (uint64, error) {
 	if j.headF != nil {
 		// Not synced: it only has to be no further than the log, which it never is, since it
 		// is written after the log's fdatasync.
-		if _, err := j.headF.WriteAt(encodeHead(j.key, seq, prev), 0); err != nil {
+		j.headBuf = appendHead(j.headBuf[:0], j.headMAC, seq, prev)
+		if _, err := j.headF.WriteAt(j.headBuf, 0); err != nil {
 			j.opts.Logf("journal: update head file: %v", err)
 		}
 	}
 	if j.opts.Mirror != nil {
+		first := seq - uint64(len(batch)) + 1
 		for i, it := range batch {
-			j.opts.Mirror(seqs[i], &it.ev)
+			j.opts.Mirror(first+uint64(i), &it.ev)
 		}
 	}
 	return seq, nil
@@ -798,40 +810,44 @@ func peerCred(c *net.UnixConn) (uid uint32, pid int32, err error) {
 func (j *Journal) readLoop(c *jconn) {
 	defer c.c.Close()
 	defer c.close()
-	buf := make([]byte, MaxMessage+1)
 	var items []*item
 	for {
-		// Block for one message, then take those already queued behind it, up to a batch:
+		// Block for a message, then take those already queued behind it, up to a batch:
 		// they all go to one commit and their acks to one message.
-		n, err := c.recv(buf, true)
-		if err != nil || n == 0 {
-			return
-		}
 		items = items[:0]
 		bytes := 0
 		closing := false
+		a, n, err := c.recv(min(recvBatch, j.opts.MaxBatch), true)
+		if err != nil {
+			return
+		}
 		for {
-			if n > MaxMessage {
-				c.send(ackMsg{Error: fmt.Sprintf("message longer than %d bytes; closing", MaxMessage)})
-				closing = true
-				break
-			}
-			it, errMsg := decodeRequest(buf[:n])
-			if errMsg != "" {
-				c.send(ackMsg{ID: it.id, Error: errMsg})
-				if it.id == 0 {
+			for i := 0; i < n && !closing; i++ {
+				msg, truncated := a.message(i)
+				switch {
+				case len(msg) == 0: // the client hung up
 					closing = true
-					break
+				case truncated || len(msg) > MaxMessage:
+					c.send(ackMsg{Error: fmt.Sprintf("message longer than %d bytes; closing", MaxMessage)})
+					closing = true
+				default:
+					it, errMsg := decodeRequest(msg)
+					if errMsg == "" {
+						items = append(items, it)
+						bytes += len(msg) + 256
+					} else if c.send(ackMsg{ID: it.id, Error: errMsg}); it.id == 0 {
+						closing = true
+					}
 				}
-			} else {
-				items = append(items, it)
-				bytes += n + 256
 			}
-			if len(items) >= j.opts.MaxBatch || bytes >= maxBatchBytes {
+			// Fewer messages than asked for: the socket had no more at that moment.
+			empty := n < a.asked
+			recvArenas.Put(a)
+			if closing || empty || len(items) >= j.opts.MaxBatch || bytes >= maxBatchBytes {
 				break
 			}
-			if n, err = c.recv(buf, false); err != nil || n == 0 {
-				// Nothing more queued (EAGAIN), or the connection ended: the events read so
+			if a, n, err = c.recv(min(recvBatch, j.opts.MaxBatch-len(items)), false); err != nil {
+				// Nothing more queued (EAGAIN), or the connection failed: the events read so
 				// far are committed and answered either way.
 				closing = !errors.Is(err, unix.EAGAIN)
 				break
@@ -887,6 +903,14 @@ type jconn struct {
 	wbuf    []byte // guarded by wmu
 	closing atomic.Bool
 	once    sync.Once
+
+	// recv's arguments and results, for recvFn (c.recvmmsg, bound once).
+	recvFn func(uintptr) bool
+	rMax   int
+	rBlock bool
+	rArena *recvArena
+	rN     int
+	rErr   error
 }
 
 // ackWriteTimeout bounds one write to a client; closingWriteTimeout bounds the last writes
@@ -901,31 +925,83 @@ func newJconn(c *net.UnixConn) (*jconn, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &jconn{c: c, rc: rc}, nil
+	jc := &jconn{c: c, rc: rc}
+	jc.recvFn = jc.recvmmsg
+	return jc, nil
 }
 
-// recv reads one message into buf: n > MaxMessage means it was longer than MaxMessage (a
-// SOCK_SEQPACKET read cuts the rest off) and n == 0 that the client hung up. With block
-// false it returns unix.EAGAIN when no message is queued instead of waiting for one.
-func (c *jconn) recv(buf []byte, block bool) (int, error) {
-	var n int
-	var rerr error
-	err := c.rc.Read(func(fd uintptr) bool {
-		for {
-			n, rerr = unix.Read(int(fd), buf)
-			if rerr != unix.EINTR {
-				break
-			}
-		}
-		return !block || rerr != unix.EAGAIN
-	})
+// recvBatch is how many messages one recvmmsg takes: a reader that finds several queued
+// gets them with one system call, and one that finds fewer than it asked for knows the
+// socket is empty without another call that fails with EAGAIN.
+const recvBatch = 8
+
+// recvArena is the buffers of one recvmmsg, each big enough for any message the journal
+// accepts plus one byte, so that a longer one shows. Readers take one from recvArenas only
+// while messages are queued, not while they wait.
+type recvArena struct {
+	buf   [recvBatch][MaxMessage + 1]byte
+	iov   [recvBatch]unix.Iovec
+	hdr   [recvBatch]unix.Mmsghdr
+	asked int
+}
+
+var recvArenas = sync.Pool{New: func() any {
+	a := new(recvArena)
+	for i := range a.hdr {
+		a.iov[i].Base = &a.buf[i][0]
+		a.iov[i].SetLen(MaxMessage + 1)
+		a.hdr[i].Hdr.Iov = &a.iov[i]
+		a.hdr[i].Hdr.SetIovlen(1)
+	}
+	return a
+}}
+
+// message is the i-th message received, and whether the kernel cut it short.
+func (a *recvArena) message(i int) ([]byte, bool) {
+	h := &a.hdr[i]
+	return a.buf[i][:h.Len], h.Hdr.Flags&unix.MSG_TRUNC != 0
+}
+
+// recv takes up to max queued messages with one recvmmsg into an arena from recvArenas,
+// which the caller puts back; a message of length 0 means the client hung up. With block
+// false it returns unix.EAGAIN when no message is queued, instead of waiting for one.
+func (c *jconn) recv(max int, block bool) (*recvArena, int, error) {
+	c.rMax, c.rBlock = max, block
+	err := c.rc.Read(c.recvFn)
+	a, n := c.rArena, c.rN
+	c.rArena = nil
+	if err == nil {
+		err = c.rErr
+	}
 	if err != nil {
-		return 0, err
+		if a != nil {
+			recvArenas.Put(a)
+		}
+		return nil, 0, err
 	}
-	if rerr != nil {
-		return 0, rerr
+	return a, n, nil
+}
+
+// recvmmsg is recv's one attempt, called by the poller with the socket's descriptor; it
+// returns false to wait until the socket is readable.
+func (c *jconn) recvmmsg(fd uintptr) bool {
+	a := recvArenas.Get().(*recvArena)
+	a.asked = c.rMax
+	var r uintptr
+	var e syscall.Errno
+	for {
+		r, _, e = unix.Syscall6(unix.SYS_RECVMMSG, fd, uintptr(unsafe.Pointer(&a.hdr[0])), uintptr(c.rMax), unix.MSG_DONTWAIT, 0, 0)
+		if e != unix.EINTR {
+			break
+		}
 	}
-	return n, nil
+	if e != 0 {
+		recvArenas.Put(a)
+		c.rArena, c.rN, c.rErr = nil, 0, e
+		return !c.rBlock || e != unix.EAGAIN
+	}
+	c.rArena, c.rN, c.rErr = a, int(r), nil
+	return true
 }
 
 // reply writes the acks of the durable items, in messages of at most maxAcksPerMessage, and

@@ -9,6 +9,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"hash"
 	"io"
 	"os"
 	"path/filepath"
@@ -47,20 +48,21 @@ const macSuffixLen = 8 + 64 + 2
 const maxLineLen = 1 << 20
 
 // encodeLine renders l (whose MAC is ignored) as the bytes of one line, without the newline,
-// and returns them with their SHA-256.
-func encodeLine(key []byte, l *Line, buf []byte) ([]byte, [32]byte, error) {
+// appended to buf, and returns them with their SHA-256. mac is the journal's HMAC-SHA256
+// (hmac.New(sha256.New, key)); encodeLine resets it before use.
+func encodeLine(mac hash.Hash, l *Line, buf []byte) ([]byte, [32]byte, error) {
 	l.MAC = ""
 	body, err := json.Marshal(l)
 	if err != nil {
 		return nil, [32]byte{}, fmt.Errorf("encode journal line: %w", err)
 	}
-	m := hmac.New(sha256.New, key)
-	m.Write(body)
+	mac.Reset()
+	mac.Write(body)
 	var sum [32]byte
 	start := len(buf)
 	buf = append(buf, body[:len(body)-1]...)
 	buf = append(buf, `,"mac":"`...)
-	buf = hex.AppendEncode(buf, m.Sum(sum[:0]))
+	buf = hex.AppendEncode(buf, mac.Sum(sum[:0]))
 	buf = append(buf, `"}`...)
 	return buf, sha256.Sum256(buf[start:]), nil
 }

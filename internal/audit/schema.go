@@ -50,8 +50,10 @@ func Decisions() []string { return slices.Clone(decisions) }
 const maxField = 4096
 
 // setFields lists the JSON names of the fields that are set (non-zero), besides ts and type.
-func (e *Event) setFields() []string {
-	var out []string
+func (e *Event) setFields() []string { return e.appendSetFields(nil) }
+
+// appendSetFields appends what setFields returns to out.
+func (e *Event) appendSetFields(out []string) []string {
 	add := func(set bool, name string) {
 		if set {
 			out = append(out, name)
@@ -82,7 +84,8 @@ func (e *Event) Validate() error {
 	if !ok {
 		return fmt.Errorf("unknown event type %q; the types are %s", e.Type, strings.Join(Types(), ", "))
 	}
-	for _, f := range e.setFields() {
+	var set [16]string
+	for _, f := range e.appendSetFields(set[:0]) {
 		if !slices.Contains(allowed, f) {
 			return fmt.Errorf("a %s event cannot carry the field %q; it may carry %s", e.Type, f, strings.Join(allowed, ", "))
 		}

@@ -9,6 +9,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"hash"
 	"io"
 	"os"
 	"path/filepath"
@@ -126,14 +127,33 @@ func headMAC(key, body []byte) string {
 }
 
 func encodeHead(key []byte, seq uint64, hash string) []byte {
-	h := head{V: LineVersion, Seq: seq, Hash: hash}
-	body, _ := json.Marshal(h)
-	h.MAC = headMAC(key, body)
-	out, _ := json.Marshal(h)
-	buf := bytes.Repeat([]byte(" "), headSize)
-	copy(buf, out)
-	buf[headSize-1] = '\n'
-	return buf
+	return appendHead(nil, hmac.New(sha256.New, key), seq, hash)
+}
+
+// appendHead appends the head file's headSize bytes to buf: the JSON object json.Marshal
+// writes for head{V, Seq, Hash, MAC} (lineHash is 64 lowercase hex digits, so nothing in it is
+// escaped), padded with spaces and ended with a newline. mac is hmac.New(sha256.New, key);
+// appendHead resets it before use.
+func appendHead(buf []byte, mac hash.Hash, seq uint64, lineHash string) []byte {
+	start := len(buf)
+	buf = append(buf, `{"v":`...)
+	buf = strconv.AppendInt(buf, LineVersion, 10)
+	buf = append(buf, `,"seq":`...)
+	buf = strconv.AppendUint(buf, seq, 10)
+	buf = append(buf, `,"hash":"`...)
+	buf = append(buf, lineHash...)
+	buf = append(buf, `"}`...)
+	mac.Reset()
+	mac.Write([]byte(headDomain))
+	mac.Write(buf[start:])
+	var sum [32]byte
+	buf = append(buf[:len(buf)-1], `,"mac":"`...)
+	buf = hex.AppendEncode(buf, mac.Sum(sum[:0]))
+	buf = append(buf, `"}`...)
+	for len(buf)-start < headSize-1 {
+		buf = append(buf, ' ')
+	}
+	return append(buf[:start+headSize-1], '\n')
 }
 
 // readHead reads a head file; with a key it checks the MAC. A missing file is
