@@ -106,6 +106,11 @@ func (s *Server) serveH1(tc *tls.Conn, f inject.Facts) {
 			hc.up = nil
 		}
 		tc.SetReadDeadline(time.Now().Add(h1IdleTimeout))
+		// Checked again after setting the deadline: Shutdown sets closing before it cuts
+		// idle connections' deadlines short, so one of the two always wins.
+		if s.isClosing() {
+			return
+		}
 		if _, err := hc.br.Peek(1); err != nil {
 			return
 		}
