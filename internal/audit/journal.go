@@ -421,7 +421,9 @@ func (j *Journal) commit(batch []*item) (uint64, error) {
 			return 0, err
 		}
 		buf = append(buf, '\n')
-		prev = hex.EncodeToString(sum[:])
+		var hx [64]byte
+		hex.Encode(hx[:], sum[:])
+		prev = string(hx[:])
 	}
 	if cap(buf) <= maxBatchBytes+maxLineLen {
 		j.lineBuf = buf

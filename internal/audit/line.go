@@ -58,11 +58,10 @@ func encodeLine(mac hash.Hash, l *Line, buf []byte) ([]byte, [32]byte, error) {
 	}
 	mac.Reset()
 	mac.Write(body)
-	var sum [32]byte
 	start := len(buf)
 	buf = append(buf, body[:len(body)-1]...)
 	buf = append(buf, `,"mac":"`...)
-	buf = hex.AppendEncode(buf, mac.Sum(sum[:0]))
+	buf = appendMAC(buf, mac)
 	buf = append(buf, `"}`...)
 	return buf, sha256.Sum256(buf[start:]), nil
 }

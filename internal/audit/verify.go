@@ -119,6 +119,18 @@ const headSize = 256
 
 const headDomain = "agent-vault-proxy journal head\n"
 
+var headDomainBytes = []byte(headDomain)
+
+// appendMAC appends mac's sum in lowercase hex to buf. The raw sum goes through buf's own
+// spare capacity: a local array handed to the hash.Hash interface would escape.
+func appendMAC(buf []byte, mac hash.Hash) []byte {
+	n := len(buf)
+	buf = mac.Sum(buf)
+	var raw [64]byte
+	m := copy(raw[:], buf[n:])
+	return hex.AppendEncode(buf[:n], raw[:m])
+}
+
 func headMAC(key, body []byte) string {
 	m := hmac.New(sha256.New, key)
 	m.Write([]byte(headDomain))
@@ -144,11 +156,10 @@ func appendHead(buf []byte, mac hash.Hash, seq uint64, lineHash string) []byte {
 	buf = append(buf, lineHash...)
 	buf = append(buf, `"}`...)
 	mac.Reset()
-	mac.Write([]byte(headDomain))
+	mac.Write(headDomainBytes)
 	mac.Write(buf[start:])
-	var sum [32]byte
 	buf = append(buf[:len(buf)-1], `,"mac":"`...)
-	buf = hex.AppendEncode(buf, mac.Sum(sum[:0]))
+	buf = appendMAC(buf, mac)
 	buf = append(buf, `"}`...)
 	for len(buf)-start < headSize-1 {
 		buf = append(buf, ' ')
