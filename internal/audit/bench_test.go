@@ -4,8 +4,11 @@ import (
 	"context"
 	"fmt"
 	"os"
+	"os/exec"
+	"path/filepath"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -136,5 +139,85 @@ func benchRoundTrip(b *testing.B, base string, goroutines int) {
 	b.StopTimer()
 	if err := stop(); err != nil {
 		b.Fatal(err)
+	}
+}
+
+// BenchmarkRoundTripProcess is BenchmarkRoundTrip with the journal in a child process, as in
+// production: every hand-off between the two sides wakes a thread of the other process.
+func BenchmarkRoundTripProcess(b *testing.B) {
+	for _, fs := range []struct{ name, dir string }{{"tmpfs", "/dev/shm"}, {"disk", "/var/tmp"}} {
+		for _, goroutines := range []int{1, 32} {
+			b.Run(fmt.Sprintf("fs=%s/goroutines=%d", fs.name, goroutines), func(b *testing.B) {
+				benchRoundTripProcess(b, fs.dir, goroutines)
+			})
+		}
+	}
+}
+
+// journalChildEnv names the directory TestJournalChildProcess serves a journal in.
+const journalChildEnv = "AVP_TEST_JOURNAL_CHILD"
+
+// TestJournalChildProcess is BenchmarkRoundTripProcess's journal: the test binary runs it in a
+// child process; on its own it skips.
+func TestJournalChildProcess(t *testing.T) {
+	dir := os.Getenv(journalChildEnv)
+	if dir == "" {
+		t.Skip("only in BenchmarkRoundTripProcess's child process")
+	}
+	j, err := OpenJournal(JournalOptions{Log: filepath.Join(dir, "audit.jsonl")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := ListenJournal(filepath.Join(dir, "j.sock"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := j.Serve(context.Background(), ln); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func benchRoundTripProcess(b *testing.B, base string, goroutines int) {
+	if st, err := os.Stat(base); err != nil || !st.IsDir() {
+		b.Skipf("%s: not a directory", base)
+	}
+	dir, err := os.MkdirTemp(base, "avpj")
+	if err != nil {
+		b.Skip(err)
+	}
+	b.Cleanup(func() { os.RemoveAll(dir) })
+	cmd := exec.Command(os.Args[0], "-test.run", "^TestJournalChildProcess$")
+	cmd.Env = append(os.Environ(), journalChildEnv+"="+dir)
+	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	if err := cmd.Start(); err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+	sock := filepath.Join(dir, "j.sock")
+	c := NewJournalClient(sock, 10*time.Second)
+	defer c.Close()
+	ev := decisionEvent(1)
+	// The first Record dials until the child listens.
+	if err := c.Record(context.Background(), ev); err != nil {
+		b.Fatal(err)
+	}
+	b.ReportAllocs()
+	b.ResetTimer()
+	var next, failed atomic.Int64
+	var wg sync.WaitGroup
+	for range goroutines {
+		wg.Go(func() {
+			for n := next.Add(1); n <= int64(b.N); n = next.Add(1) {
+				if err := c.Record(context.Background(), ev); err != nil {
+					failed.Add(1)
+				}
+			}
+		})
+	}
+	wg.Wait()
+	b.StopTimer()
+	if failed.Load() > 0 {
+		b.Fatalf("%d events failed", failed.Load())
 	}
 }
