@@ -6,12 +6,18 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"os"
+	"slices"
 	"strconv"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
 )
 
 // DefaultTimeout is how long avpd waits for the journal's ack when audit.timeout is not set.
@@ -52,6 +58,7 @@ func NewJournalClient(socket string, timeout time.Duration) *JournalClient {
 // each ack to the waiter of the Record that sent the event.
 type clientConn struct {
 	c    *net.UnixConn
+	rc   syscall.RawConn
 	wmu  sync.Mutex // one writer at a time, and the write deadline with it
 	dead chan struct{}
 	once sync.Once
@@ -72,11 +79,20 @@ type waiter struct {
 	enc   *json.Encoder // writes to buf
 	ends  []int         // where each message ends in buf
 	ids   []uint64
+
+	// sendmmsg's headers for a Record of several events, its progress and its error;
+	// sendFn is w.sendmmsg, bound once.
+	iov     []unix.Iovec
+	hdr     []unix.Mmsghdr
+	sent    int
+	sendErr error
+	sendFn  func(uintptr) bool
 }
 
 var waiterPool = sync.Pool{New: func() any {
 	w := &waiter{ch: make(chan error, 1)}
 	w.enc = json.NewEncoder(&w.buf)
+	w.sendFn = w.sendmmsg
 	return w
 }}
 
@@ -192,26 +208,81 @@ func (w *waiter) appendRequest(id uint64, e *Event) error {
 	return nil
 }
 
-// send writes w's messages, one message per event (the protocol's unit), under the write
-// lock so no other Record's message comes between them or within one. A write that hits
-// the deadline sent nothing of its message (a SOCK_SEQPACKET message goes whole or not at
-// all), so the connection is still good; any other failure kills it.
+// send writes w's messages, one message per event (the protocol's unit), with one system
+// call (write, or sendmmsg for several events) unless the socket's buffer is full, under
+// the write lock so no other Record's message comes between them. A write that hits the
+// deadline sent nothing of the message it was at (a SOCK_SEQPACKET message goes whole or
+// not at all), so the connection is still good; any other failure kills it.
 func (cc *clientConn) send(w *waiter, deadline time.Time) error {
 	cc.wmu.Lock()
 	defer cc.wmu.Unlock()
 	cc.c.SetWriteDeadline(deadline)
-	buf, start := w.buf.Bytes(), 0
-	for _, end := range w.ends {
-		if _, err := cc.c.Write(buf[start:end]); err != nil {
-			if errors.Is(err, os.ErrDeadlineExceeded) {
-				return err
+	var err error
+	if len(w.ends) == 1 || cc.rc == nil {
+		buf, start := w.buf.Bytes(), 0
+		for _, end := range w.ends {
+			if _, err = cc.c.Write(buf[start:end]); err != nil {
+				break
 			}
-			cc.kill(fmt.Errorf("send to the journal: %v", err))
-			return cc.failure()
+			start = end
 		}
+	} else {
+		err = cc.sendmmsg(w)
+	}
+	if err == nil {
+		return nil
+	}
+	if errors.Is(err, os.ErrDeadlineExceeded) {
+		return err
+	}
+	cc.kill(fmt.Errorf("send to the journal: %v", err))
+	return cc.failure()
+}
+
+// sendmmsg writes all of w's messages with sendmmsg: one system call, or more when the
+// socket's buffer fills, waiting for room until the write deadline.
+func (cc *clientConn) sendmmsg(w *waiter) error {
+	buf, n := w.buf.Bytes(), len(w.ends)
+	w.iov = slices.Grow(w.iov[:0], n)[:n]
+	w.hdr = slices.Grow(w.hdr[:0], n)[:n]
+	start := 0
+	for i, end := range w.ends {
+		w.iov[i] = unix.Iovec{Base: &buf[start]}
+		w.iov[i].SetLen(end - start)
+		w.hdr[i] = unix.Mmsghdr{}
+		w.hdr[i].Hdr.Iov = &w.iov[i]
+		w.hdr[i].Hdr.SetIovlen(1)
 		start = end
 	}
-	return nil
+	w.sent, w.sendErr = 0, nil
+	err := cc.rc.Write(w.sendFn)
+	clear(w.iov) // no pointers into buf stay behind in the pool
+	if err != nil {
+		return err
+	}
+	return w.sendErr
+}
+
+// sendmmsg is one attempt, called by the poller with the socket's descriptor; it returns
+// false to wait until the socket has room.
+func (w *waiter) sendmmsg(fd uintptr) bool {
+	for w.sent < len(w.hdr) {
+		r, _, e := unix.Syscall6(unix.SYS_SENDMMSG, fd, uintptr(unsafe.Pointer(&w.hdr[w.sent])), uintptr(len(w.hdr)-w.sent), unix.MSG_DONTWAIT|unix.MSG_NOSIGNAL, 0, 0)
+		switch {
+		case e == unix.EINTR:
+			continue
+		case e == unix.EAGAIN:
+			return false
+		case e != 0:
+			w.sendErr = e
+			return true
+		case r == 0:
+			w.sendErr = io.ErrShortWrite
+			return true
+		}
+		w.sent += int(r)
+	}
+	return true
 }
 
 func (c *JournalClient) timeoutErr(ctx context.Context) error {
@@ -272,6 +343,7 @@ func (c *JournalClient) conn(ctx context.Context, deadline time.Time) (*clientCo
 
 func newClientConn(nc *net.UnixConn) *clientConn {
 	cc := &clientConn{c: nc, dead: make(chan struct{}), pending: map[uint64]*waiter{}}
+	cc.rc, _ = nc.SyscallConn() // nil only for a closed connection: then Write fails anyway
 	go cc.readLoop()
 	return cc
 }

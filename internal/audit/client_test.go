@@ -3,6 +3,7 @@ package audit
 import (
 	"context"
 	"errors"
+	"fmt"
 	"net"
 	"path/filepath"
 	"strings"
@@ -139,4 +140,39 @@ func TestClientWriteTimesOutWhenTheJournalDoesNotRead(t *testing.T) {
 		t.Fatal("a write that timed out killed the connection")
 	}
 	(<-accepted).Close()
+}
+
+// A Record of many events goes out with sendmmsg, in order; one larger than the socket's
+// buffer goes out in several calls as the journal makes room. Every event is acked once,
+// in the log in the order given.
+func TestClientRecordOfManyEvents(t *testing.T) {
+	dir := shortDir(t)
+	j := openTestJournal(t, dir, func(o *JournalOptions) { o.Logf = nil })
+	sock, stop := serveJournal(t, j, dir)
+	c := NewJournalClient(sock, 10*time.Second)
+	defer c.Close()
+	var want []string
+	for _, tc := range []struct{ n, size int }{{2, 10}, {50, 10}, {120, maxField - 20}} {
+		evs := make([]Event, tc.n)
+		for i := range evs {
+			evs[i] = Event{Type: TypeProxyStop, Detail: fmt.Sprintf("%d/%d/%s", tc.n, i, strings.Repeat("z", tc.size))}
+			want = append(want, evs[i].Detail)
+		}
+		if err := c.Record(context.Background(), evs...); err != nil {
+			t.Fatalf("%d events of %d bytes: %v", tc.n, tc.size, err)
+		}
+	}
+	if err := stop(); err != nil {
+		t.Fatal(err)
+	}
+	lines := readLines(t, j.opts.Log)[1:]
+	if len(lines) != len(want) {
+		t.Fatalf("%d lines, want %d", len(lines), len(want))
+	}
+	for i, raw := range lines {
+		l, err := parseLine([]byte(raw), j.key)
+		if err != nil || l.Detail != want[i] {
+			t.Fatalf("line %d: %v, detail %.20q, want %.20q", i+2, err, l.Detail, want[i])
+		}
+	}
 }
