@@ -208,31 +208,34 @@ console.log(r.status, await r.text());
 		e.waitAudit("decision", "backend_error", "secret", "MISSING")
 	})
 
-	t.Run("9_sse_streams", func(t *testing.T) {
-		cmd := e.agentCmd(agentUID, "curl", "-sS", "-N", "--max-time", "20", "-H", bearer, "https://"+hostOpenAI+"/v1/stream")
-		stdout, err := cmd.StdoutPipe()
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := cmd.Start(); err != nil {
-			t.Fatal(err)
-		}
-		defer cmd.Wait()
-		r := bufio.NewReader(stdout)
-		line, err := readLine(r, 10*time.Second)
-		if err != nil || line != "data: event 1\n" {
-			t.Fatalf("first SSE line %q %v", line, err)
-		}
-		e.upstream.mu.Lock()
-		sent := e.upstream.sseSent
-		e.upstream.mu.Unlock()
-		if sent != 1 {
-			t.Fatalf("agent got the first event only after %d events were sent: the stream is buffered", sent)
-		}
-		if got := e.upstream.last(t); got.Header.Get("Authorization") != "Bearer "+realOpenAI {
-			t.Fatalf("stream request not injected")
-		}
-	})
+	// Both of avpd's HTTP paths: its own HTTP/1.1 loop and net/http's HTTP/2.
+	for _, proto := range []string{"--http1.1", "--http2"} {
+		t.Run("9_sse_streams_"+strings.TrimPrefix(proto, "--"), func(t *testing.T) {
+			cmd := e.agentCmd(agentUID, "curl", "-sS", "-N", proto, "--max-time", "20", "-H", bearer, "https://"+hostOpenAI+"/v1/stream")
+			stdout, err := cmd.StdoutPipe()
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := cmd.Start(); err != nil {
+				t.Fatal(err)
+			}
+			defer cmd.Wait()
+			r := bufio.NewReader(stdout)
+			line, err := readLine(r, 10*time.Second)
+			if err != nil || line != "data: event 1\n" {
+				t.Fatalf("first SSE line %q %v", line, err)
+			}
+			e.upstream.mu.Lock()
+			sent := e.upstream.sseSent
+			e.upstream.mu.Unlock()
+			if sent != 1 {
+				t.Fatalf("agent got the first event only after %d events were sent: the stream is buffered", sent)
+			}
+			if got := e.upstream.last(t); got.Header.Get("Authorization") != "Bearer "+realOpenAI {
+				t.Fatalf("stream request not injected")
+			}
+		})
+	}
 
 	t.Run("template_composes_basic_auth", func(t *testing.T) {
 		code, body, err := e.curl(agentUID, "GET", "https://"+hostJira+"/rest/api/3/myself", "Authorization: Basic "+phJira)
