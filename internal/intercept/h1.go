@@ -219,6 +219,9 @@ func (hc *h1conn) serve(req *http.Request) bool {
 		return false
 	}
 	defer resp.Body.Close()
+	// Decided before scrubbing, which drops the length of what it rewrites: only a body
+	// delimited by the upstream closing the connection leaves it unusable.
+	upReusable := !resp.Close && !(resp.ContentLength < 0 && len(resp.TransferEncoding) == 0 && bodyAllowed(req, resp))
 	if err := p.inj.scrubResponse(resp); err != nil {
 		s.logf("upstream %s (sni %q): read response: %v", hc.f.OrigDst, hc.f.SNI, err)
 		hc.dropUpstream()
@@ -230,8 +233,8 @@ func (hc *h1conn) serve(req *http.Request) bool {
 		return false
 	}
 	keepAlive = !req.Close
-	ok, upReusable := hc.writeResponse(req, resp, keepAlive)
-	if !upReusable {
+	ok, complete := hc.writeResponse(req, resp, keepAlive)
+	if !upReusable || !complete {
 		hc.dropUpstream()
 	}
 	return ok && keepAlive
@@ -440,14 +443,13 @@ func (hc *h1conn) dropUpstream() {
 }
 
 // writeResponse copies resp to the agent. ok is false when the agent can no longer be
-// written to; upReusable is false when the upstream connection cannot carry another request.
-func (hc *h1conn) writeResponse(req *http.Request, resp *http.Response, keepAlive bool) (ok, upReusable bool) {
+// written to; complete is false when the upstream's body was not read to its end.
+func (hc *h1conn) writeResponse(req *http.Request, resp *http.Response, keepAlive bool) (ok, complete bool) {
 	bw := hc.bw
 	h := resp.Header
-	upReusable = !resp.Close
 	removeHopByHop(h)
 	code := resp.StatusCode
-	bodyless := req.Method == http.MethodHead || code == http.StatusNoContent || code == http.StatusNotModified || code < 200
+	bodyless := !bodyAllowed(req, resp)
 	chunked := false
 	if !bodyless {
 		switch {
@@ -461,10 +463,6 @@ func (hc *h1conn) writeResponse(req *http.Request, resp *http.Response, keepAliv
 			// An HTTP/1.0 agent reads an unknown length to the end of the connection.
 			delete(h, "Content-Length")
 			keepAlive = false
-		}
-		if resp.ContentLength < 0 && len(resp.TransferEncoding) == 0 {
-			// Read to the upstream's close: that connection is done.
-			upReusable = false
 		}
 	}
 	if !keepAlive {
@@ -482,18 +480,30 @@ func (hc *h1conn) writeResponse(req *http.Request, resp *http.Response, keepAliv
 	h.Write(bw)
 	bw.WriteString("\r\n")
 	if bodyless {
-		return bw.Flush() == nil, upReusable
+		return bw.Flush() == nil, true
 	}
 	buf := copyBuffers.Get()
 	defer copyBuffers.Put(buf)
 	var cerr error
+	// A chunk is framed in place (its size line before the data, CRLF after), so it goes to
+	// TLS as one write: three writes made a 2-byte record of every chunk's CRLF.
+	const chunkHead = 8 // "8000\r\n" is the longest size line of a 32 KiB read
+	var sizeLine [16]byte
 	for {
-		n, err := resp.Body.Read(buf)
+		var n int
+		var err error
+		if chunked {
+			n, err = resp.Body.Read(buf[chunkHead : len(buf)-2])
+		} else {
+			n, err = resp.Body.Read(buf)
+		}
 		if n > 0 && cerr == nil {
 			if chunked {
-				fmt.Fprintf(bw, "%x\r\n", n)
-				bw.Write(buf[:n])
-				_, cerr = bw.WriteString("\r\n")
+				line := append(strconv.AppendInt(sizeLine[:0], int64(n), 16), '\r', '\n')
+				start := chunkHead - len(line)
+				copy(buf[start:], line)
+				buf[chunkHead+n], buf[chunkHead+n+1] = '\r', '\n'
+				_, cerr = bw.Write(buf[start : chunkHead+n+2])
 			} else {
 				_, cerr = bw.Write(buf[:n])
 			}
@@ -521,7 +531,13 @@ func (hc *h1conn) writeResponse(req *http.Request, resp *http.Response, keepAliv
 	if chunked {
 		bw.WriteString("0\r\n\r\n")
 	}
-	return bw.Flush() == nil, upReusable
+	return bw.Flush() == nil, true
+}
+
+// bodyAllowed reports whether resp carries a body (RFC 9112 section 6.3).
+func bodyAllowed(req *http.Request, resp *http.Response) bool {
+	c := resp.StatusCode
+	return req.Method != http.MethodHead && c != http.StatusNoContent && c != http.StatusNotModified && c >= 200
 }
 
 func asciiPrintableSpace(s string) bool {

@@ -11,6 +11,7 @@ import (
 	"net/http"
 	"net/netip"
 	"strings"
+	"sync/atomic"
 	"testing"
 
 	"github.com/agent-vault-proxy/agent-vault-proxy/internal/config"
@@ -40,6 +41,8 @@ func (m mapSecrets) Get(_ context.Context, name string) ([]byte, error) {
 type h1Pair struct {
 	agent *tls.Conn
 	br    *bufio.Reader
+	// upConns counts the connections the upstream accepted.
+	upConns *atomic.Int64
 }
 
 func newH1Pair(tb testing.TB) *h1Pair {
@@ -64,8 +67,21 @@ func newH1Pair(tb testing.TB) *h1Pair {
 			return
 		}
 		w.Header().Set("Content-Type", "application/json")
+		if r.URL.Path == "/v1/big" {
+			// Larger than what is scrubbed whole: streamed through the scrubber, chunked.
+			big := strings.Repeat("x", 100<<10)
+			w.Header().Set("Content-Length", fmt.Sprint(len(big)))
+			io.WriteString(w, big)
+			return
+		}
 		io.WriteString(w, `{"id":"chatcmpl-1","object":"chat.completion","ok":true}`)
 	})}
+	var upConns atomic.Int64
+	up.ConnState = func(_ net.Conn, st http.ConnState) {
+		if st == http.StateNew {
+			upConns.Add(1)
+		}
+	}
 	go up.Serve(upLn)
 	tb.Cleanup(func() { up.Close() })
 
@@ -107,7 +123,7 @@ func newH1Pair(tb testing.TB) *h1Pair {
 		tb.Fatal(err)
 	}
 	tb.Cleanup(func() { agent.Close() })
-	return &h1Pair{agent: agent, br: bufio.NewReader(agent)}
+	return &h1Pair{agent: agent, br: bufio.NewReader(agent), upConns: &upConns}
 }
 
 const h1BenchRequest = "GET /v1/models HTTP/1.1\r\nHost: api.openai.com\r\nUser-Agent: bench\r\nAccept: */*\r\n" +
@@ -140,6 +156,16 @@ func TestH1LoopInjects(t *testing.T) {
 	code, _ := p.do(t, strings.Replace(h1BenchRequest, "/v1/models", "/v2/models", 1))
 	if code != http.StatusUnauthorized {
 		t.Fatalf("outside the binding: %d, want the upstream's 401 for the placeholder", code)
+	}
+	// A streamed, scrubbed response leaves the upstream connection reusable: its length
+	// changed on the agent's side, not the upstream's.
+	for i := 0; i < 3; i++ {
+		if code, body := p.do(t, strings.Replace(h1BenchRequest, "/v1/models", "/v1/big", 1)); code != 200 || len(body) != 100<<10 {
+			t.Fatalf("big response %d: %d, %d bytes", i, code, len(body))
+		}
+	}
+	if n := p.upConns.Load(); n != 1 {
+		t.Fatalf("the upstream saw %d connections for one agent connection's requests, want 1", n)
 	}
 }
 

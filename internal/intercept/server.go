@@ -380,6 +380,9 @@ func (s *Server) newAgentTLS() *tls.Config {
 		// half of avpd's handshake CPU on a new connection. Upstream connections keep Go's
 		// defaults, hybrid included.
 		CurvePreferences: []tls.CurveID{tls.X25519, tls.CurveP256, tls.CurveP384},
+		// Full-size records from the first byte: small first records only help a client
+		// across a slow network, and on loopback each record is one more write.
+		DynamicRecordSizingDisabled: true,
 		GetCertificate: func(hello *tls.ClientHelloInfo) (*tls.Certificate, error) {
 			// The peeked SNI decided that this connection is terminated; mint for that
 			// name only, whatever the handshake claims later.
