@@ -228,7 +228,14 @@ func (hc *h1conn) serve(req *http.Request) bool {
 		hc.writeRefusal(http.StatusBadGateway, "upstream_unreachable", true)
 		return false
 	}
-	if upgrade != "" && resp.StatusCode == http.StatusSwitchingProtocols {
+	if resp.StatusCode == http.StatusSwitchingProtocols {
+		if upgrade == "" {
+			// A switch nobody asked for: what follows on that connection is not HTTP.
+			s.logf("upstream %s (sni %q): 101 without an upgrade request", hc.f.OrigDst, hc.f.SNI)
+			hc.dropUpstream()
+			hc.writeRefusal(http.StatusBadGateway, "upstream_unreachable", true)
+			return false
+		}
 		hc.switchProtocols(resp)
 		return false
 	}

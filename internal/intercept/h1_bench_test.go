@@ -67,6 +67,17 @@ func newH1Pair(tb testing.TB) *h1Pair {
 			return
 		}
 		w.Header().Set("Content-Type", "application/json")
+		if r.URL.Path == "/v1/switch" {
+			// A protocol switch the request did not ask for.
+			c, bw, err := w.(http.Hijacker).Hijack()
+			if err == nil {
+				bw.WriteString("HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: x\r\n\r\nnot http")
+				bw.Flush()
+				defer c.Close()
+				c.Read(make([]byte, 1))
+			}
+			return
+		}
 		if r.URL.Path == "/v1/big" {
 			// Larger than what is scrubbed whole: streamed through the scrubber, chunked.
 			big := strings.Repeat("x", 100<<10)
@@ -166,6 +177,16 @@ func TestH1LoopInjects(t *testing.T) {
 	}
 	if n := p.upConns.Load(); n != 1 {
 		t.Fatalf("the upstream saw %d connections for one agent connection's requests, want 1", n)
+	}
+}
+
+// TestH1UnaskedSwitch: an upstream that switches protocols without being asked gets the
+// agent a 502, not a 101 followed by whatever the upstream sends next.
+func TestH1UnaskedSwitch(t *testing.T) {
+	p := newH1Pair(t)
+	code, body := p.do(t, strings.Replace(h1BenchRequest, "/v1/models", "/v1/switch", 1))
+	if code != http.StatusBadGateway || !strings.Contains(body, "upstream_unreachable") {
+		t.Fatalf("got %d %q, want 502 upstream_unreachable", code, body)
 	}
 }
 
