@@ -10,6 +10,7 @@ import (
 	"math"
 	"net/http"
 	"net/textproto"
+	"runtime/debug"
 	"strconv"
 	"strings"
 	"sync/atomic"
@@ -86,6 +87,15 @@ func (s *Server) serveH1(tc *tls.Conn, f inject.Facts) {
 	hc.bw = bufio.NewWriterSize(tc, 4<<10)
 	s.trackH1(hc, true)
 	defer func() {
+		if r := recover(); r != nil {
+			// As net/http does for a handler: one connection's bug ends that connection, not
+			// the proxy. The upstream connection's state is unknown, so it is not pooled.
+			s.logf("panic serving %s (sni %q), connection closed: %.200v\n%s", hc.f.OrigDst, hc.f.SNI, r, debug.Stack())
+			if hc.up != nil {
+				s.upstream.closeConn(hc.up)
+				hc.up = nil
+			}
+		}
 		s.trackH1(hc, false)
 		if hc.up != nil {
 			s.upstream.putH1(hc.up)
