@@ -223,7 +223,7 @@ func (hc *h1conn) serve(req *http.Request) bool {
 	}
 	if err != nil {
 		if !errors.Is(err, errPolicyChanged) {
-			s.logf("upstream %s (sni %q): %v", hc.f.OrigDst, hc.f.SNI, err)
+			s.logf("upstream %s (sni %q): %s", hc.f.OrigDst, hc.f.SNI, p.inj.errText(err))
 		}
 		hc.writeRefusal(http.StatusBadGateway, "upstream_unreachable", true)
 		return false
@@ -233,7 +233,7 @@ func (hc *h1conn) serve(req *http.Request) bool {
 	// delimited by the upstream closing the connection leaves it unusable.
 	upReusable := !resp.Close && !(resp.ContentLength < 0 && len(resp.TransferEncoding) == 0 && bodyAllowed(req, resp))
 	if err := p.inj.scrubResponse(resp); err != nil {
-		s.logf("upstream %s (sni %q): read response: %v", hc.f.OrigDst, hc.f.SNI, err)
+		s.logf("upstream %s (sni %q): read response: %s", hc.f.OrigDst, hc.f.SNI, p.inj.errText(err))
 		hc.dropUpstream()
 		hc.writeRefusal(http.StatusBadGateway, "upstream_unreachable", true)
 		return false
@@ -250,7 +250,7 @@ func (hc *h1conn) serve(req *http.Request) bool {
 		return false
 	}
 	keepAlive = !req.Close
-	ok, complete := hc.writeResponse(req, resp, keepAlive)
+	ok, complete := hc.writeResponse(req, resp, keepAlive, p.inj)
 	if !upReusable || !complete {
 		hc.dropUpstream()
 	}
@@ -461,7 +461,7 @@ func (hc *h1conn) dropUpstream() {
 
 // writeResponse copies resp to the agent. ok is false when the agent can no longer be
 // written to; complete is false when the upstream's body was not read to its end.
-func (hc *h1conn) writeResponse(req *http.Request, resp *http.Response, keepAlive bool) (ok, complete bool) {
+func (hc *h1conn) writeResponse(req *http.Request, resp *http.Response, keepAlive bool, inj *injected) (ok, complete bool) {
 	bw := hc.bw
 	h := resp.Header
 	removeHopByHop(h)
@@ -536,7 +536,7 @@ func (hc *h1conn) writeResponse(req *http.Request, resp *http.Response, keepAliv
 		if err != nil {
 			// The response cannot be completed; the agent must not take a truncated body
 			// for a whole one, so the connection ends here.
-			hc.s.logf("upstream %s (sni %q): response body: %v", hc.f.OrigDst, hc.f.SNI, err)
+			hc.s.logf("upstream %s (sni %q): response body: %s", hc.f.OrigDst, hc.f.SNI, inj.errText(err))
 			bw.Flush()
 			return false, false
 		}

@@ -11,12 +11,15 @@ import (
 	"net/http"
 	"net/netip"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 
 	"github.com/agent-vault-proxy/agent-vault-proxy/internal/config"
 	"github.com/agent-vault-proxy/agent-vault-proxy/internal/inject"
 )
+
+const h1BenchReal = "sk-REAL-0123456789abcdef0123456789abcdef"
 
 const h1BenchConfig = `version: 1
 backend: {type: file, file: {path: /etc/avp/secrets.yaml}}
@@ -43,6 +46,25 @@ type h1Pair struct {
 	br    *bufio.Reader
 	// upConns counts the connections the upstream accepted.
 	upConns *atomic.Int64
+	// logs is what avpd logged.
+	logs *logBuffer
+}
+
+type logBuffer struct {
+	mu sync.Mutex
+	b  strings.Builder
+}
+
+func (l *logBuffer) logf(format string, args ...any) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	fmt.Fprintf(&l.b, format+"\n", args...)
+}
+
+func (l *logBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
 }
 
 func newH1Pair(tb testing.TB) *h1Pair {
@@ -56,17 +78,26 @@ func newH1Pair(tb testing.TB) *h1Pair {
 	if err != nil {
 		tb.Fatal(err)
 	}
-	const real = "sk-REAL-0123456789abcdef0123456789abcdef"
 	upLn, err := tls.Listen("tcp", "127.0.0.1:0", &tls.Config{Certificates: []tls.Certificate{*leaf}, NextProtos: []string{"http/1.1"}})
 	if err != nil {
 		tb.Fatal(err)
 	}
 	up := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if r.Header.Get("Authorization") != "Bearer "+real {
+		if r.Header.Get("Authorization") != "Bearer "+h1BenchReal {
 			http.Error(w, "no key", http.StatusUnauthorized)
 			return
 		}
 		w.Header().Set("Content-Type", "application/json")
+		if r.URL.Path == "/v1/garbled" {
+			// A broken upstream that quotes the credential in a malformed response head.
+			c, bw, err := w.(http.Hijacker).Hijack()
+			if err == nil {
+				bw.WriteString("HTTP/1.1 200 OK\r\nEcho " + r.Header.Get("Authorization") + "\r\n\r\n")
+				bw.Flush()
+				c.Close()
+			}
+			return
+		}
 		if r.URL.Path == "/v1/switch" {
 			// A protocol switch the request did not ask for.
 			c, bw, err := w.(http.Hijacker).Hijack()
@@ -99,8 +130,10 @@ func newH1Pair(tb testing.TB) *h1Pair {
 	roots := x509.NewCertPool()
 	roots.AddCert(ca.Certificate())
 	upAddr := upLn.Addr().String()
+	logs := &logBuffer{}
 	s, err := NewServer(Options{
-		Policy: inject.NewPolicy(cfg), CA: ca, Secrets: mapSecrets{"OPENAI": real}, Auditor: nopAuditor{},
+		Logf:   logs.logf,
+		Policy: inject.NewPolicy(cfg), CA: ca, Secrets: mapSecrets{"OPENAI": h1BenchReal}, Auditor: nopAuditor{},
 		UpstreamTLS: &tls.Config{RootCAs: roots},
 		UpstreamDial: func(ctx context.Context, network, _ string) (net.Conn, error) {
 			var d net.Dialer
@@ -134,7 +167,7 @@ func newH1Pair(tb testing.TB) *h1Pair {
 		tb.Fatal(err)
 	}
 	tb.Cleanup(func() { agent.Close() })
-	return &h1Pair{agent: agent, br: bufio.NewReader(agent), upConns: &upConns}
+	return &h1Pair{agent: agent, br: bufio.NewReader(agent), upConns: &upConns, logs: logs}
 }
 
 const h1BenchRequest = "GET /v1/models HTTP/1.1\r\nHost: api.openai.com\r\nUser-Agent: bench\r\nAccept: */*\r\n" +
@@ -187,6 +220,23 @@ func TestH1UnaskedSwitch(t *testing.T) {
 	code, body := p.do(t, strings.Replace(h1BenchRequest, "/v1/models", "/v1/switch", 1))
 	if code != http.StatusBadGateway || !strings.Contains(body, "upstream_unreachable") {
 		t.Fatalf("got %d %q, want 502 upstream_unreachable", code, body)
+	}
+}
+
+// TestH1ErrorsKeepSecretsOutOfLogs: an upstream error that quotes what the upstream sent
+// (here a malformed header line echoing the credential) is logged without the real value.
+func TestH1ErrorsKeepSecretsOutOfLogs(t *testing.T) {
+	p := newH1Pair(t)
+	code, _ := p.do(t, strings.Replace(h1BenchRequest, "/v1/models", "/v1/garbled", 1))
+	if code != http.StatusBadGateway {
+		t.Fatalf("got %d, want 502", code)
+	}
+	logs := p.logs.String()
+	if !strings.Contains(logs, "api.openai.com") {
+		t.Fatalf("the upstream error was not logged: %q", logs)
+	}
+	if strings.Contains(logs, h1BenchReal) {
+		t.Fatalf("the real secret reached the log: %q", logs)
 	}
 }
 

@@ -1,6 +1,7 @@
 package intercept
 
 import (
+	"bytes"
 	"context"
 	"crypto/tls"
 	"errors"
@@ -204,6 +205,24 @@ func (inj *injected) injectHeaders(h http.Header) {
 	h.Set("Accept-Encoding", "identity")
 }
 
+// errText is err's message for the log, with every real value of the request replaced by
+// its placeholder: an error can quote what the upstream sent, and a broken upstream can
+// echo the credential (I1 holds for the log too).
+func (inj *injected) errText(err error) string {
+	msg := err.Error()
+	if inj != nil {
+		b := []byte(msg)
+		for _, r := range inj.scrub {
+			b = bytes.ReplaceAll(b, r.from, r.to)
+		}
+		msg = string(b)
+	}
+	if len(msg) > 300 {
+		msg = msg[:300] + "..."
+	}
+	return msg
+}
+
 // scrubResponse replaces real values the upstream echoes in the response's headers and body.
 func (inj *injected) scrubResponse(resp *http.Response) error {
 	if inj == nil || len(inj.scrub) == 0 || resp.StatusCode == http.StatusSwitchingProtocols {
@@ -330,7 +349,8 @@ func newReverseProxy(up *upstreamPool, logf Logf) *httputil.ReverseProxy {
 				return
 			}
 			f := factsFrom(r.Context())
-			logf("upstream %s (sni %q): %v", f.OrigDst, f.SNI, err)
+			inj, _ := r.Context().Value(injectedKey{}).(*injected)
+			logf("upstream %s (sni %q): %s", f.OrigDst, f.SNI, inj.errText(err))
 			refuse(w, http.StatusBadGateway, "upstream_unreachable")
 		},
 		ErrorLog: log.New(logfWriter(logf), "", 0),
