@@ -44,7 +44,6 @@ func run(args []string, stdout, stderr io.Writer) int {
 	case "serve":
 		return serve(args[1:], stdout, stderr)
 	case "journal":
-		journalProcs()
 		return journalCmd(args[1:], stdout, stderr)
 	}
 	fmt.Fprintf(stderr, "avpd: unknown command %q\n\n%s", args[0], usage)
