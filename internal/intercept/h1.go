@@ -76,6 +76,8 @@ type h1conn struct {
 	idle  atomic.Bool
 	// replay is the current request's body when it was read whole with the headers.
 	replay *bytes.Reader
+	// body is the current request's body as sent upstream, when it is streamed.
+	body *agentBody
 }
 
 // serveH1 runs the request loop of one terminated HTTP/1.x agent connection.
@@ -222,10 +224,16 @@ func (hc *h1conn) serve(req *http.Request) bool {
 		hc.replay = nil
 	}
 	if err != nil {
-		if !errors.Is(err, errPolicyChanged) {
+		switch {
+		case hc.body != nil && hc.body.err != nil:
+			hc.dropUpstream() // it has part of a body
+			hc.writeRefusal(http.StatusBadRequest, "bad_request_body", true)
+		case errors.Is(err, errPolicyChanged):
+			hc.writeRefusal(http.StatusBadGateway, "upstream_unreachable", true)
+		default:
 			s.logf("upstream %s (sni %q): %s", hc.f.OrigDst, hc.f.SNI, p.inj.errText(err))
+			hc.writeRefusal(http.StatusBadGateway, "upstream_unreachable", true)
 		}
-		hc.writeRefusal(http.StatusBadGateway, "upstream_unreachable", true)
 		return false
 	}
 	defer resp.Body.Close()
@@ -287,7 +295,12 @@ func (hc *h1conn) outbound(req *http.Request, inj *injected) (*http.Request, str
 	if inj != nil {
 		inj.injectHeaders(h)
 	}
-	body := req.Body
+	var body io.ReadCloser = http.NoBody
+	hc.body = nil
+	if req.Body != http.NoBody {
+		hc.body = &agentBody{ReadCloser: req.Body}
+		body = hc.body
+	}
 	hc.replay = nil
 	// A small body already read with the headers goes out in the same write, and can be
 	// replayed if a reused upstream connection turns out to be closed. The agent's body is
@@ -304,6 +317,22 @@ func (hc *h1conn) outbound(req *http.Request, inj *injected) (*http.Request, str
 		Method: req.Method, URL: &u, Proto: "HTTP/1.1", ProtoMajor: 1, ProtoMinor: 1,
 		Header: h, Body: body, ContentLength: req.ContentLength, Host: req.Host,
 	}, upgrade
+}
+
+// agentBody remembers an error reading the agent's request body (net/http's Request.Write
+// does not let it be told apart), so a broken upload is answered as the agent's fault (400),
+// not the upstream's.
+type agentBody struct {
+	io.ReadCloser
+	err error
+}
+
+func (b *agentBody) Read(p []byte) (int, error) {
+	n, err := b.ReadCloser.Read(p)
+	if err != nil && err != io.EOF {
+		b.err = err
+	}
+	return n, err
 }
 
 // continueReader sends the agent its 100 Continue on the first read of the body.

@@ -240,6 +240,21 @@ func TestH1ErrorsKeepSecretsOutOfLogs(t *testing.T) {
 	}
 }
 
+// TestH1BrokenRequestBody: an agent whose chunked body breaks off gets 400, not a 502 that
+// blames the upstream, and nothing is logged as an upstream failure.
+func TestH1BrokenRequestBody(t *testing.T) {
+	p := newH1Pair(t)
+	req := strings.Replace(h1BenchRequest, "GET /v1/models", "POST /v1/chat", 1)
+	req = strings.TrimSuffix(req, "\r\n") + "Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\n"
+	code, body := p.do(t, req)
+	if code != http.StatusBadRequest || !strings.Contains(body, "bad_request_body") {
+		t.Fatalf("got %d %q, want 400 bad_request_body", code, body)
+	}
+	if logs := p.logs.String(); strings.Contains(logs, "upstream") {
+		t.Fatalf("logged as an upstream failure: %q", logs)
+	}
+}
+
 // BenchmarkH1Request is one keep-alive request through the HTTP/1.1 loop: parse, decide,
 // fetch, inject, forward over TLS, read and relay the response. The allocations include
 // the benchmark's own client and upstream (net/http server), which are the same in every
