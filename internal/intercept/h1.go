@@ -13,6 +13,7 @@ import (
 	"runtime/debug"
 	"strconv"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -231,8 +232,7 @@ func (hc *h1conn) serve(req *http.Request) bool {
 		case errors.Is(err, errPolicyChanged):
 			hc.writeRefusal(http.StatusBadGateway, "upstream_unreachable", true)
 		default:
-			s.logf("upstream %s (sni %q): %s", hc.f.OrigDst, hc.f.SNI, p.inj.errText(err))
-			hc.writeRefusal(http.StatusBadGateway, "upstream_unreachable", true)
+			hc.badGateway(p.inj.errText(err))
 		}
 		return false
 	}
@@ -241,18 +241,12 @@ func (hc *h1conn) serve(req *http.Request) bool {
 	// delimited by the upstream closing the connection leaves it unusable.
 	upReusable := !resp.Close && !(resp.ContentLength < 0 && len(resp.TransferEncoding) == 0 && bodyAllowed(req, resp))
 	if err := p.inj.scrubResponse(resp); err != nil {
-		s.logf("upstream %s (sni %q): read response: %s", hc.f.OrigDst, hc.f.SNI, p.inj.errText(err))
-		hc.dropUpstream()
-		hc.writeRefusal(http.StatusBadGateway, "upstream_unreachable", true)
-		return false
+		return hc.badGateway("read response: " + p.inj.errText(err))
 	}
 	if resp.StatusCode == http.StatusSwitchingProtocols {
 		if upgrade == "" {
 			// A switch nobody asked for: what follows on that connection is not HTTP.
-			s.logf("upstream %s (sni %q): 101 without an upgrade request", hc.f.OrigDst, hc.f.SNI)
-			hc.dropUpstream()
-			hc.writeRefusal(http.StatusBadGateway, "upstream_unreachable", true)
-			return false
+			return hc.badGateway("101 without an upgrade request")
 		}
 		hc.switchProtocols(resp)
 		return false
@@ -263,6 +257,15 @@ func (hc *h1conn) serve(req *http.Request) bool {
 		hc.dropUpstream()
 	}
 	return ok && keepAlive
+}
+
+// badGateway logs an upstream failure (msg already free of real values), gives up the
+// upstream connection and answers 502; the agent's connection ends.
+func (hc *h1conn) badGateway(msg string) bool {
+	hc.s.logf("upstream %s (sni %q): %s", hc.f.OrigDst, hc.f.SNI, msg)
+	hc.dropUpstream()
+	hc.writeRefusal(http.StatusBadGateway, "upstream_unreachable", true)
+	return false
 }
 
 // outbound builds the request sent upstream: the agent's, less hop-by-hop and forwarding
@@ -399,7 +402,7 @@ func (hc *h1conn) roundTrip(out *http.Request, p *prepared) (*http.Response, err
 				hc.s.gate.RUnlock()
 				return nil, errPolicyChanged
 			}
-			p.release = onceFunc(hc.s.gate.RUnlock)
+			p.release = sync.OnceFunc(hc.s.gate.RUnlock)
 		}
 		if hc.up != nil && !alive(hc.up) {
 			hc.dropUpstream()
@@ -439,15 +442,6 @@ func (hc *h1conn) roundTrip(out *http.Request, p *prepared) (*http.Response, err
 		hc.dropUpstream()
 		if !reused || attempt > 0 || !hc.replayable(out) {
 			return nil, err
-		}
-	}
-}
-
-func onceFunc(f func()) func() {
-	var done atomic.Bool
-	return func() {
-		if done.CompareAndSwap(false, true) {
-			f()
 		}
 	}
 }
@@ -519,7 +513,7 @@ func (hc *h1conn) writeResponse(req *http.Request, resp *http.Response, keepAliv
 	}
 	text := strings.TrimPrefix(resp.Status, strconv.Itoa(code))
 	text = strings.TrimSpace(text)
-	if text == "" || !asciiPrintableSpace(text) {
+	if text == "" || !validHeaderFieldValue(text) {
 		text = http.StatusText(code)
 	}
 	fmt.Fprintf(bw, "HTTP/1.1 %03d %s\r\n", code, text)
@@ -586,18 +580,9 @@ func bodyAllowed(req *http.Request, resp *http.Response) bool {
 	return req.Method != http.MethodHead && c != http.StatusNoContent && c != http.StatusNotModified && c >= 200
 }
 
-func asciiPrintableSpace(s string) bool {
-	for i := 0; i < len(s); i++ {
-		if s[i] < 0x20 || s[i] > 0x7e {
-			return false
-		}
-	}
-	return true
-}
-
 // writeRefusal answers the agent with one line that says it was the proxy, not the upstream.
 func (hc *h1conn) writeRefusal(status int, reason string, closeConn bool) bool {
-	body := "agent-vault-proxy: " + reason + "\n"
+	body := refusalBody(reason)
 	fmt.Fprintf(hc.bw, "HTTP/1.1 %03d %s\r\nContent-Type: text/plain; charset=utf-8\r\nX-Agent-Vault-Proxy: %s\r\nContent-Length: %d\r\n",
 		status, http.StatusText(status), reason, len(body))
 	if closeConn {

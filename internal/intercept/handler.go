@@ -6,6 +6,7 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
+	"io"
 	"log"
 	"net"
 	"net/http"
@@ -27,8 +28,11 @@ func refuse(w http.ResponseWriter, status int, reason string) {
 	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
 	w.Header().Set("X-Agent-Vault-Proxy", reason)
 	w.WriteHeader(status)
-	fmt.Fprintf(w, "agent-vault-proxy: %s\n", reason)
+	io.WriteString(w, refusalBody(reason))
 }
+
+// refusalBody is the one line of every refusal.
+func refusalBody(reason string) string { return "agent-vault-proxy: " + reason + "\n" }
 
 type injectedKey struct{}
 
@@ -370,12 +374,13 @@ func (l logfWriter) Write(p []byte) (int, error) {
 	return len(p), nil
 }
 
-// upstreamPool keeps one http.Transport per (SNI, original destination, protocol), so
-// connections are reused across agent connections but a request is only ever sent to the
-// address the agent dialled, over TLS verified for the name the agent asked for.
+// upstreamPool holds the upstream connections, per (SNI, original destination), so they are
+// reused across agent connections but a request is only ever sent to the address the agent
+// dialled, over TLS verified for the name the agent asked for.
 //
-// The upstream speaks the protocol the agent spoke: HTTP/2 requests go over HTTP/2 (gRPC and
-// trailers need it), HTTP/1.1 requests over a pool of HTTP/1.1 keep-alive connections.
+// The upstream speaks the protocol the agent spoke: HTTP/2 requests (net/http's handler) go
+// through one http.Transport per key over HTTP/2 (gRPC and trailers need it); HTTP/1.1
+// requests (avpd's own loop) over a pool of HTTP/1.1 keep-alive connections (upstream_h1.go).
 // Funnelling every agent's HTTP/1.1 requests into one multiplexed HTTP/2 connection made
 // them queue behind its single writer and reader.
 type upstreamPool struct {
@@ -398,7 +403,6 @@ type upstreamPool struct {
 type upstreamKey struct {
 	sni  string
 	addr netip.AddrPort
-	h1   bool
 }
 
 const maxTransports = 1024
@@ -413,7 +417,7 @@ func (p *upstreamPool) RoundTrip(r *http.Request) (*http.Response, error) {
 	if f == nil {
 		return nil, errors.New("request without connection facts")
 	}
-	return p.transport(upstreamKey{sni: f.SNI, addr: f.OrigDst, h1: r.ProtoMajor < 2}).RoundTrip(r)
+	return p.transport(upstreamKey{sni: f.SNI, addr: f.OrigDst}).RoundTrip(r)
 }
 
 func (p *upstreamPool) transport(k upstreamKey) *http.Transport {
@@ -429,22 +433,14 @@ func (p *upstreamPool) transport(k upstreamKey) *http.Transport {
 			break
 		}
 	}
-	tc := p.tlsBase.Clone()
-	tc.ServerName = k.sni
-	tc.NextProtos = nil // let the transport offer h2 and http/1.1
-	if k.h1 {
-		tc.NextProtos = []string{"http/1.1"}
-	}
-	if tc.ClientSessionCache == nil {
-		tc.ClientSessionCache = tls.NewLRUClientSessionCache(64)
-	}
+	tc := p.clientTLS(k, nil) // nil: the transport offers h2 and http/1.1
 	addr := k.addr.String()
 	t := &http.Transport{
 		DialContext: func(ctx context.Context, network, _ string) (net.Conn, error) {
 			return p.dial(ctx, network, addr)
 		},
 		TLSClientConfig:     tc,
-		ForceAttemptHTTP2:   !k.h1,
+		ForceAttemptHTTP2:   true,
 		MaxIdleConns:        256,
 		MaxIdleConnsPerHost: 64,
 		IdleConnTimeout:     90 * time.Second,
@@ -454,12 +450,20 @@ func (p *upstreamPool) transport(k upstreamKey) *http.Transport {
 		ExpectContinueTimeout: time.Second,
 		Proxy:                 nil,
 	}
-	if k.h1 {
-		// A non-nil empty map keeps the transport from upgrading to HTTP/2.
-		t.TLSNextProto = map[string]func(string, *tls.Conn) http.RoundTripper{}
-	}
 	p.transports[k] = t
 	return t
+}
+
+// clientTLS is the verifying client config for one upstream: its name, the protocols to
+// offer, and a session cache of its own, so a new connection resumes.
+func (p *upstreamPool) clientTLS(k upstreamKey, protos []string) *tls.Config {
+	tc := p.tlsBase.Clone()
+	tc.ServerName = k.sni
+	tc.NextProtos = protos
+	if tc.ClientSessionCache == nil {
+		tc.ClientSessionCache = tls.NewLRUClientSessionCache(64)
+	}
+	return tc
 }
 
 func (p *upstreamPool) closeIdle() {

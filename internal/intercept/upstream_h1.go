@@ -6,7 +6,6 @@ import (
 	"crypto/tls"
 	"errors"
 	"math"
-	"net"
 	"time"
 
 	"github.com/agent-vault-proxy/agent-vault-proxy/internal/inject"
@@ -61,12 +60,7 @@ func (p *upstreamPool) tlsConfig(k upstreamKey) *tls.Config {
 			break
 		}
 	}
-	tc := p.tlsBase.Clone()
-	tc.ServerName = k.sni
-	tc.NextProtos = []string{"http/1.1"}
-	if tc.ClientSessionCache == nil {
-		tc.ClientSessionCache = tls.NewLRUClientSessionCache(64)
-	}
+	tc := p.clientTLS(k, []string{"http/1.1"})
 	p.configs[k] = tc
 	return tc
 }
@@ -74,7 +68,7 @@ func (p *upstreamPool) tlsConfig(k upstreamKey) *tls.Config {
 // getH1 returns an idle connection for f's name and original destination, or dials one.
 // reused tells the caller that the server may have closed it meanwhile.
 func (p *upstreamPool) getH1(ctx context.Context, f inject.Facts) (up *upConn, reused bool, err error) {
-	k := upstreamKey{sni: f.SNI, addr: f.OrigDst, h1: true}
+	k := upstreamKey{sni: f.SNI, addr: f.OrigDst}
 	now := time.Now()
 	for {
 		p.mu.Lock()
@@ -204,5 +198,3 @@ func (p *upstreamPool) closeIdleH1(shutdown bool) {
 		}
 	}
 }
-
-var _ net.Conn = (*tls.Conn)(nil)
