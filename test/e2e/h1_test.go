@@ -196,6 +196,27 @@ func TestHTTP1Framing(t *testing.T) {
 		}
 	})
 
+	t.Run("refused: a chunked body that breaks off", func(t *testing.T) {
+		out := e.raw(t, hostOpenAI, "POST /v1/chat HTTP/1.1\r\n"+host+auth+"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\n")
+		if !strings.HasPrefix(out, "HTTP/1.1 400 ") || !strings.Contains(out, "agent-vault-proxy: bad_request_body") {
+			t.Fatalf("want 400 bad_request_body, got:\n%.300s", out)
+		}
+	})
+
+	t.Run("an upstream error quoting the credential is logged without it", func(t *testing.T) {
+		out := e.raw(t, hostOpenAI, "GET /v1/garbled HTTP/1.1\r\n"+host+auth+"\r\n")
+		if !strings.HasPrefix(out, "HTTP/1.1 502 ") || strings.Contains(out, realOpenAI) {
+			t.Fatalf("want 502 without the key, got:\n%.300s", out)
+		}
+		log := e.avpdLog.String()
+		if !strings.Contains(log, "malformed") {
+			t.Fatalf("the upstream error was not logged:\n%s", log)
+		}
+		if strings.Contains(log, realOpenAI) {
+			t.Fatalf("the real key reached avpd's log:\n%s", log)
+		}
+	})
+
 	t.Run("Expect: 100-continue is answered by the proxy", func(t *testing.T) {
 		n := since()
 		out := e.raw(t, hostOpenAI,

@@ -527,6 +527,18 @@ func startUpstream(t *testing.T, ns, dir string) *upstream {
 		n, _ := bw.Read(buf)
 		fmt.Fprintf(c, "echo:%s", buf[:n])
 	})
+	// A broken upstream that quotes the credential in a malformed response head: the error
+	// avpd logs must not carry the real value.
+	mux.HandleFunc("/v1/garbled", func(w http.ResponseWriter, r *http.Request) {
+		u.record(r)
+		c, bw, err := w.(http.Hijacker).Hijack()
+		if err != nil {
+			return
+		}
+		bw.WriteString("HTTP/1.1 200 OK\r\nEcho " + r.Header.Get("Authorization") + "\r\n\r\n")
+		bw.Flush()
+		c.Close()
+	})
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		u.record(r)
 		w.Header().Set("Content-Type", "application/json")
