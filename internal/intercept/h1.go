@@ -209,6 +209,7 @@ func (hc *h1conn) serve(req *http.Request) bool {
 			req.Body = &continueReader{ReadCloser: req.Body, hc: hc}
 		}
 	}
+	upgrade, trailers := forwarded(req.Header)
 	p := s.prepare(hc.ctx, hc.f, req.Method, req.Host, req.URL, req.Header)
 	defer p.finish()
 	// A body not read to its end would be taken for the next request.
@@ -217,7 +218,7 @@ func (hc *h1conn) serve(req *http.Request) bool {
 		return hc.writeRefusal(p.status, p.reason, !keepAlive) && keepAlive
 	}
 
-	out, upgrade := hc.outbound(req, p.inj)
+	out := hc.outbound(req, p.inj, upgrade, trailers)
 	resp, err := hc.roundTrip(out, &p)
 	if hc.replay != nil {
 		// Move the parser past the body that went out from its buffer.
@@ -268,22 +269,29 @@ func (hc *h1conn) badGateway(msg string) bool {
 	return false
 }
 
-// outbound builds the request sent upstream: the agent's, less hop-by-hop and forwarding
-// headers, with the real values injected.
-func (hc *h1conn) outbound(req *http.Request, inj *injected) (*http.Request, string) {
-	h := req.Header
-	upgrade := ""
+// forwarded reduces the agent's headers to those that may be forwarded: hop-by-hop and
+// forwarding headers go, before the decision, so that what is decided on (and audited) is
+// what reaches the upstream. A header the agent lists in Connection is hop-by-hop too. The
+// upgrade asked for, and whether trailers are accepted, are returned to be sent again.
+func forwarded(h http.Header) (upgrade string, trailers bool) {
 	if headerValuesContainToken(h["Connection"], "Upgrade") {
 		upgrade = h.Get("Upgrade")
 		if !asciiPrintable(upgrade) {
 			upgrade = ""
 		}
 	}
-	trailers := headerValuesContainToken(h["Te"], "trailers")
+	trailers = headerValuesContainToken(h["Te"], "trailers")
 	removeHopByHop(h)
 	for _, k := range []string{"Forwarded", "X-Forwarded-For", "X-Forwarded-Host", "X-Forwarded-Proto"} {
 		delete(h, k)
 	}
+	return upgrade, trailers
+}
+
+// outbound builds the request sent upstream: the agent's headers (already reduced by
+// forwarded), with the real values injected.
+func (hc *h1conn) outbound(req *http.Request, inj *injected, upgrade string, trailers bool) *http.Request {
+	h := req.Header
 	if upgrade != "" {
 		h["Connection"] = []string{"Upgrade"}
 		h["Upgrade"] = []string{upgrade}
@@ -319,7 +327,7 @@ func (hc *h1conn) outbound(req *http.Request, inj *injected) (*http.Request, str
 	return &http.Request{
 		Method: req.Method, URL: &u, Proto: "HTTP/1.1", ProtoMajor: 1, ProtoMinor: 1,
 		Header: h, Body: body, ContentLength: req.ContentLength, Host: req.Host,
-	}, upgrade
+	}
 }
 
 // agentBody remembers an error reading the agent's request body (net/http's Request.Write

@@ -15,6 +15,7 @@ import (
 	"sync/atomic"
 	"testing"
 
+	"github.com/agent-vault-proxy/agent-vault-proxy/internal/audit"
 	"github.com/agent-vault-proxy/agent-vault-proxy/internal/config"
 	"github.com/agent-vault-proxy/agent-vault-proxy/internal/inject"
 )
@@ -48,6 +49,29 @@ type h1Pair struct {
 	upConns *atomic.Int64
 	// logs is what avpd logged.
 	logs *logBuffer
+	// audit is what avpd recorded.
+	audit *eventLog
+}
+
+// eventLog records the decisions an Auditor was given.
+type eventLog struct {
+	mu     sync.Mutex
+	events []audit.Event
+}
+
+func (l *eventLog) Record(_ context.Context, events ...audit.Event) error {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if len(l.events) < 1000 {
+		l.events = append(l.events, events...)
+	}
+	return nil
+}
+
+func (l *eventLog) snapshot() []audit.Event {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return append([]audit.Event(nil), l.events...)
 }
 
 type logBuffer struct {
@@ -131,9 +155,10 @@ func newH1Pair(tb testing.TB) *h1Pair {
 	roots.AddCert(ca.Certificate())
 	upAddr := upLn.Addr().String()
 	logs := &logBuffer{}
+	events := &eventLog{}
 	s, err := NewServer(Options{
 		Logf:   logs.logf,
-		Policy: inject.NewPolicy(cfg), CA: ca, Secrets: mapSecrets{"OPENAI": h1BenchReal}, Auditor: nopAuditor{},
+		Policy: inject.NewPolicy(cfg), CA: ca, Secrets: mapSecrets{"OPENAI": h1BenchReal}, Auditor: events,
 		UpstreamTLS: &tls.Config{RootCAs: roots},
 		UpstreamDial: func(ctx context.Context, network, _ string) (net.Conn, error) {
 			var d net.Dialer
@@ -167,7 +192,7 @@ func newH1Pair(tb testing.TB) *h1Pair {
 		tb.Fatal(err)
 	}
 	tb.Cleanup(func() { agent.Close() })
-	return &h1Pair{agent: agent, br: bufio.NewReader(agent), upConns: &upConns, logs: logs}
+	return &h1Pair{agent: agent, br: bufio.NewReader(agent), upConns: &upConns, logs: logs, audit: events}
 }
 
 const h1BenchRequest = "GET /v1/models HTTP/1.1\r\nHost: api.openai.com\r\nUser-Agent: bench\r\nAccept: */*\r\n" +
@@ -252,6 +277,23 @@ func TestH1BrokenRequestBody(t *testing.T) {
 	}
 	if logs := p.logs.String(); strings.Contains(logs, "upstream") {
 		t.Fatalf("logged as an upstream failure: %q", logs)
+	}
+}
+
+// TestH1ConnectionListedHeader: an agent that names the inject header in Connection makes
+// it hop-by-hop, so it never reaches the upstream. The audit must then not claim an
+// injection: the decision is made on the headers that are forwarded.
+func TestH1ConnectionListedHeader(t *testing.T) {
+	p := newH1Pair(t)
+	req := strings.Replace(h1BenchRequest, "Accept: */*\r\n", "Accept: */*\r\nConnection: keep-alive, Authorization\r\n", 1)
+	code, _ := p.do(t, req)
+	if code != http.StatusUnauthorized {
+		t.Fatalf("got %d, want the upstream's 401: the hop-by-hop header is not forwarded", code)
+	}
+	for _, e := range p.audit.snapshot() {
+		if e.Decision == audit.DecisionInject {
+			t.Fatalf("audited as injected though nothing was: %+v", e)
+		}
 	}
 }
 

@@ -248,4 +248,25 @@ func TestHTTP1Framing(t *testing.T) {
 			t.Errorf("upstream headers: %v", got[0].Header)
 		}
 	})
+
+	t.Run("an inject header listed in Connection is neither forwarded nor audited as injected", func(t *testing.T) {
+		n := since()
+		out := e.raw(t, hostOpenAI, "GET /v1/connection-listed HTTP/1.1\r\n"+host+auth+"Connection: close, Authorization\r\n\r\n")
+		if !strings.HasPrefix(out, "HTTP/1.1 200 ") {
+			t.Fatalf("want the upstream's answer, got:\n%s", out)
+		}
+		got := newReqs(n)
+		if len(got) != 1 || got[0].Header.Get("Authorization") != "" {
+			t.Fatalf("upstream saw %+v", got)
+		}
+		evs := e.findAudit("path", "/v1/connection-listed")
+		if len(evs) == 0 {
+			t.Fatal("no audit event for the request")
+		}
+		for _, ev := range evs {
+			if ev["decision"] == "inject" {
+				t.Fatalf("audited as injected: %v", ev)
+			}
+		}
+	})
 }
