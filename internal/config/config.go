@@ -148,6 +148,11 @@ type Secret struct {
 	// the backend secret named Name.
 	Template *template.Template
 	Compose  []string
+	// Also lists further headers the placeholder may arrive in (a client library that
+	// sends the key as "Authorization: Bearer" where the API documents X-Api-Key, say),
+	// each with its own format. The placeholder is replaced in every one of them that
+	// holds it; anywhere else it is never replaced.
+	Also     []InjectAs
 	Bindings []Binding
 	// Pos is where the secret is declared, for explanations.
 	Pos Pos
@@ -657,21 +662,81 @@ func (d *decoder) composeLeaves(secrets []*Secret) {
 	}
 }
 
+// InjectAs is one header a secret's placeholder is replaced in, and the shape of its value.
+type InjectAs struct {
+	Header string // canonical form
+	Format string // with {secret} exactly once
+}
+
+// Targets are the headers the placeholder is replaced in: the inject header, then Also.
+func (s *Secret) Targets() []InjectAs {
+	return append([]InjectAs{{s.Header, s.Format}}, s.Also...)
+}
+
+// injectHeader reads and checks one header name an inject section names.
+func (d *decoder) injectHeader(v *yaml.Node, what string, dst *string) {
+	d.str(v, what, dst)
+	if !validHeaderName(*dst) {
+		d.errf(v, "%s %q is not a valid HTTP header name", what, *dst)
+	}
+	switch strings.ToLower(*dst) {
+	case "host", "content-length", "transfer-encoding", "connection", "upgrade", "te", "trailer", "proxy-authorization", "keep-alive":
+		d.errf(v, "%s %q is a hop-by-hop or framing header; inject into Authorization or an API key header", what, *dst)
+	}
+}
+
+// injectFormat reads and checks one format an inject section gives.
+func (d *decoder) injectFormat(v *yaml.Node, what string, dst *string) {
+	d.str(v, what, dst)
+	if strings.Count(*dst, "{secret}") != 1 {
+		d.errf(v, "%s must contain {secret} exactly once, for example \"Bearer {secret}\"", what)
+	}
+	for i := 0; i < len(*dst); i++ {
+		if (*dst)[i] < ' ' || (*dst)[i] > '~' {
+			d.errf(v, "%s must be printable ASCII", what)
+			break
+		}
+	}
+}
+
+// also reads inject.also: a list of {header, format} the placeholder may arrive in too.
+func (d *decoder) also(n *yaml.Node, what string, s *Secret) {
+	if n.Kind != yaml.SequenceNode {
+		d.errf(n, "%s.inject.also must be a list of {header, format}, for example [{header: Authorization, format: \"Bearer {secret}\"}]", what)
+		return
+	}
+	for i, item := range n.Content {
+		w := fmt.Sprintf("%s.inject.also[%d]", what, i)
+		a := InjectAs{Format: DefaultFormat}
+		var headerNode *yaml.Node
+		seen := d.fields(item, w, map[string]func(*yaml.Node){
+			"header": func(v *yaml.Node) { headerNode = v; d.injectHeader(v, w+".header", &a.Header) },
+			"format": func(v *yaml.Node) { d.injectFormat(v, w+".format", &a.Format) },
+		})
+		if item.Kind != yaml.MappingNode {
+			continue
+		}
+		if !seen["header"] {
+			d.errf(item, "%s has no header; add \"header: Authorization\" or the header your client sends", w)
+			continue
+		}
+		a.Header = canonicalHeader(a.Header)
+		for _, t := range s.Targets() {
+			if t.Header == a.Header {
+				d.errf(headerNode, "%s.header %q is already an inject header of this secret; name each header once", w, a.Header)
+			}
+		}
+		s.Also = append(s.Also, a)
+	}
+}
+
 func (d *decoder) inject(n *yaml.Node, what string, s *Secret) {
-	var fmtNode, tmplNode, composeNode *yaml.Node
+	var tmplNode, composeNode, alsoNode *yaml.Node
 	var tmplSrc string
 	d.fields(n, what+".inject", map[string]func(*yaml.Node){
-		"header": func(v *yaml.Node) {
-			d.str(v, what+".inject.header", &s.Header)
-			if !validHeaderName(s.Header) {
-				d.errf(v, "%s.inject.header %q is not a valid HTTP header name", what, s.Header)
-			}
-			switch strings.ToLower(s.Header) {
-			case "host", "content-length", "transfer-encoding", "connection", "upgrade", "te", "trailer", "proxy-authorization", "keep-alive":
-				d.errf(v, "%s.inject.header %q is a hop-by-hop or framing header; inject into Authorization or an API key header", what, s.Header)
-			}
-		},
-		"format":   func(v *yaml.Node) { fmtNode = v; d.str(v, what+".inject.format", &s.Format) },
+		"header":   func(v *yaml.Node) { d.injectHeader(v, what+".inject.header", &s.Header) },
+		"format":   func(v *yaml.Node) { d.injectFormat(v, what+".inject.format", &s.Format) },
+		"also":     func(v *yaml.Node) { alsoNode = v },
 		"template": func(v *yaml.Node) { tmplNode = v; d.str(v, what+".inject.template", &tmplSrc) },
 		"compose": func(v *yaml.Node) {
 			composeNode = v
@@ -687,14 +752,9 @@ func (d *decoder) inject(n *yaml.Node, what string, s *Secret) {
 		d.compose(composeNode, tmplNode, what, tmplSrc, s)
 	}
 	s.Header = canonicalHeader(s.Header)
-	if fmtNode != nil && strings.Count(s.Format, "{secret}") != 1 {
-		d.errf(fmtNode, "%s.inject.format must contain {secret} exactly once, for example \"Bearer {secret}\"", what)
-	}
-	for i := 0; i < len(s.Format); i++ {
-		if s.Format[i] < ' ' || s.Format[i] > '~' {
-			d.errf(fmtNode, "%s.inject.format must be printable ASCII", what)
-			break
-		}
+	if alsoNode != nil {
+		// After the inject header is known, so a repeat of it is caught.
+		d.also(alsoNode, what, s)
 	}
 }
 

@@ -60,6 +60,12 @@ func TestBadConfigs(t *testing.T) {
     bindings: [{host: b.example.com}]
 `, `placeholders of secrets A and B are equal or one contains the other`},
 		{"listen on 443", good + "proxy: {listen: \"127.0.0.1:443\"}\n", `proxy.listen "127.0.0.1:443" must be an IPv4 loopback address`},
+		{"also repeats the header", strings.Replace(good, `format: "Bearer {secret}"}`, `format: "Bearer {secret}", also: [{header: authorization, format: "token {secret}"}]}`, 1), `bindings.yaml:6:80: secret A.inject.also[0].header "Authorization" is already an inject header of this secret; name each header once`},
+		{"also hop-by-hop", strings.Replace(good, `format: "Bearer {secret}"}`, `format: "Bearer {secret}", also: [{header: Keep-Alive}]}`, 1), `secret A.inject.also[0].header "Keep-Alive" is a hop-by-hop or framing header`},
+		{"also format without secret", strings.Replace(good, `format: "Bearer {secret}"}`, `format: "Bearer {secret}", also: [{header: X-Key, format: "k"}]}`, 1), `secret A.inject.also[0].format must contain {secret} exactly once`},
+		{"also unknown key", strings.Replace(good, `format: "Bearer {secret}"}`, `format: "Bearer {secret}", also: [{header: X-Key, fromat: "{secret}"}]}`, 1), `unknown key "fromat" in secret A.inject.also[0]; allowed keys are format, header`},
+		{"also without header", strings.Replace(good, `format: "Bearer {secret}"}`, `format: "Bearer {secret}", also: [{format: "{secret}"}]}`, 1), `secret A.inject.also[0] has no header`},
+		{"also not a list", strings.Replace(good, `format: "Bearer {secret}"}`, `format: "Bearer {secret}", also: {header: X-Key}}`, 1), `secret A.inject.also must be a list of {header, format}`},
 		{"no bindings", good + "  C:\n    placeholder: sk-avp-PLACEHOLDER-cccccccccccccc\n", `secret C has no bindings`},
 	}
 	for _, tc := range tests {
@@ -72,6 +78,24 @@ func TestBadConfigs(t *testing.T) {
 				t.Fatalf("error:\n%v\nwant it to contain:\n%s", err, tc.want)
 			}
 		})
+	}
+}
+
+func TestInjectAlso(t *testing.T) {
+	src := strings.Replace(good, `format: "Bearer {secret}"}`, `format: "Bearer {secret}", also: [{header: x-api-key}, {header: X-Auth, format: "Token {secret}"}]}`, 1)
+	cfg, err := Parse("bindings.yaml", []byte(src))
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := cfg.Secrets[0].Targets()
+	want := []InjectAs{{"Authorization", "Bearer {secret}"}, {"X-Api-Key", "{secret}"}, {"X-Auth", "Token {secret}"}}
+	if len(got) != len(want) {
+		t.Fatalf("targets %+v, want %+v", got, want)
+	}
+	for i := range want {
+		if got[i] != want[i] {
+			t.Fatalf("targets %+v, want %+v", got, want)
+		}
 	}
 }
 
@@ -225,5 +249,26 @@ func TestAuditJournalConfig(t *testing.T) {
 				t.Fatalf("error:\n%v\nwant it to contain:\n%s", err, tc.want)
 			}
 		})
+	}
+}
+
+// TestDiffAlso: adding a header the secret may be injected into widens access, and the
+// change names both shapes.
+func TestDiffAlso(t *testing.T) {
+	old, err := Parse("bindings.yaml", []byte(good))
+	if err != nil {
+		t.Fatal(err)
+	}
+	nw, err := Parse("bindings.yaml", []byte(strings.Replace(good, `format: "Bearer {secret}"}`, `format: "Bearer {secret}", also: [{header: X-Api-Key}]}`, 1)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	changes := Diff(old, nw)
+	if len(changes) != 1 || !Widens(changes) {
+		t.Fatalf("changes %+v, want one widening change", changes)
+	}
+	want := `injected as "Bearer {secret}" into Authorization or "{secret}" into X-Api-Key (was "Bearer {secret}" into Authorization)`
+	if changes[0].Text != want {
+		t.Fatalf("change text %q, want %q", changes[0].Text, want)
 	}
 }

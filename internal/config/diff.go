@@ -45,8 +45,8 @@ func Diff(old, new *Config) []Change {
 			out = append(out, Change{Secret: n, Kind: "-", Text: "secret removed"})
 			continue
 		}
-		if o.Header != nw.Header || o.Format != nw.Format || templateSrc(o) != templateSrc(nw) || !slices.Equal(o.Compose, nw.Compose) {
-			out = append(out, Change{Secret: n, Kind: "~", Text: fmt.Sprintf("injected as %s into %s (was %s into %s)", shape(nw), nw.Header, shape(o), o.Header),
+		if !slices.Equal(o.Targets(), nw.Targets()) || templateSrc(o) != templateSrc(nw) || !slices.Equal(o.Compose, nw.Compose) {
+			out = append(out, Change{Secret: n, Kind: "~", Text: fmt.Sprintf("injected as %s (was %s)", shape(nw), shape(o)),
 				Widens: []string{"the secret goes into a different header or shape"}})
 		}
 		if o.Placeholder != nw.Placeholder {
@@ -111,11 +111,18 @@ func templateSrc(s *Secret) string {
 	return s.Template.String()
 }
 
+// shape says where and how a secret is injected: each header with its format, and the
+// template that computes the value, if any.
 func shape(s *Secret) string {
-	if s.Template != nil {
-		return fmt.Sprintf("%q with template %q over %s", s.Format, s.Template.String(), strings.Join(s.Compose, ", "))
+	var into []string
+	for _, t := range s.Targets() {
+		into = append(into, fmt.Sprintf("%q into %s", t.Format, t.Header))
 	}
-	return fmt.Sprintf("%q", s.Format)
+	out := strings.Join(into, " or ")
+	if s.Template != nil {
+		out += fmt.Sprintf(" with template %q over %s", s.Template.String(), strings.Join(s.Compose, ", "))
+	}
+	return out
 }
 
 func describe(b Binding) string {

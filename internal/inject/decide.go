@@ -148,32 +148,45 @@ func (p *Policy) Decide(f Facts, r Request) Decision {
 	}
 
 	for _, s := range p.secrets {
-		values := r.Header.Values(s.Header)
-		holding := 0
-		var value string
-		for _, v := range values {
-			if strings.Contains(v, s.Placeholder) {
-				holding++
-				value = v
+		held, formatOK := false, true
+		for i := 0; i <= len(s.Also); i++ {
+			t := config.InjectAs{Header: s.Header, Format: s.Format}
+			if i > 0 {
+				t = s.Also[i-1]
 			}
+			holding := 0
+			var value string
+			for _, v := range r.Header.Values(t.Header) {
+				if strings.Contains(v, s.Placeholder) {
+					holding++
+					value = v
+				}
+			}
+			if holding == 0 {
+				continue
+			}
+			if holding > 1 {
+				// Two copies of the header could be joined or picked differently upstream.
+				return Decision{Action: Refuse, Status: http.StatusBadRequest, Reason: ReasonRepeatedHeader, Path: d.Path}
+			}
+			for _, other := range p.secrets {
+				if other != s && strings.Contains(value, other.Placeholder) {
+					return Decision{Action: Refuse, Status: http.StatusBadRequest, Reason: ReasonMultiplePlaceholder, Path: d.Path}
+				}
+			}
+			held = true
+			// Every header that holds the placeholder must have its shape; one that does
+			// not fails the whole secret, so nothing is replaced in a shape the agent chose.
+			formatOK = formatOK && matchesFormat(t.Format, s.Placeholder, value)
 		}
-		if holding == 0 {
+		if !held {
 			if p.placeholderElsewhere(s, r) {
 				d.Denials = append(d.Denials, Denial{Secret: s, Reason: ReasonWrongHeader})
 			}
 			continue
 		}
-		if holding > 1 {
-			// Two copies of the header could be joined or picked differently upstream.
-			return Decision{Action: Refuse, Status: http.StatusBadRequest, Reason: ReasonRepeatedHeader, Path: d.Path}
-		}
-		for _, other := range p.secrets {
-			if other != s && strings.Contains(value, other.Placeholder) {
-				return Decision{Action: Refuse, Status: http.StatusBadRequest, Reason: ReasonMultiplePlaceholder, Path: d.Path}
-			}
-		}
 		bi, reason := matchBindings(s, f.UID, host, r.Method, normPath, pathOK)
-		if reason == ReasonAllowed && !matchesFormat(s, value) {
+		if reason == ReasonAllowed && !formatOK {
 			reason = ReasonFormatMismatch
 		}
 		if reason != ReasonAllowed {
@@ -198,13 +211,25 @@ func (p *Policy) placeholderElsewhere(s *config.Secret, r Request) bool {
 		return true
 	}
 	for k, vs := range r.Header {
-		if k == s.Header {
+		if isTarget(s, k) {
 			continue
 		}
 		for _, v := range vs {
 			if strings.Contains(v, s.Placeholder) {
 				return true
 			}
+		}
+	}
+	return false
+}
+
+func isTarget(s *config.Secret, header string) bool {
+	if header == s.Header {
+		return true
+	}
+	for _, a := range s.Also {
+		if header == a.Header {
+			return true
 		}
 	}
 	return false
@@ -326,15 +351,15 @@ func MatchHost(pattern, host string) bool {
 // placeholder, so only the placeholder bytes are ever replaced and the agent cannot choose
 // where the secret lands inside a value. The scheme prefix compares case-insensitively
 // because auth schemes are case-insensitive (RFC 9110 §11.1).
-func matchesFormat(s *config.Secret, value string) bool {
-	prefix, suffix, _ := strings.Cut(s.Format, "{secret}")
+func matchesFormat(format, placeholder, value string) bool {
+	prefix, suffix, _ := strings.Cut(format, "{secret}")
 	value = strings.Trim(value, " \t")
-	if len(value) != len(prefix)+len(s.Placeholder)+len(suffix) {
+	if len(value) != len(prefix)+len(placeholder)+len(suffix) {
 		return false
 	}
 	return strings.EqualFold(value[:len(prefix)], prefix) &&
-		value[len(prefix):len(prefix)+len(s.Placeholder)] == s.Placeholder &&
-		value[len(prefix)+len(s.Placeholder):] == suffix
+		value[len(prefix):len(prefix)+len(placeholder)] == placeholder &&
+		value[len(prefix)+len(placeholder):] == suffix
 }
 
 // Value computes what replaces the placeholder: the fetched secret itself, or the rendered
@@ -357,17 +382,23 @@ func Value(s *config.Secret, vals map[string][]byte) ([]byte, error) {
 	return append([]byte(nil), v...), nil
 }
 
-// Apply replaces the placeholder of inj's secret in its header with value. Decide has
-// already checked the header holds exactly one value in the configured shape, so nothing
-// but the placeholder bytes changes.
+// Apply replaces the placeholder of inj's secret with value in each of its headers that
+// holds it. Decide has already checked each such header holds exactly one value in the
+// configured shape, so nothing but the placeholder bytes changes.
 func Apply(h http.Header, s *config.Secret, value []byte) {
-	vs := h[s.Header]
+	apply(h[s.Header], s.Placeholder, value)
+	for _, a := range s.Also {
+		apply(h[a.Header], s.Placeholder, value)
+	}
+}
+
+func apply(vs []string, placeholder string, value []byte) {
 	for i, v := range vs {
 		v = strings.Trim(v, " \t")
-		if j := strings.Index(v, s.Placeholder); j >= 0 {
+		if j := strings.Index(v, placeholder); j >= 0 {
 			// This string is the one copy of the secret that net/http needs; it lives only as
 			// long as the outgoing request.
-			vs[i] = v[:j] + string(value) + v[j+len(s.Placeholder):]
+			vs[i] = v[:j] + string(value) + v[j+len(placeholder):]
 		}
 	}
 }

@@ -19,7 +19,9 @@ secrets:
         paths: ["/v1/**"]
   ANTHROPIC:
     placeholder: sk-avp-PLACEHOLDER-anthropic-0000000000
-    inject: {header: x-api-key}
+    inject:
+      header: x-api-key
+      also: [{header: Authorization, format: "Bearer {secret}"}]
     bindings:
       - host: api.anthropic.com
   GITHUB:
@@ -106,6 +108,13 @@ func TestDecide(t *testing.T) {
 		{"wildcard never matches two labels", "a.b.github.com", req("GET", "a.b.github.com", "/user", "Authorization", "token "+phGitHub), ForwardVerbatim, 0, ReasonHostNotBound, nil},
 		{"single star stays within a segment", "api.github.com", req("GET", "api.github.com", "/repos/o/r/issues", "Authorization", "token "+phGitHub), ForwardVerbatim, 0, ReasonPathNotAllowed, nil},
 		{"single star matches one segment", "api.github.com", req("GET", "api.github.com", "/repos/o/issues", "Authorization", "token "+phGitHub), Inject, 0, ReasonAllowed, []string{"GITHUB"}},
+		{"also: the placeholder in the alternative header injects", "api.anthropic.com", req("POST", "api.anthropic.com", "/v1/messages", "Authorization", "Bearer "+phAnthropic), Inject, 0, ReasonAllowed, []string{"ANTHROPIC"}},
+		{"also: in both of its headers injects once", "api.anthropic.com", req("POST", "api.anthropic.com", "/v1/messages", "X-Api-Key", phAnthropic, "Authorization", "Bearer "+phAnthropic), Inject, 0, ReasonAllowed, []string{"ANTHROPIC"}},
+		{"also: the alternative's format is checked", "api.anthropic.com", req("POST", "api.anthropic.com", "/v1/messages", "Authorization", "Basic "+phAnthropic), ForwardVerbatim, 0, ReasonFormatMismatch, nil},
+		{"also: one header in the wrong format fails the secret", "api.anthropic.com", req("POST", "api.anthropic.com", "/v1/messages", "X-Api-Key", phAnthropic, "Authorization", "Basic "+phAnthropic), ForwardVerbatim, 0, ReasonFormatMismatch, nil},
+		{"also: the alternative header twice gets 400", "api.anthropic.com", req("POST", "api.anthropic.com", "/v1/messages", "Authorization", "Bearer "+phAnthropic, "Authorization", "Bearer "+phAnthropic), Refuse, 400, ReasonRepeatedHeader, nil},
+		{"also: a header not listed is still the wrong header", "api.anthropic.com", req("POST", "api.anthropic.com", "/v1/messages", "X-Other", phAnthropic), ForwardVerbatim, 0, ReasonWrongHeader, nil},
+		{"also: the alternative header on an unbound host", "api.openai.com", req("POST", "api.openai.com", "/v1/chat", "Authorization", "Bearer "+phAnthropic), ForwardVerbatim, 0, ReasonHostNotBound, nil},
 		{"two secrets in their own headers both inject", "api.anthropic.com", req("GET", "api.anthropic.com", "/x", "X-Api-Key", phAnthropic, "Authorization", "token "+phGitHub), Inject, 0, ReasonAllowed, []string{"ANTHROPIC"}},
 	}
 	for _, tc := range tests {
@@ -146,6 +155,25 @@ func TestApplyReplacesOnlyThePlaceholder(t *testing.T) {
 	}
 	if got := h.Get("X-Other"); got != phOpenAI {
 		t.Fatalf("X-Other changed to %q", got)
+	}
+}
+
+// TestApplyAlso: a secret that may arrive in more than one header is replaced in each
+// header that holds it, and nowhere else.
+func TestApplyAlso(t *testing.T) {
+	p := testPolicy(t)
+	h := http.Header{}
+	h.Set("X-Api-Key", phAnthropic)
+	h.Set("Authorization", "Bearer "+phAnthropic)
+	h.Set("X-Other", "x")
+	r := Request{Method: "POST", Authority: "api.anthropic.com", RawPath: "/v1/messages", Header: h}
+	d := p.Decide(Facts{SNI: "api.anthropic.com"}, r)
+	if d.Action != Inject || len(d.Injections) != 1 {
+		t.Fatalf("decision %v %+v", d.Action, d.Injections)
+	}
+	Apply(h, d.Injections[0].Secret, []byte("sk-real"))
+	if h.Get("X-Api-Key") != "sk-real" || h.Get("Authorization") != "Bearer sk-real" || h.Get("X-Other") != "x" {
+		t.Fatalf("headers after Apply: %v", h)
 	}
 }
 

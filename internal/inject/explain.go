@@ -3,6 +3,8 @@ package inject
 import (
 	"fmt"
 	"strings"
+
+	"github.com/agent-vault-proxy/agent-vault-proxy/internal/config"
 )
 
 // Explain runs Decide and describes the outcome for an operator: the decision, the reason,
@@ -33,12 +35,21 @@ func (p *Policy) Explain(f Facts, r Request) string {
 	}
 	for _, in := range d.Injections {
 		bd := in.Secret.Bindings[in.Binding]
-		fmt.Fprintf(&b, "inject:   %s into %s, allowed by binding %d (%s) at %s\n", in.Secret.Name, in.Secret.Header, in.Binding, bindingSummary(bd.Host, bd.Methods, bd.Paths), bd.Pos)
+		fmt.Fprintf(&b, "inject:   %s into %s, allowed by binding %d (%s) at %s\n", in.Secret.Name, headerList(in.Secret), in.Binding, bindingSummary(bd.Host, bd.Methods, bd.Paths), bd.Pos)
 	}
 	for _, dn := range d.Denials {
-		fmt.Fprintf(&b, "verbatim: %s: %s\n", dn.Secret.Name, denialText(dn.Reason, dn.Secret.Header))
+		fmt.Fprintf(&b, "verbatim: %s: %s\n", dn.Secret.Name, denialText(dn.Reason, headerList(dn.Secret)))
 	}
 	return b.String()
+}
+
+// headerList names the headers a secret is replaced in ("X-Api-Key or Authorization").
+func headerList(s *config.Secret) string {
+	h := s.Header
+	for _, a := range s.Also {
+		h += " or " + a.Header
+	}
+	return h
 }
 
 func bindingSummary(host string, methods, paths []string) string {

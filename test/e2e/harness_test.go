@@ -201,7 +201,7 @@ const defaultBindings = `  OPENAI:
       - host: ` + hostV6 + `
   OTHER:
     placeholder: ` + phOther + `
-    inject: {header: Authorization, format: "Bearer {secret}"}
+    inject: {header: Authorization, format: "Bearer {secret}", also: [{header: X-Api-Key}]}
     bindings:
       - host: ` + hostOther + `
       - host: ` + hostUIDOnly + `

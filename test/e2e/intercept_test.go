@@ -249,6 +249,34 @@ console.log(r.status, await r.text());
 		e.waitAudit("decision", "inject", "secret", "JIRA", "sni", hostJira)
 	})
 
+	t.Run("inject_also_replaces_in_each_listed_header", func(t *testing.T) {
+		// A client that sends the key in the other listed header (X-Api-Key here) gets it
+		// replaced there; one that sends both gets both; an unlisted header gets nothing.
+		code, body, err := e.curl(agentUID, "GET", "https://"+hostOther+"/v1/models", "X-Api-Key: "+phOther)
+		if err != nil || code != 200 {
+			t.Fatalf("curl: %d %q %v", code, body, err)
+		}
+		if got := e.upstream.last(t).Header.Get("X-Api-Key"); got != realOther {
+			t.Fatalf("upstream X-Api-Key %q, want the real value", got)
+		}
+		code, body, err = e.curl(agentUID, "GET", "https://"+hostOther+"/v1/models", "X-Api-Key: "+phOther, "Authorization: Bearer "+phOther)
+		if err != nil || code != 200 {
+			t.Fatalf("curl: %d %q %v", code, body, err)
+		}
+		last := e.upstream.last(t)
+		if last.Header.Get("X-Api-Key") != realOther || last.Header.Get("Authorization") != "Bearer "+realOther {
+			t.Fatalf("upstream got X-Api-Key %q, Authorization %q", last.Header.Get("X-Api-Key"), last.Header.Get("Authorization"))
+		}
+		code, body, err = e.curl(agentUID, "GET", "https://"+hostOther+"/v1/models", "X-Key: "+phOther)
+		if err != nil || code != 200 {
+			t.Fatalf("curl: %d %q %v", code, body, err)
+		}
+		if got := e.upstream.last(t).Header.Get("X-Key"); got != phOther {
+			t.Fatalf("an unlisted header was changed to %q", got)
+		}
+		e.waitAudit("decision", "forward_verbatim", "reason", "placeholder_in_wrong_header", "secret", "OTHER")
+	})
+
 	t.Run("uid_scoped_binding_uses_kernel_uid", func(t *testing.T) {
 		e.avpctl("enroll-uid", strconv.Itoa(otherAgentUID))
 		defer e.avpctl("unenroll-uid", strconv.Itoa(otherAgentUID))
