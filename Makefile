@@ -76,9 +76,12 @@ bench-journal:
 # only when there is none: an operator's bindings.yaml is never overwritten. install uses the
 # binaries make build wrote (building them only when bin/ has none), so "sudo make install"
 # needs no Go toolchain in root's PATH: run make build first after changing the code.
-install: bin/avpd bin/avpctl
+# BIN is where the binaries are taken from (the e2e test of the units installs the ones it
+# built).
+BIN ?= bin
+install: $(BIN)/avpd $(BIN)/avpctl
 	install -d -m 0755 $(DESTDIR)$(BINDIR) $(DESTDIR)$(UNITDIR) $(DESTDIR)$(SYSUSERSDIR) $(DESTDIR)$(TMPFILESDIR) $(DESTDIR)$(DOCDIR)
-	install -m 0755 bin/avpd bin/avpctl $(DESTDIR)$(BINDIR)/
+	install -m 0755 $(BIN)/avpd $(BIN)/avpctl $(DESTDIR)$(BINDIR)/
 	for u in $(UNITS); do \
 		sed -e 's|@BINDIR@|$(BINDIR)|g' -e 's|@DOCDIR@|$(DOCDIR)|g' systemd/$$u > $(DESTDIR)$(UNITDIR)/$$u.tmp && \
 		chmod 0644 $(DESTDIR)$(UNITDIR)/$$u.tmp && mv -f $(DESTDIR)$(UNITDIR)/$$u.tmp $(DESTDIR)$(UNITDIR)/$$u || exit 1; \
