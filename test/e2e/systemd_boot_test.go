@@ -1,0 +1,243 @@
+package e2e
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// container is a Debian booted by systemd-nspawn with systemd as its PID 1: the host's root
+// file system as the read-only lower layer of an overlay, so whatever the test installs lands
+// in a throwaway upper layer, and a private network namespace (named ns for the harness).
+type container struct {
+	t    *testing.T
+	root string // the overlay, seen from the host
+	pid  int    // the container's init, seen from the host
+	ns   string
+	out  *syncBuffer
+}
+
+func bootContainer(t *testing.T) *container {
+	t.Helper()
+	nspawn, err := exec.LookPath("systemd-nspawn")
+	if err != nil {
+		t.Fatalf("systemd-nspawn is missing (apt-get install systemd-container): %v", err)
+	}
+	base, err := os.MkdirTemp("", "avp-boot-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := &container{t: t, root: filepath.Join(base, "root"), out: &syncBuffer{},
+		ns: fmt.Sprintf("avpboot-%d", os.Getpid())}
+	for _, d := range []string{"upper", "work", "root"} {
+		if err := os.Mkdir(filepath.Join(base, d), 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	opts := fmt.Sprintf("lowerdir=/,upperdir=%s,workdir=%s", filepath.Join(base, "upper"), filepath.Join(base, "work"))
+	if err := unix.Mount("overlay", c.root, "overlay", 0, opts); err != nil {
+		os.RemoveAll(base)
+		t.Fatalf("overlay over /: %v", err)
+	}
+	var cmd *exec.Cmd
+	done := make(chan struct{})
+	t.Cleanup(func() {
+		if c.pid > 0 {
+			// Killing a PID namespace's init ends every process in it; nspawn then exits.
+			unix.Kill(c.pid, unix.SIGKILL)
+		}
+		if cmd != nil && cmd.Process != nil {
+			select {
+			case <-done:
+			case <-time.After(15 * time.Second):
+				cmd.Process.Kill()
+				<-done
+			}
+		}
+		exec.Command("ip", "netns", "delete", c.ns).Run()
+		if err := unix.Unmount(c.root, unix.MNT_DETACH); err != nil {
+			t.Errorf("unmount the overlay %s: %v", c.root, err)
+		}
+		os.RemoveAll(base)
+		if t.Failed() {
+			t.Logf("container console:\n%s", c.out.String())
+		}
+	})
+	// A machine ID of its own, or journald refuses to run beside the host's.
+	os.Remove(filepath.Join(c.root, "etc/machine-id"))
+	cmd = exec.Command(nspawn, "-D", c.root, "--boot", "--private-network", "--register=no",
+		"--keep-unit", "-M", c.ns, "--", "systemd.unit=basic.target")
+	cmd.Stdin = nil
+	cmd.Stdout, cmd.Stderr = c.out, c.out
+	cmd.SysProcAttr = &unix.SysProcAttr{Setsid: true}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	go func() { cmd.Wait(); close(done) }()
+
+	deadline := time.Now().Add(90 * time.Second)
+	for {
+		select {
+		case <-done:
+			t.Fatalf("systemd-nspawn exited:\n%s", c.out.String())
+		default:
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the container did not finish booting in 90 s:\n%s", c.out.String())
+		}
+		time.Sleep(200 * time.Millisecond)
+		if c.pid == 0 {
+			kids, _ := os.ReadFile(fmt.Sprintf("/proc/%d/task/%d/children", cmd.Process.Pid, cmd.Process.Pid))
+			if f := strings.Fields(string(kids)); len(f) > 0 {
+				c.pid, _ = strconv.Atoi(f[0])
+			}
+			continue
+		}
+		out, _ := exec.Command("nsenter", "--target", strconv.Itoa(c.pid), "--all", "systemctl", "is-system-running").Output()
+		state := strings.TrimSpace(string(out))
+		if state == "running" || state == "degraded" {
+			break
+		}
+	}
+	if comm, _ := os.ReadFile(fmt.Sprintf("/proc/%d/comm", c.pid)); strings.TrimSpace(string(comm)) != "systemd" {
+		t.Fatalf("the container's init is %q, not systemd", comm)
+	}
+	// The harness reaches network namespaces by name.
+	run(t, "ip", "netns", "attach", c.ns, strconv.Itoa(c.pid))
+	return c
+}
+
+// sh runs a shell script inside the container, as root in all its namespaces, and returns
+// its output; a failure ends the test with that output.
+func (c *container) sh(script string) string {
+	c.t.Helper()
+	out, err := c.shErr(script)
+	if err != nil {
+		c.t.Fatalf("in the container: %v\n--- script\n%s\n--- output\n%s", err, script, out)
+	}
+	return out
+}
+
+func (c *container) shErr(script string) (string, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, "nsenter", "--target", strconv.Itoa(c.pid), "--all", "sh", "-ec", script)
+	var out bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &out
+	err := cmd.Run()
+	return out.String(), err
+}
+
+// TestProductionInstallUnderSystemd follows the README's production install on a machine
+// where systemd is PID 1: make install, sysusers, tmpfiles, the units enabled with
+// --now, enroll, CA install, doctor. Then an agent user's request is injected, avpd and the
+// journal run as their own users, and a killed avpd is restarted by systemd and injects
+// again.
+func TestProductionInstallUnderSystemd(t *testing.T) {
+	c := bootContainer(t)
+	up := startUpstream(t, c.ns, t.TempDir())
+
+	repo, err := filepath.Abs("../..")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if out, err := exec.Command("make", "-C", repo, "--no-print-directory", "install", "DESTDIR="+c.root, "BIN="+binDir).CombinedOutput(); err != nil {
+		t.Fatalf("make install: %v\n%s", err, out)
+	}
+	hosts, err := os.ReadFile(filepath.Join(c.root, "etc/hosts"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	writeFile(t, filepath.Join(c.root, "etc/hosts"), append(hosts, []byte("\n127.0.0.2 "+hostOpenAI+"\n")...), 0o644)
+	writeFile(t, filepath.Join(c.root, "root/upstream-ca.pem"), up.caPEM, 0o644)
+
+	c.sh(`systemctl daemon-reload
+systemd-sysusers agent-vault-proxy.conf
+systemd-tmpfiles --create agent-vault-proxy.conf
+id agent >/dev/null 2>&1 || useradd --create-home agent
+install -m 0644 /root/upstream-ca.pem /etc/agent-vault-proxy/upstream-ca.pem
+(umask 077; printf 'OPENAI_API_KEY: ` + realOpenAI + `\n' >/etc/agent-vault-proxy/secrets.yaml)
+cat >/etc/agent-vault-proxy/bindings.yaml <<'EOF'
+version: 1
+backend: {type: file, file: {path: /etc/agent-vault-proxy/secrets.yaml}}
+proxy: {upstream_ca_file: /etc/agent-vault-proxy/upstream-ca.pem}
+audit: {socket: /run/avp-journal/journal.sock}
+secrets:
+  OPENAI_API_KEY:
+    placeholder: ` + phOpenAI + `
+    inject: {header: Authorization, format: "Bearer {secret}"}
+    bindings:
+      - host: ` + hostOpenAI + `
+        methods: [GET, POST]
+        paths: ["/v1/**"]
+EOF
+systemd-tmpfiles --create agent-vault-proxy.conf
+avpctl bindings check
+systemctl enable --now avp-journal.socket avpd.socket avpd.service
+avpctl enroll-uid agent
+avpctl ca install
+`)
+	if out, err := c.shErr("avpctl doctor --uid agent"); err != nil {
+		t.Fatalf("avpctl doctor --uid agent: %v\n%s", err, out)
+	}
+
+	owners := c.sh(`ps -o user= -p "$(systemctl show -P MainPID avpd.service)"
+ps -o user= -p "$(systemctl show -P MainPID avp-journal.service)"`)
+	if f := strings.Fields(owners); len(f) != 2 || f[0] != "avp" || f[1] != "avp-audit" {
+		t.Fatalf("avpd and the journal run as %q, want avp and avp-audit", owners)
+	}
+
+	request := func(label string) {
+		t.Helper()
+		n := len(up.requests())
+		out, err := c.shErr(`runuser -u agent -- curl -sS --max-time 20 -o /dev/null -w '%{http_code}' -H 'Authorization: Bearer ` + phOpenAI + `' https://` + hostOpenAI + `/v1/models`)
+		if err != nil || out != "200" {
+			t.Fatalf("%s: the agent's curl: %v %q\n%s", label, err, out, c.sh("journalctl -u avpd.service --no-pager | tail -20"))
+		}
+		reqs := up.requests()
+		if len(reqs) != n+1 || reqs[n].Header.Get("Authorization") != "Bearer "+realOpenAI {
+			t.Fatalf("%s: the upstream saw %d new request(s), last %+v; want one with the real key", label, len(reqs)-n, up.last(t))
+		}
+	}
+	request("first request")
+	audit := mustRead(t, filepath.Join(c.root, "var/log/agent-vault-proxy/audit.jsonl"))
+	if !strings.Contains(audit, `"decision":"inject"`) || strings.Contains(audit, realOpenAI) {
+		t.Fatalf("the journal's log:\n%s", audit)
+	}
+
+	// The admin socket is for root and avp-admin only.
+	if out, err := c.shErr("runuser -u agent -- avpctl status"); err == nil {
+		t.Fatalf("the agent user could use the admin socket:\n%s", out)
+	}
+
+	c.sh("systemctl reload avpd.service")
+	request("after systemctl reload")
+
+	// A crash: systemd restarts avpd (Restart=on-failure), which puts its rules back.
+	before := strings.TrimSpace(c.sh("systemctl show -P MainPID avpd.service"))
+	c.sh("systemctl kill --signal=SIGKILL avpd.service")
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		state := strings.TrimSpace(c.sh("systemctl show -P ActiveState avpd.service; systemctl show -P MainPID avpd.service"))
+		if f := strings.Fields(state); len(f) == 2 && f[0] == "active" && f[1] != before && f[1] != "0" {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("avpd was not restarted after SIGKILL: %q\n%s", state, c.sh("journalctl -u avpd.service --no-pager | tail -20"))
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	request("after a crash and restart")
+	if logs := c.sh("journalctl -u avpd.service -u avp-journal.service --no-pager"); strings.Contains(logs, realOpenAI) {
+		t.Fatalf("a real secret reached the system journal:\n%s", logs)
+	}
+}
