@@ -140,8 +140,8 @@ func (c *container) shErr(script string) (string, error) {
 // TestProductionInstallUnderSystemd follows the README's production install on a machine
 // where systemd is PID 1: make install, sysusers, tmpfiles, the units enabled with
 // --now, enroll, CA install, doctor. Then an agent user's request is injected, avpd and the
-// journal run as their own users, and a killed avpd is restarted by systemd and injects
-// again.
+// journal run as their own users, a killed avpd is restarted by systemd and injects again,
+// and a request to a stopped avpd starts it through its socket.
 func TestProductionInstallUnderSystemd(t *testing.T) {
 	c := bootContainer(t)
 	up := startUpstream(t, c.ns, t.TempDir())
@@ -237,6 +237,17 @@ ps -o user= -p "$(systemctl show -P MainPID avp-journal.service)"`)
 		time.Sleep(200 * time.Millisecond)
 	}
 	request("after a crash and restart")
+
+	// Stopped: the rules stay and the socket unit keeps listening, so an agent's request
+	// starts avpd again instead of going anywhere else.
+	c.sh("systemctl stop avpd.service")
+	if state := strings.TrimSpace(c.sh("systemctl show -P ActiveState avpd.service")); state != "inactive" {
+		t.Fatalf("avpd.service is %q after stop", state)
+	}
+	request("a request to a stopped avpd")
+	if state := strings.TrimSpace(c.sh("systemctl show -P ActiveState avpd.service")); state != "active" {
+		t.Fatalf("avpd.service is %q after a request woke it", state)
+	}
 	if logs := c.sh("journalctl -u avpd.service -u avp-journal.service --no-pager"); strings.Contains(logs, realOpenAI) {
 		t.Fatalf("a real secret reached the system journal:\n%s", logs)
 	}
