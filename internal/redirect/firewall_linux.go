@@ -370,7 +370,35 @@ func (f *Firewall) Enrolled() ([]uint32, error) {
 	return uids, nil
 }
 
+// enrolled lists the set until two listings in a row agree. A listing is a netlink dump in
+// several messages, each a new walk of the set resumed by count; when the kernel resizes the
+// set's hash table in between (it does so in the background after a large insert), a walk
+// can return some elements twice and miss others, which would look like another tool's edit.
 func (f *Firewall) enrolled() ([]uint32, error) {
+	return consistentList(f.listEnrolled, listAttempts)
+}
+
+const listAttempts = 5
+
+func consistentList(list func() ([]uint32, error), attempts int) ([]uint32, error) {
+	prev, err := list()
+	if err != nil {
+		return nil, err
+	}
+	for range attempts - 1 {
+		cur, err := list()
+		if err != nil {
+			return nil, err
+		}
+		if slices.Equal(prev, cur) {
+			return cur, nil
+		}
+		prev = cur
+	}
+	return nil, fmt.Errorf("the set's elements differed in each of %d listings in a row", attempts)
+}
+
+func (f *Firewall) listEnrolled() ([]uint32, error) {
 	if err := f.begin(); err != nil {
 		return nil, err
 	}

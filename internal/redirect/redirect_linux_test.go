@@ -1,6 +1,7 @@
 package redirect
 
 import (
+	"errors"
 	"fmt"
 	"net"
 	"os"
@@ -539,5 +540,36 @@ func TestNoBypassWhenRedirectMisses(t *testing.T) {
 				t.Errorf("uid %d (not enrolled) dialling %s: %q, want to reach the real server", otherUID, fam.target, got)
 			}
 		})
+	}
+}
+
+// TestConsistentList: a listing is taken only when two in a row agree, so one walk that a
+// hash resize disturbed (a uid twice, another missing) is never returned; a set that keeps
+// changing is an error, not a guess.
+func TestConsistentList(t *testing.T) {
+	seq := func(lists ...[]uint32) func() ([]uint32, error) {
+		i := 0
+		return func() ([]uint32, error) {
+			l := lists[min(i, len(lists)-1)]
+			i++
+			return l, nil
+		}
+	}
+	torn := []uint32{1, 2, 2, 4}
+	good := []uint32{1, 2, 3, 4}
+	got, err := consistentList(seq(torn, good, good), 5)
+	if err != nil || !slices.Equal(got, good) {
+		t.Fatalf("got %v, %v; want %v", got, err, good)
+	}
+	got, err = consistentList(seq(good, good), 5)
+	if err != nil || !slices.Equal(got, good) {
+		t.Fatalf("got %v, %v; want %v", got, err, good)
+	}
+	if got, err := consistentList(seq(torn, good, torn, good, torn), 5); err == nil {
+		t.Fatalf("a set that differs on every listing gave %v", got)
+	}
+	boom := errors.New("netlink")
+	if _, err := consistentList(func() ([]uint32, error) { return nil, boom }, 5); !errors.Is(err, boom) {
+		t.Fatalf("err = %v, want the listing's error", err)
 	}
 }
