@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -13,6 +14,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/agent-vault-proxy/agent-vault-proxy/internal/store/bwsfake"
 )
 
 // container is a Debian booted by systemd-nspawn with systemd as its PID 1: the host's root
@@ -137,15 +140,13 @@ func (c *container) shErr(script string) (string, error) {
 	return out.String(), err
 }
 
-// TestProductionInstallUnderSystemd follows the README's production install on a machine
-// where systemd is PID 1: make install, sysusers, tmpfiles, the units enabled with
-// --now, enroll, CA install, doctor. Then an agent user's request is injected, avpd and the
-// journal run as their own users, a killed avpd is restarted by systemd and injects again,
-// and a request to a stopped avpd starts it through its socket.
-func TestProductionInstallUnderSystemd(t *testing.T) {
-	c := bootContainer(t)
-	up := startUpstream(t, c.ns, t.TempDir())
-
+// installAsReadme runs make install into the container and the README's production steps
+// inside it, with the given backend section and a setup script that runs before the config
+// is checked (to put the backend's files in place). It ends with avpctl doctor, which must
+// pass.
+func (c *container) installAsReadme(up *upstream, backend, setup string) {
+	t := c.t
+	t.Helper()
 	repo, err := filepath.Abs("../..")
 	if err != nil {
 		t.Fatal(err)
@@ -165,21 +166,21 @@ systemd-sysusers agent-vault-proxy.conf
 systemd-tmpfiles --create agent-vault-proxy.conf
 id agent >/dev/null 2>&1 || useradd --create-home agent
 install -m 0644 /root/upstream-ca.pem /etc/agent-vault-proxy/upstream-ca.pem
-(umask 077; printf 'OPENAI_API_KEY: ` + realOpenAI + `\n' >/etc/agent-vault-proxy/secrets.yaml)
-cat >/etc/agent-vault-proxy/bindings.yaml <<'EOF'
+` + setup + `
+cat >/etc/agent-vault-proxy/bindings.yaml <<'END'
 version: 1
-backend: {type: file, file: {path: /etc/agent-vault-proxy/secrets.yaml}}
+` + backend + `
 proxy: {upstream_ca_file: /etc/agent-vault-proxy/upstream-ca.pem}
 audit: {socket: /run/avp-journal/journal.sock}
 secrets:
-  OPENAI_API_KEY:
+  OPENAI:
     placeholder: ` + phOpenAI + `
     inject: {header: Authorization, format: "Bearer {secret}"}
     bindings:
       - host: ` + hostOpenAI + `
         methods: [GET, POST]
         paths: ["/v1/**"]
-EOF
+END
 systemd-tmpfiles --create agent-vault-proxy.conf
 avpctl bindings check
 systemctl enable --now avp-journal.socket avpd.socket avpd.service
@@ -189,6 +190,34 @@ avpctl ca install
 	if out, err := c.shErr("avpctl doctor --uid agent"); err != nil {
 		t.Fatalf("avpctl doctor --uid agent: %v\n%s", err, out)
 	}
+}
+
+// agentRequest makes one request as the agent user and checks that exactly one request
+// reached the upstream, with the real key.
+func (c *container) agentRequest(up *upstream, label string) {
+	t := c.t
+	t.Helper()
+	n := len(up.requests())
+	out, err := c.shErr(`runuser -u agent -- curl -sS --max-time 20 -o /dev/null -w '%{http_code}' -H 'Authorization: Bearer ` + phOpenAI + `' https://` + hostOpenAI + `/v1/models`)
+	if err != nil || out != "200" {
+		t.Fatalf("%s: the agent's curl: %v %q\n%s", label, err, out, c.sh("journalctl -u avpd.service --no-pager | tail -20"))
+	}
+	reqs := up.requests()
+	if len(reqs) != n+1 || reqs[n].Header.Get("Authorization") != "Bearer "+realOpenAI {
+		t.Fatalf("%s: the upstream saw %d new request(s), last %+v; want one with the real key", label, len(reqs)-n, up.last(t))
+	}
+}
+
+// TestProductionInstallUnderSystemd follows the README's production install on a machine
+// where systemd is PID 1: make install, sysusers, tmpfiles, the units enabled with
+// --now, enroll, CA install, doctor. Then an agent user's request is injected, avpd and the
+// journal run as their own users, a killed avpd is restarted by systemd and injects again,
+// and a request to a stopped avpd starts it through its socket.
+func TestProductionInstallUnderSystemd(t *testing.T) {
+	c := bootContainer(t)
+	up := startUpstream(t, c.ns, t.TempDir())
+	c.installAsReadme(up, "backend: {type: file, file: {path: /etc/agent-vault-proxy/secrets.yaml}}",
+		"(umask 077; printf 'OPENAI: "+realOpenAI+"\\n' >/etc/agent-vault-proxy/secrets.yaml)")
 
 	owners := c.sh(`ps -o user= -p "$(systemctl show -P MainPID avpd.service)"
 ps -o user= -p "$(systemctl show -P MainPID avp-journal.service)"`)
@@ -196,19 +225,7 @@ ps -o user= -p "$(systemctl show -P MainPID avp-journal.service)"`)
 		t.Fatalf("avpd and the journal run as %q, want avp and avp-audit", owners)
 	}
 
-	request := func(label string) {
-		t.Helper()
-		n := len(up.requests())
-		out, err := c.shErr(`runuser -u agent -- curl -sS --max-time 20 -o /dev/null -w '%{http_code}' -H 'Authorization: Bearer ` + phOpenAI + `' https://` + hostOpenAI + `/v1/models`)
-		if err != nil || out != "200" {
-			t.Fatalf("%s: the agent's curl: %v %q\n%s", label, err, out, c.sh("journalctl -u avpd.service --no-pager | tail -20"))
-		}
-		reqs := up.requests()
-		if len(reqs) != n+1 || reqs[n].Header.Get("Authorization") != "Bearer "+realOpenAI {
-			t.Fatalf("%s: the upstream saw %d new request(s), last %+v; want one with the real key", label, len(reqs)-n, up.last(t))
-		}
-	}
-	request("first request")
+	c.agentRequest(up, "first request")
 	audit := mustRead(t, filepath.Join(c.root, "var/log/agent-vault-proxy/audit.jsonl"))
 	if !strings.Contains(audit, `"decision":"inject"`) || strings.Contains(audit, realOpenAI) {
 		t.Fatalf("the journal's log:\n%s", audit)
@@ -220,7 +237,7 @@ ps -o user= -p "$(systemctl show -P MainPID avp-journal.service)"`)
 	}
 
 	c.sh("systemctl reload avpd.service")
-	request("after systemctl reload")
+	c.agentRequest(up, "after systemctl reload")
 
 	// A crash: systemd restarts avpd (Restart=on-failure), which puts its rules back.
 	before := strings.TrimSpace(c.sh("systemctl show -P MainPID avpd.service"))
@@ -236,7 +253,7 @@ ps -o user= -p "$(systemctl show -P MainPID avp-journal.service)"`)
 		}
 		time.Sleep(200 * time.Millisecond)
 	}
-	request("after a crash and restart")
+	c.agentRequest(up, "after a crash and restart")
 
 	// Stopped: the rules stay and the socket unit keeps listening, so an agent's request
 	// starts avpd again instead of going anywhere else.
@@ -244,11 +261,68 @@ ps -o user= -p "$(systemctl show -P MainPID avp-journal.service)"`)
 	if state := strings.TrimSpace(c.sh("systemctl show -P ActiveState avpd.service")); state != "inactive" {
 		t.Fatalf("avpd.service is %q after stop", state)
 	}
-	request("a request to a stopped avpd")
+	c.agentRequest(up, "a request to a stopped avpd")
 	if state := strings.TrimSpace(c.sh("systemctl show -P ActiveState avpd.service")); state != "active" {
 		t.Fatalf("avpd.service is %q after a request woke it", state)
 	}
 	if logs := c.sh("journalctl -u avpd.service -u avp-journal.service --no-pager"); strings.Contains(logs, realOpenAI) {
 		t.Fatalf("a real secret reached the system journal:\n%s", logs)
+	}
+}
+
+// TestBWSUnderSystemd is the production install with the Bitwarden backend: the SDK's helper
+// process runs under avpd.service's sandbox as avp, reads the token that tmpfiles made
+// avp's, logs in to a protocol-faithful fake BWS and fetches the secret; nothing of the
+// token or the secret reaches the system journal or avpctl status.
+func TestBWSUnderSystemd(t *testing.T) {
+	c := bootContainer(t)
+	up := startUpstream(t, c.ns, t.TempDir())
+	fake := bwsfake.New()
+	fake.Put("OPENAI", realOpenAI)
+	tl, err := bwsfake.NewTLS()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var ln net.Listener
+	inNetns(t, c.ns, func() { ln, err = net.Listen("tcp", "127.0.0.1:0") })
+	if err != nil {
+		t.Fatal(err)
+	}
+	fake.ServeTLS(ln, tl)
+	t.Cleanup(fake.Close)
+	token := fake.NewToken()
+	api, idp := bwsfake.URLs(bwsfake.BaseURL("https", ln.Addr()))
+	writeFile(t, filepath.Join(c.root, "root/bws-ca.pem"), tl.CAPEM, 0o644)
+	// Test scaffolding, not the README's: the SDK must trust the fake's CA.
+	os.MkdirAll(filepath.Join(c.root, "etc/systemd/system/avpd.service.d"), 0o755)
+	writeFile(t, filepath.Join(c.root, "etc/systemd/system/avpd.service.d/bws-ca.conf"),
+		[]byte("[Service]\nEnvironment=SSL_CERT_FILE=/etc/agent-vault-proxy/bws-ca.pem NO_PROXY=127.0.0.1\n"), 0o644)
+
+	c.installAsReadme(up, fmt.Sprintf(`backend:
+  type: bws
+  bws:
+    organization_id: %s
+    access_token_file: /etc/agent-vault-proxy/bws-token
+    api_url: %s
+    identity_url: %s`, fake.OrgID, api, idp),
+		`install -m 0644 /root/bws-ca.pem /etc/agent-vault-proxy/bws-ca.pem
+(umask 077; printf '%s\n' '`+token+`' >/etc/agent-vault-proxy/bws-token)`)
+	if owner := strings.TrimSpace(c.sh("stat -c '%U %a' /etc/agent-vault-proxy/bws-token")); owner != "avp 600" {
+		t.Fatalf("the token file is %q after tmpfiles, want avp 600", owner)
+	}
+	c.agentRequest(up, "first request through BWS")
+	helpers := c.sh(`ps -o user=,args= --ppid "$(systemctl show -P MainPID avpd.service)"`)
+	if !strings.Contains(helpers, "avp ") || !strings.Contains(helpers, "bws-helper") {
+		t.Fatalf("no BWS helper running as avp under avpd: %q", helpers)
+	}
+	c.sh("avpctl cache flush")
+	c.agentRequest(up, "after a cache flush (fetched again)")
+
+	id, clientSecret, _, _ := bwsfake.ParseToken(token)
+	texts := c.sh("journalctl --no-pager -o cat -u avpd.service -u avp-journal.service; avpctl status; avpctl status --json; cat /var/log/agent-vault-proxy/audit.jsonl")
+	for what, needle := range map[string]string{"the access token": token, "its client secret": clientSecret, "its id": id, "a JWT": "eyJ", "the secret": realOpenAI} {
+		if strings.Contains(texts, needle) {
+			t.Errorf("the journal, status or audit log contains %s", what)
+		}
 	}
 }
