@@ -20,15 +20,21 @@ import (
 
 // container is a Debian booted by systemd-nspawn with systemd as its PID 1: the host's root
 // file system as the read-only lower layer of an overlay, so whatever the test installs lands
-// in a throwaway upper layer, and a private network namespace (named ns for the harness).
+// in a throwaway upper layer that survives a reboot of the container, and a private network
+// namespace (attached as ns for the harness) that does not.
 type container struct {
-	t    *testing.T
-	root string // the overlay, seen from the host
-	pid  int    // the container's init, seen from the host
-	ns   string
-	out  *syncBuffer
+	t      *testing.T
+	nspawn string
+	root   string // the overlay, seen from the host
+	pid    int    // the container's init, seen from the host
+	ns     string
+	out    *syncBuffer
+	cmd    *exec.Cmd
+	done   chan struct{}
 }
 
+// bootContainer makes the overlay and boots it to basic.target; the test's cleanup stops
+// the container and removes everything.
 func bootContainer(t *testing.T) *container {
 	t.Helper()
 	nspawn, err := exec.LookPath("systemd-nspawn")
@@ -39,7 +45,7 @@ func bootContainer(t *testing.T) *container {
 	if err != nil {
 		t.Fatal(err)
 	}
-	c := &container{t: t, root: filepath.Join(base, "root"), out: &syncBuffer{},
+	c := &container{t: t, nspawn: nspawn, root: filepath.Join(base, "root"), out: &syncBuffer{},
 		ns: fmt.Sprintf("avpboot-%d", os.Getpid())}
 	for _, d := range []string{"upper", "work", "root"} {
 		if err := os.Mkdir(filepath.Join(base, d), 0o755); err != nil {
@@ -51,22 +57,8 @@ func bootContainer(t *testing.T) *container {
 		os.RemoveAll(base)
 		t.Fatalf("overlay over /: %v", err)
 	}
-	var cmd *exec.Cmd
-	done := make(chan struct{})
 	t.Cleanup(func() {
-		if c.pid > 0 {
-			// Killing a PID namespace's init ends every process in it; nspawn then exits.
-			unix.Kill(c.pid, unix.SIGKILL)
-		}
-		if cmd != nil && cmd.Process != nil {
-			select {
-			case <-done:
-			case <-time.After(15 * time.Second):
-				cmd.Process.Kill()
-				<-done
-			}
-		}
-		exec.Command("ip", "netns", "delete", c.ns).Run()
+		c.stop()
 		if err := unix.Unmount(c.root, unix.MNT_DETACH); err != nil {
 			t.Errorf("unmount the overlay %s: %v", c.root, err)
 		}
@@ -77,29 +69,42 @@ func bootContainer(t *testing.T) *container {
 	})
 	// A machine ID of its own, or journald refuses to run beside the host's.
 	os.Remove(filepath.Join(c.root, "etc/machine-id"))
-	cmd = exec.Command(nspawn, "-D", c.root, "--boot", "--private-network", "--register=no",
-		"--keep-unit", "-M", c.ns, "--", "systemd.unit=basic.target")
-	cmd.Stdin = nil
-	cmd.Stdout, cmd.Stderr = c.out, c.out
-	cmd.SysProcAttr = &unix.SysProcAttr{Setsid: true}
-	if err := cmd.Start(); err != nil {
+	// The container's network is loopback only: waiting for it to be "online" would hold
+	// multi-user.target (and whatever of the host's services wants it) for two minutes.
+	os.Symlink("/dev/null", filepath.Join(c.root, "etc/systemd/system/systemd-networkd-wait-online.service"))
+	c.boot("basic.target")
+	return c
+}
+
+// boot starts the container's systemd with the given target and waits until it has booted.
+func (c *container) boot(target string) {
+	t := c.t
+	t.Helper()
+	c.pid = 0
+	c.done = make(chan struct{})
+	c.cmd = exec.Command(c.nspawn, "-D", c.root, "--boot", "--private-network", "--register=no",
+		"--keep-unit", "-M", c.ns, "--", "systemd.unit="+target)
+	c.cmd.Stdout, c.cmd.Stderr = c.out, c.out
+	c.cmd.SysProcAttr = &unix.SysProcAttr{Setsid: true}
+	if err := c.cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
-	go func() { cmd.Wait(); close(done) }()
+	go func(cmd *exec.Cmd, done chan struct{}) { cmd.Wait(); close(done) }(c.cmd, c.done)
 
-	deadline := time.Now().Add(90 * time.Second)
+	deadline := time.Now().Add(30 * time.Second)
 	for {
 		select {
-		case <-done:
+		case <-c.done:
 			t.Fatalf("systemd-nspawn exited:\n%s", c.out.String())
 		default:
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("the container did not finish booting in 90 s:\n%s", c.out.String())
+			jobs, _ := exec.Command("nsenter", "--target", strconv.Itoa(c.pid), "--all", "systemctl", "list-jobs", "--no-pager").CombinedOutput()
+			t.Fatalf("the container did not finish booting in 30 s; jobs:\n%s", jobs)
 		}
 		time.Sleep(200 * time.Millisecond)
 		if c.pid == 0 {
-			kids, _ := os.ReadFile(fmt.Sprintf("/proc/%d/task/%d/children", cmd.Process.Pid, cmd.Process.Pid))
+			kids, _ := os.ReadFile(fmt.Sprintf("/proc/%d/task/%d/children", c.cmd.Process.Pid, c.cmd.Process.Pid))
 			if f := strings.Fields(string(kids)); len(f) > 0 {
 				c.pid, _ = strconv.Atoi(f[0])
 			}
@@ -116,7 +121,24 @@ func bootContainer(t *testing.T) *container {
 	}
 	// The harness reaches network namespaces by name.
 	run(t, "ip", "netns", "attach", c.ns, strconv.Itoa(c.pid))
-	return c
+}
+
+// stop ends the container at once, as a power cut would: killing a PID namespace's init
+// ends every process in it, and nspawn then exits. Its network namespace goes with it.
+func (c *container) stop() {
+	if c.pid > 0 {
+		unix.Kill(c.pid, unix.SIGKILL)
+	}
+	if c.cmd != nil && c.cmd.Process != nil {
+		select {
+		case <-c.done:
+		case <-time.After(15 * time.Second):
+			c.cmd.Process.Kill()
+			<-c.done
+		}
+	}
+	exec.Command("ip", "netns", "delete", c.ns).Run()
+	c.pid, c.cmd = 0, nil
 }
 
 // sh runs a shell script inside the container, as root in all its namespaces, and returns
@@ -268,6 +290,28 @@ ps -o user= -p "$(systemctl show -P MainPID avp-journal.service)"`)
 	if logs := c.sh("journalctl -u avpd.service -u avp-journal.service --no-pager"); strings.Contains(logs, realOpenAI) {
 		t.Fatalf("a real secret reached the system journal:\n%s", logs)
 	}
+
+	// A power cut and a boot to multi-user.target: the kernel forgot the rules (a new
+	// network namespace), and the enabled avpd.service puts them back, with the enrolled
+	// user, before anything else. The agent is redirected at once: with the upstream's new
+	// certificate not yet trusted its request fails at avpd (502), and nothing reaches the
+	// upstream directly.
+	c.stop()
+	c.boot("multi-user.target")
+	if state := strings.TrimSpace(c.sh("systemctl show -P ActiveState avpd.service")); state != "active" {
+		t.Fatalf("avpd.service is %q after boot, want active (enabled for multi-user.target)", state)
+	}
+	if rules := c.sh("nft list table inet agent_vault_proxy"); !strings.Contains(rules, "elements = { "+c.sh("id -u agent | tr -d '\\n'")) {
+		t.Fatalf("the rules after boot do not hold the enrolled user:\n%s", rules)
+	}
+	up2 := startUpstream(t, c.ns, t.TempDir())
+	out, _ := c.shErr(`runuser -u agent -- curl -sS --max-time 20 -o /dev/null -w '%{http_code}' -H 'Authorization: Bearer ` + phOpenAI + `' https://` + hostOpenAI + `/v1/models`)
+	if out != "502" || len(up2.requests()) != 0 {
+		t.Fatalf("after boot, before the new upstream CA: curl %q, upstream saw %d request(s); want 502 and none", out, len(up2.requests()))
+	}
+	writeFile(t, filepath.Join(c.root, "etc/agent-vault-proxy/upstream-ca.pem"), up2.caPEM, 0o644)
+	c.sh("systemctl restart avpd.service")
+	c.agentRequest(up2, "after a reboot")
 }
 
 // TestBWSUnderSystemd is the production install with the Bitwarden backend: the SDK's helper
