@@ -214,13 +214,19 @@ avpctl ca install
 	}
 }
 
+// agentCurl makes one request as the agent user (who trusts avpd's CA through the system
+// store) and returns the HTTP status curl printed.
+func (c *container) agentCurl() (string, error) {
+	return c.shErr(`runuser -u agent -- curl -sS --max-time 20 -o /dev/null -w '%{http_code}' -H 'Authorization: Bearer ` + phOpenAI + `' https://` + hostOpenAI + `/v1/models`)
+}
+
 // agentRequest makes one request as the agent user and checks that exactly one request
 // reached the upstream, with the real key.
 func (c *container) agentRequest(up *upstream, label string) {
 	t := c.t
 	t.Helper()
 	n := len(up.requests())
-	out, err := c.shErr(`runuser -u agent -- curl -sS --max-time 20 -o /dev/null -w '%{http_code}' -H 'Authorization: Bearer ` + phOpenAI + `' https://` + hostOpenAI + `/v1/models`)
+	out, err := c.agentCurl()
 	if err != nil || out != "200" {
 		t.Fatalf("%s: the agent's curl: %v %q\n%s", label, err, out, c.sh("journalctl -u avpd.service --no-pager | tail -20"))
 	}
@@ -287,6 +293,19 @@ ps -o user= -p "$(systemctl show -P MainPID avp-journal.service)"`)
 	if state := strings.TrimSpace(c.sh("systemctl show -P ActiveState avpd.service")); state != "active" {
 		t.Fatalf("avpd.service is %q after a request woke it", state)
 	}
+
+	// The journal restarted: avpd dials it again on the next event. The journal gone
+	// (socket and service stopped): the agent gets 503 and the upstream nothing.
+	c.sh("systemctl restart avp-journal.service")
+	c.agentRequest(up, "after the journal restarted")
+	c.sh("systemctl stop avp-journal.socket avp-journal.service")
+	n := len(up.requests())
+	out, _ := c.agentCurl()
+	if out != "503" || len(up.requests()) != n {
+		t.Fatalf("with the journal down: curl %q and %d request(s) upstream; want 503 and none", out, len(up.requests())-n)
+	}
+	c.sh("systemctl start avp-journal.socket")
+	c.agentRequest(up, "after the journal's socket came back")
 	if logs := c.sh("journalctl -u avpd.service -u avp-journal.service --no-pager"); strings.Contains(logs, realOpenAI) {
 		t.Fatalf("a real secret reached the system journal:\n%s", logs)
 	}
@@ -305,7 +324,7 @@ ps -o user= -p "$(systemctl show -P MainPID avp-journal.service)"`)
 		t.Fatalf("the rules after boot do not hold the enrolled user:\n%s", rules)
 	}
 	up2 := startUpstream(t, c.ns, t.TempDir())
-	out, _ := c.shErr(`runuser -u agent -- curl -sS --max-time 20 -o /dev/null -w '%{http_code}' -H 'Authorization: Bearer ` + phOpenAI + `' https://` + hostOpenAI + `/v1/models`)
+	out, _ = c.agentCurl()
 	if out != "502" || len(up2.requests()) != 0 {
 		t.Fatalf("after boot, before the new upstream CA: curl %q, upstream saw %d request(s); want 502 and none", out, len(up2.requests()))
 	}
