@@ -399,7 +399,8 @@ var errPolicyChanged = errors.New("policy reloaded before the request could be r
 
 // roundTrip writes out on the held upstream connection (dialling one, or taking an idle one
 // from the pool) and reads the response head. A request that fails on a reused connection
-// before any response byte arrived is retried once on a fresh one when it can be replayed.
+// before any response byte arrived is retried once on a fresh one when it is idempotent and
+// its body can be replayed.
 func (hc *h1conn) roundTrip(out *http.Request, p *prepared) (*http.Response, error) {
 	for attempt := 0; ; attempt++ {
 		if attempt > 0 && p.inj != nil {
@@ -412,12 +413,14 @@ func (hc *h1conn) roundTrip(out *http.Request, p *prepared) (*http.Response, err
 			}
 			p.release = sync.OnceFunc(hc.s.gate.RUnlock)
 		}
-		if hc.up != nil && !alive(hc.up) {
+		// A request that is not retried if its connection turns out closed checks it first.
+		probe := !idempotent(out)
+		if hc.up != nil && !alive(hc.up, probe) {
 			hc.dropUpstream()
 		}
 		reused := hc.up != nil
 		if hc.up == nil {
-			up, r, err := hc.s.upstream.getH1(hc.ctx, hc.f)
+			up, r, err := hc.s.upstream.getH1(hc.ctx, hc.f, probe)
 			if err != nil {
 				p.release()
 				return nil, err
@@ -448,10 +451,24 @@ func (hc *h1conn) roundTrip(out *http.Request, p *prepared) (*http.Response, err
 			}
 		}
 		hc.dropUpstream()
-		if !reused || attempt > 0 || !hc.replayable(out) {
+		if !reused || attempt > 0 || !idempotent(out) || !hc.replayable(out) {
 			return nil, err
 		}
 	}
+}
+
+// idempotent reports whether out may be sent again after a connection failed with no
+// answer: the upstream may have acted on it, so only methods that mean the same when
+// repeated, or a request that carries an idempotency key, are (RFC 9110 section 9.2.2; the
+// same rule as net/http's Transport). A POST to an LLM API is a paid call.
+func idempotent(out *http.Request) bool {
+	switch out.Method {
+	case http.MethodGet, http.MethodHead, http.MethodOptions, http.MethodTrace:
+		return true
+	}
+	_, key := out.Header["Idempotency-Key"]
+	_, xkey := out.Header["X-Idempotency-Key"]
+	return key || xkey
 }
 
 // replayable reports whether out's body can be sent again, and rewinds it.

@@ -7,6 +7,7 @@ import (
 	"crypto/x509"
 	"fmt"
 	"io"
+	"math"
 	"net"
 	"net/http"
 	"net/netip"
@@ -14,6 +15,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/agent-vault-proxy/agent-vault-proxy/internal/audit"
 	"github.com/agent-vault-proxy/agent-vault-proxy/internal/config"
@@ -51,6 +53,8 @@ type h1Pair struct {
 	logs *logBuffer
 	// audit is what avpd recorded.
 	audit *eventLog
+	// charges counts the requests to /v1/charge the upstream received.
+	charges *atomic.Int64
 }
 
 // eventLog records the decisions an Auditor was given.
@@ -106,6 +110,7 @@ func newH1Pair(tb testing.TB) *h1Pair {
 	if err != nil {
 		tb.Fatal(err)
 	}
+	var upConns, charges atomic.Int64
 	up := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if r.Header.Get("Authorization") != "Bearer "+h1BenchReal {
 			http.Error(w, "no key", http.StatusUnauthorized)
@@ -133,6 +138,23 @@ func newH1Pair(tb testing.TB) *h1Pair {
 			}
 			return
 		}
+		if r.URL.Path == "/v1/drop" {
+			// Answers in full, then closes the kept-alive connection without saying so.
+			if c, bw, err := w.(http.Hijacker).Hijack(); err == nil {
+				bw.WriteString("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+				bw.Flush()
+				c.Close()
+			}
+			return
+		}
+		if r.URL.Path == "/v1/charge" {
+			// Takes the request (a charge, say) and drops the connection without answering.
+			charges.Add(1)
+			if c, _, err := w.(http.Hijacker).Hijack(); err == nil {
+				c.Close()
+			}
+			return
+		}
 		if r.URL.Path == "/v1/big" {
 			// Larger than what is scrubbed whole: streamed through the scrubber, chunked.
 			big := strings.Repeat("x", 100<<10)
@@ -142,7 +164,6 @@ func newH1Pair(tb testing.TB) *h1Pair {
 		}
 		io.WriteString(w, `{"id":"chatcmpl-1","object":"chat.completion","ok":true}`)
 	})}
-	var upConns atomic.Int64
 	up.ConnState = func(_ net.Conn, st http.ConnState) {
 		if st == http.StateNew {
 			upConns.Add(1)
@@ -192,7 +213,7 @@ func newH1Pair(tb testing.TB) *h1Pair {
 		tb.Fatal(err)
 	}
 	tb.Cleanup(func() { agent.Close() })
-	return &h1Pair{agent: agent, br: bufio.NewReader(agent), upConns: &upConns, logs: logs, audit: events}
+	return &h1Pair{agent: agent, br: bufio.NewReader(agent), upConns: &upConns, logs: logs, audit: events, charges: &charges}
 }
 
 const h1BenchRequest = "GET /v1/models HTTP/1.1\r\nHost: api.openai.com\r\nUser-Agent: bench\r\nAccept: */*\r\n" +
@@ -297,6 +318,41 @@ func TestH1ConnectionListedHeader(t *testing.T) {
 	}
 }
 
+// TestH1NoRetryOfNonIdempotent: a POST whose reused upstream connection closes without an
+// answer may have been acted on (a paid completion, a charge). It is not sent again; the
+// agent gets 502 and decides. A GET in the same spot is retried (the e2e test shows it).
+func TestH1NoRetryOfNonIdempotent(t *testing.T) {
+	p := newH1Pair(t)
+	if code, _ := p.do(t, h1BenchRequest); code != 200 {
+		t.Fatalf("first request: %d", code)
+	}
+	post := strings.Replace(h1BenchRequest, "GET /v1/models", "POST /v1/charge", 1)
+	post = strings.TrimSuffix(post, "\r\n") + "Content-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
+	code, _ := p.do(t, post)
+	if code != http.StatusBadGateway {
+		t.Fatalf("POST on a connection the upstream dropped: %d, want 502", code)
+	}
+	if n := p.charges.Load(); n != 1 {
+		t.Fatalf("the upstream received the POST %d times, want once", n)
+	}
+}
+
+// TestH1PostAfterSilentClose: a POST that finds its pooled connection closed by the server
+// (after a complete answer, without Connection: close) goes out on a new one instead of
+// failing: it cannot be retried, so the connection is probed before it is used.
+func TestH1PostAfterSilentClose(t *testing.T) {
+	p := newH1Pair(t)
+	if code, _ := p.do(t, strings.Replace(h1BenchRequest, "/v1/models", "/v1/drop", 1)); code != 200 {
+		t.Fatalf("GET /v1/drop: %d", code)
+	}
+	time.Sleep(50 * time.Millisecond) // the server's FIN arrives
+	post := strings.Replace(h1BenchRequest, "GET /v1/models", "POST /v1/models", 1)
+	post = strings.TrimSuffix(post, "\r\n") + "Content-Length: 2\r\n\r\n{}"
+	if code, body := p.do(t, post); code != 200 {
+		t.Fatalf("POST after the server closed the pooled connection: %d %q, want 200", code, body)
+	}
+}
+
 // BenchmarkH1Request is one keep-alive request through the HTTP/1.1 loop: parse, decide,
 // fetch, inject, forward over TLS, read and relay the response. The allocations include
 // the benchmark's own client and upstream (net/http server), which are the same in every
@@ -308,5 +364,59 @@ func BenchmarkH1Request(b *testing.B) {
 		if code, _ := p.do(b, h1BenchRequest); code != 200 {
 			b.Fatal(fmt.Sprint("status ", code))
 		}
+	}
+}
+
+// TestAliveProbe: the probe of an idle upstream connection tells one the server closed from
+// one still open, without blocking.
+func TestAliveProbe(t *testing.T) {
+	ca := newTestCA(t)
+	leaf, err := ca.Leaf("api.openai.com")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := tls.Listen("tcp", "127.0.0.1:0", &tls.Config{Certificates: []tls.Certificate{*leaf}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	roots := x509.NewCertPool()
+	roots.AddCert(ca.Certificate())
+	conn := func() (*upConn, net.Conn) {
+		t.Helper()
+		accepted := make(chan net.Conn, 1)
+		go func() {
+			c, err := ln.Accept()
+			if err == nil {
+				c.(*tls.Conn).Handshake()
+			}
+			accepted <- c
+		}()
+		tc, err := tls.Dial("tcp", ln.Addr().String(), &tls.Config{ServerName: "api.openai.com", RootCAs: roots})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { tc.Close() })
+		srv := <-accepted
+		up := &upConn{c: tc, lastUsed: time.Now().Add(-2 * upstreamProbeAfter)}
+		up.lr = limitReader{r: tc, n: math.MaxInt64}
+		up.br = bufio.NewReader(&up.lr)
+		return up, srv
+	}
+	open, srv1 := conn()
+	defer srv1.Close()
+	if !alive(open, false) {
+		t.Fatal("an open connection was taken for closed")
+	}
+	closed, srv2 := conn()
+	srv2.Close()
+	time.Sleep(50 * time.Millisecond)
+	if alive(closed, false) {
+		t.Fatal("a connection the server closed was taken for alive")
+	}
+	// Idle for under a second: taken as it is, unless the probe is asked for.
+	closed.lastUsed = time.Now()
+	if !alive(closed, false) || alive(closed, true) {
+		t.Fatal("a connection idle for under a second: want it taken without a probe, and seen closed with one")
 	}
 }

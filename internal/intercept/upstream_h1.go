@@ -6,7 +6,10 @@ import (
 	"crypto/tls"
 	"errors"
 	"math"
+	"syscall"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/agent-vault-proxy/agent-vault-proxy/internal/inject"
 )
@@ -66,8 +69,9 @@ func (p *upstreamPool) tlsConfig(k upstreamKey) *tls.Config {
 }
 
 // getH1 returns an idle connection for f's name and original destination, or dials one.
-// reused tells the caller that the server may have closed it meanwhile.
-func (p *upstreamPool) getH1(ctx context.Context, f inject.Facts) (up *upConn, reused bool, err error) {
+// reused tells the caller that the server may have closed it meanwhile; probe makes sure
+// an idle one is still open however briefly it was idle.
+func (p *upstreamPool) getH1(ctx context.Context, f inject.Facts, probe bool) (up *upConn, reused bool, err error) {
 	k := upstreamKey{sni: f.SNI, addr: f.OrigDst}
 	now := time.Now()
 	for {
@@ -82,7 +86,7 @@ func (p *upstreamPool) getH1(ctx context.Context, f inject.Facts) (up *upConn, r
 		p.idle[k] = idle[:len(idle)-1]
 		p.nIdle--
 		p.mu.Unlock()
-		if now.Sub(up.lastUsed) < idleH1Timeout && alive(up) {
+		if now.Sub(up.lastUsed) < idleH1Timeout && alive(up, probe) {
 			return up, true, nil
 		}
 		p.closeConn(up)
@@ -91,17 +95,34 @@ func (p *upstreamPool) getH1(ctx context.Context, f inject.Facts) (up *upConn, r
 	return up, false, err
 }
 
-// alive probes an idle connection without blocking: a closed one reads EOF, a live one
-// times out at once. A connection idle for under a second is taken as it is; the caller
-// retries a request that fails on it before any response byte.
-func alive(up *upConn) bool {
-	if time.Since(up.lastUsed) < upstreamProbeAfter {
+// alive probes an idle connection without blocking: a closed one reads EOF (or an error, or
+// bytes an idle HTTP/1.1 connection has no business sending, such as a close_notify), a live
+// one has nothing to read. The probe is a non-blocking MSG_PEEK on the socket, one system
+// call; a connection idle for under a second is taken as it is unless always is set (for a
+// request that cannot be retried if the connection turns out closed).
+func alive(up *upConn, always bool) bool {
+	if !always && time.Since(up.lastUsed) < upstreamProbeAfter {
 		return true
 	}
-	up.c.SetReadDeadline(time.Unix(1, 0))
-	_, err := up.br.Peek(1)
-	up.c.SetReadDeadline(time.Time{})
-	return isTimeout(err)
+	if up.br.Buffered() > 0 {
+		return false
+	}
+	sc, ok := up.c.NetConn().(syscall.Conn)
+	if !ok {
+		return true
+	}
+	rc, err := sc.SyscallConn()
+	if err != nil {
+		return false
+	}
+	open := false
+	err = rc.Read(func(fd uintptr) bool {
+		var b [1]byte
+		_, _, rerr := unix.Recvfrom(int(fd), b[:], unix.MSG_PEEK|unix.MSG_DONTWAIT)
+		open = rerr == unix.EAGAIN
+		return true // never wait
+	})
+	return err == nil && open
 }
 
 func (p *upstreamPool) dialH1(ctx context.Context, k upstreamKey) (*upConn, error) {
