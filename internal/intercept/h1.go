@@ -249,7 +249,7 @@ func (hc *h1conn) serve(req *http.Request) bool {
 			// A switch nobody asked for: what follows on that connection is not HTTP.
 			return hc.badGateway("101 without an upgrade request")
 		}
-		hc.switchProtocols(resp)
+		hc.switchProtocols(resp, p.inj)
 		return false
 	}
 	keepAlive = !req.Close
@@ -619,8 +619,10 @@ func (hc *h1conn) writeRefusal(status int, reason string, closeConn bool) bool {
 }
 
 // switchProtocols hands a 101 response to the agent and then splices both ways: what follows
-// is no longer HTTP, so no further request is checked on this connection.
-func (hc *h1conn) switchProtocols(resp *http.Response) {
+// is no longer HTTP, so no further request is checked on this connection. What the upstream
+// sends goes through the scrubber like a response body: a real value it echoes reaches the
+// agent as the placeholder (which breaks a WebSocket's framing: the agent's side fails).
+func (hc *h1conn) switchProtocols(resp *http.Response, inj *injected) {
 	up := hc.up
 	hc.up = nil
 	defer hc.s.upstream.closeConn(up)
@@ -645,7 +647,13 @@ func (hc *h1conn) switchProtocols(resp *http.Response) {
 		up.c.CloseWrite()
 		close(done)
 	}()
-	io.Copy(hc.agent, up.br)
+	var fromUp io.Reader = up.br
+	if inj != nil && len(inj.scrub) > 0 {
+		sr := newScrubReader(io.NopCloser(up.br), inj.scrub)
+		defer sr.Close()
+		fromUp = sr
+	}
+	io.Copy(hc.agent, fromUp)
 	hc.agent.CloseWrite()
 	<-done
 }

@@ -127,6 +127,17 @@ func newH1Pair(tb testing.TB) *h1Pair {
 			}
 			return
 		}
+		if r.URL.Path == "/v1/switch-echo" {
+			// An asked-for switch after which the upstream sends back the credential it got.
+			c, bw, err := w.(http.Hijacker).Hijack()
+			if err == nil {
+				bw.WriteString("HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: x\r\n\r\n")
+				bw.WriteString("you sent " + r.Header.Get("Authorization") + ";")
+				bw.Flush()
+				c.Close()
+			}
+			return
+		}
 		if r.URL.Path == "/v1/switch" {
 			// A protocol switch the request did not ask for.
 			c, bw, err := w.(http.Hijacker).Hijack()
@@ -350,6 +361,26 @@ func TestH1PostAfterSilentClose(t *testing.T) {
 	post = strings.TrimSuffix(post, "\r\n") + "Content-Length: 2\r\n\r\n{}"
 	if code, body := p.do(t, post); code != 200 {
 		t.Fatalf("POST after the server closed the pooled connection: %d %q, want 200", code, body)
+	}
+}
+
+// TestH1SwitchedProtocolIsScrubbed: after a 101 the upstream's bytes are spliced to the
+// agent, but not the real value: an upstream that echoes the credential over the switched
+// protocol sends the placeholder to the agent (a WebSocket's framing breaks, failing closed).
+func TestH1SwitchedProtocolIsScrubbed(t *testing.T) {
+	p := newH1Pair(t)
+	req := strings.Replace(h1BenchRequest, "/v1/models", "/v1/switch-echo", 1)
+	req = strings.TrimSuffix(req, "\r\n") + "Connection: Upgrade\r\nUpgrade: x\r\n\r\n"
+	if _, err := io.WriteString(p.agent, req); err != nil {
+		t.Fatal(err)
+	}
+	p.agent.SetReadDeadline(time.Now().Add(5 * time.Second))
+	got, _ := io.ReadAll(p.br)
+	if !strings.HasPrefix(string(got), "HTTP/1.1 101 ") || !strings.Contains(string(got), "you sent Bearer ") {
+		t.Fatalf("want the 101 and the echo, got %q", got)
+	}
+	if strings.Contains(string(got), h1BenchReal) {
+		t.Fatalf("the real secret reached the agent over the switched protocol: %q", got)
 	}
 }
 
