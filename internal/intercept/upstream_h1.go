@@ -115,14 +115,28 @@ func alive(up *upConn, always bool) bool {
 	if err != nil {
 		return false
 	}
-	open := false
+	var n int
+	var rerr error
 	err = rc.Read(func(fd uintptr) bool {
 		var b [1]byte
-		_, _, rerr := unix.Recvfrom(int(fd), b[:], unix.MSG_PEEK|unix.MSG_DONTWAIT)
-		open = rerr == unix.EAGAIN
+		n, _, rerr = unix.Recvfrom(int(fd), b[:], unix.MSG_PEEK|unix.MSG_DONTWAIT)
 		return true // never wait
 	})
-	return err == nil && open
+	switch {
+	case err != nil:
+		return false
+	case rerr == unix.EAGAIN:
+		return true
+	case rerr != nil || n == 0:
+		return false // reset, or EOF
+	}
+	// Bytes are waiting. They may be TLS's own (a late session ticket, a key update), which
+	// TLS consumes without any data for the reader: that connection is fine. Anything else
+	// (data, an alert such as close_notify, EOF after it) is not.
+	up.c.SetReadDeadline(time.Now().Add(time.Millisecond))
+	_, err = up.br.Peek(1)
+	up.c.SetReadDeadline(time.Time{})
+	return isTimeout(err)
 }
 
 func (p *upstreamPool) dialH1(ctx context.Context, k upstreamKey) (*upConn, error) {
