@@ -150,8 +150,9 @@ type Secret struct {
 	Compose  []string
 	// Also lists further headers the placeholder may arrive in (a client library that
 	// sends the key as "Authorization: Bearer" where the API documents X-Api-Key, say),
-	// each with its own format. The placeholder is replaced in every one of them that
-	// holds it; anywhere else it is never replaced.
+	// each with its own format, or further formats for a header already listed. The
+	// placeholder is replaced in every one of them that holds it, when the value has one
+	// of that header's formats; anywhere else it is never replaced.
 	Also     []InjectAs
 	Bindings []Binding
 	// Pos is where the secret is declared, for explanations.
@@ -721,9 +722,11 @@ func (d *decoder) also(n *yaml.Node, what string, s *Secret) {
 			continue
 		}
 		a.Header = canonicalHeader(a.Header)
+		// A header may come back with another format (GitHub clients send "token" or
+		// "Bearer"); the same pair twice is a mistake.
 		for _, t := range s.Targets() {
-			if t.Header == a.Header {
-				d.errf(headerNode, "%s.header %q is already an inject header of this secret; name each header once", w, a.Header)
+			if t == a {
+				d.errf(headerNode, "%s repeats header %q with format %q; list each pair once", w, a.Header, a.Format)
 			}
 		}
 		s.Also = append(s.Also, a)

@@ -60,7 +60,7 @@ func TestBadConfigs(t *testing.T) {
     bindings: [{host: b.example.com}]
 `, `placeholders of secrets A and B are equal or one contains the other`},
 		{"listen on 443", good + "proxy: {listen: \"127.0.0.1:443\"}\n", `proxy.listen "127.0.0.1:443" must be an IPv4 loopback address`},
-		{"also repeats the header", strings.Replace(good, `format: "Bearer {secret}"}`, `format: "Bearer {secret}", also: [{header: authorization, format: "token {secret}"}]}`, 1), `bindings.yaml:6:80: secret A.inject.also[0].header "Authorization" is already an inject header of this secret; name each header once`},
+		{"also repeats the header and format", strings.Replace(good, `format: "Bearer {secret}"}`, `format: "Bearer {secret}", also: [{header: authorization, format: "Bearer {secret}"}]}`, 1), `bindings.yaml:6:80: secret A.inject.also[0] repeats header "Authorization" with format "Bearer {secret}"; list each pair once`},
 		{"also hop-by-hop", strings.Replace(good, `format: "Bearer {secret}"}`, `format: "Bearer {secret}", also: [{header: Keep-Alive}]}`, 1), `secret A.inject.also[0].header "Keep-Alive" is a hop-by-hop or framing header`},
 		{"also format without secret", strings.Replace(good, `format: "Bearer {secret}"}`, `format: "Bearer {secret}", also: [{header: X-Key, format: "k"}]}`, 1), `secret A.inject.also[0].format must contain {secret} exactly once`},
 		{"also unknown key", strings.Replace(good, `format: "Bearer {secret}"}`, `format: "Bearer {secret}", also: [{header: X-Key, fromat: "{secret}"}]}`, 1), `unknown key "fromat" in secret A.inject.also[0]; allowed keys are format, header`},
@@ -82,13 +82,13 @@ func TestBadConfigs(t *testing.T) {
 }
 
 func TestInjectAlso(t *testing.T) {
-	src := strings.Replace(good, `format: "Bearer {secret}"}`, `format: "Bearer {secret}", also: [{header: x-api-key}, {header: X-Auth, format: "Token {secret}"}]}`, 1)
+	src := strings.Replace(good, `format: "Bearer {secret}"}`, `format: "Bearer {secret}", also: [{header: x-api-key}, {header: X-Auth, format: "Token {secret}"}, {header: authorization, format: "token {secret}"}]}`, 1)
 	cfg, err := Parse("bindings.yaml", []byte(src))
 	if err != nil {
 		t.Fatal(err)
 	}
 	got := cfg.Secrets[0].Targets()
-	want := []InjectAs{{"Authorization", "Bearer {secret}"}, {"X-Api-Key", "{secret}"}, {"X-Auth", "Token {secret}"}}
+	want := []InjectAs{{"Authorization", "Bearer {secret}"}, {"X-Api-Key", "{secret}"}, {"X-Auth", "Token {secret}"}, {"Authorization", "token {secret}"}}
 	if len(got) != len(want) {
 		t.Fatalf("targets %+v, want %+v", got, want)
 	}

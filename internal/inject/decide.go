@@ -150,13 +150,13 @@ func (p *Policy) Decide(f Facts, r Request) Decision {
 	for _, s := range p.secrets {
 		held, formatOK := false, true
 		for i := 0; i <= len(s.Also); i++ {
-			t := config.InjectAs{Header: s.Header, Format: s.Format}
-			if i > 0 {
-				t = s.Also[i-1]
+			h := target(s, i).Header
+			if firstTarget(s, h) != i {
+				continue // a further format of a header already looked at
 			}
 			holding := 0
 			var value string
-			for _, v := range r.Header.Values(t.Header) {
+			for _, v := range r.Header.Values(h) {
 				if strings.Contains(v, s.Placeholder) {
 					holding++
 					value = v
@@ -175,9 +175,10 @@ func (p *Policy) Decide(f Facts, r Request) Decision {
 				}
 			}
 			held = true
-			// Every header that holds the placeholder must have its shape; one that does
-			// not fails the whole secret, so nothing is replaced in a shape the agent chose.
-			formatOK = formatOK && matchesFormat(t.Format, s.Placeholder, value)
+			// Every header that holds the placeholder must have one of its shapes; one that
+			// does not fails the whole secret, so nothing is replaced in a shape the agent
+			// chose.
+			formatOK = formatOK && matchesAnyFormat(s, h, value)
 		}
 		if !held {
 			if p.placeholderElsewhere(s, r) {
@@ -223,12 +224,30 @@ func (p *Policy) placeholderElsewhere(s *config.Secret, r Request) bool {
 	return false
 }
 
-func isTarget(s *config.Secret, header string) bool {
-	if header == s.Header {
-		return true
+// target is the i-th header and format of s: its inject header, then Also.
+func target(s *config.Secret, i int) config.InjectAs {
+	if i == 0 {
+		return config.InjectAs{Header: s.Header, Format: s.Format}
 	}
-	for _, a := range s.Also {
-		if header == a.Header {
+	return s.Also[i-1]
+}
+
+// firstTarget is the index of header's first target in s, or -1.
+func firstTarget(s *config.Secret, header string) int {
+	for i := 0; i <= len(s.Also); i++ {
+		if target(s, i).Header == header {
+			return i
+		}
+	}
+	return -1
+}
+
+func isTarget(s *config.Secret, header string) bool { return firstTarget(s, header) >= 0 }
+
+// matchesAnyFormat reports whether value has one of the formats s lists for header.
+func matchesAnyFormat(s *config.Secret, header, value string) bool {
+	for i := 0; i <= len(s.Also); i++ {
+		if t := target(s, i); t.Header == header && matchesFormat(t.Format, s.Placeholder, value) {
 			return true
 		}
 	}
@@ -386,9 +405,10 @@ func Value(s *config.Secret, vals map[string][]byte) ([]byte, error) {
 // holds it. Decide has already checked each such header holds exactly one value in the
 // configured shape, so nothing but the placeholder bytes changes.
 func Apply(h http.Header, s *config.Secret, value []byte) {
-	apply(h[s.Header], s.Placeholder, value)
-	for _, a := range s.Also {
-		apply(h[a.Header], s.Placeholder, value)
+	for i := 0; i <= len(s.Also); i++ {
+		if t := target(s, i); firstTarget(s, t.Header) == i {
+			apply(h[t.Header], s.Placeholder, value)
+		}
 	}
 }
 

@@ -26,7 +26,10 @@ secrets:
       - host: api.anthropic.com
   GITHUB:
     placeholder: ghp_avpPLACEHOLDERgithub00000000000000
-    inject: {header: Authorization, format: "token {secret}"}
+    inject:
+      header: Authorization
+      format: "token {secret}"
+      also: [{header: Authorization, format: "Bearer {secret}"}]
     bindings:
       - host: "*.github.com"
         methods: [GET]
@@ -115,6 +118,9 @@ func TestDecide(t *testing.T) {
 		{"also: the alternative header twice gets 400", "api.anthropic.com", req("POST", "api.anthropic.com", "/v1/messages", "Authorization", "Bearer "+phAnthropic, "Authorization", "Bearer "+phAnthropic), Refuse, 400, ReasonRepeatedHeader, nil},
 		{"also: a header not listed is still the wrong header", "api.anthropic.com", req("POST", "api.anthropic.com", "/v1/messages", "X-Other", phAnthropic), ForwardVerbatim, 0, ReasonWrongHeader, nil},
 		{"also: the alternative header on an unbound host", "api.openai.com", req("POST", "api.openai.com", "/v1/chat", "Authorization", "Bearer "+phAnthropic), ForwardVerbatim, 0, ReasonHostNotBound, nil},
+		{"also: the same header in its other format injects", "api.github.com", req("GET", "api.github.com", "/user", "Authorization", "Bearer "+phGitHub), Inject, 0, ReasonAllowed, []string{"GITHUB"}},
+		{"also: the same header in neither format is verbatim", "api.github.com", req("GET", "api.github.com", "/user", "Authorization", "Basic "+phGitHub), ForwardVerbatim, 0, ReasonFormatMismatch, nil},
+		{"also: the same header twice is still refused", "api.github.com", req("GET", "api.github.com", "/user", "Authorization", "Bearer "+phGitHub, "Authorization", "token "+phGitHub), Refuse, 400, ReasonRepeatedHeader, nil},
 		{"two secrets in their own headers both inject", "api.anthropic.com", req("GET", "api.anthropic.com", "/x", "X-Api-Key", phAnthropic, "Authorization", "token "+phGitHub), Inject, 0, ReasonAllowed, []string{"ANTHROPIC"}},
 	}
 	for _, tc := range tests {

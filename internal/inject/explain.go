@@ -46,8 +46,10 @@ func (p *Policy) Explain(f Facts, r Request) string {
 // headerList names the headers a secret is replaced in ("X-Api-Key or Authorization").
 func headerList(s *config.Secret) string {
 	h := s.Header
-	for _, a := range s.Also {
-		h += " or " + a.Header
+	for i, a := range s.Also {
+		if firstTarget(s, a.Header) == i+1 {
+			h += " or " + a.Header
+		}
 	}
 	return h
 }
