@@ -26,6 +26,7 @@ import (
 	"github.com/agent-vault-proxy/agent-vault-proxy/internal/admin"
 	"github.com/agent-vault-proxy/agent-vault-proxy/internal/config"
 	"github.com/agent-vault-proxy/agent-vault-proxy/internal/daemon"
+	"github.com/agent-vault-proxy/agent-vault-proxy/internal/inject"
 	"github.com/agent-vault-proxy/agent-vault-proxy/internal/redirect"
 )
 
@@ -106,6 +107,7 @@ func runDoctor(g globals, args []string, stdout, stderr io.Writer) int {
 	d.checkCA()
 	d.checkCATrust()
 	d.checkAudit()
+	d.checkPlaceholders()
 	if d.uidArg != "" {
 		d.checkAgent()
 	}
@@ -559,6 +561,26 @@ func (d *doctor) checkAudit() {
 		return
 	}
 	d.add("audit", statusOK, "no audit failures since avpd started ("+where+")", "")
+}
+
+// checkPlaceholders: a placeholder that arrived where the config does not replace it (another
+// header, or another shape) usually means the agent's client sends its key differently than
+// bindings.yaml expects, as Anthropic's SDK 1.x does (Authorization: Bearer, not x-api-key).
+func (d *doctor) checkPlaceholders() {
+	if d.st == nil {
+		d.add("placeholders", statusSkip, "avpd does not answer", "")
+		return
+	}
+	v := d.st.Stats.VerbatimByReason
+	wrong, shape := v[inject.ReasonWrongHeader], v[inject.ReasonFormatMismatch]
+	if wrong+shape == 0 {
+		d.add("placeholders", statusOK, "every placeholder since avpd started arrived in a header and shape the config replaces", "")
+		return
+	}
+	d.add("placeholders", statusWarn,
+		fmt.Sprintf("%d request(s) carried a placeholder where the config does not replace it (%s %d, %s %d); they went upstream with the placeholder",
+			wrong+shape, inject.ReasonWrongHeader, wrong, inject.ReasonFormatMismatch, shape),
+		"avpctl audit tail --decision forward_verbatim names the secret and host; list the header and format the client sends under inject.also (README, Configuration)")
 }
 
 // checkAgent: the UID is enrolled, and as that UID a TLS handshake to a bound host comes

@@ -1,11 +1,14 @@
 package main
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"fmt"
 	"io"
+	"maps"
 	"path/filepath"
+	"slices"
 	"strings"
 	"time"
 
@@ -95,6 +98,28 @@ func printStatus(w io.Writer, st daemon.Status) {
 	fmt.Fprintf(w, "connections:    %d (passthrough %d, terminated %d, rejected %d)\n", s.Connections, s.Passthrough, s.Terminated, s.Rejected)
 	fmt.Fprintf(w, "requests:       %d (injected %d, verbatim %d, refused %d, backend errors %d, audit errors %d)\n",
 		s.Requests, s.Injected, s.Verbatim, s.Refused, s.BackendErrors, s.AuditErrors)
+	if len(s.VerbatimByReason) > 0 {
+		fmt.Fprintf(w, "verbatim:       %s\n", byReason(s.VerbatimByReason))
+	}
+	if len(s.RefusedByReason) > 0 {
+		fmt.Fprintf(w, "refused:        %s\n", byReason(s.RefusedByReason))
+	}
+}
+
+// byReason lists counts by reason, the largest first.
+func byReason(m map[string]uint64) string {
+	reasons := slices.Collect(maps.Keys(m))
+	slices.SortFunc(reasons, func(a, b string) int {
+		if c := cmp.Compare(m[b], m[a]); c != 0 {
+			return c
+		}
+		return strings.Compare(a, b)
+	})
+	parts := make([]string, len(reasons))
+	for i, r := range reasons {
+		parts[i] = fmt.Sprintf("%s %d", r, m[r])
+	}
+	return strings.Join(parts, ", ")
 }
 
 func joinUIDs(u []uint32) string {

@@ -144,7 +144,7 @@ func (s *Server) serveH1(tc *tls.Conn, f inject.Facts) {
 		}
 		if reason := checkH1Request(req); reason != "" {
 			s.stats.requests.Add(1)
-			s.stats.refused.Add(1)
+			s.countRefused(reason)
 			hc.writeRefusal(http.StatusBadRequest, reason, true)
 			return
 		}
@@ -191,7 +191,7 @@ func (hc *h1conn) serve(req *http.Request) bool {
 	s.stats.requests.Add(1)
 	defer req.Body.Close()
 	if req.Method == http.MethodConnect {
-		s.stats.refused.Add(1)
+		s.countRefused("connect_not_allowed")
 		hc.writeRefusal(http.StatusMethodNotAllowed, "connect_not_allowed", true)
 		return false
 	}
@@ -200,7 +200,7 @@ func (hc *h1conn) serve(req *http.Request) bool {
 		// The proxy answers 100-continue itself when it starts reading the body; the
 		// upstream gets the body without waiting. Other expectations are not supported.
 		if len(ex) != 1 || !strings.EqualFold(ex[0], "100-continue") {
-			s.stats.refused.Add(1)
+			s.countRefused("expectation_failed")
 			hc.writeRefusal(http.StatusExpectationFailed, "expectation_failed", true)
 			return false
 		}

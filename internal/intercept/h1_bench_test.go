@@ -55,6 +55,7 @@ type h1Pair struct {
 	audit *eventLog
 	// charges counts the requests to /v1/charge the upstream received.
 	charges *atomic.Int64
+	srv     *Server
 }
 
 // eventLog records the decisions an Auditor was given.
@@ -224,7 +225,7 @@ func newH1Pair(tb testing.TB) *h1Pair {
 		tb.Fatal(err)
 	}
 	tb.Cleanup(func() { agent.Close() })
-	return &h1Pair{agent: agent, br: bufio.NewReader(agent), upConns: &upConns, logs: logs, audit: events, charges: &charges}
+	return &h1Pair{agent: agent, br: bufio.NewReader(agent), upConns: &upConns, logs: logs, audit: events, charges: &charges, srv: s}
 }
 
 const h1BenchRequest = "GET /v1/models HTTP/1.1\r\nHost: api.openai.com\r\nUser-Agent: bench\r\nAccept: */*\r\n" +
@@ -381,6 +382,21 @@ func TestH1SwitchedProtocolIsScrubbed(t *testing.T) {
 	}
 	if strings.Contains(string(got), h1BenchReal) {
 		t.Fatalf("the real secret reached the agent over the switched protocol: %q", got)
+	}
+}
+
+// TestStatsByReason: status splits verbatim and refused requests by reason.
+func TestStatsByReason(t *testing.T) {
+	p := newH1Pair(t)
+	p.do(t, strings.Replace(h1BenchRequest, "/v1/models", "/v2/models", 1))
+	p.do(t, strings.Replace(h1BenchRequest, "Authorization:", "X-Other:", 1))
+	p.do(t, strings.Replace(h1BenchRequest, "Host: api.openai.com", "Host: evil.example.com", 1))
+	st := p.srv.Stats()
+	if st.VerbatimByReason[inject.ReasonPathNotAllowed] != 1 || st.VerbatimByReason[inject.ReasonWrongHeader] != 1 || st.Verbatim != 2 {
+		t.Fatalf("verbatim %d by reason %v", st.Verbatim, st.VerbatimByReason)
+	}
+	if st.RefusedByReason[inject.ReasonHostMismatch] != 1 || st.Refused != 1 {
+		t.Fatalf("refused %d by reason %v", st.Refused, st.RefusedByReason)
 	}
 }
 

@@ -56,7 +56,7 @@ func (s *Server) serveHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	if r.Method == http.MethodConnect {
-		s.stats.refused.Add(1)
+		s.countRefused("connect_not_allowed")
 		refuse(w, http.StatusMethodNotAllowed, "connect_not_allowed")
 		return
 	}
@@ -133,7 +133,7 @@ func (s *Server) prepare(ctx context.Context, f inject.Facts, method, authority 
 		return prepared{status: status, reason: reason, release: release, policy: policy}
 	}
 	refused := func(status int, reason string) prepared {
-		s.stats.refused.Add(1)
+		s.countRefused(reason)
 		return deny(status, reason)
 	}
 
@@ -156,6 +156,7 @@ func (s *Server) prepare(ctx context.Context, f inject.Facts, method, authority 
 			return refused(http.StatusServiceUnavailable, "audit_unavailable")
 		}
 		s.stats.verbatim.Add(1)
+		s.stats.verbatimReasons.add(d.Reason)
 		return prepared{release: release, policy: policy}
 	}
 

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"io"
 	"log"
+	"maps"
 	"net"
 	"net/http"
 	"net/netip"
@@ -68,6 +69,46 @@ type Stats struct {
 	BackendErrors uint64 `json:"backend_errors"`
 	AuditErrors   uint64 `json:"audit_errors"`
 	Rejected      uint64 `json:"rejected_connections"`
+	// VerbatimByReason and RefusedByReason split Verbatim and Refused by reason (the
+	// audit's reason field), so an operator sees at once, say, that an agent's client
+	// sends its key in a header the config does not list.
+	VerbatimByReason map[string]uint64 `json:"forwarded_verbatim_by_reason,omitempty"`
+	RefusedByReason  map[string]uint64 `json:"refused_by_reason,omitempty"`
+}
+
+// reasonCounts counts requests by reason. Reasons are the proxy's own constants, so the map
+// stays small; the cap guards against a future caller passing something unbounded.
+type reasonCounts struct {
+	mu sync.Mutex
+	m  map[string]uint64
+}
+
+const maxReasons = 64
+
+func (r *reasonCounts) add(reason string) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.m == nil {
+		r.m = map[string]uint64{}
+	}
+	if _, ok := r.m[reason]; ok || len(r.m) < maxReasons {
+		r.m[reason]++
+	}
+}
+
+func (r *reasonCounts) snapshot() map[string]uint64 {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if len(r.m) == 0 {
+		return nil
+	}
+	return maps.Clone(r.m)
+}
+
+// countRefused counts a request the proxy answered itself, with its reason.
+func (s *Server) countRefused(reason string) {
+	s.stats.refused.Add(1)
+	s.stats.refusedReasons.add(reason)
 }
 
 // Server accepts redirected connections, splices unbound ones and terminates bound ones.
@@ -98,6 +139,7 @@ type Server struct {
 	stats struct {
 		connections, passthrough, terminated, requests, injected, verbatim,
 		refused, backendErrors, auditErrors, rejected atomic.Uint64
+		verbatimReasons, refusedReasons reasonCounts
 	}
 }
 
@@ -163,6 +205,7 @@ func (s *Server) Stats() Stats {
 		Injected: s.stats.injected.Load(), Verbatim: s.stats.verbatim.Load(),
 		Refused: s.stats.refused.Load(), BackendErrors: s.stats.backendErrors.Load(),
 		AuditErrors: s.stats.auditErrors.Load(), Rejected: s.stats.rejected.Load(),
+		VerbatimByReason: s.stats.verbatimReasons.snapshot(), RefusedByReason: s.stats.refusedReasons.snapshot(),
 	}
 }
 

@@ -275,6 +275,13 @@ console.log(r.status, await r.text());
 			t.Fatalf("an unlisted header was changed to %q", got)
 		}
 		e.waitAudit("decision", "forward_verbatim", "reason", "placeholder_in_wrong_header", "secret", "OTHER")
+		// The operator sees it: status counts it by reason, and doctor warns.
+		if st := string(e.avpctl("status")); !strings.Contains(st, "verbatim:       ") || !strings.Contains(st, "placeholder_in_wrong_header") {
+			t.Fatalf("status does not count the misplaced placeholder:\n%s", st)
+		}
+		if c := doctorCheck(t, e, "placeholders"); c.Status != "warn" || !strings.Contains(c.Fix, "inject.also") {
+			t.Fatalf("doctor's placeholders check: %+v", c)
+		}
 	})
 
 	t.Run("uid_scoped_binding_uses_kernel_uid", func(t *testing.T) {
