@@ -56,6 +56,8 @@ type h1Pair struct {
 	// charges counts the requests to /v1/charge the upstream received.
 	charges *atomic.Int64
 	srv     *Server
+	roots   *x509.CertPool
+	facts   inject.Facts
 }
 
 // eventLog records the decisions an Auditor was given.
@@ -159,6 +161,13 @@ func newH1Pair(tb testing.TB) *h1Pair {
 			}
 			return
 		}
+		if r.URL.Path == "/v1/trailer-echo" {
+			// A trailer that quotes the credential (as a gRPC error message might).
+			w.Header().Set("Trailer", "X-Echo")
+			io.WriteString(w, `{"ok":true}`)
+			w.Header().Set("X-Echo", "you sent "+r.Header.Get("Authorization"))
+			return
+		}
 		if r.URL.Path == "/v1/charge" {
 			// Takes the request (a charge, say) and drops the connection without answering.
 			charges.Add(1)
@@ -225,7 +234,7 @@ func newH1Pair(tb testing.TB) *h1Pair {
 		tb.Fatal(err)
 	}
 	tb.Cleanup(func() { agent.Close() })
-	return &h1Pair{agent: agent, br: bufio.NewReader(agent), upConns: &upConns, logs: logs, audit: events, charges: &charges, srv: s}
+	return &h1Pair{agent: agent, br: bufio.NewReader(agent), upConns: &upConns, logs: logs, audit: events, charges: &charges, srv: s, roots: roots, facts: facts}
 }
 
 const h1BenchRequest = "GET /v1/models HTTP/1.1\r\nHost: api.openai.com\r\nUser-Agent: bench\r\nAccept: */*\r\n" +
@@ -397,6 +406,59 @@ func TestStatsByReason(t *testing.T) {
 	}
 	if st.RefusedByReason[inject.ReasonHostMismatch] != 1 || st.Refused != 1 {
 		t.Fatalf("refused %d by reason %v", st.Refused, st.RefusedByReason)
+	}
+}
+
+// h2Client returns a client that reaches p's server over HTTP/2, each connection terminated
+// as a redirected one would be.
+func (p *h1Pair) h2Client(t *testing.T) *http.Client {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go p.srv.terminate(c.(*net.TCPConn), nil, p.facts)
+		}
+	}()
+	tr := &http.Transport{
+		TLSClientConfig:   &tls.Config{ServerName: "api.openai.com", RootCAs: p.roots},
+		ForceAttemptHTTP2: true,
+		DialContext: func(ctx context.Context, network, _ string) (net.Conn, error) {
+			var d net.Dialer
+			return d.DialContext(ctx, network, ln.Addr().String())
+		},
+	}
+	t.Cleanup(tr.CloseIdleConnections)
+	return &http.Client{Transport: tr}
+}
+
+// TestH2TrailersAreScrubbed: a response trailer that quotes the credential reaches an
+// HTTP/2 agent with the placeholder, as a header or the body would.
+func TestH2TrailersAreScrubbed(t *testing.T) {
+	p := newH1Pair(t)
+	req, _ := http.NewRequest("GET", "https://api.openai.com/v1/trailer-echo", nil)
+	req.Header.Set("Authorization", "Bearer sk-avp-PLACEHOLDER-openai-000000000000")
+	resp, err := p.h2Client(t).Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(resp.Body)
+	if resp.ProtoMajor != 2 || resp.StatusCode != 200 || string(body) != `{"ok":true}` {
+		t.Fatalf("got %s %d %q", resp.Proto, resp.StatusCode, body)
+	}
+	echo := resp.Trailer.Get("X-Echo")
+	if !strings.HasPrefix(echo, "you sent Bearer ") {
+		t.Fatalf("the trailer did not arrive: %v", resp.Trailer)
+	}
+	if strings.Contains(echo, h1BenchReal) {
+		t.Fatalf("the real secret reached the agent in a trailer: %q", echo)
 	}
 }
 

@@ -235,9 +235,14 @@ func (inj *injected) scrubResponse(resp *http.Response) error {
 	}
 	scrubHeaders(resp.Header, inj.scrub)
 	if resp.ContentLength >= 0 && resp.ContentLength <= maxWholeScrub && !isEventStream(resp.Header) {
+		// Read to its length and closed, not to its end: its trailers, if any, never arrive.
 		return scrubWhole(resp, inj.scrub)
 	}
-	resp.Body = newScrubReader(resp.Body, inj.scrub)
+	sr := newScrubReader(resp.Body, inj.scrub)
+	// Trailers (an HTTP/2 agent gets them; a gRPC error message may quote the request)
+	// arrive with the end of the body.
+	sr.atEnd = func() { scrubHeaders(resp.Trailer, inj.scrub) }
+	resp.Body = sr
 	// Scrubbing can change the length; the agent gets a chunked (or h2 DATA) body.
 	resp.Header.Del("Content-Length")
 	resp.ContentLength = -1

@@ -22,20 +22,34 @@ type replacement struct {
 // hand the real key to the agent (I1).
 func scrubHeaders(h http.Header, reps []replacement) {
 	for k, vs := range h {
-		for i, v := range vs {
-			b := []byte(v)
-			changed := false
-			for _, r := range reps {
-				if bytes.Contains(b, r.from) {
-					b = bytes.ReplaceAll(b, r.from, r.to)
-					changed = true
-				}
-			}
-			if changed {
-				h[k][i] = string(b)
-			}
+		// A name can hold the value too (a header is any token, and so is a typical key).
+		if nk := scrubString(k, reps); nk != k {
+			delete(h, k)
+			h[nk] = append(h[nk], vs...)
 		}
 	}
+	for _, vs := range h {
+		for i, v := range vs {
+			vs[i] = scrubString(v, reps)
+		}
+	}
+}
+
+// scrubString returns v with real values replaced; v itself when none is in it. It works on
+// bytes, so no real value is ever made into a string.
+func scrubString(v string, reps []replacement) string {
+	b := []byte(v)
+	changed := false
+	for _, r := range reps {
+		if bytes.Contains(b, r.from) {
+			b = bytes.ReplaceAll(b, r.from, r.to)
+			changed = true
+		}
+	}
+	if !changed {
+		return v
+	}
+	return string(b)
 }
 
 // scrubReader replaces real secret bytes in a streamed response body. It holds back only a
@@ -47,6 +61,9 @@ type scrubReader struct {
 	out     []byte
 	pending []byte
 	err     error
+	// atEnd runs once, when src has ended and before the end is reported: a response's
+	// trailers exist only from then on, and are scrubbed there.
+	atEnd func()
 }
 
 func newScrubReader(src io.ReadCloser, reps []replacement) *scrubReader {
@@ -72,6 +89,10 @@ func (s *scrubReader) Read(p []byte) (int, error) {
 		if err != nil {
 			s.err = err
 			s.out = data
+			if s.atEnd != nil {
+				s.atEnd()
+				s.atEnd = nil
+			}
 			break
 		}
 		keep := partialTail(data, s.reps)

@@ -66,11 +66,16 @@ func TestScrubReaderDoesNotHoldBackEvents(t *testing.T) {
 }
 
 func TestScrubHeaders(t *testing.T) {
-	h := http.Header{"X-Echo": {"Bearer sk-REAL-secret-value"}, "Other": {"fine"}}
+	h := http.Header{"X-Echo": {"Bearer sk-REAL-secret-value"}, "Other": {"fine"}, "X-sk-REAL-secret-value": {"1"}}
 	scrubHeaders(h, reps)
 	if h.Get("X-Echo") != "Bearer PLACEHOLDER" || h.Get("Other") != "fine" {
 		t.Fatalf("%v", h)
 	}
+	// A header's name is scrubbed too.
+	if _, ok := h["X-sk-REAL-secret-value"]; ok || len(h["X-PLACEHOLDER"]) != 1 {
+		t.Fatalf("%v", h)
+	}
+	scrubHeaders(nil, reps) // no trailers: nothing to do
 }
 
 func BenchmarkScrubReader(b *testing.B) {
