@@ -10,7 +10,9 @@ import (
 	"math"
 	"net"
 	"net/http"
+	"net/http/httptrace"
 	"net/netip"
+	"net/textproto"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -159,6 +161,14 @@ func newH1Pair(tb testing.TB) *h1Pair {
 				bw.Flush()
 				c.Close()
 			}
+			return
+		}
+		if r.URL.Path == "/v1/early-echo" {
+			// An interim response whose header quotes the credential.
+			w.Header().Set("Link", "</echo>; rel=preload; title=\""+r.Header.Get("Authorization")+"\"")
+			w.WriteHeader(http.StatusEarlyHints)
+			w.Header().Del("Link")
+			io.WriteString(w, `{"ok":true}`)
 			return
 		}
 		if r.URL.Path == "/v1/trailer-echo" {
@@ -459,6 +469,38 @@ func TestH2TrailersAreScrubbed(t *testing.T) {
 	}
 	if strings.Contains(echo, h1BenchReal) {
 		t.Fatalf("the real secret reached the agent in a trailer: %q", echo)
+	}
+}
+
+// TestInterimResponsesAreScrubbed: a 1xx response whose header quotes the credential reaches
+// an HTTP/2 agent with the placeholder, and an HTTP/1.1 agent not at all (its loop does not
+// relay interim responses).
+func TestInterimResponsesAreScrubbed(t *testing.T) {
+	p := newH1Pair(t)
+	var interim []string
+	ctx := httptrace.WithClientTrace(context.Background(), &httptrace.ClientTrace{
+		Got1xxResponse: func(code int, h textproto.MIMEHeader) error {
+			interim = append(interim, fmt.Sprint(code, h))
+			return nil
+		},
+	})
+	req, _ := http.NewRequestWithContext(ctx, "GET", "https://api.openai.com/v1/early-echo", nil)
+	req.Header.Set("Authorization", "Bearer sk-avp-PLACEHOLDER-openai-000000000000")
+	resp, err := p.h2Client(t).Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	io.Copy(io.Discard, resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != 200 || len(interim) != 1 || !strings.Contains(interim[0], "103") || !strings.Contains(interim[0], "PLACEHOLDER") {
+		t.Fatalf("got %d, interim responses %q", resp.StatusCode, interim)
+	}
+	if strings.Contains(interim[0], h1BenchReal) {
+		t.Fatalf("the real secret reached the agent in a 103: %q", interim[0])
+	}
+	code, body := p.do(t, strings.Replace(h1BenchRequest, "/v1/models", "/v1/early-echo", 1))
+	if code != 200 || strings.Contains(body, h1BenchReal) {
+		t.Fatalf("HTTP/1.1: %d %q", code, body)
 	}
 }
 

@@ -13,6 +13,7 @@ import (
 	"net/http/httptrace"
 	"net/http/httputil"
 	"net/netip"
+	"net/textproto"
 	"net/url"
 	"strings"
 	"sync"
@@ -422,6 +423,17 @@ func (p *upstreamPool) RoundTrip(r *http.Request) (*http.Response, error) {
 	f := factsFrom(r.Context())
 	if f == nil {
 		return nil, errors.New("request without connection facts")
+	}
+	if inj, ok := r.Context().Value(injectedKey{}).(*injected); ok && len(inj.scrub) > 0 {
+		// ReverseProxy relays interim (1xx) responses to the agent from a trace hook, before
+		// ModifyResponse sees anything. A hook added here runs before it, on the same header
+		// map, so what it relays is scrubbed.
+		r = r.WithContext(httptrace.WithClientTrace(r.Context(), &httptrace.ClientTrace{
+			Got1xxResponse: func(_ int, h textproto.MIMEHeader) error {
+				scrubHeaders(http.Header(h), inj.scrub)
+				return nil
+			},
+		}))
 	}
 	return p.transport(upstreamKey{sni: f.SNI, addr: f.OrigDst}).RoundTrip(r)
 }
