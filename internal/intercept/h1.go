@@ -244,6 +244,11 @@ func (hc *h1conn) serve(req *http.Request) bool {
 	if err := p.inj.scrubResponse(resp); err != nil {
 		return hc.badGateway("read response: " + p.inj.errText(err))
 	}
+	if resp.Uncompressed {
+		// Decoded for the scrubber: the decoder may stop short of the upstream's framing,
+		// so the connection is not trusted for another response.
+		upReusable = false
+	}
 	if resp.StatusCode == http.StatusSwitchingProtocols {
 		if upgrade == "" {
 			// A switch nobody asked for: what follows on that connection is not HTTP.

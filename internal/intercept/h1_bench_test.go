@@ -2,6 +2,8 @@ package intercept
 
 import (
 	"bufio"
+	"bytes"
+	"compress/gzip"
 	"context"
 	"crypto/tls"
 	"crypto/x509"
@@ -169,6 +171,19 @@ func newH1Pair(tb testing.TB) *h1Pair {
 			w.WriteHeader(http.StatusEarlyHints)
 			w.Header().Del("Link")
 			io.WriteString(w, `{"ok":true}`)
+			return
+		}
+		if r.URL.Path == "/v1/gzip-echo" || r.URL.Path == "/v1/br-echo" {
+			// Compressed although asked for identity, and quoting the credential.
+			var b bytes.Buffer
+			zw := gzip.NewWriter(&b)
+			io.WriteString(zw, "you sent "+r.Header.Get("Authorization"))
+			zw.Close()
+			w.Header().Set("Content-Encoding", "gzip")
+			if r.URL.Path == "/v1/br-echo" {
+				w.Header().Set("Content-Encoding", "br")
+			}
+			w.Write(b.Bytes())
 			return
 		}
 		if r.URL.Path == "/v1/trailer-echo" {
@@ -501,6 +516,35 @@ func TestInterimResponsesAreScrubbed(t *testing.T) {
 	code, body := p.do(t, strings.Replace(h1BenchRequest, "/v1/models", "/v1/early-echo", 1))
 	if code != 200 || strings.Contains(body, h1BenchReal) {
 		t.Fatalf("HTTP/1.1: %d %q", code, body)
+	}
+}
+
+// TestCompressedEchoIsScrubbed: an upstream that compresses although asked for identity
+// cannot carry the credential past the scrubber: gzip is decoded and scrubbed (the agent gets
+// it uncompressed), an encoding avpd cannot decode is a 502, over HTTP/1.1 and HTTP/2.
+func TestCompressedEchoIsScrubbed(t *testing.T) {
+	p := newH1Pair(t)
+	code, body := p.do(t, strings.Replace(h1BenchRequest, "/v1/models", "/v1/gzip-echo", 1))
+	if code != 200 || body != "you sent Bearer sk-avp-PLACEHOLDER-openai-000000000000" {
+		t.Fatalf("HTTP/1.1 gzip: %d %q", code, body)
+	}
+	if code, body := p.do(t, strings.Replace(h1BenchRequest, "/v1/models", "/v1/br-echo", 1)); code != http.StatusBadGateway || strings.Contains(body, h1BenchReal) {
+		t.Fatalf("HTTP/1.1 br: %d %q, want 502", code, body)
+	}
+	c := p.h2Client(t)
+	for path, want := range map[string]int{"/v1/gzip-echo": 200, "/v1/br-echo": http.StatusBadGateway} {
+		req, _ := http.NewRequest("GET", "https://api.openai.com"+path, nil)
+		req.Header.Set("Authorization", "Bearer sk-avp-PLACEHOLDER-openai-000000000000")
+		req.Header.Set("Accept-Encoding", "gzip")
+		resp, err := c.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		raw, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != want || resp.Header.Get("Content-Encoding") != "" || bytes.Contains(raw, []byte(h1BenchReal)) {
+			t.Fatalf("HTTP/2 %s: %d %v %q", path, resp.StatusCode, resp.Header, raw)
+		}
 	}
 }
 

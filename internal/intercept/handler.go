@@ -2,6 +2,8 @@ package intercept
 
 import (
 	"bytes"
+	"compress/gzip"
+	"compress/zlib"
 	"context"
 	"crypto/tls"
 	"errors"
@@ -235,6 +237,9 @@ func (inj *injected) scrubResponse(resp *http.Response) error {
 		return nil
 	}
 	scrubHeaders(resp.Header, inj.scrub)
+	if err := decodeForScrub(resp); err != nil {
+		return err
+	}
 	if resp.ContentLength >= 0 && resp.ContentLength <= maxWholeScrub && !isEventStream(resp.Header) {
 		// Read to its length and closed, not to its end: its trailers, if any, never arrive.
 		return scrubWhole(resp, inj.scrub)
@@ -248,6 +253,49 @@ func (inj *injected) scrubResponse(resp *http.Response) error {
 	resp.Header.Del("Content-Length")
 	resp.ContentLength = -1
 	return nil
+}
+
+// decodeForScrub undoes a content coding the upstream applied although it was asked for
+// identity, so the scrubber sees the bytes the agent would: gzip and deflate are decoded
+// (the agent gets the body uncompressed); any other coding cannot be checked and is refused.
+func decodeForScrub(resp *http.Response) error {
+	ce := strings.TrimSpace(resp.Header.Get("Content-Encoding"))
+	if ce == "" || strings.EqualFold(ce, "identity") || !bodyAllowedResp(resp) {
+		return nil
+	}
+	var dec io.Reader
+	var err error
+	switch strings.ToLower(ce) {
+	case "gzip", "x-gzip":
+		dec, err = gzip.NewReader(resp.Body)
+	case "deflate": // HTTP's deflate is the zlib format
+		dec, err = zlib.NewReader(resp.Body)
+	default:
+		resp.Body.Close()
+		return fmt.Errorf("upstream answered with Content-Encoding %q although asked for identity; it cannot be checked for echoed secrets", ce)
+	}
+	if err != nil {
+		resp.Body.Close()
+		return fmt.Errorf("decode the upstream's %s body: %w", ce, err)
+	}
+	resp.Body = struct {
+		io.Reader
+		io.Closer
+	}{dec, resp.Body}
+	resp.Header.Del("Content-Encoding")
+	resp.Header.Del("Content-Length")
+	resp.ContentLength = -1
+	resp.Uncompressed = true
+	return nil
+}
+
+// bodyAllowedResp reports whether resp can carry a body (a HEAD's or a 204's cannot).
+func bodyAllowedResp(resp *http.Response) bool {
+	if resp.Request == nil {
+		c := resp.StatusCode
+		return c >= 200 && c != http.StatusNoContent && c != http.StatusNotModified
+	}
+	return bodyAllowed(resp.Request, resp)
 }
 
 // value fetches what one injection needs and computes the replacement. raw are the fetched
