@@ -20,7 +20,7 @@ func TestDemo(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute) // a cold build of avpd (cgo) comes first
 	defer cancel()
 	cmd := exec.CommandContext(ctx, "make", "-C", repo, "--no-print-directory", "demo")
 	outb, err := cmd.CombinedOutput()
