@@ -681,7 +681,7 @@ func (d *decoder) injectHeader(v *yaml.Node, what string, dst *string) {
 		d.errf(v, "%s %q is not a valid HTTP header name", what, *dst)
 	}
 	switch strings.ToLower(*dst) {
-	case "host", "content-length", "transfer-encoding", "connection", "upgrade", "te", "trailer", "proxy-authorization", "keep-alive":
+	case "host", "content-length", "transfer-encoding", "connection", "upgrade", "te", "trailer", "proxy-authorization", "proxy-authenticate", "proxy-connection", "keep-alive":
 		d.errf(v, "%s %q is a hop-by-hop or framing header; inject into Authorization or an API key header", what, *dst)
 	}
 }

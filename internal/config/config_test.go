@@ -54,6 +54,7 @@ func TestBadConfigs(t *testing.T) {
 		{"missing backend", strings.Replace(good, "backend: {type: file, file: {path: /etc/s.yaml}}\n", "", 1), `missing backend: section`},
 		{"relative secrets path", strings.Replace(good, "/etc/s.yaml", "s.yaml", 1), `backend.file.path must be an absolute path`},
 		{"hop-by-hop header", strings.Replace(good, "header: Authorization", "header: Connection", 1), `is a hop-by-hop or framing header`},
+		{"proxy-connection header", strings.Replace(good, "header: Authorization", "header: Proxy-Connection", 1), `is a hop-by-hop or framing header`},
 		{"yaml syntax", "version: 1\nsecrets: [\n", `bindings.yaml:2:1: did not find expected node content; fix the YAML syntax`},
 		{"placeholder substring", good + `  B:
     placeholder: sk-avp-PLACEHOLDER-aaaaaaaaaaaaaa-longer
