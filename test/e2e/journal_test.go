@@ -59,18 +59,7 @@ func startJournal(t *testing.T, dir string, extraEnv []string, args ...string) *
 			t.Logf("journal log:\n%s", p.log.String())
 		}
 	})
-	deadline := time.Now().Add(10 * time.Second)
-	for !strings.Contains(p.log.String(), "journal: ready on ") {
-		select {
-		case <-p.done:
-			t.Fatalf("journal exited:\n%s", p.log.String())
-		default:
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("journal did not start:\n%s", p.log.String())
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+	waitOutput(t, p.log, p.done, "journal: ready on ", 10*time.Second)
 	return p
 }
 

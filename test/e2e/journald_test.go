@@ -54,45 +54,19 @@ func TestJournaldMirror(t *testing.T) {
 	writeFile(t, script, []byte(journaldScript), 0o755)
 	sock := filepath.Join(dir, "journal.sock")
 	logPath := filepath.Join(dir, "log", "audit.jsonl")
-	var out syncBuffer
-	cmd := exec.Command("unshare", "--mount", "--propagation", "private", "sh", script, dir,
-		filepath.Join(binDir, "avpd"), "journal", "--log", logPath, "--socket", sock, "--journald", "auto")
-	cmd.Stdout, cmd.Stderr = &out, &out
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	done := make(chan struct{})
-	go func() { cmd.Wait(); close(done) }()
+	// journald's parent is the shell that becomes the journal; it is killed after the
+	// journal stops (cleanups run last first).
 	t.Cleanup(func() {
-		cmd.Process.Signal(unix.SIGTERM)
-		select {
-		case <-done:
-		case <-time.After(10 * time.Second):
-			cmd.Process.Kill()
-			<-done
-		}
-		// journald's parent was the shell that became the journal; it is gone now.
 		if b, err := os.ReadFile(filepath.Join(dir, "journald.pid")); err == nil {
 			if pid, err := strconv.Atoi(strings.TrimSpace(string(b))); err == nil {
 				unix.Kill(pid, unix.SIGKILL)
 			}
 		}
-		if t.Failed() {
-			t.Logf("journal and journald output:\n%s", out.String())
-		}
 	})
-	deadline := time.Now().Add(15 * time.Second)
-	for !strings.Contains(out.String(), "journal: ready on ") {
-		select {
-		case <-done:
-			t.Fatalf("the journal exited:\n%s", out.String())
-		default:
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("the journal did not start:\n%s", out.String())
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+	var out syncBuffer
+	cmd, done := startProcess(t, &out, "unshare", "--mount", "--propagation", "private", "sh", script, dir,
+		filepath.Join(binDir, "avpd"), "journal", "--log", logPath, "--socket", sock, "--journald", "auto")
+	waitOutput(t, &out, done, "journal: ready on ", 15*time.Second)
 
 	c := audit.NewJournalClient(sock, 10*time.Second)
 	defer c.Close()
@@ -128,7 +102,7 @@ func TestJournaldMirror(t *testing.T) {
 	// What journald has, read in the journal's mount namespace. The mirror is best effort
 	// and asynchronous, so wait for it.
 	var entries []map[string]string
-	deadline = time.Now().Add(10 * time.Second)
+	deadline := time.Now().Add(10 * time.Second)
 	for {
 		jc := exec.Command("nsenter", "--mount", "--target", strconv.Itoa(cmd.Process.Pid),
 			"journalctl", "--no-pager", "-o", "json", "SYSLOG_IDENTIFIER=avp-journal", "AVP_TYPE=decision")

@@ -89,6 +89,14 @@ func startActivated(t *testing.T, ns string, out *syncBuffer, args ...string) (*
 	if ns != "" {
 		argv = append([]string{"ip", "netns", "exec", ns}, argv...)
 	}
+	return startProcess(t, out, argv...)
+}
+
+// startProcess starts argv with its output in out and returns it with a channel closed when
+// it exits; the test's cleanup stops it with SIGTERM (SIGKILL after 15 s) and, when the test
+// failed, logs its output.
+func startProcess(t *testing.T, out *syncBuffer, argv ...string) (*exec.Cmd, <-chan struct{}) {
+	t.Helper()
 	cmd := exec.Command(argv[0], argv[1:]...)
 	cmd.Stdout, cmd.Stderr = out, out
 	if err := cmd.Start(); err != nil {
@@ -105,10 +113,28 @@ func startActivated(t *testing.T, ns string, out *syncBuffer, args ...string) (*
 			<-done
 		}
 		if t.Failed() {
-			t.Logf("output of %v:\n%s", args, out.String())
+			t.Logf("output of %v:\n%s", argv, out.String())
 		}
 	})
 	return cmd, done
+}
+
+// waitOutput waits until out holds want, failing the test if the process ends first or d
+// passes.
+func waitOutput(t *testing.T, out *syncBuffer, done <-chan struct{}, want string, d time.Duration) {
+	t.Helper()
+	deadline := time.Now().Add(d)
+	for !strings.Contains(out.String(), want) {
+		select {
+		case <-done:
+			t.Fatalf("the process exited before printing %q:\n%s", want, out.String())
+		default:
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no %q within %v:\n%s", want, d, out.String())
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
 }
 
 type doctorEntry struct {
