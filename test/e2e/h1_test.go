@@ -22,6 +22,9 @@ ctx.set_alpn_protocols(["http/1.1"])
 s = ctx.wrap_socket(socket.create_connection((host, 443), timeout=10), server_hostname=host)
 out = b""
 for part in sys.argv[2:]:
+    if part.startswith("SLEEP"):
+        time.sleep(int(part[5:]) / 1000)
+        continue
     if part.startswith("PAD"):
         s.sendall(b"X-Pad: " + b"a" * int(part[3:]) + b"\r\n")
         continue
@@ -45,14 +48,15 @@ except socket.timeout:
 sys.stdout.write(out.decode("latin-1"))
 `
 
-// raw runs rawTLSClient as the agent; parts are raw request bytes, "WAIT<code>" or "PAD<n>".
+// raw runs rawTLSClient as the agent; parts are raw request bytes, "WAIT<code>", "PAD<n>" or
+// "SLEEP<ms>".
 func (e *env) raw(t *testing.T, host string, parts ...string) string {
 	t.Helper()
 	script := filepath.Join(e.dir, "rawtls.py")
 	writeFile(t, script, []byte(rawTLSClient), 0o644)
 	args := []string{script, host}
 	for _, p := range parts {
-		if !strings.HasPrefix(p, "WAIT") && !strings.HasPrefix(p, "PAD") {
+		if !strings.HasPrefix(p, "WAIT") && !strings.HasPrefix(p, "PAD") && !strings.HasPrefix(p, "SLEEP") {
 			p = base64.StdEncoding.EncodeToString([]byte(p))
 		}
 		args = append(args, p)
@@ -123,6 +127,22 @@ func TestHTTP1Framing(t *testing.T) {
 		}
 		if got := newReqs(n); len(got) != 4 {
 			t.Fatalf("upstream saw %d requests, want 4", len(got))
+		}
+	})
+
+	t.Run("a POST after the upstream silently closed its pooled connection goes out once", func(t *testing.T) {
+		// The POST cannot be retried, so its pooled connection is probed first: the closed
+		// one is replaced before anything is sent, and the POST is neither lost nor doubled.
+		n := since()
+		out := e.raw(t, hostOpenAI,
+			"GET /v1/drop HTTP/1.1\r\n"+host+auth+"\r\n", "SLEEP300",
+			"POST /v1/models HTTP/1.1\r\n"+host+auth+"Content-Length: 2\r\nConnection: close\r\n\r\n{}")
+		if c := strings.Count(out, "HTTP/1.1 200 "); c != 2 {
+			t.Fatalf("want 2 responses of 200, got %d:\n%s", c, out)
+		}
+		got := newReqs(n)
+		if len(got) != 2 || got[1].Method != "POST" || got[1].Header.Get("Authorization") != "Bearer "+realOpenAI {
+			t.Fatalf("upstream saw %+v", got)
 		}
 	})
 
