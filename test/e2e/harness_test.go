@@ -6,6 +6,7 @@ package e2e
 import (
 	"bufio"
 	"bytes"
+	"compress/gzip"
 	"context"
 	"crypto/ecdsa"
 	"crypto/elliptic"
@@ -487,11 +488,28 @@ func startUpstream(t *testing.T, ns, dir string) *upstream {
 		}
 	})
 	// An upstream that reflects the credential, like httpbin or an error page quoting it.
+	// ?in=early and ?in=gzip echo it in a 103 before the answer and in a gzip body sent
+	// although identity was asked for.
 	mux.HandleFunc("/v1/echo", func(w http.ResponseWriter, r *http.Request) {
 		u.record(r)
-		w.Header().Set("X-Echo-Authorization", r.Header.Get("Authorization"))
+		auth := r.Header.Get("Authorization")
+		body := fmt.Sprintf(`{"authorization":%q}`+"\n", auth)
+		switch r.URL.Query().Get("in") {
+		case "early":
+			w.Header().Set("X-Echo-Early", auth)
+			w.WriteHeader(http.StatusEarlyHints)
+			w.Header().Del("X-Echo-Early")
+		case "gzip":
+			var b bytes.Buffer
+			zw := gzip.NewWriter(&b)
+			io.WriteString(zw, body)
+			zw.Close()
+			w.Header().Set("Content-Encoding", "gzip")
+			w.Write(b.Bytes())
+			return
+		}
+		w.Header().Set("X-Echo-Authorization", auth)
 		w.Header().Set("Content-Type", "application/json")
-		body := fmt.Sprintf(`{"authorization":%q}`+"\n", r.Header.Get("Authorization"))
 		w.Header().Set("Content-Length", fmt.Sprint(len(body)))
 		io.WriteString(w, body)
 	})

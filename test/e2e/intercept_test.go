@@ -320,6 +320,26 @@ console.log(r.status, await r.text());
 		}
 	})
 
+	// (A trailer echo is tested with a Go HTTP/2 client in internal/intercept: curl does
+	// not show trailers.)
+	t.Run("I1_echo_in_103_and_gzip_is_scrubbed", func(t *testing.T) {
+		for _, in := range []string{"early", "gzip"} {
+			out, err := e.agent(agentUID, "curl", "-sS", "-i", "--http2", "--compressed", "-H", bearer, "https://"+hostOpenAI+"/v1/echo?in="+in)
+			if err != nil {
+				t.Fatalf("%s: curl: %v", in, err)
+			}
+			if got := e.upstream.last(t); got.Header.Get("Authorization") != "Bearer "+realOpenAI {
+				t.Fatalf("%s: the echo request was not injected", in)
+			}
+			if strings.Contains(out, realOpenAI) {
+				t.Fatalf("%s: the agent received the real secret:\n%s", in, out)
+			}
+			if !strings.Contains(out, phOpenAI) {
+				t.Fatalf("%s: no echo of the placeholder in what the agent got:\n%s", in, out)
+			}
+		}
+	})
+
 	t.Run("6_not_enrolled_not_redirected", func(t *testing.T) {
 		// A UID that is not enrolled talks to the upstream directly: it must trust the
 		// upstream's CA and the upstream sees its placeholder.
