@@ -77,6 +77,18 @@ func waitPending(t *testing.T, j *Journal, ids ...int) {
 	}
 }
 
+// gatedPair serves a journal whose fdatasync waits for g.release, with two clients, a and b.
+func gatedPair(t *testing.T) (j *Journal, g *gatedSync, stop func() error, a, b *JournalClient) {
+	dir := shortDir(t)
+	g = newGatedSync()
+	j = openTestJournal(t, dir, func(o *JournalOptions) { o.sync = g.sync })
+	sock, stop := serveJournal(t, j, dir)
+	g.letGoOnCleanup(t)
+	a, b = NewJournalClient(sock, 5*time.Second), NewJournalClient(sock, 5*time.Second)
+	t.Cleanup(func() { a.Close(); b.Close() })
+	return j, g, stop, a, b
+}
+
 func recordAsync(c *JournalClient, events ...Event) chan error {
 	ch := make(chan error, 1)
 	go func() { ch <- c.Record(context.Background(), events...) }()
@@ -146,14 +158,7 @@ func TestGroupCommitFailedBatchFailsEveryFollower(t *testing.T) {
 // Events waiting for the next commit when the current one fails are never written: they
 // get an error at once, and no fdatasync runs after the failed one.
 func TestGroupCommitFailureFailsPendingEvents(t *testing.T) {
-	dir := shortDir(t)
-	g := newGatedSync()
-	j := openTestJournal(t, dir, func(o *JournalOptions) { o.sync = g.sync })
-	sock, stop := serveJournal(t, j, dir)
-	g.letGoOnCleanup(t)
-	a, b := NewJournalClient(sock, 5*time.Second), NewJournalClient(sock, 5*time.Second)
-	defer a.Close()
-	defer b.Close()
+	j, g, stop, a, b := gatedPair(t)
 	ra := recordAsync(a, decisionEvent(1))
 	g.waitEntered(t)
 	rb := recordAsync(b, decisionEvent(2), decisionEvent(3))
@@ -182,14 +187,7 @@ func TestGroupCommitFailureFailsPendingEvents(t *testing.T) {
 // Stopping commits the events readers already handed over (theirs are acked) before Serve
 // returns nil.
 func TestJournalStopCommitsPendingEvents(t *testing.T) {
-	dir := shortDir(t)
-	g := newGatedSync()
-	j := openTestJournal(t, dir, func(o *JournalOptions) { o.sync = g.sync })
-	sock, stop := serveJournal(t, j, dir)
-	g.letGoOnCleanup(t)
-	a, b := NewJournalClient(sock, 5*time.Second), NewJournalClient(sock, 5*time.Second)
-	defer a.Close()
-	defer b.Close()
+	j, g, stop, a, b := gatedPair(t)
 	ra := recordAsync(a, decisionEvent(1))
 	g.waitEntered(t)
 	rb := recordAsync(b, decisionEvent(2))

@@ -669,9 +669,18 @@ type InjectAs struct {
 	Format string // with {secret} exactly once
 }
 
-// Targets are the headers the placeholder is replaced in: the inject header, then Also.
+// Target is the i-th header and format the placeholder is replaced in: 0 is the inject
+// header, then Also; there are len(Also)+1.
+func (s *Secret) Target(i int) InjectAs {
+	if i == 0 {
+		return InjectAs{s.Header, s.Format}
+	}
+	return s.Also[i-1]
+}
+
+// Targets are all of them, in that order.
 func (s *Secret) Targets() []InjectAs {
-	return append([]InjectAs{{s.Header, s.Format}}, s.Also...)
+	return append([]InjectAs{s.Target(0)}, s.Also...)
 }
 
 // injectHeader reads and checks one header name an inject section names.

@@ -150,7 +150,7 @@ func (p *Policy) Decide(f Facts, r Request) Decision {
 	for _, s := range p.secrets {
 		held, formatOK := false, true
 		for i := 0; i <= len(s.Also); i++ {
-			h := target(s, i).Header
+			h := s.Target(i).Header
 			if firstTarget(s, h) != i {
 				continue // a further format of a header already looked at
 			}
@@ -224,18 +224,10 @@ func (p *Policy) placeholderElsewhere(s *config.Secret, r Request) bool {
 	return false
 }
 
-// target is the i-th header and format of s: its inject header, then Also.
-func target(s *config.Secret, i int) config.InjectAs {
-	if i == 0 {
-		return config.InjectAs{Header: s.Header, Format: s.Format}
-	}
-	return s.Also[i-1]
-}
-
 // firstTarget is the index of header's first target in s, or -1.
 func firstTarget(s *config.Secret, header string) int {
 	for i := 0; i <= len(s.Also); i++ {
-		if target(s, i).Header == header {
+		if s.Target(i).Header == header {
 			return i
 		}
 	}
@@ -247,7 +239,7 @@ func isTarget(s *config.Secret, header string) bool { return firstTarget(s, head
 // matchesAnyFormat reports whether value has one of the formats s lists for header.
 func matchesAnyFormat(s *config.Secret, header, value string) bool {
 	for i := 0; i <= len(s.Also); i++ {
-		if t := target(s, i); t.Header == header && matchesFormat(t.Format, s.Placeholder, value) {
+		if t := s.Target(i); t.Header == header && matchesFormat(t.Format, s.Placeholder, value) {
 			return true
 		}
 	}
@@ -406,7 +398,7 @@ func Value(s *config.Secret, vals map[string][]byte) ([]byte, error) {
 // configured shape, so nothing but the placeholder bytes changes.
 func Apply(h http.Header, s *config.Secret, value []byte) {
 	for i := 0; i <= len(s.Also); i++ {
-		if t := target(s, i); firstTarget(s, t.Header) == i {
+		if t := s.Target(i); firstTarget(s, t.Header) == i {
 			apply(h[t.Header], s.Placeholder, value)
 		}
 	}

@@ -607,7 +607,8 @@ func (hc *h1conn) writeResponse(req *http.Request, resp *http.Response, keepAliv
 // bodyAllowed reports whether resp carries a body (RFC 9112 section 6.3).
 func bodyAllowed(req *http.Request, resp *http.Response) bool {
 	c := resp.StatusCode
-	return req.Method != http.MethodHead && c != http.StatusNoContent && c != http.StatusNotModified && c >= 200
+	head := req != nil && req.Method == http.MethodHead
+	return !head && c != http.StatusNoContent && c != http.StatusNotModified && c >= 200
 }
 
 // writeRefusal answers the agent with one line that says it was the proxy, not the upstream.

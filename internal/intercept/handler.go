@@ -1,7 +1,6 @@
 package intercept
 
 import (
-	"bytes"
 	"compress/gzip"
 	"compress/zlib"
 	"context"
@@ -219,11 +218,7 @@ func (inj *injected) injectHeaders(h http.Header) {
 func (inj *injected) errText(err error) string {
 	msg := err.Error()
 	if inj != nil {
-		b := []byte(msg)
-		for _, r := range inj.scrub {
-			b = bytes.ReplaceAll(b, r.from, r.to)
-		}
-		msg = string(b)
+		msg = scrubString(msg, inj.scrub)
 	}
 	if len(msg) > 300 {
 		msg = msg[:300] + "..."
@@ -260,7 +255,7 @@ func (inj *injected) scrubResponse(resp *http.Response) error {
 // (the agent gets the body uncompressed); any other coding cannot be checked and is refused.
 func decodeForScrub(resp *http.Response) error {
 	ce := strings.TrimSpace(resp.Header.Get("Content-Encoding"))
-	if ce == "" || strings.EqualFold(ce, "identity") || !bodyAllowedResp(resp) {
+	if ce == "" || strings.EqualFold(ce, "identity") || !bodyAllowed(resp.Request, resp) {
 		return nil
 	}
 	var dec io.Reader
@@ -287,15 +282,6 @@ func decodeForScrub(resp *http.Response) error {
 	resp.ContentLength = -1
 	resp.Uncompressed = true
 	return nil
-}
-
-// bodyAllowedResp reports whether resp can carry a body (a HEAD's or a 204's cannot).
-func bodyAllowedResp(resp *http.Response) bool {
-	if resp.Request == nil {
-		c := resp.StatusCode
-		return c >= 200 && c != http.StatusNoContent && c != http.StatusNotModified
-	}
-	return bodyAllowed(resp.Request, resp)
 }
 
 // value fetches what one injection needs and computes the replacement. raw are the fetched

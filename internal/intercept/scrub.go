@@ -35,21 +35,25 @@ func scrubHeaders(h http.Header, reps []replacement) {
 	}
 }
 
-// scrubString returns v with real values replaced; v itself when none is in it. It works on
-// bytes, so no real value is ever made into a string.
-func scrubString(v string, reps []replacement) string {
-	b := []byte(v)
-	changed := false
+// replaceReal replaces every real value in b with its placeholder; changed says whether any
+// was there (b itself comes back when none was).
+func replaceReal(b []byte, reps []replacement) (out []byte, changed bool) {
 	for _, r := range reps {
 		if bytes.Contains(b, r.from) {
 			b = bytes.ReplaceAll(b, r.from, r.to)
 			changed = true
 		}
 	}
-	if !changed {
-		return v
+	return b, changed
+}
+
+// scrubString returns v with real values replaced; v itself when none is in it. It works on
+// bytes, so no real value is ever made into a string.
+func scrubString(v string, reps []replacement) string {
+	if b, changed := replaceReal([]byte(v), reps); changed {
+		return string(b)
 	}
-	return string(b)
+	return v
 }
 
 // scrubReader replaces real secret bytes in a streamed response body. It holds back only a
@@ -81,11 +85,7 @@ func (s *scrubReader) Read(p []byte) (int, error) {
 			data = append(s.pending, data...)
 		}
 		s.pending = nil
-		for _, r := range s.reps {
-			if bytes.Contains(data, r.from) {
-				data = bytes.ReplaceAll(data, r.from, r.to)
-			}
-		}
+		data, _ = replaceReal(data, s.reps)
 		if err != nil {
 			s.err = err
 			s.out = data
@@ -169,12 +169,7 @@ func scrubWhole(resp *http.Response, reps []replacement) error {
 		raw = b
 	}
 	resp.Body.Close()
-	out := raw
-	for _, r := range reps {
-		if bytes.Contains(out, r.from) {
-			out = bytes.ReplaceAll(out, r.from, r.to)
-		}
-	}
+	out, _ := replaceReal(raw, reps)
 	out = bytes.Clone(out) // raw goes back to the pool; out is the scrubbed copy
 	resp.Body = io.NopCloser(bytes.NewReader(out))
 	resp.ContentLength = int64(len(out))
