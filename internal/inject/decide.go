@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"net/http"
 	"net/netip"
+	"net/url"
 	"strings"
 
 	"github.com/agent-vault-proxy/agent-vault-proxy/internal/config"
@@ -51,6 +52,7 @@ const (
 	ReasonWrongHeader         = "placeholder_in_wrong_header"
 	ReasonMultiplePlaceholder = "multiple_placeholders_in_header"
 	ReasonRepeatedHeader      = "repeated_inject_header"
+	ReasonMethodOverride      = "method_override_not_allowed"
 )
 
 // Facts are what the proxy knows about the connection, independent of any request on it.
@@ -147,6 +149,7 @@ func (p *Policy) Decide(f Facts, r Request) Decision {
 		d.Path = normPath
 	}
 
+	var overrides []string // read once, for the first secret whose placeholder is held
 	for _, s := range p.secrets {
 		held, formatOK := false, true
 		for i := 0; i <= len(s.Also); i++ {
@@ -186,7 +189,10 @@ func (p *Policy) Decide(f Facts, r Request) Decision {
 			}
 			continue
 		}
-		bi, reason := matchBindings(s, f.UID, host, r.Method, normPath, pathOK)
+		if overrides == nil {
+			overrides = methodOverrides(r)
+		}
+		bi, reason := matchBindings(s, f.UID, host, r.Method, overrides, normPath, pathOK)
 		if reason == ReasonAllowed && !formatOK {
 			reason = ReasonFormatMismatch
 		}
@@ -246,9 +252,61 @@ func matchesAnyFormat(s *config.Secret, header, value string) bool {
 	return false
 }
 
+// overrideHeaders are the headers through which common server frameworks (Rails, Laravel,
+// Symfony, Express's method-override, Google's APIs) let a request name another method
+// than its own.
+var overrideHeaders = [...]string{"X-Http-Method-Override", "X-Http-Method", "X-Method-Override"}
+
+// unparsableOverride stands for the method a query that cannot be parsed may name; no
+// binding lists it, since a method must be a token.
+const unparsableOverride = "(unparsable query)"
+
+// noOverrides is methodOverrides' answer for a request with none: non-nil, so Decide reads
+// the request once.
+var noOverrides = []string{}
+
+// methodOverrides returns the methods the request asks the upstream to use instead of its
+// own: the values of the override headers (items of a comma-separated list, upper-cased
+// as frameworks do) and any _method query parameter. A binding that limits methods must
+// allow each of them too, or a GET-only key could be used to DELETE on a server that
+// honours the override. A query naming a method that cannot be parsed is read as an
+// override no binding allows. A _method in a form body is not seen (the body is not read
+// before the decision).
+func methodOverrides(r Request) []string {
+	var out []string
+	for _, h := range overrideHeaders {
+		for _, v := range r.Header[h] {
+			for item := range strings.SplitSeq(v, ",") {
+				if item = strings.TrimSpace(item); item != "" {
+					out = append(out, strings.ToUpper(item))
+				}
+			}
+		}
+	}
+	if r.RawQuery != "" && strings.Contains(strings.ToLower(r.RawQuery), "method") {
+		q, err := url.ParseQuery(r.RawQuery)
+		if err != nil {
+			out = append(out, unparsableOverride)
+		}
+		for k, vs := range q {
+			if strings.EqualFold(k, "_method") {
+				for _, v := range vs {
+					if v = strings.TrimSpace(v); v != "" {
+						out = append(out, strings.ToUpper(v))
+					}
+				}
+			}
+		}
+	}
+	if out == nil {
+		return noOverrides
+	}
+	return out
+}
+
 // matchBindings returns the first binding that allows the request, or the most specific
-// reason none did: host, then method, then path.
-func matchBindings(s *config.Secret, uid int64, host, method, path string, pathOK bool) (int, string) {
+// reason none did: host, then method (its own, then any override), then path.
+func matchBindings(s *config.Secret, uid int64, host, method string, overrides []string, path string, pathOK bool) (int, string) {
 	reason := ReasonHostNotBound
 	for i, b := range s.Bindings {
 		if !MatchHost(b.Host, host) {
@@ -263,6 +321,12 @@ func matchBindings(s *config.Secret, uid int64, host, method, path string, pathO
 		if !matchMethod(b.Methods, method) {
 			if reason == ReasonHostNotBound || reason == ReasonUIDNotAllowed {
 				reason = ReasonMethodNotAllowed
+			}
+			continue
+		}
+		if !matchAllMethods(b.Methods, overrides) {
+			if reason == ReasonHostNotBound || reason == ReasonUIDNotAllowed || reason == ReasonMethodNotAllowed {
+				reason = ReasonMethodOverride
 			}
 			continue
 		}
@@ -311,6 +375,15 @@ func matchMethod(methods []string, m string) bool {
 		}
 	}
 	return false
+}
+
+func matchAllMethods(methods []string, ms []string) bool {
+	for _, m := range ms {
+		if !matchMethod(methods, m) {
+			return false
+		}
+	}
+	return true
 }
 
 func matchAnyPath(globs []string, path string) bool {
