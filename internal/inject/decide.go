@@ -53,6 +53,7 @@ const (
 	ReasonMultiplePlaceholder = "multiple_placeholders_in_header"
 	ReasonRepeatedHeader      = "repeated_inject_header"
 	ReasonMethodOverride      = "method_override_not_allowed"
+	ReasonPathOverride        = "path_override_not_allowed"
 )
 
 // Facts are what the proxy knows about the connection, independent of any request on it.
@@ -149,7 +150,7 @@ func (p *Policy) Decide(f Facts, r Request) Decision {
 		d.Path = normPath
 	}
 
-	var overrides []string // read once, for the first secret whose placeholder is held
+	var over *overrides // read once, for the first secret whose placeholder is held
 	for _, s := range p.secrets {
 		held, formatOK := false, true
 		for i := 0; i <= len(s.Also); i++ {
@@ -189,10 +190,10 @@ func (p *Policy) Decide(f Facts, r Request) Decision {
 			}
 			continue
 		}
-		if overrides == nil {
-			overrides = methodOverrides(r)
+		if over == nil {
+			over = readOverrides(r)
 		}
-		bi, reason := matchBindings(s, f.UID, host, r.Method, overrides, normPath, pathOK)
+		bi, reason := matchBindings(s, f.UID, host, r.Method, over, normPath, pathOK)
 		if reason == ReasonAllowed && !formatOK {
 			reason = ReasonFormatMismatch
 		}
@@ -252,33 +253,45 @@ func matchesAnyFormat(s *config.Secret, header, value string) bool {
 	return false
 }
 
-// overrideHeaders are the headers through which common server frameworks (Rails, Laravel,
-// Symfony, Express's method-override, Google's APIs) let a request name another method
-// than its own.
-var overrideHeaders = [...]string{"X-Http-Method-Override", "X-Http-Method", "X-Method-Override"}
+// methodOverrideHeaders are the headers through which common server frameworks (Rails,
+// Laravel, Symfony, Express's method-override, Google's APIs) let a request name another
+// method than its own; pathOverrideHeaders do the same for the path (IIS's URL Rewrite,
+// older Symfony and Zend). Upstreams behind such a layer act on the override, so a
+// binding must allow it as well as the request line.
+var (
+	methodOverrideHeaders = [...]string{"X-Http-Method-Override", "X-Http-Method", "X-Method-Override"}
+	pathOverrideHeaders   = [...]string{"X-Original-Url", "X-Rewrite-Url"}
+)
 
 // unparsableOverride stands for the method a query that cannot be parsed may name; no
 // binding lists it, since a method must be a token.
 const unparsableOverride = "(unparsable query)"
 
-// noOverrides is methodOverrides' answer for a request with none: non-nil, so Decide reads
-// the request once.
-var noOverrides = []string{}
+// overrides are the methods and paths a request asks the upstream to use instead of its
+// own. A binding must allow each of them too, or a GET-only key could be used to DELETE,
+// or a key limited to /user to reach /admin, on a server that honours the override.
+type overrides struct {
+	methods    []string // upper-cased, as frameworks compare them
+	paths      []string // normalized
+	unsafePath bool     // a path override that cannot be normalized safely
+}
 
-// methodOverrides returns the methods the request asks the upstream to use instead of its
-// own: the values of the override headers (items of a comma-separated list, upper-cased
-// as frameworks do) and any _method query parameter. A binding that limits methods must
-// allow each of them too, or a GET-only key could be used to DELETE on a server that
-// honours the override. A query naming a method that cannot be parsed is read as an
-// override no binding allows. A _method in a form body is not seen (the body is not read
-// before the decision).
-func methodOverrides(r Request) []string {
-	var out []string
-	for _, h := range overrideHeaders {
+// none is readOverrides' answer for a request without any (most of them), so the common
+// case does not allocate.
+var none = &overrides{}
+
+// readOverrides reads the override headers (each item of a comma-separated method list),
+// any _method query parameter (a query naming a method that cannot be parsed counts as a
+// method no binding allows), and the path overrides, which may be a path or an absolute
+// URL. A _method in a form body is not seen: the body is not read before the decision.
+func readOverrides(r Request) *overrides {
+	var methods, paths []string
+	unsafePath := false
+	for _, h := range methodOverrideHeaders {
 		for _, v := range r.Header[h] {
 			for item := range strings.SplitSeq(v, ",") {
 				if item = strings.TrimSpace(item); item != "" {
-					out = append(out, strings.ToUpper(item))
+					methods = append(methods, strings.ToUpper(item))
 				}
 			}
 		}
@@ -286,29 +299,85 @@ func methodOverrides(r Request) []string {
 	if r.RawQuery != "" && strings.Contains(strings.ToLower(r.RawQuery), "method") {
 		q, err := url.ParseQuery(r.RawQuery)
 		if err != nil {
-			out = append(out, unparsableOverride)
+			methods = append(methods, unparsableOverride)
 		}
 		for k, vs := range q {
 			if strings.EqualFold(k, "_method") {
 				for _, v := range vs {
 					if v = strings.TrimSpace(v); v != "" {
-						out = append(out, strings.ToUpper(v))
+						methods = append(methods, strings.ToUpper(v))
 					}
 				}
 			}
 		}
 	}
-	if out == nil {
-		return noOverrides
+	for _, h := range pathOverrideHeaders {
+		for _, v := range r.Header[h] {
+			p, ok := overridePath(v)
+			if !ok {
+				unsafePath = true
+				continue
+			}
+			paths = append(paths, p)
+		}
 	}
-	return out
+	if methods == nil && paths == nil && !unsafePath {
+		return none
+	}
+	return &overrides{methods: methods, paths: paths, unsafePath: unsafePath}
+}
+
+// overridePath is the normalized path of a path override: a path, or an absolute URL's
+// path, without its query or fragment.
+func overridePath(v string) (string, bool) {
+	v = strings.TrimSpace(v)
+	lower := strings.ToLower(v)
+	if strings.HasPrefix(lower, "https://") || strings.HasPrefix(lower, "http://") || strings.HasPrefix(v, "//") {
+		rest := v[strings.Index(v, "//")+2:]
+		i := strings.IndexAny(rest, "/?#")
+		if i < 0 || rest[i] != '/' {
+			return "/", true
+		}
+		v = rest[i:]
+	}
+	if i := strings.IndexAny(v, "?#"); i >= 0 {
+		v = v[:i]
+	}
+	return NormalizePath(v)
+}
+
+// methodsAllowedBy reports whether binding b allows every method override.
+func (o *overrides) methodsAllowedBy(b *config.Binding) bool {
+	for _, m := range o.methods {
+		if !matchMethod(b.Methods, m) {
+			return false
+		}
+	}
+	return true
+}
+
+func (o *overrides) pathsAllowedBy(b *config.Binding) bool {
+	if o.unsafePath {
+		return false // even an any-path binding, as for the request's own path
+	}
+	if b.Paths == nil {
+		return true
+	}
+	for _, p := range o.paths {
+		if !matchAnyPath(b.Paths, p) {
+			return false
+		}
+	}
+	return true
 }
 
 // matchBindings returns the first binding that allows the request, or the most specific
-// reason none did: host, then method (its own, then any override), then path.
-func matchBindings(s *config.Secret, uid int64, host, method string, overrides []string, path string, pathOK bool) (int, string) {
+// reason none did: host, then method (its own, then any override), then path (its own,
+// then any override).
+func matchBindings(s *config.Secret, uid int64, host, method string, o *overrides, path string, pathOK bool) (int, string) {
 	reason := ReasonHostNotBound
-	for i, b := range s.Bindings {
+	for i := range s.Bindings {
+		b := &s.Bindings[i]
 		if !MatchHost(b.Host, host) {
 			continue
 		}
@@ -324,7 +393,7 @@ func matchBindings(s *config.Secret, uid int64, host, method string, overrides [
 			}
 			continue
 		}
-		if !matchAllMethods(b.Methods, overrides) {
+		if !o.methodsAllowedBy(b) {
 			if reason == ReasonHostNotBound || reason == ReasonUIDNotAllowed || reason == ReasonMethodNotAllowed {
 				reason = ReasonMethodOverride
 			}
@@ -344,6 +413,12 @@ func matchBindings(s *config.Secret, uid int64, host, method string, overrides [
 		} else if !pathOK {
 			// Even an any-path binding refuses a path we cannot read the way the upstream will.
 			reason = ReasonPathUnsafe
+			continue
+		}
+		if !o.pathsAllowedBy(b) {
+			if reason != ReasonPathUnsafe && reason != ReasonPathNotAllowed {
+				reason = ReasonPathOverride
+			}
 			continue
 		}
 		return i, ReasonAllowed
@@ -375,15 +450,6 @@ func matchMethod(methods []string, m string) bool {
 		}
 	}
 	return false
-}
-
-func matchAllMethods(methods []string, ms []string) bool {
-	for _, m := range ms {
-		if !matchMethod(methods, m) {
-			return false
-		}
-	}
-	return true
 }
 
 func matchAnyPath(globs []string, path string) bool {

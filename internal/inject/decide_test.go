@@ -135,6 +135,13 @@ func TestDecide(t *testing.T) {
 		{"method override on an any-method binding injects", "api.anthropic.com", req("POST", "api.anthropic.com", "/v1/messages", "X-Api-Key", phAnthropic, "X-HTTP-Method-Override", "DELETE"), Inject, 0, ReasonAllowed, []string{"ANTHROPIC"}},
 		{"a query word that only contains method is not an override", "api.github.com", req("GET", "api.github.com", "/user?payment_method=card", "Authorization", "token "+phGitHub), Inject, 0, ReasonAllowed, []string{"GITHUB"}},
 		{"the method itself is still checked first", "api.github.com", req("DELETE", "api.github.com", "/user", "Authorization", "token "+phGitHub, "X-HTTP-Method-Override", "GET"), ForwardVerbatim, 0, ReasonMethodNotAllowed, nil},
+		{"X-Original-URL outside the path globs is verbatim", "api.github.com", req("GET", "api.github.com", "/user", "Authorization", "token "+phGitHub, "X-Original-URL", "/admin/keys"), ForwardVerbatim, 0, ReasonPathOverride, nil},
+		{"X-Rewrite-URL outside the path globs is verbatim", "api.github.com", req("GET", "api.github.com", "/user", "Authorization", "token "+phGitHub, "X-Rewrite-URL", "/admin?x=1"), ForwardVerbatim, 0, ReasonPathOverride, nil},
+		{"X-Original-URL as an absolute URL is read by its path", "api.github.com", req("GET", "api.github.com", "/user", "Authorization", "token "+phGitHub, "X-Original-URL", "https://api.github.com/admin"), ForwardVerbatim, 0, ReasonPathOverride, nil},
+		{"an unsafe X-Original-URL is verbatim", "api.github.com", req("GET", "api.github.com", "/user", "Authorization", "token "+phGitHub, "X-Original-URL", "/user/%2e%2e/admin"), ForwardVerbatim, 0, ReasonPathOverride, nil},
+		{"X-Original-URL inside the path globs injects", "api.github.com", req("GET", "api.github.com", "/user", "Authorization", "token "+phGitHub, "X-Original-URL", "/repos/o/issues?state=open"), Inject, 0, ReasonAllowed, []string{"GITHUB"}},
+		{"X-Original-URL with an any-path binding still must be safe", "api.anthropic.com", req("POST", "api.anthropic.com", "/v1/messages", "X-Api-Key", phAnthropic, "X-Original-URL", "/a/%2e%2e/b"), ForwardVerbatim, 0, ReasonPathOverride, nil},
+		{"X-Original-URL with an any-path binding injects", "api.anthropic.com", req("POST", "api.anthropic.com", "/v1/messages", "X-Api-Key", phAnthropic, "X-Original-URL", "/v1/other"), Inject, 0, ReasonAllowed, []string{"ANTHROPIC"}},
 		{"two secrets in their own headers both inject", "api.anthropic.com", req("GET", "api.anthropic.com", "/x", "X-Api-Key", phAnthropic, "Authorization", "token "+phGitHub), Inject, 0, ReasonAllowed, []string{"ANTHROPIC"}},
 	}
 	for _, tc := range tests {

@@ -75,6 +75,8 @@ func denialText(reason, header string) string {
 		return "the bindings for this host do not allow the method"
 	case ReasonMethodOverride:
 		return "the request names another method (X-HTTP-Method-Override, X-HTTP-Method, X-Method-Override or a _method query parameter) that the bindings for this host do not allow"
+	case ReasonPathOverride:
+		return "the request names another path (X-Original-URL or X-Rewrite-URL) that no path glob of the bindings for this host matches, or that cannot be normalized safely"
 	case ReasonPathNotAllowed:
 		return "no path glob of the bindings for this host matches"
 	case ReasonPathUnsafe:

@@ -615,3 +615,52 @@ func TestAliveProbe(t *testing.T) {
 		t.Fatal("a connection idle for under a second: want it taken without a probe, and seen closed with one")
 	}
 }
+
+// TestOverridesAreDecided: a method or path override the binding does not allow leaves the
+// request verbatim over HTTP/1.1 and HTTP/2 (the upstream answers the placeholder with
+// 401), and the audit names why; the same request without it is injected.
+func TestOverridesAreDecided(t *testing.T) {
+	p := newH1Pair(t)
+	h2 := p.h2Client(t)
+	cases := []struct{ header, value, reason string }{
+		{"X-HTTP-Method-Override", "DELETE", inject.ReasonMethodOverride},
+		{"X-Original-URL", "/admin", inject.ReasonPathOverride},
+		{"", "", inject.ReasonAllowed},
+	}
+	for _, tc := range cases {
+		want := http.StatusUnauthorized
+		if tc.header == "" {
+			want = http.StatusOK
+		}
+		req := h1BenchRequest
+		if tc.header != "" {
+			req = strings.Replace(req, "Accept: */*\r\n", "Accept: */*\r\n"+tc.header+": "+tc.value+"\r\n", 1)
+		}
+		if code, _ := p.do(t, req); code != want {
+			t.Errorf("HTTP/1.1 %s %q: %d, want %d", tc.header, tc.value, code, want)
+		}
+		r, _ := http.NewRequest("GET", "https://api.openai.com/v1/models", nil)
+		r.Header.Set("Authorization", "Bearer sk-avp-PLACEHOLDER-openai-000000000000")
+		if tc.header != "" {
+			r.Header.Set(tc.header, tc.value)
+		}
+		resp, err := h2.Do(r)
+		if err != nil {
+			t.Fatal(err)
+		}
+		io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != want || resp.ProtoMajor != 2 {
+			t.Errorf("HTTP/%d %s %q: %d, want %d over HTTP/2", resp.ProtoMajor, tc.header, tc.value, resp.StatusCode, want)
+		}
+		n := 0
+		for _, e := range p.audit.snapshot() {
+			if e.Reason == tc.reason && e.Path == "/v1/models" {
+				n++
+			}
+		}
+		if n < 2 {
+			t.Errorf("%s: %d audit events with reason %s, want one per protocol", tc.header, n, tc.reason)
+		}
+	}
+}
