@@ -29,7 +29,8 @@ import (
 // terminated agent connection in one goroutine: it parses with net/http's parser, decides,
 // writes the request on an upstream connection it holds for the agent connection's lifetime
 // and copies the response back, flushing only when the upstream has nothing more buffered.
-// HTTP/2 agents still go through net/http.
+// HTTP/2 agents are still served by net/http's server and ReverseProxy; their requests
+// use the same upstream pool (upstream_h2agent.go).
 
 const (
 	h1MaxHeaderBytes = 1 << 20

@@ -9,12 +9,14 @@ import (
 	"crypto/x509"
 	"fmt"
 	"io"
+	"log"
 	"math"
 	"net"
 	"net/http"
 	"net/http/httptrace"
 	"net/netip"
 	"net/textproto"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -62,6 +64,9 @@ type h1Pair struct {
 	srv     *Server
 	roots   *x509.CertPool
 	facts   inject.Facts
+	// slowDone gets a value when a request to /v1/slow ended on the upstream's side
+	// before the upstream finished it.
+	slowDone chan struct{}
 }
 
 // eventLog records the decisions an Auditor was given.
@@ -102,7 +107,9 @@ func (l *logBuffer) String() string {
 	return l.b.String()
 }
 
-func newH1Pair(tb testing.TB) *h1Pair {
+// newH1Pair starts an upstream that offers upProtos in ALPN (only HTTP/1.1 when none are
+// given), avpd's server in front of it, and an HTTP/1.1 agent connection.
+func newH1Pair(tb testing.TB, upProtos ...string) *h1Pair {
 	tb.Helper()
 	ca := newTestCA(tb)
 	cfg, err := config.Parse("bindings.yaml", []byte(h1BenchConfig))
@@ -113,12 +120,30 @@ func newH1Pair(tb testing.TB) *h1Pair {
 	if err != nil {
 		tb.Fatal(err)
 	}
-	upLn, err := tls.Listen("tcp", "127.0.0.1:0", &tls.Config{Certificates: []tls.Certificate{*leaf}, NextProtos: []string{"http/1.1"}})
+	if len(upProtos) == 0 {
+		upProtos = []string{"http/1.1"}
+	}
+	upTLS := &tls.Config{Certificates: []tls.Certificate{*leaf}, NextProtos: upProtos}
+	if len(upProtos) == 1 && upProtos[0] == "h2-strict" {
+		// Speaks only HTTP/2 and says so: a client that does not offer h2 gets the
+		// no_application_protocol alert, as strict servers (gRPC's) send. Go's own server
+		// would instead talk HTTP/1.1 to such a client.
+		upTLS.NextProtos = []string{"h2"}
+		upTLS.GetConfigForClient = func(chi *tls.ClientHelloInfo) (*tls.Config, error) {
+			if slices.Contains(chi.SupportedProtos, "h2") {
+				return nil, nil
+			}
+			return &tls.Config{Certificates: []tls.Certificate{*leaf}, NextProtos: []string{"h2-only"}}, nil
+		}
+	}
+	upLn, err := tls.Listen("tcp", "127.0.0.1:0", upTLS)
 	if err != nil {
 		tb.Fatal(err)
 	}
 	var upConns, charges atomic.Int64
+	slowDone := make(chan struct{}, 8)
 	up := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("X-Upstream-Proto", r.Proto)
 		if r.Header.Get("Authorization") != "Bearer "+h1BenchReal {
 			http.Error(w, "no key", http.StatusUnauthorized)
 			return
@@ -201,6 +226,17 @@ func newH1Pair(tb testing.TB) *h1Pair {
 			}
 			return
 		}
+		if r.URL.Path == "/v1/slow" {
+			// Starts a stream and holds it until the request ends on the proxy's side.
+			io.WriteString(w, `{"part":1}`)
+			w.(http.Flusher).Flush()
+			select {
+			case <-r.Context().Done():
+				slowDone <- struct{}{}
+			case <-time.After(10 * time.Second):
+			}
+			return
+		}
 		if r.URL.Path == "/v1/big" {
 			// Larger than what is scrubbed whole: streamed through the scrubber, chunked.
 			big := strings.Repeat("x", 100<<10)
@@ -210,6 +246,7 @@ func newH1Pair(tb testing.TB) *h1Pair {
 		}
 		io.WriteString(w, `{"id":"chatcmpl-1","object":"chat.completion","ok":true}`)
 	})}
+	up.ErrorLog = log.New(io.Discard, "", 0) // the strict upstream's refused handshakes
 	up.ConnState = func(_ net.Conn, st http.ConnState) {
 		if st == http.StateNew {
 			upConns.Add(1)
@@ -259,7 +296,7 @@ func newH1Pair(tb testing.TB) *h1Pair {
 		tb.Fatal(err)
 	}
 	tb.Cleanup(func() { agent.Close() })
-	return &h1Pair{agent: agent, br: bufio.NewReader(agent), upConns: &upConns, logs: logs, audit: events, charges: &charges, srv: s, roots: roots, facts: facts}
+	return &h1Pair{agent: agent, br: bufio.NewReader(agent), upConns: &upConns, logs: logs, audit: events, charges: &charges, srv: s, roots: roots, facts: facts, slowDone: slowDone}
 }
 
 const h1BenchRequest = "GET /v1/models HTTP/1.1\r\nHost: api.openai.com\r\nUser-Agent: bench\r\nAccept: */*\r\n" +
@@ -488,30 +525,40 @@ func TestH2TrailersAreScrubbed(t *testing.T) {
 }
 
 // TestInterimResponsesAreScrubbed: a 1xx response whose header quotes the credential reaches
-// an HTTP/2 agent with the placeholder, and an HTTP/1.1 agent not at all (its loop does not
-// relay interim responses).
+// an HTTP/2 agent whose request goes upstream over HTTP/2 (it asks for trailers) with the
+// placeholder; one whose request goes over the HTTP/1.1 pool, and an HTTP/1.1 agent, get no
+// interim response at all (those paths do not relay them).
 func TestInterimResponsesAreScrubbed(t *testing.T) {
 	p := newH1Pair(t)
-	var interim []string
-	ctx := httptrace.WithClientTrace(context.Background(), &httptrace.ClientTrace{
-		Got1xxResponse: func(code int, h textproto.MIMEHeader) error {
-			interim = append(interim, fmt.Sprint(code, h))
-			return nil
-		},
-	})
-	req, _ := http.NewRequestWithContext(ctx, "GET", "https://api.openai.com/v1/early-echo", nil)
-	req.Header.Set("Authorization", "Bearer sk-avp-PLACEHOLDER-openai-000000000000")
-	resp, err := p.h2Client(t).Do(req)
-	if err != nil {
-		t.Fatal(err)
-	}
-	io.Copy(io.Discard, resp.Body)
-	resp.Body.Close()
-	if resp.StatusCode != 200 || len(interim) != 1 || !strings.Contains(interim[0], "103") || !strings.Contains(interim[0], "PLACEHOLDER") {
-		t.Fatalf("got %d, interim responses %q", resp.StatusCode, interim)
-	}
-	if strings.Contains(interim[0], h1BenchReal) {
-		t.Fatalf("the real secret reached the agent in a 103: %q", interim[0])
+	client := p.h2Client(t)
+	for _, te := range []bool{true, false} {
+		var interim []string
+		ctx := httptrace.WithClientTrace(context.Background(), &httptrace.ClientTrace{
+			Got1xxResponse: func(code int, h textproto.MIMEHeader) error {
+				interim = append(interim, fmt.Sprint(code, h))
+				return nil
+			},
+		})
+		req, _ := http.NewRequestWithContext(ctx, "GET", "https://api.openai.com/v1/early-echo", nil)
+		req.Header.Set("Authorization", "Bearer sk-avp-PLACEHOLDER-openai-000000000000")
+		if te {
+			req.Header.Set("Te", "trailers")
+		}
+		resp, err := client.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != 200 || strings.Contains(fmt.Sprint(interim), h1BenchReal) {
+			t.Fatalf("te %v: got %d, interim responses %q", te, resp.StatusCode, interim)
+		}
+		if te && (len(interim) != 1 || !strings.Contains(interim[0], "103") || !strings.Contains(interim[0], "PLACEHOLDER")) {
+			t.Fatalf("over HTTP/2 upstream: interim responses %q, want the 103 with the placeholder", interim)
+		}
+		if !te && len(interim) != 0 {
+			t.Fatalf("over the HTTP/1.1 pool: interim responses %q, want none", interim)
+		}
 	}
 	code, body := p.do(t, strings.Replace(h1BenchRequest, "/v1/models", "/v1/early-echo", 1))
 	if code != 200 || strings.Contains(body, h1BenchReal) {

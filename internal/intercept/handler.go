@@ -74,6 +74,14 @@ func (s *Server) serveHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	ctx := context.WithValue(r.Context(), injectedKey{}, p.inj)
+	ctx = context.WithValue(ctx, retryGateKey{}, retryGate(func() (func(), bool) {
+		s.gate.RLock()
+		if s.policy.Load() != p.policy {
+			s.gate.RUnlock()
+			return nil, false
+		}
+		return sync.OnceFunc(s.gate.RUnlock), true
+	}))
 	ctx = httptrace.WithClientTrace(ctx, &httptrace.ClientTrace{WroteHeaders: p.release})
 	s.proxy.ServeHTTP(w, r.WithContext(ctx))
 }
@@ -419,11 +427,13 @@ func (l logfWriter) Write(p []byte) (int, error) {
 // reused across agent connections but a request is only ever sent to the address the agent
 // dialled, over TLS verified for the name the agent asked for.
 //
-// The upstream speaks the protocol the agent spoke: HTTP/2 requests (net/http's handler) go
-// through one http.Transport per key over HTTP/2 (gRPC and trailers need it); HTTP/1.1
-// requests (avpd's own loop) over a pool of HTTP/1.1 keep-alive connections (upstream_h1.go).
-// Funnelling every agent's HTTP/1.1 requests into one multiplexed HTTP/2 connection made
-// them queue behind its single writer and reader.
+// Requests go upstream over a pool of HTTP/1.1 keep-alive connections (upstream_h1.go):
+// those of avpd's HTTP/1.1 loop, and those of HTTP/2 agents (net/http's handler, through
+// RoundTrip and upstream_h2agent.go). Funnelling every agent's requests into one
+// multiplexed HTTP/2 connection made them queue behind its single writer and reader, and
+// each crossed two more goroutines. An HTTP/2 agent's gRPC request, one that asks for
+// trailers, or one to an upstream that refuses HTTP/1.1, goes through one http.Transport
+// per key over HTTP/2.
 type upstreamPool struct {
 	tlsBase *tls.Config
 	dial    func(ctx context.Context, network, addr string) (net.Conn, error)
@@ -436,6 +446,7 @@ type upstreamPool struct {
 	transports map[upstreamKey]*http.Transport
 	configs    map[upstreamKey]*tls.Config
 	idle       map[upstreamKey][]*upConn
+	h2Only     map[upstreamKey]bool // upstreams that refused HTTP/1.1
 	nIdle      int
 	lastSweep  time.Time
 	closed     bool
@@ -450,13 +461,20 @@ const maxTransports = 1024
 
 func newUpstreamPool(base *tls.Config, dial func(ctx context.Context, network, addr string) (net.Conn, error)) *upstreamPool {
 	return &upstreamPool{tlsBase: base, dial: dial, transports: map[upstreamKey]*http.Transport{},
-		configs: map[upstreamKey]*tls.Config{}, idle: map[upstreamKey][]*upConn{}}
+		configs: map[upstreamKey]*tls.Config{}, idle: map[upstreamKey][]*upConn{}, h2Only: map[upstreamKey]bool{}}
 }
 
 func (p *upstreamPool) RoundTrip(r *http.Request) (*http.Response, error) {
 	f := factsFrom(r.Context())
 	if f == nil {
 		return nil, errors.New("request without connection facts")
+	}
+	k := upstreamKey{sni: f.SNI, addr: f.OrigDst}
+	if !needsH2Upstream(r) && !p.isH2Only(k) {
+		resp, err := p.roundTripH1(r, f.Facts)
+		if !errors.Is(err, errNeedsH2) {
+			return resp, err
+		}
 	}
 	if inj, ok := r.Context().Value(injectedKey{}).(*injected); ok && len(inj.scrub) > 0 {
 		// ReverseProxy relays interim (1xx) responses to the agent from a trace hook, before
@@ -469,7 +487,7 @@ func (p *upstreamPool) RoundTrip(r *http.Request) (*http.Response, error) {
 			},
 		}))
 	}
-	return p.transport(upstreamKey{sni: f.SNI, addr: f.OrigDst}).RoundTrip(r)
+	return p.transport(k).RoundTrip(r)
 }
 
 func (p *upstreamPool) transport(k upstreamKey) *http.Transport {

@@ -1,0 +1,196 @@
+package intercept
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"io"
+	"math"
+	"net"
+	"net/http"
+	"net/http/httptrace"
+	"strings"
+	"time"
+
+	"github.com/agent-vault-proxy/agent-vault-proxy/internal/inject"
+)
+
+// HTTP/2 agents' requests go upstream over the pooled HTTP/1.1 connections the HTTP/1.1
+// loop uses, written and read by the stream's own handler goroutine. Through net/http's
+// HTTP/2 Transport every request crossed two more goroutines (the stream's writer and the
+// connection's reader) and queued behind one connection's single writer. gRPC (and any
+// request that asks for trailers) keeps the HTTP/2 Transport: its status travels in
+// trailers, and servers of it speak only HTTP/2.
+
+// retryGateKey carries, for an injecting request, what a retry must take before it injects
+// again: the reload gate, and the check that the policy that decided the request is still
+// in force (as the HTTP/1.1 loop does).
+type retryGateKey struct{}
+
+type retryGate func() (release func(), ok bool)
+
+// errNeedsH2 tells RoundTrip to send the request over HTTP/2 after all.
+var errNeedsH2 = errors.New("the upstream does not speak HTTP/1.1")
+
+// noHTTP1 reports whether a dial failed because the upstream offers no HTTP/1.1: its TLS
+// refused the protocol with the no_application_protocol alert. crypto/tls reports an alert
+// from the peer as a net.OpError "remote error" around its own unexported alert type, so
+// the alert is known by its text (TestH2AgentUpstreamProtocols notices if that changes).
+func noHTTP1(err error) bool {
+	var ae tls.AlertError
+	if errors.As(err, &ae) {
+		return ae == 120
+	}
+	var oe *net.OpError
+	return errors.As(err, &oe) && oe.Op == "remote error" && oe.Err != nil && oe.Err.Error() == "tls: no application protocol"
+}
+
+func (p *upstreamPool) markH2Only(k upstreamKey) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if len(p.h2Only) >= maxTransports {
+		clear(p.h2Only)
+	}
+	p.h2Only[k] = true
+}
+
+func (p *upstreamPool) isH2Only(k upstreamKey) bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.h2Only[k]
+}
+
+// needsH2Upstream reports whether r must go upstream over HTTP/2.
+func needsH2Upstream(r *http.Request) bool {
+	ct := r.Header.Get("Content-Type")
+	return len(ct) >= 16 && strings.EqualFold(ct[:16], "application/grpc") ||
+		headerValuesContainToken(r.Header["Te"], "trailers")
+}
+
+// roundTripH1 sends r (ReverseProxy's outgoing request) over an HTTP/1.1 upstream
+// connection. The connection returns to the pool when the response body has been read to
+// its end and closed; one closed early, or whose framing ends with the connection, is
+// closed. The request's context ending (the agent reset the stream) cuts the connection,
+// so a blocked read returns.
+func (p *upstreamPool) roundTripH1(r *http.Request, f inject.Facts) (*http.Response, error) {
+	ctx := r.Context()
+	var wroteHeaders func()
+	if trace := httptrace.ContextClientTrace(ctx); trace != nil {
+		wroteHeaders = trace.WroteHeaders
+	}
+	// The proxy sends the body without waiting; an agent that asked for 100-continue got
+	// it from net/http's HTTP/2 server when the body was first read.
+	delete(r.Header, "Expect")
+	for attempt := 0; ; attempt++ {
+		release := func() {}
+		if attempt > 0 {
+			if gate, ok := ctx.Value(retryGateKey{}).(retryGate); ok {
+				rel, ok := gate()
+				if !ok {
+					return nil, errPolicyChanged
+				}
+				release = rel
+			}
+		}
+		probe := !idempotent(r)
+		up, reused, err := p.getH1(ctx, f, probe)
+		if err != nil {
+			release()
+			if noHTTP1(err) && attempt == 0 {
+				// An upstream that speaks only HTTP/2 gets this and later requests over
+				// the HTTP/2 Transport; nothing was sent.
+				p.markH2Only(upstreamKey{sni: f.SNI, addr: f.OrigDst})
+				return nil, errNeedsH2
+			}
+			return nil, err
+		}
+		stop := context.AfterFunc(ctx, func() { p.closeConn(up) })
+		up.onWrite = func() {
+			if wroteHeaders != nil {
+				wroteHeaders()
+			}
+			release()
+		}
+		err = r.Write(up.bw)
+		if err == nil {
+			err = up.bw.Flush()
+		}
+		up.onWrite = nil
+		release()
+		if err == nil {
+			if _, err = up.br.Peek(1); err == nil {
+				up.lr.n = h1MaxResponseHeaderBytes
+				resp, err := readResponse(up.br, r)
+				up.lr.n = math.MaxInt64
+				if err != nil {
+					stop()
+					p.closeConn(up)
+					return nil, err
+				}
+				if resp.StatusCode == http.StatusSwitchingProtocols {
+					// An HTTP/2 agent cannot have asked for a switch; what follows on that
+					// connection is not HTTP.
+					stop()
+					p.closeConn(up)
+					return nil, errors.New("101 without an upgrade request")
+				}
+				reuse := !resp.Close && !(resp.ContentLength < 0 && len(resp.TransferEncoding) == 0 && bodyAllowed(r, resp))
+				b := &h1RespBody{rc: resp.Body, p: p, up: up, reuse: reuse, stop: stop}
+				if resp.Body == http.NoBody {
+					b.sawEOF = true
+				}
+				resp.Body = b
+				return resp, nil
+			}
+		}
+		stop()
+		p.closeConn(up)
+		if ctx.Err() != nil {
+			return nil, ctx.Err()
+		}
+		if !reused || attempt > 0 || !idempotent(r) || (r.Body != nil && r.Body != http.NoBody) {
+			return nil, err
+		}
+	}
+}
+
+// h1RespBody is a response body read from a pooled HTTP/1.1 upstream connection.
+type h1RespBody struct {
+	rc     io.ReadCloser
+	p      *upstreamPool
+	up     *upConn
+	reuse  bool // the response's framing lets the connection carry another
+	sawEOF bool
+	stop   func() bool
+	closed bool
+}
+
+func (b *h1RespBody) Read(q []byte) (int, error) {
+	if b.closed {
+		return 0, errors.New("read on a closed response body")
+	}
+	n, err := b.rc.Read(q)
+	if err == io.EOF {
+		b.sawEOF = true
+	}
+	return n, err
+}
+
+func (b *h1RespBody) Close() error {
+	if b.closed {
+		return nil
+	}
+	b.closed = true
+	// stop fails when the agent's stream ended meanwhile: the connection's deadline may be
+	// cut, so it is not pooled.
+	if b.stop() && b.sawEOF && b.reuse {
+		b.rc.Close()
+		b.up.lastUsed = time.Now()
+		b.p.putH1(b.up)
+		return nil
+	}
+	// Closed first: the body's own Close would read the rest of an unfinished body.
+	b.p.closeConn(b.up)
+	b.rc.Close()
+	return nil
+}
