@@ -7,7 +7,8 @@ import (
 )
 
 // TestProxyPathShapes pins what the performance work (issue 7) changed on the request path:
-// the upstream speaks the agent's protocol, and a small injected response keeps an exact
+// requests go upstream over HTTP/1.1 whatever the agent spoke, except an HTTP/2 agent's
+// gRPC request or one that asks for trailers, and a small injected response keeps an exact
 // Content-Length after scrubbing.
 func TestProxyPathShapes(t *testing.T) {
 	e := newEnv(t)
@@ -15,14 +16,25 @@ func TestProxyPathShapes(t *testing.T) {
 	e.avpctl("enroll-uid", strconv.Itoa(agentUID))
 	bearer := "Authorization: Bearer " + phOpenAI
 
-	for _, tc := range []struct{ flag, want string }{{"--http1.1", "HTTP/1.1"}, {"--http2", "HTTP/2.0"}} {
-		out, err := e.agent(agentUID, "curl", "-sS", "--max-time", "20", tc.flag, "-H", bearer, "https://"+hostOpenAI+"/v1/models")
+	for _, tc := range []struct {
+		flags []string
+		want  string
+	}{
+		{[]string{"--http1.1"}, "HTTP/1.1"},
+		{[]string{"--http2"}, "HTTP/1.1"},
+		{[]string{"--http2", "-H", "Content-Type: application/grpc"}, "HTTP/2.0"},
+		{[]string{"--http2", "-H", "TE: trailers"}, "HTTP/2.0"},
+		{[]string{"--http1.1", "-H", "Content-Type: application/grpc"}, "HTTP/1.1"},
+	} {
+		args := append([]string{"-sS", "--max-time", "20"}, tc.flags...)
+		args = append(args, "-H", bearer, "https://"+hostOpenAI+"/v1/models")
+		out, err := e.agent(agentUID, "curl", args...)
 		if err != nil || !strings.Contains(out, `"ok":true`) {
-			t.Fatalf("curl %s: %q %v", tc.flag, out, err)
+			t.Fatalf("curl %v: %q %v", tc.flags, out, err)
 		}
 		got := e.upstream.last(t)
 		if got.Proto != tc.want || got.Header.Get("Authorization") != "Bearer "+realOpenAI {
-			t.Fatalf("agent %s: upstream got %s with Authorization %q, want %s with the real key", tc.flag, got.Proto, got.Header.Get("Authorization"), tc.want)
+			t.Fatalf("agent %v: upstream got %s with Authorization %q, want %s with the real key", tc.flags, got.Proto, got.Header.Get("Authorization"), tc.want)
 		}
 	}
 
