@@ -11,6 +11,7 @@ import (
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
+	"crypto/sha256"
 	"crypto/tls"
 	"crypto/x509"
 	"crypto/x509/pkix"
@@ -316,6 +317,7 @@ func (e *env) agentCmd(uid int, name string, args ...string) *exec.Cmd {
 		"HOME=/tmp",
 		"SSL_CERT_FILE=" + e.bundle,
 		"NODE_EXTRA_CA_CERTS=" + e.bundle,
+		"REQUESTS_CA_BUNDLE=" + e.bundle, // requests reads its own variable
 	}
 	cmd.Dir = "/"
 	return cmd
@@ -556,6 +558,20 @@ func startUpstream(t *testing.T, ns, dir string) *upstream {
 		bw.WriteString("HTTP/1.1 200 OK\r\nEcho " + r.Header.Get("Authorization") + "\r\n\r\n")
 		bw.Flush()
 		c.Close()
+	})
+	// Reads a body of any size and records its length and digest instead of its bytes.
+	mux.HandleFunc("/v1/upload", func(w http.ResponseWriter, r *http.Request) {
+		h := sha256.New()
+		n, err := io.Copy(h, r.Body)
+		if err != nil {
+			http.Error(w, err.Error(), http.StatusBadRequest)
+			return
+		}
+		sum := fmt.Sprintf("%d bytes sha256 %x", n, h.Sum(nil))
+		r.Body = io.NopCloser(strings.NewReader(sum))
+		u.record(r)
+		w.Header().Set("Content-Type", "application/json")
+		fmt.Fprintf(w, `{"ok":true,"got":%q}`, sum)
 	})
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		u.record(r)

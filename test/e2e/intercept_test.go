@@ -105,17 +105,24 @@ console.log(r.status, await r.text());
 	denials := []struct {
 		name, method, url, reason, secret string
 		header                            string
+		extra                             string // one more header, or ""
 	}{
-		{"3_wrong_method_verbatim", "DELETE", "https://" + hostOpenAI + "/v1/files/1", "method_not_allowed", "OPENAI", bearer},
-		{"3_path_outside_glob_verbatim", "GET", "https://" + hostOpenAI + "/admin/keys", "path_not_allowed", "OPENAI", bearer},
-		{"3_host_bound_to_other_secret_verbatim", "GET", "https://" + hostOther + "/v1/models", "host_not_bound", "OPENAI", bearer},
-		{"3_dotdot_escape_verbatim", "GET", "https://" + hostOpenAI + "/v1/%2e%2e/admin", "path_unsafe", "OPENAI", bearer},
-		{"3_placeholder_in_other_header_verbatim", "GET", "https://" + hostOpenAI + "/v1/models", "placeholder_in_wrong_header", "OPENAI", "X-Other: " + phOpenAI},
+		{"3_wrong_method_verbatim", "DELETE", "https://" + hostOpenAI + "/v1/files/1", "method_not_allowed", "OPENAI", bearer, ""},
+		{"3_path_outside_glob_verbatim", "GET", "https://" + hostOpenAI + "/admin/keys", "path_not_allowed", "OPENAI", bearer, ""},
+		{"3_host_bound_to_other_secret_verbatim", "GET", "https://" + hostOther + "/v1/models", "host_not_bound", "OPENAI", bearer, ""},
+		{"3_dotdot_escape_verbatim", "GET", "https://" + hostOpenAI + "/v1/%2e%2e/admin", "path_unsafe", "OPENAI", bearer, ""},
+		{"3_placeholder_in_other_header_verbatim", "GET", "https://" + hostOpenAI + "/v1/models", "placeholder_in_wrong_header", "OPENAI", "X-Other: " + phOpenAI, ""},
+		{"3_method_override_verbatim", "GET", "https://" + hostOpenAI + "/v1/files/1", "method_override_not_allowed", "OPENAI", bearer, "X-HTTP-Method-Override: DELETE"},
+		{"3_path_override_verbatim", "GET", "https://" + hostOpenAI + "/v1/models", "path_override_not_allowed", "OPENAI", bearer, "X-Original-URL: /admin/keys"},
 	}
 	for _, tc := range denials {
 		t.Run(tc.name, func(t *testing.T) {
 			before := len(e.upstream.requests())
-			code, _, err := e.curl(agentUID, tc.method, tc.url, tc.header, "X-Case: "+tc.name)
+			hdrs := []string{tc.header, "X-Case: " + tc.name}
+			if tc.extra != "" {
+				hdrs = append(hdrs, tc.extra)
+			}
+			code, _, err := e.curl(agentUID, tc.method, tc.url, hdrs...)
 			if err != nil || code != 200 {
 				t.Fatalf("curl: %d %v", code, err)
 			}
