@@ -95,7 +95,11 @@ func printStatus(w io.Writer, st daemon.Status) {
 	fmt.Fprintf(w, "audit log:      %s\n", st.AuditPath)
 	fmt.Fprintf(w, "CA:             %s\n", st.CAFingerprint)
 	s := st.Stats
-	fmt.Fprintf(w, "connections:    %d (passthrough %d, terminated %d, rejected %d)\n", s.Connections, s.Passthrough, s.Terminated, s.Rejected)
+	fmt.Fprintf(w, "connections:    %d (passthrough %d, terminated %d, rejected %d", s.Connections, s.Passthrough, s.Terminated, s.Rejected)
+	if s.OverUIDLimit > 0 {
+		fmt.Fprintf(w, ", %d of them over proxy.max_connections_per_uid", s.OverUIDLimit)
+	}
+	fmt.Fprintln(w, ")")
 	fmt.Fprintf(w, "requests:       %d (injected %d, verbatim %d, refused %d, backend errors %d, audit errors %d)\n",
 		s.Requests, s.Injected, s.Verbatim, s.Refused, s.BackendErrors, s.AuditErrors)
 	if len(s.VerbatimByReason) > 0 {

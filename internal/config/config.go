@@ -29,6 +29,9 @@ const (
 	DefaultHeader   = "Authorization"
 	DefaultFormat   = "{secret}"
 	DefaultAuditLog = "/var/log/agent-vault-proxy/audit.jsonl"
+	// DefaultMaxConnsPerUID is far above what an API client keeps open (a pool of tens of
+	// connections) and far below what would hurt avpd (about 36 KB each when idle).
+	DefaultMaxConnsPerUID = 4096
 	// MinPlaceholderLen keeps placeholders long enough that they never occur by accident in
 	// ordinary header values.
 	MinPlaceholderLen = 24
@@ -108,6 +111,10 @@ type Proxy struct {
 	Listen netip.AddrPort
 	// UpstreamCAFile adds PEM roots to the system roots for verifying upstreams.
 	UpstreamCAFile string
+	// MaxConnsPerUID bounds the connections one user has open through avpd at a time, so
+	// one agent cannot exhaust the memory and descriptors every other agent's requests
+	// need; a connection over it is reset.
+	MaxConnsPerUID int
 }
 
 // Audit configures where decisions are recorded before any modified byte goes upstream.
@@ -300,7 +307,7 @@ func (d *decoder) strList(n *yaml.Node, what string) []string {
 func (d *decoder) config(root *yaml.Node) *Config {
 	cfg := &Config{
 		Cache: Cache{TTL: DefaultCacheTTL, SyncInterval: DefaultSyncInterval, MaxEntries: DefaultMaxEntries},
-		Proxy: Proxy{Listen: netip.MustParseAddrPort(DefaultListen)},
+		Proxy: Proxy{Listen: netip.MustParseAddrPort(DefaultListen), MaxConnsPerUID: DefaultMaxConnsPerUID},
 		Audit: Audit{Path: DefaultAuditLog},
 	}
 	if root.Kind != yaml.DocumentNode || len(root.Content) == 0 {
@@ -518,6 +525,14 @@ func (d *decoder) proxy(n *yaml.Node, p *Proxy) {
 			if p.UpstreamCAFile != "" && !strings.HasPrefix(p.UpstreamCAFile, "/") {
 				d.errf(v, "proxy.upstream_ca_file must be an absolute path, got %q", p.UpstreamCAFile)
 			}
+		},
+		"max_connections_per_uid": func(v *yaml.Node) {
+			n, err := strconv.Atoi(v.Value)
+			if v.Kind != yaml.ScalarNode || err != nil || n < 1 || n > 1000000 {
+				d.errf(v, "proxy.max_connections_per_uid %q is not a number between 1 and 1000000; write for example \"max_connections_per_uid: %d\"", v.Value, DefaultMaxConnsPerUID)
+				return
+			}
+			p.MaxConnsPerUID = n
 		},
 	})
 }

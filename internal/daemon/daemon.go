@@ -135,6 +135,7 @@ func start(opts Options) (_ *Daemon, err error) {
 	d.srv, err = intercept.NewServer(intercept.Options{
 		Policy: d.policy, CA: d.ca, Secrets: d.cache, Auditor: d.auditor,
 		Logf: d.logf, Listeners: d.addrs, UpstreamTLS: upstreamTLS, IsEnrolled: d.isEnrolled,
+		MaxConnsPerUID: cfg.Proxy.MaxConnsPerUID,
 	})
 	if err != nil {
 		return nil, err

@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/agent-vault-proxy/agent-vault-proxy/internal/audit"
+	"github.com/agent-vault-proxy/agent-vault-proxy/internal/config"
 	"github.com/agent-vault-proxy/agent-vault-proxy/internal/inject"
 )
 
@@ -55,6 +56,9 @@ type Options struct {
 	// (conntrack can hand another user's connection to the redirect when it reuses an
 	// entry) is spliced through untouched: only enrolled users ever get injection.
 	IsEnrolled func(uid uint32) bool
+	// MaxConnsPerUID bounds the connections one user has open through avpd at a time;
+	// 0 means config.DefaultMaxConnsPerUID.
+	MaxConnsPerUID int
 }
 
 // Stats are counters for status.
@@ -69,6 +73,9 @@ type Stats struct {
 	BackendErrors uint64 `json:"backend_errors"`
 	AuditErrors   uint64 `json:"audit_errors"`
 	Rejected      uint64 `json:"rejected_connections"`
+	// OverUIDLimit counts the rejected connections that were over
+	// proxy.max_connections_per_uid.
+	OverUIDLimit uint64 `json:"connections_over_uid_limit"`
 	// VerbatimByReason and RefusedByReason split Verbatim and Refused by reason (the
 	// audit's reason field), so an operator sees at once, say, that an agent's client
 	// sends its key in a header the config does not list.
@@ -128,6 +135,7 @@ type Server struct {
 	tlsConns *connQueue
 	upstream *upstreamPool
 	proxy    http.Handler
+	uidLimit *uidLimit
 
 	mu      sync.Mutex
 	active  map[net.Conn]struct{}
@@ -138,7 +146,7 @@ type Server struct {
 
 	stats struct {
 		connections, passthrough, terminated, requests, injected, verbatim,
-		refused, backendErrors, auditErrors, rejected atomic.Uint64
+		refused, backendErrors, auditErrors, rejected, overUIDLimit atomic.Uint64
 		verbatimReasons, refusedReasons reasonCounts
 	}
 }
@@ -168,6 +176,10 @@ func NewServer(opts Options) (*Server, error) {
 		s.dial = d.DialContext
 	}
 	s.policy.Store(opts.Policy)
+	if opts.MaxConnsPerUID <= 0 {
+		opts.MaxConnsPerUID = config.DefaultMaxConnsPerUID
+	}
+	s.uidLimit = newUIDLimit(opts.MaxConnsPerUID)
 	s.agentTLS = s.newAgentTLS()
 	s.upstream = newUpstreamPool(opts.UpstreamTLS, s.dial)
 	s.upstream.onConn = s.trackUpstream
@@ -180,6 +192,9 @@ func NewServer(opts Options) (*Server, error) {
 		ConnContext:       s.tlsConns.connContext,
 		ConnState:         s.tlsConns.connState,
 		ErrorLog:          log.New(logfWriter(opts.Logf), "agent side: ", 0),
+		// Each stream may hold an upstream connection of its own; 100 is what most servers
+		// allow (Go's default is 250).
+		HTTP2: &http.HTTP2Config{MaxConcurrentStreams: maxStreamsPerConn},
 	}
 	s.httpSrv.SetKeepAlivesEnabled(true)
 	go func() {
@@ -188,6 +203,9 @@ func NewServer(opts Options) (*Server, error) {
 	}()
 	return s, nil
 }
+
+// maxStreamsPerConn bounds an HTTP/2 agent connection's concurrent requests.
+const maxStreamsPerConn = 100
 
 // SetPolicy swaps the policy atomically. Requests already deciding finish under the old one;
 // SetPolicy returns only after each of them that injects has written its headers upstream.
@@ -204,7 +222,7 @@ func (s *Server) Stats() Stats {
 		Terminated: s.stats.terminated.Load(), Requests: s.stats.requests.Load(),
 		Injected: s.stats.injected.Load(), Verbatim: s.stats.verbatim.Load(),
 		Refused: s.stats.refused.Load(), BackendErrors: s.stats.backendErrors.Load(),
-		AuditErrors: s.stats.auditErrors.Load(), Rejected: s.stats.rejected.Load(),
+		AuditErrors: s.stats.auditErrors.Load(), Rejected: s.stats.rejected.Load(), OverUIDLimit: s.stats.overUIDLimit.Load(),
 		VerbatimByReason: s.stats.verbatimReasons.snapshot(), RefusedByReason: s.stats.refusedReasons.snapshot(),
 	}
 }
@@ -339,6 +357,17 @@ func (s *Server) handleConn(ctx context.Context, c *net.TCPConn) {
 		return
 	}
 	uid := peerUID(c, orig)
+	if !s.uidLimit.acquire(uid) {
+		s.stats.rejected.Add(1)
+		s.stats.overUIDLimit.Add(1)
+		if n, ok := s.uidLimit.refused(time.Now()); ok {
+			s.logf("uid %d is at its limit of %d open connections (proxy.max_connections_per_uid); reset %d new connection(s) since the last message", uid, s.uidLimit.max, n)
+		}
+		c.SetLinger(0) // a reset, so the client fails at once instead of on its first read
+		c.Close()
+		return
+	}
+	defer s.uidLimit.release(uid)
 	info, peeked, err := PeekClientHello(c, helloTimeout, helloMax)
 	facts := inject.Facts{UID: uid, SNI: info.ServerName, OrigDst: orig}
 	policy := s.policy.Load()

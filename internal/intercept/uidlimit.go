@@ -1,0 +1,62 @@
+package intercept
+
+import (
+	"sync"
+	"time"
+)
+
+// uidLimit bounds the connections each user has open through avpd at a time. Every
+// redirected connection costs avpd memory and descriptors (a terminated one about 36 KB
+// when idle, more with its upstream), all from one budget that every agent shares: without
+// a bound, one agent opening connections in a loop would take avpd, and every other
+// agent's requests, down with it. A connection over the limit is reset at once.
+type uidLimit struct {
+	max int
+
+	mu    sync.Mutex
+	open  map[int64]int // by UID; -1 for connections whose UID is unknown
+	quiet time.Time     // no log line about the limit before this
+	since int           // connections reset since the last log line
+}
+
+func newUIDLimit(max int) *uidLimit {
+	return &uidLimit{max: max, open: map[int64]int{}}
+}
+
+// acquire counts a new connection of uid, or reports that uid is at its limit.
+func (l *uidLimit) acquire(uid int64) bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.open[uid] >= l.max {
+		return false
+	}
+	l.open[uid]++
+	return true
+}
+
+// release counts a connection of uid as closed.
+func (l *uidLimit) release(uid int64) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if n := l.open[uid] - 1; n > 0 {
+		l.open[uid] = n
+	} else {
+		delete(l.open, uid)
+	}
+}
+
+// refused notes a connection reset at the limit and returns how many were reset since the
+// last time it returned true; it returns true at most once every 10 s, so a flood of
+// connections does not become a flood of log lines.
+func (l *uidLimit) refused(now time.Time) (int, bool) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.since++
+	if now.Before(l.quiet) {
+		return 0, false
+	}
+	n := l.since
+	l.since = 0
+	l.quiet = now.Add(10 * time.Second)
+	return n, true
+}

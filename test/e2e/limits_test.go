@@ -1,0 +1,110 @@
+package e2e
+
+import (
+	"bufio"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+)
+
+// TestConnectionLimitPerUID: an agent that opens connections without end is held to
+// proxy.max_connections_per_uid (here 3): the next ones are reset, another enrolled user is
+// not affected meanwhile, closing one makes room, and status counts the resets.
+func TestConnectionLimitPerUID(t *testing.T) {
+	e := newEnv(t)
+	cfg, err := os.ReadFile(e.config)
+	if err != nil {
+		t.Fatal(err)
+	}
+	withLimit := strings.Replace(string(cfg), "proxy:\n", "proxy:\n  max_connections_per_uid: 3\n", 1)
+	if withLimit == string(cfg) {
+		t.Fatal("no proxy: section to add the limit to")
+	}
+	writeFile(t, e.config, []byte(withLimit), 0o600)
+	e.startAvpd()
+	e.avpctl("enroll-uid", strconv.Itoa(agentUID))
+	e.avpctl("enroll-uid", strconv.Itoa(otherAgentUID))
+
+	script := filepath.Join(e.dir, "flood.py")
+	writeFile(t, script, []byte(fmt.Sprintf(`import socket, ssl, sys, time
+host = %q
+ctx = ssl.create_default_context()
+def tls():
+    s = socket.create_connection((host, 443), timeout=5)
+    try:
+        return ctx.wrap_socket(s, server_hostname=host)
+    except Exception:
+        s.close()
+        raise
+held = [tls() for _ in range(3)]
+print("held", len(held))
+refused = 0
+for _ in range(5):
+    try:
+        held.append(tls())
+        print("over the limit: accepted")
+    except OSError:
+        refused += 1
+print("refused", refused, flush=True)
+sys.stdin.readline()  # the other user's request runs now
+held.pop(0).close()
+for i in range(50):
+    try:
+        held.append(tls())
+        print("after a close: accepted")
+        break
+    except OSError:
+        time.sleep(0.1)
+else:
+    print("after a close: still refused")
+`, hostOpenAI)), 0o644)
+
+	cmd := e.agentCmd(agentUID, "python3", script)
+	stdin, err := cmd.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var stderr strings.Builder
+	cmd.Stderr = &stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer cmd.Process.Kill()
+	r := bufio.NewReader(stdout)
+	for _, want := range []string{"held 3\n", "refused 5\n"} {
+		line, err := readLine(r, 20*time.Second)
+		if err != nil || line != want {
+			t.Fatalf("flood: %q %v, want %q\n%s", line, err, want, stderr.String())
+		}
+	}
+
+	out, err := e.agent(otherAgentUID, "curl", "-sS", "--max-time", "10", "-o", "/dev/null", "-w", "%{http_code}", "-H", "Authorization: Bearer "+phOpenAI, "https://"+hostOpenAI+"/v1/models")
+	if err != nil || out != "200" {
+		t.Fatalf("another user while the first is at its limit: %q %v", out, err)
+	}
+
+	io.WriteString(stdin, "go\n")
+	line, err := readLine(r, 20*time.Second)
+	if err != nil || line != "after a close: accepted\n" {
+		t.Fatalf("after closing one: %q %v\n%s", line, err, stderr.String())
+	}
+	stdin.Close()
+	cmd.Wait()
+
+	status := string(e.avpctl("status"))
+	if !strings.Contains(status, "5 of them over proxy.max_connections_per_uid") {
+		t.Fatalf("status does not count the resets:\n%s", status)
+	}
+	if log := e.avpdLog.String(); !strings.Contains(log, fmt.Sprintf("uid %d is at its limit of 3 open connections", agentUID)) {
+		t.Fatalf("avpd did not log the limit:\n%s", log)
+	}
+}
