@@ -80,6 +80,9 @@ type h1conn struct {
 	replay *bytes.Reader
 	// body is the current request's body as sent upstream, when it is streamed.
 	body *agentBody
+	// pending is the current request's body when its write went on while the answer came
+	// (exchange); serve finishes it once the answer is relayed.
+	pending *pendingWrite
 }
 
 // serveH1 runs the request loop of one terminated HTTP/1.x agent connection.
@@ -187,7 +190,7 @@ func isTimeout(err error) bool {
 }
 
 // serve handles one request and reports whether the connection can take another.
-func (hc *h1conn) serve(req *http.Request) bool {
+func (hc *h1conn) serve(req *http.Request) (keep bool) {
 	s := hc.s
 	s.stats.requests.Add(1)
 	defer req.Body.Close()
@@ -220,7 +223,22 @@ func (hc *h1conn) serve(req *http.Request) bool {
 	}
 
 	out := hc.outbound(req, p.inj, upgrade, trailers)
+	hc.pending = nil
 	resp, err := hc.roundTrip(out, &p)
+	pw := hc.pending
+	if pw != nil {
+		hc.pending = nil
+		defer func() {
+			// An upstream that answered before it read the whole body may never read the
+			// rest: the write is stopped once the answer is relayed, and then neither
+			// connection is in step any more.
+			if !pw.finish() {
+				hc.dropUpstream()
+				hc.lingerClose()
+				keep = false
+			}
+		}()
+	}
 	if hc.replay != nil {
 		// Move the parser past the body that went out from its buffer.
 		io.Copy(io.Discard, req.Body)
@@ -258,7 +276,9 @@ func (hc *h1conn) serve(req *http.Request) bool {
 		hc.switchProtocols(resp, p.inj)
 		return false
 	}
-	keepAlive = !req.Close
+	// A body still going out when the answer starts is likely never to be read: the agent
+	// is told the connection ends.
+	keepAlive = !req.Close && (pw == nil || !pw.writing(5*time.Millisecond))
 	ok, complete := hc.writeResponse(req, resp, keepAlive, p.inj)
 	if !upReusable || !complete {
 		hc.dropUpstream()
@@ -342,14 +362,36 @@ func (hc *h1conn) outbound(req *http.Request, inj *injected, upgrade string, tra
 type agentBody struct {
 	io.ReadCloser
 	err error
+	// cut is set when the proxy itself stopped the read (the upstream had answered): the
+	// error that follows is not the agent's.
+	cut atomic.Bool
 }
 
 func (b *agentBody) Read(p []byte) (int, error) {
 	n, err := b.ReadCloser.Read(p)
-	if err != nil && err != io.EOF {
+	if err != nil && err != io.EOF && !b.cut.Load() {
 		b.err = err
 	}
 	return n, err
+}
+
+// cutBody stops a read of the agent's body in progress (exchange's writer, once the answer
+// is relayed).
+func (hc *h1conn) cutBody() {
+	if hc.body != nil {
+		hc.body.cut.Store(true)
+	}
+	hc.agent.SetReadDeadline(time.Unix(1, 0))
+}
+
+// lingerClose ends an agent connection whose request body was not read to its end: it
+// closes the sending side, then reads and drops what the agent still sends for a moment.
+// Closing with unread data would reset the connection, and the agent could lose the answer
+// it has not read yet (net/http's server does the same).
+func (hc *h1conn) lingerClose() {
+	hc.agent.CloseWrite()
+	hc.agent.SetReadDeadline(time.Now().Add(500 * time.Millisecond))
+	io.Copy(io.Discard, io.LimitReader(hc.br, 64<<20))
 }
 
 // continueReader sends the agent its 100 Continue on the first read of the body.
@@ -434,30 +476,17 @@ func (hc *h1conn) roundTrip(out *http.Request, p *prepared) (*http.Response, err
 			hc.up, reused = up, r
 		}
 		up := hc.up
-		up.onWrite = p.release
-		err := out.Write(up.bw)
+		streamed := out.Body != nil && out.Body != http.NoBody && hc.replay == nil
+		resp, pending, noAnswer, err := exchange(up, out, streamed, p.release, hc.cutBody)
 		if err == nil {
-			err = up.bw.Flush()
-		}
-		up.onWrite = nil
-		p.release()
-		var resp *http.Response
-		if err == nil {
-			// Nothing at all coming back means the server closed the connection.
-			if _, err = up.br.Peek(1); err == nil {
-				up.lr.n = h1MaxResponseHeaderBytes
-				resp, err = readResponse(up.br, out)
-				up.lr.n = math.MaxInt64
-				if err != nil {
-					hc.dropUpstream()
-					return nil, err
-				}
-				up.lastUsed = time.Now()
-				return resp, nil
-			}
+			hc.pending = pending
+			up.lastUsed = time.Now()
+			return resp, nil
 		}
 		hc.dropUpstream()
-		if !reused || attempt > 0 || !idempotent(out) || !hc.replayable(out) {
+		// Nothing at all coming back means the server closed the connection; a request it
+		// began to answer is not sent again.
+		if !noAnswer || !reused || attempt > 0 || !idempotent(out) || !hc.replayable(out) {
 			return nil, err
 		}
 	}

@@ -226,6 +226,21 @@ func newH1Pair(tb testing.TB, upProtos ...string) *h1Pair {
 			}
 			return
 		}
+		if r.URL.Path == "/v1/sink" {
+			// Reads the whole upload, then answers with its length.
+			n, err := io.Copy(io.Discard, r.Body)
+			if err != nil {
+				http.Error(w, err.Error(), http.StatusBadRequest)
+				return
+			}
+			fmt.Fprintf(w, `{"ok":true,"bytes":%d}`, n)
+			return
+		}
+		if r.URL.Path == "/v1/too-large" {
+			// Answers at once without reading the upload, as an API refusing it does.
+			http.Error(w, "too large", http.StatusRequestEntityTooLarge)
+			return
+		}
 		if r.URL.Path == "/v1/slow" {
 			// Starts a stream and holds it until the request ends on the proxy's side.
 			io.WriteString(w, `{"part":1}`)

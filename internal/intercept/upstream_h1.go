@@ -6,6 +6,8 @@ import (
 	"crypto/tls"
 	"errors"
 	"math"
+	"net/http"
+	"sync"
 	"syscall"
 	"time"
 
@@ -232,4 +234,141 @@ func (p *upstreamPool) closeIdleH1(shutdown bool) {
 			p.closeConn(c)
 		}
 	}
+}
+
+// exchange writes out on up and reads the response head. release runs once the request's
+// headers are on the network (or the write failed). noAnswer reports that not one byte of
+// an answer came, so an idempotent request may be retried on a new connection.
+//
+// A body that streams from the agent (too large to have been read with its head) is written
+// by a goroutine of its own while this one waits for the answer: an upstream may answer
+// before it has read the whole body (401 for a bad key, 413 for a large upload) and stop
+// reading, and that answer is what the agent must get, not a 502 for a write that can no
+// longer finish. The write then goes on while the answer is relayed, and pending is set:
+// the caller calls its finish once it is done with the answer, which stops a write still
+// going (cancelBody unblocks its read of the agent's body).
+func exchange(up *upConn, out *http.Request, streamed bool, release, cancelBody func()) (resp *http.Response, pending *pendingWrite, noAnswer bool, err error) {
+	if !streamed {
+		up.onWrite = release
+		err = out.Write(up.bw)
+		if err == nil {
+			err = up.bw.Flush()
+		}
+		up.onWrite = nil
+		release()
+		if err != nil {
+			return nil, nil, true, err
+		}
+		resp, noAnswer, err = readHead(up, out)
+		return resp, nil, noAnswer, err
+	}
+
+	w := &pendingWrite{done: make(chan error, 1), up: up, cancelBody: cancelBody}
+	go func() {
+		up.onWrite = release
+		werr := out.Write(up.bw)
+		if werr == nil {
+			werr = up.bw.Flush()
+		}
+		up.onWrite = nil
+		release()
+		if werr != nil {
+			w.mu.Lock()
+			if !w.gotHead {
+				// No answer may come for a request whose body broke off: stop waiting.
+				up.c.SetReadDeadline(time.Unix(1, 0))
+				w.readerCut = true
+			}
+			w.mu.Unlock()
+		}
+		w.done <- werr
+	}()
+	resp, noAnswer, rerr := readHead(up, out)
+	w.mu.Lock()
+	w.gotHead = true
+	cut := w.readerCut
+	w.mu.Unlock()
+	if rerr == nil {
+		if cut {
+			up.c.SetReadDeadline(time.Time{}) // the head came in time; the body is still to read
+		}
+		return resp, w, false, nil
+	}
+	if w.finish() || !cut {
+		return nil, nil, noAnswer, rerr
+	}
+	// The reader was cut short because the write failed: the write's error says why (an
+	// agent whose body broke off, say).
+	return nil, nil, noAnswer, w.err
+}
+
+// pendingWrite is a request body that was still being written when the answer began.
+type pendingWrite struct {
+	done       chan error // the writer's result, once
+	up         *upConn
+	cancelBody func()
+
+	mu        sync.Mutex
+	gotHead   bool // the reader has the head: the writer leaves the read deadline alone
+	readerCut bool // the writer failed first and cut the reader's wait short
+
+	finished, ok bool
+	err          error
+}
+
+// writing reports whether the write is still going after grace, without stopping it. The
+// grace covers a writer that has sent the last byte but not yet said so when the answer
+// (to the whole body) arrives.
+func (w *pendingWrite) writing(grace time.Duration) bool {
+	if w.finished {
+		return false
+	}
+	select {
+	case w.err = <-w.done:
+		w.finished, w.ok = true, w.err == nil
+		return false
+	default:
+	}
+	t := time.NewTimer(grace)
+	defer t.Stop()
+	select {
+	case w.err = <-w.done:
+		w.finished, w.ok = true, w.err == nil
+		return false
+	case <-t.C:
+		return true
+	}
+}
+
+// finish ends the write and reports whether the whole body went out, which leaves the
+// upstream connection (and the agent's) in step. A write still going is stopped: its
+// connection's write side is cut and the agent's body read is unblocked.
+func (w *pendingWrite) finish() bool {
+	if w.finished {
+		return w.ok
+	}
+	w.finished = true
+	select {
+	case w.err = <-w.done:
+	default:
+		w.up.c.SetWriteDeadline(time.Unix(1, 0))
+		w.cancelBody()
+		w.err = <-w.done
+		if w.err == nil {
+			w.err = errors.New("request body write stopped")
+		}
+	}
+	w.ok = w.err == nil
+	return w.ok
+}
+
+// readHead waits for the first byte of the answer and reads the response head.
+func readHead(up *upConn, out *http.Request) (resp *http.Response, noAnswer bool, err error) {
+	if _, err := up.br.Peek(1); err != nil {
+		return nil, true, err
+	}
+	up.lr.n = h1MaxResponseHeaderBytes
+	resp, err = readResponse(up.br, out)
+	up.lr.n = math.MaxInt64
+	return resp, false, err
 }

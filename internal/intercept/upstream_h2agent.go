@@ -5,7 +5,6 @@ import (
 	"crypto/tls"
 	"errors"
 	"io"
-	"math"
 	"net"
 	"net/http"
 	"net/http/httptrace"
@@ -105,50 +104,39 @@ func (p *upstreamPool) roundTripH1(r *http.Request, f inject.Facts) (*http.Respo
 			return nil, err
 		}
 		stop := context.AfterFunc(ctx, func() { p.closeConn(up) })
-		up.onWrite = func() {
+		wrote := func() {
 			if wroteHeaders != nil {
 				wroteHeaders()
 			}
 			release()
 		}
-		err = r.Write(up.bw)
+		streamed := r.Body != nil && r.Body != http.NoBody
+		resp, pending, noAnswer, err := exchange(up, r, streamed, wrote, func() { r.Body.Close() })
 		if err == nil {
-			err = up.bw.Flush()
-		}
-		up.onWrite = nil
-		release()
-		if err == nil {
-			if _, err = up.br.Peek(1); err == nil {
-				up.lr.n = h1MaxResponseHeaderBytes
-				resp, err := readResponse(up.br, r)
-				up.lr.n = math.MaxInt64
-				if err != nil {
-					stop()
-					p.closeConn(up)
-					return nil, err
+			if resp.StatusCode == http.StatusSwitchingProtocols {
+				// An HTTP/2 agent cannot have asked for a switch; what follows on that
+				// connection is not HTTP.
+				stop()
+				p.closeConn(up)
+				if pending != nil {
+					pending.finish()
 				}
-				if resp.StatusCode == http.StatusSwitchingProtocols {
-					// An HTTP/2 agent cannot have asked for a switch; what follows on that
-					// connection is not HTTP.
-					stop()
-					p.closeConn(up)
-					return nil, errors.New("101 without an upgrade request")
-				}
-				reuse := !resp.Close && !(resp.ContentLength < 0 && len(resp.TransferEncoding) == 0 && bodyAllowed(r, resp))
-				b := &h1RespBody{rc: resp.Body, p: p, up: up, reuse: reuse, stop: stop}
-				if resp.Body == http.NoBody {
-					b.sawEOF = true
-				}
-				resp.Body = b
-				return resp, nil
+				return nil, errors.New("101 without an upgrade request")
 			}
+			reuse := !resp.Close && !(resp.ContentLength < 0 && len(resp.TransferEncoding) == 0 && bodyAllowed(r, resp))
+			b := &h1RespBody{rc: resp.Body, p: p, up: up, reuse: reuse, stop: stop, pending: pending}
+			if resp.Body == http.NoBody {
+				b.sawEOF = true
+			}
+			resp.Body = b
+			return resp, nil
 		}
 		stop()
 		p.closeConn(up)
 		if ctx.Err() != nil {
 			return nil, ctx.Err()
 		}
-		if !reused || attempt > 0 || !idempotent(r) || (r.Body != nil && r.Body != http.NoBody) {
+		if !noAnswer || !reused || attempt > 0 || !idempotent(r) || (r.Body != nil && r.Body != http.NoBody) {
 			return nil, err
 		}
 	}
@@ -163,6 +151,9 @@ type h1RespBody struct {
 	sawEOF bool
 	stop   func() bool
 	closed bool
+	// pending is the request body's write when it went on while the answer came; the
+	// connection is in step only if it finished.
+	pending *pendingWrite
 }
 
 func (b *h1RespBody) Read(q []byte) (int, error) {
@@ -181,9 +172,9 @@ func (b *h1RespBody) Close() error {
 		return nil
 	}
 	b.closed = true
-	// stop fails when the agent's stream ended meanwhile: the connection's deadline may be
-	// cut, so it is not pooled.
-	if b.stop() && b.sawEOF && b.reuse {
+	wrote := b.pending == nil || b.pending.finish()
+	// stop fails when the agent's stream ended meanwhile: the connection is being closed.
+	if b.stop() && wrote && b.sawEOF && b.reuse {
 		b.rc.Close()
 		b.up.lastUsed = time.Now()
 		b.p.putH1(b.up)
