@@ -83,6 +83,9 @@ type h1conn struct {
 	// pending is the current request's body when its write went on while the answer came
 	// (exchange); serve finishes it once the answer is relayed.
 	pending *pendingWrite
+	// expectContinue is set while the current request's agent waits for 100 Continue
+	// before it sends its body.
+	expectContinue bool
 }
 
 // serveH1 runs the request loop of one terminated HTTP/1.x agent connection.
@@ -200,6 +203,7 @@ func (hc *h1conn) serve(req *http.Request) (keep bool) {
 		return false
 	}
 	stripH2CUpgrade(req.Header)
+	hc.expectContinue = false
 	if ex, ok := req.Header["Expect"]; ok {
 		// The proxy answers 100-continue itself when it starts reading the body; the
 		// upstream gets the body without waiting. Other expectations are not supported.
@@ -209,9 +213,7 @@ func (hc *h1conn) serve(req *http.Request) (keep bool) {
 			return false
 		}
 		delete(req.Header, "Expect")
-		if req.Body != http.NoBody {
-			req.Body = &continueReader{ReadCloser: req.Body, hc: hc}
-		}
+		hc.expectContinue = req.Body != http.NoBody
 	}
 	upgrade, trailers := forwarded(req.Header)
 	p := s.prepare(hc.ctx, hc.f, req.Method, req.Host, req.URL, req.Header)
@@ -394,24 +396,6 @@ func (hc *h1conn) lingerClose() {
 	io.Copy(io.Discard, io.LimitReader(hc.br, 64<<20))
 }
 
-// continueReader sends the agent its 100 Continue on the first read of the body.
-type continueReader struct {
-	io.ReadCloser
-	hc   *h1conn
-	sent bool
-}
-
-func (c *continueReader) Read(p []byte) (int, error) {
-	if !c.sent {
-		c.sent = true
-		c.hc.bw.WriteString("HTTP/1.1 100 Continue\r\n\r\n")
-		if err := c.hc.bw.Flush(); err != nil {
-			return 0, err
-		}
-	}
-	return c.ReadCloser.Read(p)
-}
-
 func asciiPrintable(s string) bool {
 	if s == "" {
 		return false
@@ -476,6 +460,16 @@ func (hc *h1conn) roundTrip(out *http.Request, p *prepared) (*http.Response, err
 			hc.up, reused = up, r
 		}
 		up := hc.up
+		if hc.expectContinue {
+			// Sent here, before the body's writer starts: from then on the answer may be
+			// written to the agent at any time, and one writer at a time uses hc.bw.
+			hc.expectContinue = false
+			hc.bw.WriteString("HTTP/1.1 100 Continue\r\n\r\n")
+			if err := hc.bw.Flush(); err != nil {
+				p.release()
+				return nil, err
+			}
+		}
 		streamed := out.Body != nil && out.Body != http.NoBody && hc.replay == nil
 		resp, pending, noAnswer, err := exchange(up, out, streamed, p.release, hc.cutBody)
 		if err == nil {
