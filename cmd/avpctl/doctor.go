@@ -108,6 +108,7 @@ func runDoctor(g globals, args []string, stdout, stderr io.Writer) int {
 	d.checkCATrust()
 	d.checkAudit()
 	d.checkPlaceholders()
+	d.checkConnLimit()
 	if d.uidArg != "" {
 		d.checkAgent()
 	}
@@ -581,6 +582,23 @@ func (d *doctor) checkPlaceholders() {
 		fmt.Sprintf("%d request(s) carried a placeholder where the config does not replace it (%s %d, %s %d); they went upstream with the placeholder",
 			wrong+shape, inject.ReasonWrongHeader, wrong, inject.ReasonFormatMismatch, shape),
 		"avpctl audit tail --decision forward_verbatim names the secret and host; list the header and format the client sends under inject.also (README, Configuration)")
+}
+
+// checkConnLimit: connections reset at proxy.max_connections_per_uid mean an agent kept that
+// many open at once, which is a leak or a flood more often than a need.
+func (d *doctor) checkConnLimit() {
+	if d.st == nil {
+		d.add("connection-limit", statusSkip, "avpd does not answer", "")
+		return
+	}
+	n := d.st.Stats.OverUIDLimit
+	if n == 0 {
+		d.add("connection-limit", statusOK, "no connection was reset at proxy.max_connections_per_uid since avpd started", "")
+		return
+	}
+	d.add("connection-limit", statusWarn,
+		fmt.Sprintf("%d connection(s) were reset because their user already had proxy.max_connections_per_uid open", n),
+		"avpd's log names the user (journalctl -u avpd | grep 'open connections'); an agent that holds that many is usually leaking them; if it needs them, raise the limit in bindings.yaml and restart avpd")
 }
 
 // checkAgent: the UID is enrolled, and as that UID a TLS handshake to a bound host comes
