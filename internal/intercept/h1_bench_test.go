@@ -7,6 +7,7 @@ import (
 	"context"
 	"crypto/tls"
 	"crypto/x509"
+	"errors"
 	"fmt"
 	"io"
 	"log"
@@ -73,11 +74,17 @@ type h1Pair struct {
 type eventLog struct {
 	mu     sync.Mutex
 	events []audit.Event
+	// fail makes the next fail calls fail, as an audit log that does not answer.
+	fail int
 }
 
 func (l *eventLog) Record(_ context.Context, events ...audit.Event) error {
 	l.mu.Lock()
 	defer l.mu.Unlock()
+	if l.fail > 0 {
+		l.fail--
+		return errors.New("audit log does not answer")
+	}
 	if len(l.events) < 1000 {
 		l.events = append(l.events, events...)
 	}

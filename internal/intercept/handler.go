@@ -163,6 +163,7 @@ func (s *Server) prepare(ctx context.Context, f inject.Facts, method, authority 
 	case inject.ForwardVerbatim:
 		events := denialEvents(base, d)
 		if err := s.record(ctx, events...); err != nil {
+			s.auditUnavailable(base)
 			return refused(http.StatusServiceUnavailable, "audit_unavailable")
 		}
 		s.stats.verbatim.Add(1)
@@ -205,6 +206,7 @@ func (s *Server) prepare(ctx context.Context, f inject.Facts, method, authority 
 	// the wait (audit.timeout).
 	if err := s.record(ctx, events...); err != nil {
 		inj.wipeAll()
+		s.auditUnavailable(base)
 		return refused(http.StatusServiceUnavailable, "audit_unavailable")
 	}
 	s.stats.injected.Add(1)

@@ -76,6 +76,9 @@ type Stats struct {
 	// OverUIDLimit counts the rejected connections that were over
 	// proxy.max_connections_per_uid.
 	OverUIDLimit uint64 `json:"connections_over_uid_limit"`
+	// LateDropped counts audit_unavailable refusals that could not even be queued for a
+	// late record (the queue of 1024 was full).
+	LateDropped uint64 `json:"late_refusals_dropped,omitempty"`
 	// VerbatimByReason and RefusedByReason split Verbatim and Refused by reason (the
 	// audit's reason field), so an operator sees at once, say, that an agent's client
 	// sends its key in a header the config does not list.
@@ -136,6 +139,9 @@ type Server struct {
 	upstream *upstreamPool
 	proxy    http.Handler
 	uidLimit *uidLimit
+	// late holds refusals for the audit log to record once it answers again (late.go).
+	late     chan audit.Event
+	stopLate context.CancelFunc
 
 	mu      sync.Mutex
 	active  map[net.Conn]struct{}
@@ -146,7 +152,7 @@ type Server struct {
 
 	stats struct {
 		connections, passthrough, terminated, requests, injected, verbatim,
-		refused, backendErrors, auditErrors, rejected, overUIDLimit atomic.Uint64
+		refused, backendErrors, auditErrors, rejected, overUIDLimit, lateDropped atomic.Uint64
 		verbatimReasons, refusedReasons reasonCounts
 	}
 }
@@ -180,6 +186,10 @@ func NewServer(opts Options) (*Server, error) {
 		opts.MaxConnsPerUID = config.DefaultMaxConnsPerUID
 	}
 	s.uidLimit = newUIDLimit(opts.MaxConnsPerUID)
+	s.late = make(chan audit.Event, lateQueue)
+	lateCtx, stopLate := context.WithCancel(context.Background())
+	s.stopLate = stopLate
+	go s.recordLate(lateCtx)
 	s.agentTLS = s.newAgentTLS()
 	s.upstream = newUpstreamPool(opts.UpstreamTLS, s.dial)
 	s.upstream.onConn = s.trackUpstream
@@ -222,7 +232,7 @@ func (s *Server) Stats() Stats {
 		Terminated: s.stats.terminated.Load(), Requests: s.stats.requests.Load(),
 		Injected: s.stats.injected.Load(), Verbatim: s.stats.verbatim.Load(),
 		Refused: s.stats.refused.Load(), BackendErrors: s.stats.backendErrors.Load(),
-		AuditErrors: s.stats.auditErrors.Load(), Rejected: s.stats.rejected.Load(), OverUIDLimit: s.stats.overUIDLimit.Load(),
+		AuditErrors: s.stats.auditErrors.Load(), Rejected: s.stats.rejected.Load(), OverUIDLimit: s.stats.overUIDLimit.Load(), LateDropped: s.stats.lateDropped.Load(),
 		VerbatimByReason: s.stats.verbatimReasons.snapshot(), RefusedByReason: s.stats.refusedReasons.snapshot(),
 	}
 }
@@ -332,6 +342,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	}
 	s.upstream.closeIdle()
 	s.upstream.closeIdleH1(true)
+	s.stopLate()
 	return err
 }
 

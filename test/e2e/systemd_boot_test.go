@@ -306,6 +306,18 @@ ps -o user= -p "$(systemctl show -P MainPID avp-journal.service)"`)
 	}
 	c.sh("systemctl start avp-journal.socket")
 	c.agentRequest(up, "after the journal's socket came back")
+	// The refused request's line reaches the log once the journal answers again, and the
+	// chain still verifies.
+	deadline = time.Now().Add(40 * time.Second)
+	for !strings.Contains(c.sh("avpctl audit tail -n 50 --decision refuse --json"), `"reason":"audit_unavailable"`) {
+		if time.Now().After(deadline) {
+			t.Fatalf("no late audit_unavailable refusal in the log:\n%s", c.sh("avpctl audit tail -n 20"))
+		}
+		time.Sleep(500 * time.Millisecond)
+	}
+	if out, err := c.shErr("avpctl audit verify"); err != nil {
+		t.Fatalf("avpctl audit verify after the journal's outage: %v\n%s", err, out)
+	}
 	if logs := c.sh("journalctl -u avpd.service -u avp-journal.service --no-pager"); strings.Contains(logs, realOpenAI) {
 		t.Fatalf("a real secret reached the system journal:\n%s", logs)
 	}
