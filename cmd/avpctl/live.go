@@ -108,6 +108,9 @@ func printStatus(w io.Writer, st daemon.Status) {
 	if len(s.RefusedByReason) > 0 {
 		fmt.Fprintf(w, "refused:        %s\n", byReason(s.RefusedByReason))
 	}
+	if s.LateDropped > 0 {
+		fmt.Fprintf(w, "audit:          %d audit_unavailable refusal(s) could not be queued for the log (queue full)\n", s.LateDropped)
+	}
 }
 
 // byReason lists counts by reason, the largest first.
