@@ -275,6 +275,10 @@ func (hc *h1conn) serve(req *http.Request) (keep bool) {
 			// A switch nobody asked for: what follows on that connection is not HTTP.
 			return hc.badGateway("101 without an upgrade request")
 		}
+		if pw != nil && !pw.finish() {
+			// The body was not all sent before the switch: the bytes that follow would mix.
+			return hc.badGateway("101 before the request body was sent")
+		}
 		hc.switchProtocols(resp, p.inj)
 		return false
 	}
