@@ -21,18 +21,7 @@ const earlyBody = 64 << 20
 func TestEarlyResponseToLargeUpload(t *testing.T) {
 	p := newH1Pair(t)
 	big := bytes.Repeat([]byte("x"), earlyBody)
-	req := strings.Replace(h1BenchRequest, "GET /v1/models", "POST /v1/too-large", 1)
-	req = strings.TrimSuffix(req, "\r\n") + fmt.Sprintf("Content-Length: %d\r\n\r\n", len(big))
-	go func() {
-		io.WriteString(p.agent, req)
-		p.agent.Write(big)
-	}()
-	p.agent.SetReadDeadline(time.Now().Add(20 * time.Second))
-	resp, err := http.ReadResponse(p.br, nil)
-	if err != nil {
-		t.Fatalf("HTTP/1.1: %v", err)
-	}
-	body, _ := io.ReadAll(resp.Body)
+	resp, body := p.upload(t, "/v1/too-large", big)
 	if resp.StatusCode != http.StatusRequestEntityTooLarge || !resp.Close {
 		t.Fatalf("HTTP/1.1: %d %q (close %v), want the upstream's 413 and the connection closed", resp.StatusCode, body, resp.Close)
 	}
@@ -65,24 +54,32 @@ func TestEarlyResponseToLargeUpload(t *testing.T) {
 func TestStreamedUploadKeepsConnections(t *testing.T) {
 	p := newH1Pair(t)
 	big := bytes.Repeat([]byte("y"), 3<<20)
-	req := strings.Replace(h1BenchRequest, "GET /v1/models", "POST /v1/sink", 1)
-	req = strings.TrimSuffix(req, "\r\n") + fmt.Sprintf("Content-Length: %d\r\n\r\n", len(big))
 	for i := 0; i < 2; i++ {
-		go func() {
-			io.WriteString(p.agent, req)
-			p.agent.Write(big)
-		}()
-		p.agent.SetReadDeadline(time.Now().Add(20 * time.Second))
-		resp, err := http.ReadResponse(p.br, nil)
-		if err != nil {
-			t.Fatalf("upload %d: %v", i, err)
-		}
-		body, _ := io.ReadAll(resp.Body)
-		if resp.StatusCode != 200 || resp.Close || string(body) != fmt.Sprintf(`{"ok":true,"bytes":%d}`, len(big)) {
+		resp, body := p.upload(t, "/v1/sink", big)
+		if resp.StatusCode != 200 || resp.Close || body != fmt.Sprintf(`{"ok":true,"bytes":%d}`, len(big)) {
 			t.Fatalf("upload %d: %d %q (close %v), want 200 with all %d bytes, connection kept", i, resp.StatusCode, body, resp.Close, len(big))
 		}
 	}
 	if n := p.upConns.Load(); n != 1 {
 		t.Fatalf("the upstream saw %d connections for two uploads in a row, want 1", n)
 	}
+}
+
+// upload POSTs body to path on the HTTP/1.1 agent connection, writing it while the answer
+// is read (the answer may come first), and returns the answer with its body read.
+func (p *h1Pair) upload(t *testing.T, path string, body []byte) (*http.Response, string) {
+	t.Helper()
+	req := strings.Replace(h1BenchRequest, "GET /v1/models", "POST "+path, 1)
+	req = strings.TrimSuffix(req, "\r\n") + fmt.Sprintf("Content-Length: %d\r\n\r\n", len(body))
+	go func() {
+		io.WriteString(p.agent, req)
+		p.agent.Write(body)
+	}()
+	p.agent.SetReadDeadline(time.Now().Add(20 * time.Second))
+	resp, err := http.ReadResponse(p.br, nil)
+	if err != nil {
+		t.Fatalf("POST %s: %v", path, err)
+	}
+	b, _ := io.ReadAll(resp.Body)
+	return resp, string(b)
 }

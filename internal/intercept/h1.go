@@ -261,7 +261,7 @@ func (hc *h1conn) serve(req *http.Request) (keep bool) {
 	defer resp.Body.Close()
 	// Decided before scrubbing, which drops the length of what it rewrites: only a body
 	// delimited by the upstream closing the connection leaves it unusable.
-	upReusable := !resp.Close && !(resp.ContentLength < 0 && len(resp.TransferEncoding) == 0 && bodyAllowed(req, resp))
+	upReusable := reusableAfter(req, resp)
 	if err := p.inj.scrubResponse(resp); err != nil {
 		return hc.badGateway("read response: " + p.inj.errText(err))
 	}
@@ -630,6 +630,13 @@ func (hc *h1conn) writeResponse(req *http.Request, resp *http.Response, keepAliv
 		bw.WriteString("0\r\n\r\n")
 	}
 	return bw.Flush() == nil, true
+}
+
+// reusableAfter reports whether resp's framing leaves its upstream connection able to carry
+// another request once the body is read: not when the upstream said close, nor when the
+// body runs to the connection's end.
+func reusableAfter(req *http.Request, resp *http.Response) bool {
+	return !resp.Close && !(resp.ContentLength < 0 && len(resp.TransferEncoding) == 0 && bodyAllowed(req, resp))
 }
 
 // bodyAllowed reports whether resp carries a body (RFC 9112 section 6.3).

@@ -123,8 +123,7 @@ func (p *upstreamPool) roundTripH1(r *http.Request, f inject.Facts) (*http.Respo
 				}
 				return nil, errors.New("101 without an upgrade request")
 			}
-			reuse := !resp.Close && !(resp.ContentLength < 0 && len(resp.TransferEncoding) == 0 && bodyAllowed(r, resp))
-			b := &h1RespBody{rc: resp.Body, p: p, up: up, reuse: reuse, stop: stop, pending: pending}
+			b := &h1RespBody{rc: resp.Body, p: p, up: up, reuse: reusableAfter(r, resp), stop: stop, pending: pending}
 			if resp.Body == http.NoBody {
 				b.sawEOF = true
 			}
