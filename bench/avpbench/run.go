@@ -375,6 +375,9 @@ func (b *bench) idleConns(n int) {
 	}
 	b.logf("idle connections: %d open in %.1fs; avpd RSS %d KB -> %d KB: %.1f KB per connection",
 		opened, took.Seconds(), before, after, m.PerConnBytes/1024)
+	if opened < n {
+		b.logf("idle connections: only %d of %d opened (avpd's proxy.max_connections_per_uid, or the load UID's file limit)", opened, n)
+	}
 }
 
 func startWait2(cmd *exec.Cmd, d time.Duration) {
