@@ -284,7 +284,7 @@ cache: {ttl: 5m}
 proxy:
   listen: 127.0.0.1:%d
   upstream_ca_file: %s
-  # The memory measurement holds 10,000 connections of one user (the default limit is 4096).
+  # The memory measurement holds 10,000 connections of one user; leave it room whatever the default.
   max_connections_per_uid: 20000
 %s
 secrets:

@@ -30,8 +30,9 @@ const (
 	DefaultFormat   = "{secret}"
 	DefaultAuditLog = "/var/log/agent-vault-proxy/audit.jsonl"
 	// DefaultMaxConnsPerUID is far above what an API client keeps open (a pool of tens of
-	// connections) and far below what would hurt avpd (about 36 KB each when idle).
-	DefaultMaxConnsPerUID = 4096
+	// connections), and above the 10,000 idle connections avpd's memory budget is measured
+	// with, yet bounds one user's share (about 36 KB each when idle: under 600 MB).
+	DefaultMaxConnsPerUID = 16384
 	// MinPlaceholderLen keeps placeholders long enough that they never occur by accident in
 	// ordinary header values.
 	MinPlaceholderLen = 24

@@ -55,7 +55,7 @@ func TestBadConfigs(t *testing.T) {
 		{"relative secrets path", strings.Replace(good, "/etc/s.yaml", "s.yaml", 1), `backend.file.path must be an absolute path`},
 		{"hop-by-hop header", strings.Replace(good, "header: Authorization", "header: Connection", 1), `is a hop-by-hop or framing header`},
 		{"proxy-connection header", strings.Replace(good, "header: Authorization", "header: Proxy-Connection", 1), `is a hop-by-hop or framing header`},
-		{"zero connections per uid", good + "proxy: {max_connections_per_uid: 0}\n", `bindings.yaml:11:34: proxy.max_connections_per_uid "0" is not a number between 1 and 1000000; write for example "max_connections_per_uid: 4096"`},
+		{"zero connections per uid", good + "proxy: {max_connections_per_uid: 0}\n", `bindings.yaml:11:34: proxy.max_connections_per_uid "0" is not a number between 1 and 1000000; write for example "max_connections_per_uid: 16384"`},
 		{"yaml syntax", "version: 1\nsecrets: [\n", `bindings.yaml:2:1: did not find expected node content; fix the YAML syntax`},
 		{"placeholder substring", good + `  B:
     placeholder: sk-avp-PLACEHOLDER-aaaaaaaaaaaaaa-longer
