@@ -403,6 +403,11 @@ func newReverseProxy(up *upstreamPool, logf Logf) *httputil.ReverseProxy {
 			if errors.Is(err, context.Canceled) {
 				return
 			}
+			if errors.Is(err, errUIDLimit) {
+				// Logged and counted where the limit is checked.
+				refuse(w, http.StatusServiceUnavailable, "connection_limit")
+				return
+			}
 			f := factsFrom(r.Context())
 			inj, _ := r.Context().Value(injectedKey{}).(*injected)
 			logf("upstream %s (sni %q): %s", f.OrigDst, f.SNI, inj.errText(err))
@@ -443,6 +448,10 @@ type upstreamPool struct {
 	// onConn, when set, learns of each HTTP/1.1 upstream connection opened and closed, so
 	// shutdown can close the ones in use.
 	onConn func(c net.Conn, open bool)
+	// overLimit, when set, takes a slot of the user's connection budget for an HTTP/2
+	// stream's upstream connection, or reports the user at its limit; its release gives it
+	// back.
+	overLimit func(uid int64) (release func(), over bool)
 
 	mu         sync.Mutex
 	transports map[upstreamKey]*http.Transport

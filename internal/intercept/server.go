@@ -193,6 +193,7 @@ func NewServer(opts Options) (*Server, error) {
 	s.agentTLS = s.newAgentTLS()
 	s.upstream = newUpstreamPool(opts.UpstreamTLS, s.dial)
 	s.upstream.onConn = s.trackUpstream
+	s.upstream.overLimit = s.streamSlot
 	s.proxy = newReverseProxy(s.upstream, s.logf)
 	s.httpSrv = &http.Server{
 		Handler:           http.HandlerFunc(s.serveHTTP),
@@ -371,9 +372,7 @@ func (s *Server) handleConn(ctx context.Context, c *net.TCPConn) {
 	if !s.uidLimit.acquire(uid) {
 		s.stats.rejected.Add(1)
 		s.stats.overUIDLimit.Add(1)
-		if n, ok := s.uidLimit.refused(time.Now()); ok {
-			s.logf("uid %d is at its limit of %d open connections (proxy.max_connections_per_uid); reset %d new connection(s) since the last message", uid, s.uidLimit.max, n)
-		}
+		s.logUIDLimit(uid)
 		c.SetLinger(0) // a reset, so the client fails at once instead of on its first read
 		c.Close()
 		return

@@ -48,15 +48,32 @@ func (l *uidLimit) release(uid int64) {
 // refused notes a connection reset at the limit and returns how many were reset since the
 // last time it returned true; it returns true at most once every 10 s, so a flood of
 // connections does not become a flood of log lines.
-func (l *uidLimit) refused(now time.Time) (int, bool) {
+func (l *uidLimit) refused(now time.Time) (n, max int, ok bool) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	l.since++
 	if now.Before(l.quiet) {
-		return 0, false
+		return 0, l.max, false
 	}
-	n := l.since
+	n = l.since
 	l.since = 0
 	l.quiet = now.Add(10 * time.Second)
-	return n, true
+	return n, l.max, true
+}
+
+// logUIDLimit logs, at most every 10 s, a connection or stream refused at uid's limit.
+func (s *Server) logUIDLimit(uid int64) {
+	if n, max, ok := s.uidLimit.refused(time.Now()); ok {
+		s.logf("uid %d is at its limit of %d open connections (proxy.max_connections_per_uid); refused %d new connection(s) or stream(s) since the last message", uid, max, n)
+	}
+}
+
+// streamSlot takes a slot of uid's budget for an HTTP/2 stream's upstream connection.
+func (s *Server) streamSlot(uid int64) (release func(), over bool) {
+	if !s.uidLimit.acquire(uid) {
+		s.countRefused("connection_limit")
+		s.logUIDLimit(uid)
+		return nil, true
+	}
+	return sync.OnceFunc(func() { s.uidLimit.release(uid) }), false
 }

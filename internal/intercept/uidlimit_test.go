@@ -1,6 +1,8 @@
 package intercept
 
 import (
+	"net/http"
+	"strings"
 	"testing"
 	"time"
 )
@@ -27,15 +29,57 @@ func TestUIDLimit(t *testing.T) {
 	}
 
 	now := time.Unix(1000, 0)
-	if n, ok := l.refused(now); !ok || n != 1 {
+	if n, _, ok := l.refused(now); !ok || n != 1 {
 		t.Fatalf("first refusal: %d %v, want a log line for 1", n, ok)
 	}
 	for i := 0; i < 5; i++ {
-		if _, ok := l.refused(now.Add(time.Second)); ok {
+		if _, _, ok := l.refused(now.Add(time.Second)); ok {
 			t.Fatal("logged again within 10 s")
 		}
 	}
-	if n, ok := l.refused(now.Add(11 * time.Second)); !ok || n != 6 {
+	if n, _, ok := l.refused(now.Add(11 * time.Second)); !ok || n != 6 {
 		t.Fatalf("after 10 s: %d %v, want a log line for the 6 since the last", n, ok)
 	}
+}
+
+// TestH2StreamsDrawOnTheUIDLimit: each HTTP/2 stream that holds an upstream connection takes
+// a slot of its user's budget, so many streams on few connections cannot multiply a user's
+// share of avpd: over the limit a stream gets 503 connection_limit, and a finished stream
+// gives its slot back.
+func TestH2StreamsDrawOnTheUIDLimit(t *testing.T) {
+	p := newH1Pair(t)
+	p.srv.uidLimit.mu.Lock()
+	p.srv.uidLimit.max = 2
+	p.srv.uidLimit.mu.Unlock()
+	c := p.h2Client(t)
+	var open []*http.Response
+	for i := 0; i < 2; i++ {
+		req, _ := http.NewRequest("GET", "https://api.openai.com/v1/slow", nil)
+		req.Header.Set("Authorization", "Bearer sk-avp-PLACEHOLDER-openai-000000000000")
+		resp, err := c.Do(req)
+		if err != nil || resp.StatusCode != 200 {
+			t.Fatalf("stream %d within the limit: %v %v", i, resp, err)
+		}
+		open = append(open, resp)
+	}
+	resp, body := h2Get(t, c, "GET", "/v1/models")
+	if resp.StatusCode != http.StatusServiceUnavailable || !strings.Contains(body, "connection_limit") {
+		t.Fatalf("a third stream with a limit of 2: %d %q, want 503 connection_limit", resp.StatusCode, body)
+	}
+	if n := p.srv.Stats().RefusedByReason["connection_limit"]; n != 1 {
+		t.Fatalf("refused for connection_limit: %d, want 1", n)
+	}
+	open[0].Body.Close()
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		resp, _ := h2Get(t, c, "GET", "/v1/models")
+		if resp.StatusCode == 200 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("a closed stream did not give its slot back: %d", resp.StatusCode)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	open[1].Body.Close()
 }

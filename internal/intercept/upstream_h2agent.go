@@ -72,6 +72,30 @@ func needsH2Upstream(r *http.Request) bool {
 // closed. The request's context ending (the agent reset the stream) cuts the connection,
 // so a blocked read returns.
 func (p *upstreamPool) roundTripH1(r *http.Request, f inject.Facts) (*http.Response, error) {
+	// Each stream holds an upstream connection of its own while it runs, so an agent's
+	// streams draw on its connection budget (proxy.max_connections_per_uid) like its
+	// connections do: 100 streams on each of many connections cannot multiply its share.
+	done := func() {}
+	if p.overLimit != nil {
+		rel, over := p.overLimit(f.UID)
+		if over {
+			return nil, errUIDLimit
+		}
+		done = rel
+	}
+	resp, err := p.roundTripH1Slot(r, f)
+	if err != nil {
+		done()
+		return resp, err
+	}
+	resp.Body.(*h1RespBody).done = done
+	return resp, nil
+}
+
+// errUIDLimit refuses an HTTP/2 stream whose user is at proxy.max_connections_per_uid.
+var errUIDLimit = errors.New("the user is at its connection limit")
+
+func (p *upstreamPool) roundTripH1Slot(r *http.Request, f inject.Facts) (*http.Response, error) {
 	ctx := r.Context()
 	var wroteHeaders func()
 	if trace := httptrace.ContextClientTrace(ctx); trace != nil {
@@ -153,6 +177,8 @@ type h1RespBody struct {
 	// pending is the request body's write when it went on while the answer came; the
 	// connection is in step only if it finished.
 	pending *pendingWrite
+	// done gives the stream's slot of its user's connection budget back.
+	done func()
 }
 
 func (b *h1RespBody) Read(q []byte) (int, error) {
@@ -171,6 +197,9 @@ func (b *h1RespBody) Close() error {
 		return nil
 	}
 	b.closed = true
+	if b.done != nil {
+		defer b.done()
+	}
 	wrote := b.pending == nil || b.pending.finish()
 	// stop fails when the agent's stream ended meanwhile: the connection is being closed.
 	if b.stop() && wrote && b.sawEOF && b.reuse {
