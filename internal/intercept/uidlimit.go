@@ -9,14 +9,15 @@ import (
 // redirected connection costs avpd memory and descriptors (a terminated one about 36 KB
 // when idle, more with its upstream), all from one budget that every agent shares: without
 // a bound, one agent opening connections in a loop would take avpd, and every other
-// agent's requests, down with it. A connection over the limit is reset at once.
+// agent's requests, down with it. A connection over the limit is reset at once. An HTTP/2
+// stream that holds an upstream connection of its own takes a slot too (streamSlot).
 type uidLimit struct {
 	max int
 
 	mu    sync.Mutex
 	open  map[int64]int // by UID; -1 for connections whose UID is unknown
 	quiet time.Time     // no log line about the limit before this
-	since int           // connections reset since the last log line
+	since int           // connections and streams refused since the last log line
 }
 
 func newUIDLimit(max int) *uidLimit {
