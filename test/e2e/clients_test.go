@@ -1,8 +1,11 @@
 package e2e
 
 import (
+	"bytes"
 	"crypto/sha256"
+	"errors"
 	"fmt"
+	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -94,6 +97,42 @@ for h2 in (False, True):
 	for _, r := range reqs {
 		if r.Header.Get("Authorization") != "Bearer "+realOpenAI {
 			t.Errorf("%s %s reached the upstream with Authorization %q, not the real key", r.Method, r.Path, r.Header.Get("Authorization"))
+		}
+	}
+}
+
+// TestEarlyAnswerToUpload: curl POSTs 64 MiB (with Expect: 100-continue over HTTP/1.1) to an
+// upstream that reads 64 KiB of it and answers. Through avpd curl gets that answer, as it
+// does from the upstream directly, not a 502 for the body avpd could no longer send. (Over
+// HTTP/2 the server then resets the stream with NO_ERROR, RFC 9113 section 8.1, and curl
+// 7.88 exits 92 although it has the 200; it does the same without avpd, which is what is
+// compared.)
+func TestEarlyAnswerToUpload(t *testing.T) {
+	e := newEnv(t)
+	e.startAvpd()
+	e.avpctl("enroll-uid", strconv.Itoa(agentUID))
+	file := filepath.Join(e.dir, "upload.bin")
+	writeFile(t, file, make([]byte, 64<<20), 0o644)
+	upload := func(uid int, proto string, extra ...string) string {
+		args := append([]string{"-sS", "--max-time", "25", proto, "-o", "/dev/null", "-w", "%{http_code}",
+			"-H", "Authorization: Bearer " + phOpenAI, "-X", "POST", "-T", file}, extra...)
+		cmd := e.agentCmd(uid, "curl", append(args, "https://"+hostOpenAI+"/v1/files")...)
+		var out bytes.Buffer
+		cmd.Stdout = &out
+		err := cmd.Run()
+		if ee := new(exec.ExitError); err != nil && !errors.As(err, &ee) {
+			t.Fatalf("curl %s as %d: %v", proto, uid, err)
+		}
+		return fmt.Sprintf("%s exit %d", out.String(), cmd.ProcessState.ExitCode())
+	}
+	for _, proto := range []string{"--http1.1", "--http2"} {
+		direct := upload(notEnrolled, proto, "--cacert", filepath.Join(e.dir, "upstream-ca.pem"))
+		via := upload(agentUID, proto)
+		if !strings.HasPrefix(via, "200 ") || via != direct {
+			t.Fatalf("curl %s: through avpd %q, straight to the upstream %q; want the upstream's 200 both ways", proto, via, direct)
+		}
+		if got := e.upstream.last(t); got.Path != "/v1/files" || got.Header.Get("Authorization") != "Bearer "+realOpenAI {
+			t.Fatalf("curl %s: upstream got %s %q, want the injected request", proto, got.Path, got.Header.Get("Authorization"))
 		}
 	}
 }
