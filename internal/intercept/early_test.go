@@ -83,3 +83,15 @@ func (p *h1Pair) upload(t *testing.T, path string, body []byte) (*http.Response,
 	b, _ := io.ReadAll(resp.Body)
 	return resp, string(b)
 }
+
+// TestUploadCutByUpstream: an upstream that drops the connection in the middle of a large
+// upload without answering gets the agent a 502 it can read, though it is still sending.
+// (The lingering close before it is not what this shows: on loopback the answer survives
+// a reset too.)
+func TestUploadCutByUpstream(t *testing.T) {
+	p := newH1Pair(t)
+	resp, body := p.upload(t, "/v1/hangup", bytes.Repeat([]byte("z"), earlyBody))
+	if resp.StatusCode != http.StatusBadGateway || !strings.Contains(body, "upstream_unreachable") {
+		t.Fatalf("%d %q, want 502 upstream_unreachable", resp.StatusCode, body)
+	}
+}

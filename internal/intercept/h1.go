@@ -256,6 +256,10 @@ func (hc *h1conn) serve(req *http.Request) (keep bool) {
 		default:
 			hc.badGateway(p.inj.errText(err))
 		}
+		if hc.body != nil && hc.body.cut.Load() {
+			// The agent may still be sending the body avpd stopped reading.
+			hc.lingerClose()
+		}
 		return false
 	}
 	defer resp.Body.Close()

@@ -243,6 +243,14 @@ func newH1Pair(tb testing.TB, upProtos ...string) *h1Pair {
 			fmt.Fprintf(w, `{"ok":true,"bytes":%d}`, n)
 			return
 		}
+		if r.URL.Path == "/v1/hangup" {
+			// Reads a little of the upload, then drops the connection without an answer.
+			io.ReadFull(r.Body, make([]byte, 1024))
+			if c, _, err := w.(http.Hijacker).Hijack(); err == nil {
+				c.Close()
+			}
+			return
+		}
 		if r.URL.Path == "/v1/too-large" {
 			// Answers at once without reading the upload, as an API refusing it does.
 			http.Error(w, "too large", http.StatusRequestEntityTooLarge)
