@@ -118,3 +118,45 @@ else:
 		t.Fatalf("doctor's connection-limit check: %+v", c)
 	}
 }
+
+// TestHTTP2StreamsCountTowardTheLimit: with proxy.max_connections_per_uid at 3, an httpx
+// HTTP/2 client running three streamed requests at once on its connection gets a 503
+// connection_limit for what is over the budget (its connection holds a slot, each running
+// stream one), and a request after they finished goes through.
+func TestHTTP2StreamsCountTowardTheLimit(t *testing.T) {
+	e := newEnv(t)
+	cfg, err := os.ReadFile(e.config)
+	if err != nil {
+		t.Fatal(err)
+	}
+	writeFile(t, e.config, []byte(strings.Replace(string(cfg), "proxy:\n", "proxy:\n  max_connections_per_uid: 3\n", 1)), 0o600)
+	e.startAvpd()
+	e.avpctl("enroll-uid", strconv.Itoa(agentUID))
+
+	script := filepath.Join(e.dir, "streams.py")
+	writeFile(t, script, []byte(fmt.Sprintf(`import asyncio, httpx
+base = "https://%s"
+H = {"Authorization": "Bearer %s"}
+async def main():
+    async with httpx.AsyncClient(http2=True, timeout=20) as c:
+        async def one():
+            r = await c.get(base + "/v1/stream", headers=H)
+            return "%%d %%s %%s" %% (r.status_code, r.http_version, r.headers.get("x-agent-vault-proxy", "-"))
+        for line in sorted(await asyncio.gather(*[one() for _ in range(3)])):
+            print(line)
+        r = await c.get(base + "/v1/models", headers=H)
+        print("after", r.status_code)
+asyncio.run(main())
+`, hostOpenAI, phOpenAI)), 0o644)
+	out, err := e.agent(agentUID, "python3", script)
+	if err != nil {
+		t.Fatalf("httpx streams: %v\n%s", err, out)
+	}
+	want := "200 HTTP/2 -\n200 HTTP/2 -\n503 HTTP/2 connection_limit\nafter 200\n"
+	if out != want {
+		t.Fatalf("httpx streams printed:\n%s\nwant:\n%s", out, want)
+	}
+	if status := string(e.avpctl("status")); !strings.Contains(status, "connection_limit 1") {
+		t.Fatalf("status does not count the refused stream:\n%s", status)
+	}
+}
