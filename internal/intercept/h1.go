@@ -437,6 +437,19 @@ func removeHopByHop(h http.Header) {
 
 var errPolicyChanged = errors.New("policy reloaded before the request could be retried")
 
+// regate is what a retry of an injecting request takes before it injects again: the first
+// attempt released the reload gate once its headers were written, so the gate is taken
+// again, and only while the policy that decided the request is still in force. release
+// gives it back (once).
+func (s *Server) regate(policy *inject.Policy) (release func(), ok bool) {
+	s.gate.RLock()
+	if s.policy.Load() != policy {
+		s.gate.RUnlock()
+		return nil, false
+	}
+	return sync.OnceFunc(s.gate.RUnlock), true
+}
+
 // roundTrip writes out on the held upstream connection (dialling one, or taking an idle one
 // from the pool) and reads the response head. A request that fails on a reused connection
 // before any response byte arrived is retried once on a fresh one when it is idempotent and
@@ -444,14 +457,11 @@ var errPolicyChanged = errors.New("policy reloaded before the request could be r
 func (hc *h1conn) roundTrip(out *http.Request, p *prepared) (*http.Response, error) {
 	for attempt := 0; ; attempt++ {
 		if attempt > 0 && p.inj != nil {
-			// The first attempt released the reload gate once its headers were written; a
-			// retry injects again, so it must still be under the policy that decided it.
-			hc.s.gate.RLock()
-			if hc.s.policy.Load() != p.policy {
-				hc.s.gate.RUnlock()
+			rel, ok := hc.s.regate(p.policy)
+			if !ok {
 				return nil, errPolicyChanged
 			}
-			p.release = sync.OnceFunc(hc.s.gate.RUnlock)
+			p.release = rel
 		}
 		// A request that is not retried if its connection turns out closed checks it first.
 		probe := !idempotent(out)

@@ -48,6 +48,8 @@ type injected struct {
 	scrub []replacement
 	// wipe holds the raw fetched values until the request is done.
 	wipe [][]byte
+	// policy decided the request; a retry injects again only while it is in force.
+	policy *inject.Policy
 }
 
 func (s *Server) serveHTTP(w http.ResponseWriter, r *http.Request) {
@@ -74,14 +76,6 @@ func (s *Server) serveHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	ctx := context.WithValue(r.Context(), injectedKey{}, p.inj)
-	ctx = context.WithValue(ctx, retryGateKey{}, retryGate(func() (func(), bool) {
-		s.gate.RLock()
-		if s.policy.Load() != p.policy {
-			s.gate.RUnlock()
-			return nil, false
-		}
-		return sync.OnceFunc(s.gate.RUnlock), true
-	}))
 	ctx = httptrace.WithClientTrace(ctx, &httptrace.ClientTrace{WroteHeaders: p.release})
 	s.proxy.ServeHTTP(w, r.WithContext(ctx))
 }
@@ -172,7 +166,7 @@ func (s *Server) prepare(ctx context.Context, f inject.Facts, method, authority 
 	}
 
 	// Inject: fetch every value first, so nothing is audited as injected that was not.
-	inj := &injected{secrets: d.Injections}
+	inj := &injected{secrets: d.Injections, policy: policy}
 	for _, in := range d.Injections {
 		v, raw, reason, err := s.value(ctx, in)
 		inj.wipe = append(inj.wipe, raw...)
@@ -448,6 +442,9 @@ type upstreamPool struct {
 	// onConn, when set, learns of each HTTP/1.1 upstream connection opened and closed, so
 	// shutdown can close the ones in use.
 	onConn func(c net.Conn, open bool)
+	// regate, when set, takes the reload gate again for a retry of a request decided under
+	// policy, or reports that another policy is in force (Server.regate).
+	regate func(policy *inject.Policy) (release func(), ok bool)
 	// overLimit, when set, takes a slot of the user's connection budget for an HTTP/2
 	// stream's upstream connection, or reports the user at its limit; its release gives it
 	// back.

@@ -194,6 +194,7 @@ func NewServer(opts Options) (*Server, error) {
 	s.upstream = newUpstreamPool(opts.UpstreamTLS, s.dial)
 	s.upstream.onConn = s.trackUpstream
 	s.upstream.overLimit = s.streamSlot
+	s.upstream.regate = s.regate
 	s.proxy = newReverseProxy(s.upstream, s.logf)
 	s.httpSrv = &http.Server{
 		Handler:           http.HandlerFunc(s.serveHTTP),

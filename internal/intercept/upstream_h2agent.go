@@ -21,13 +21,6 @@ import (
 // request that asks for trailers) keeps the HTTP/2 Transport: its status travels in
 // trailers, and servers of it speak only HTTP/2.
 
-// retryGateKey carries, for an injecting request, what a retry must take before it injects
-// again: the reload gate, and the check that the policy that decided the request is still
-// in force (as the HTTP/1.1 loop does).
-type retryGateKey struct{}
-
-type retryGate func() (release func(), ok bool)
-
 // errNeedsH2 tells RoundTrip to send the request over HTTP/2 after all.
 var errNeedsH2 = errors.New("the upstream does not speak HTTP/1.1")
 
@@ -106,9 +99,10 @@ func (p *upstreamPool) roundTripH1Slot(r *http.Request, f inject.Facts) (*http.R
 	delete(r.Header, "Expect")
 	for attempt := 0; ; attempt++ {
 		release := func() {}
-		if attempt > 0 {
-			if gate, ok := ctx.Value(retryGateKey{}).(retryGate); ok {
-				rel, ok := gate()
+		if attempt > 0 && p.regate != nil {
+			// A retry injects again: as in the HTTP/1.1 loop, only under the same policy.
+			if inj, ok := ctx.Value(injectedKey{}).(*injected); ok {
+				rel, ok := p.regate(inj.policy)
 				if !ok {
 					return nil, errPolicyChanged
 				}

@@ -18,15 +18,7 @@ import (
 // not affected meanwhile, closing one makes room, and status counts the resets.
 func TestConnectionLimitPerUID(t *testing.T) {
 	e := newEnv(t)
-	cfg, err := os.ReadFile(e.config)
-	if err != nil {
-		t.Fatal(err)
-	}
-	withLimit := strings.Replace(string(cfg), "proxy:\n", "proxy:\n  max_connections_per_uid: 3\n", 1)
-	if withLimit == string(cfg) {
-		t.Fatal("no proxy: section to add the limit to")
-	}
-	writeFile(t, e.config, []byte(withLimit), 0o600)
+	e.limitConnsPerUID(3)
 	e.startAvpd()
 	e.avpctl("enroll-uid", strconv.Itoa(agentUID))
 	e.avpctl("enroll-uid", strconv.Itoa(otherAgentUID))
@@ -125,11 +117,7 @@ else:
 // stream one), and a request after they finished goes through.
 func TestHTTP2StreamsCountTowardTheLimit(t *testing.T) {
 	e := newEnv(t)
-	cfg, err := os.ReadFile(e.config)
-	if err != nil {
-		t.Fatal(err)
-	}
-	writeFile(t, e.config, []byte(strings.Replace(string(cfg), "proxy:\n", "proxy:\n  max_connections_per_uid: 3\n", 1)), 0o600)
+	e.limitConnsPerUID(3)
 	e.startAvpd()
 	e.avpctl("enroll-uid", strconv.Itoa(agentUID))
 
@@ -159,4 +147,18 @@ asyncio.run(main())
 	if status := string(e.avpctl("status")); !strings.Contains(status, "connection_limit 1") {
 		t.Fatalf("status does not count the refused stream:\n%s", status)
 	}
+}
+
+// limitConnsPerUID sets proxy.max_connections_per_uid in the env's config, before avpd starts.
+func (e *env) limitConnsPerUID(n int) {
+	e.t.Helper()
+	cfg, err := os.ReadFile(e.config)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	limited := strings.Replace(string(cfg), "proxy:\n", fmt.Sprintf("proxy:\n  max_connections_per_uid: %d\n", n), 1)
+	if limited == string(cfg) {
+		e.t.Fatal("no proxy: section to add the limit to")
+	}
+	writeFile(e.t, e.config, []byte(limited), 0o600)
 }
