@@ -7,6 +7,9 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/agent-vault-proxy/agent-vault-proxy/internal/config"
+	"github.com/agent-vault-proxy/agent-vault-proxy/internal/inject"
 )
 
 // h2Get sends one request as an HTTP/2 agent and returns the response with its body read.
@@ -154,5 +157,35 @@ func TestH2AgentCancelEndsUpstream(t *testing.T) {
 	}
 	if n := p.upConns.Load(); n != 2 {
 		t.Fatalf("the upstream saw %d connections, want 2 (the cut one is not reused)", n)
+	}
+}
+
+// TestH2AgentRetryAfterReload: a GET whose pooled connection turns out closed is retried
+// only under the policy that decided it; a reload in between makes it a 502, never an
+// injection the new policy did not decide.
+func TestH2AgentRetryAfterReload(t *testing.T) {
+	p := newH1Pair(t)
+	c := p.h2Client(t)
+	if resp, _ := h2Get(t, c, "GET", "/v1/drop"); resp.StatusCode != 200 {
+		t.Fatalf("GET /v1/drop: %d", resp.StatusCode)
+	}
+	time.Sleep(50 * time.Millisecond) // the server's FIN arrives
+	reloads := 0
+	p.srv.upstream.regate = func(pol *inject.Policy) (func(), bool) {
+		reloads++
+		cfg, err := config.Parse("bindings.yaml", []byte(h1BenchConfig))
+		if err != nil {
+			t.Error(err)
+			return nil, false
+		}
+		p.srv.SetPolicy(inject.NewPolicy(cfg))
+		return p.srv.regate(pol)
+	}
+	n := p.upConns.Load()
+	if resp, body := h2Get(t, c, "GET", "/v1/models"); resp.StatusCode != http.StatusBadGateway || reloads != 1 {
+		t.Fatalf("retry after a reload: %d %q (%d regate calls), want 502 after one", resp.StatusCode, body, reloads)
+	}
+	if got := p.upConns.Load(); got != n {
+		t.Fatalf("the retry reached the upstream (%d new connections) under a policy that did not decide it", got-n)
 	}
 }
