@@ -102,21 +102,21 @@ for h2 in (False, True):
 }
 
 // TestEarlyAnswerToUpload: curl POSTs 64 MiB (with Expect: 100-continue over HTTP/1.1) to an
-// upstream that reads 64 KiB of it and answers. Through avpd curl gets that answer, as it
-// does from the upstream directly, not a 502 for the body avpd could no longer send. (Over
-// HTTP/2 the server then resets the stream with NO_ERROR, RFC 9113 section 8.1, and curl
-// 7.88 exits 92 although it has the 200; it does the same without avpd, which is what is
-// compared.)
+// upstream that reads 64 KiB of it and answers. Through avpd curl gets that answer, not a
+// 502 for the body avpd could no longer send. Over HTTP/2 the server then resets the
+// stream with NO_ERROR (RFC 9113 section 8.1), and curl 7.88 exits 92 although it has the
+// 200, as it does straight to the upstream. The upstream itself is not a fair reference for
+// HTTP/1.1: Go's server closes under the unread body, and curl straight to it sometimes
+// loses the 200 (exit 55), where avpd lingers before it closes.
 func TestEarlyAnswerToUpload(t *testing.T) {
 	e := newEnv(t)
 	e.startAvpd()
 	e.avpctl("enroll-uid", strconv.Itoa(agentUID))
 	file := filepath.Join(e.dir, "upload.bin")
 	writeFile(t, file, make([]byte, 64<<20), 0o644)
-	upload := func(uid int, proto string, extra ...string) string {
-		args := append([]string{"-sS", "--max-time", "25", proto, "-o", "/dev/null", "-w", "%{http_code}",
-			"-H", "Authorization: Bearer " + phOpenAI, "-X", "POST", "-T", file}, extra...)
-		cmd := e.agentCmd(uid, "curl", append(args, "https://"+hostOpenAI+"/v1/files")...)
+	upload := func(uid int, proto string) string {
+		cmd := e.agentCmd(uid, "curl", "-sS", "--max-time", "25", proto, "-o", "/dev/null", "-w", "%{http_code}",
+			"-H", "Authorization: Bearer "+phOpenAI, "-X", "POST", "-T", file, "https://"+hostOpenAI+"/v1/files")
 		var out bytes.Buffer
 		cmd.Stdout = &out
 		err := cmd.Run()
@@ -125,11 +125,10 @@ func TestEarlyAnswerToUpload(t *testing.T) {
 		}
 		return fmt.Sprintf("%s exit %d", out.String(), cmd.ProcessState.ExitCode())
 	}
-	for _, proto := range []string{"--http1.1", "--http2"} {
-		direct := upload(notEnrolled, proto, "--cacert", filepath.Join(e.dir, "upstream-ca.pem"))
-		via := upload(agentUID, proto)
-		if !strings.HasPrefix(via, "200 ") || via != direct {
-			t.Fatalf("curl %s: through avpd %q, straight to the upstream %q; want the upstream's 200 both ways", proto, via, direct)
+	for _, tc := range []struct{ proto, want string }{{"--http1.1", "200 exit 0"}, {"--http2", "200 exit 92"}} {
+		proto := tc.proto
+		if via := upload(agentUID, proto); via != tc.want && via != "200 exit 0" {
+			t.Fatalf("curl %s through avpd: %q, want the upstream's 200 (%q)", proto, via, tc.want)
 		}
 		if got := e.upstream.last(t); got.Path != "/v1/files" || got.Header.Get("Authorization") != "Bearer "+realOpenAI {
 			t.Fatalf("curl %s: upstream got %s %q, want the injected request", proto, got.Path, got.Header.Get("Authorization"))
