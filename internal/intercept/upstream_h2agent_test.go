@@ -108,12 +108,7 @@ func TestH2AgentUpstreamProtocols(t *testing.T) {
 // again on a new one; a POST whose connection closes without an answer is not (the
 // upstream may have acted on it): the agent gets 502 and the upstream saw it once.
 func TestH2AgentRetries(t *testing.T) {
-	p := newH1Pair(t)
-	c := p.h2Client(t)
-	if resp, _ := h2Get(t, c, "GET", "/v1/drop"); resp.StatusCode != 200 {
-		t.Fatalf("GET /v1/drop: %d", resp.StatusCode)
-	}
-	time.Sleep(50 * time.Millisecond) // the server's FIN arrives
+	p, c := h2PairWithDroppedConn(t)
 	if resp, body := h2Get(t, c, "GET", "/v1/models"); resp.StatusCode != 200 {
 		t.Fatalf("GET after the server closed the pooled connection: %d %q, want 200", resp.StatusCode, body)
 	}
@@ -164,12 +159,7 @@ func TestH2AgentCancelEndsUpstream(t *testing.T) {
 // only under the policy that decided it; a reload in between makes it a 502, never an
 // injection the new policy did not decide.
 func TestH2AgentRetryAfterReload(t *testing.T) {
-	p := newH1Pair(t)
-	c := p.h2Client(t)
-	if resp, _ := h2Get(t, c, "GET", "/v1/drop"); resp.StatusCode != 200 {
-		t.Fatalf("GET /v1/drop: %d", resp.StatusCode)
-	}
-	time.Sleep(50 * time.Millisecond) // the server's FIN arrives
+	p, c := h2PairWithDroppedConn(t)
 	reloads := 0
 	p.srv.upstream.regate = func(pol *inject.Policy) (func(), bool) {
 		reloads++
@@ -188,4 +178,17 @@ func TestH2AgentRetryAfterReload(t *testing.T) {
 	if got := p.upConns.Load(); got != n {
 		t.Fatalf("the retry reached the upstream (%d new connections) under a policy that did not decide it", got-n)
 	}
+}
+
+// h2PairWithDroppedConn returns a pair and its HTTP/2 agent whose one pooled upstream
+// connection the server has closed without saying so (after a complete answer).
+func h2PairWithDroppedConn(t *testing.T) (*h1Pair, *http.Client) {
+	t.Helper()
+	p := newH1Pair(t)
+	c := p.h2Client(t)
+	if resp, _ := h2Get(t, c, "GET", "/v1/drop"); resp.StatusCode != 200 {
+		t.Fatalf("GET /v1/drop: %d", resp.StatusCode)
+	}
+	time.Sleep(50 * time.Millisecond) // the server's FIN arrives
+	return p, c
 }
