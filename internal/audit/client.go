@@ -27,12 +27,13 @@ const DefaultTimeout = 2 * time.Second
 // returns nil only once the journal acknowledged every one as durable. No ack within the
 // deadline (audit.timeout, or the context's if sooner) is an error, which the proxy turns
 // into 503 audit_unavailable with nothing sent upstream. A journal restart is survived by
-// dialing again on the next Record; an event whose connection broke before its ack is an
-// error too, never resent (it may or may not be in the log).
+// dialing again on the next Record (a send on a connection the journal closed sends
+// nothing, and goes once more on a new one); an event whose connection broke after it was
+// sent and before its ack is an error, never resent (it may or may not be in the log).
 //
-// Record writes its messages to the socket itself, under the connection's write lock; one
-// reader goroutine per connection hands each ack to the Record waiting for it. That is the
-// only hand-off between goroutines on the client's side.
+// Record writes its messages to the socket itself, under the connection's write lock, and
+// reads the acks itself unless another Record is reading them (see await). There is no
+// goroutine of the client's own.
 type JournalClient struct {
 	socket  string
 	timeout time.Duration
@@ -54,8 +55,8 @@ func NewJournalClient(socket string, timeout time.Duration) *JournalClient {
 	return &JournalClient{socket: socket, timeout: timeout}
 }
 
-// clientConn is one connection. Records write to it under wmu; the reader goroutine hands
-// each ack to the waiter of the Record that sent the event.
+// clientConn is one connection. Records write to it under wmu; the Record holding the
+// reader role hands each ack to the waiter of the Record that sent the event.
 type clientConn struct {
 	c    *net.UnixConn
 	rc   syscall.RawConn
@@ -63,9 +64,17 @@ type clientConn struct {
 	dead chan struct{}
 	once sync.Once
 
-	mu      sync.Mutex // guards err and pending, and every waiter's fields
+	mu      sync.Mutex // guards err, pending, reader and readerGen, and every waiter's fields
 	err     error
 	pending map[uint64]*waiter // event id -> the Record that sent it
+
+	// reader is the Record reading the socket for all (see await); readerGen counts the
+	// turns, so a turn's context callback cannot touch a later one. turn wakes a waiting
+	// Record to read when the reader leaves. rbuf is the reader's buffer.
+	reader    *waiter
+	readerGen uint64
+	turn      chan struct{}
+	rbuf      []byte
 }
 
 // waiter is one Record call waiting for its acks. Its fields are guarded by the connection's
@@ -132,50 +141,171 @@ func (c *JournalClient) Record(ctx context.Context, events ...Event) error {
 		w.ids = append(w.ids, id)
 		w.ends = append(w.ends, w.buf.Len())
 	}
-	var cc *clientConn
-	for {
-		var err error
-		if cc, err = c.conn(ctx, deadline); err != nil {
+	// A connection the journal closed while no Record was reading is found dead by the
+	// send, which then sent nothing: the events go once more, on a new connection.
+	for attempt := 0; ; attempt++ {
+		cc, err := c.conn(ctx, deadline)
+		if err != nil {
 			return err
 		}
 		cc.mu.Lock()
-		if cc.err == nil {
-			break
+		if cc.err != nil {
+			// It died since conn() returned: nothing was sent on it, so dial again.
+			cc.mu.Unlock()
+			continue
 		}
-		// It died since conn() returned: nothing was sent on it, so dial again.
-		cc.mu.Unlock()
-	}
-	w.left, w.done = len(w.ids), false
-	for _, id := range w.ids {
-		cc.pending[id] = w
-	}
-	cc.mu.Unlock()
-	defer func() {
-		cc.mu.Lock()
+		w.left, w.done = len(w.ids), false
 		for _, id := range w.ids {
-			delete(cc.pending, id)
+			cc.pending[id] = w
 		}
 		cc.mu.Unlock()
-	}()
-	if err := cc.send(w, deadline); err != nil {
+		sent, err := cc.send(w, deadline)
+		if err == nil {
+			err = c.await(ctx, cc, w, deadline)
+			cc.leave(w)
+			return err
+		}
+		cc.leave(w)
+		select { // kill's signal, if it sent one
+		case <-w.ch:
+		default:
+		}
 		if errors.Is(err, os.ErrDeadlineExceeded) {
 			return c.timeoutErr(ctx)
 		}
-		return err
+		if sent > 0 || attempt > 0 {
+			return err
+		}
 	}
-	if w.timer == nil {
-		w.timer = time.NewTimer(time.Until(deadline))
-	} else {
-		w.timer.Reset(time.Until(deadline))
+}
+
+// await waits for w's acks. The Record reads the socket itself when no other Record does
+// (the reader role), so the ack of a lone Record wakes its own goroutine. A reader
+// goroutine that handed each ack over a channel cost about as much again as the round trip
+// to the journal on a 2-CPU machine: the hand-off woke a second thread, which took a CPU
+// the journal or the agent's request needed. Records that wait while another reads get
+// their result from that reader, and one of them takes the role when the reader leaves.
+func (c *JournalClient) await(ctx context.Context, cc *clientConn, w *waiter, deadline time.Time) error {
+	timed := false
+	defer func() {
+		if timed {
+			w.timer.Stop()
+		}
+	}()
+	for {
+		cc.mu.Lock()
+		if w.done {
+			cc.mu.Unlock()
+			return <-w.ch
+		}
+		if cc.reader == nil {
+			cc.reader = w
+			cc.readerGen++
+			gen := cc.readerGen
+			cc.mu.Unlock()
+			if cc.read(ctx, w, gen, deadline) {
+				continue // answered, or the connection died and kill answered
+			}
+			cc.mu.Lock()
+			done := w.done
+			cc.mu.Unlock()
+			if done {
+				return <-w.ch
+			}
+			if ctx.Err() != nil {
+				return c.timeoutErr(ctx)
+			}
+			return c.deadlineErr()
+		}
+		cc.mu.Unlock()
+		if !timed {
+			timed = true
+			if w.timer == nil {
+				w.timer = time.NewTimer(time.Until(deadline))
+			} else {
+				w.timer.Reset(time.Until(deadline))
+			}
+		}
+		select {
+		case err := <-w.ch:
+			return err
+		case <-cc.turn: // the reader left: take the role if nobody else did
+		case <-ctx.Done():
+			return c.timeoutErr(ctx)
+		case <-w.timer.C:
+			return c.deadlineErr()
+		}
 	}
-	defer w.timer.Stop()
-	select {
-	case err := <-w.ch:
-		return err
-	case <-ctx.Done():
-		return c.timeoutErr(ctx)
-	case <-w.timer.C:
-		return c.deadlineErr()
+}
+
+// leave takes w's events off the connection once its Record returns, and passes the reader
+// role on if that Record was the one that last took a turn for it.
+func (cc *clientConn) leave(w *waiter) {
+	cc.mu.Lock()
+	for _, id := range w.ids {
+		delete(cc.pending, id)
+	}
+	cc.handOff()
+	cc.mu.Unlock()
+}
+
+// handOff wakes one waiting Record to read when nobody reads and some Record waits. The
+// token is buffered, so it is never lost: a Record that takes it and does not read (its
+// own answer came) calls handOff again as it leaves. cc.mu is held.
+func (cc *clientConn) handOff() {
+	if cc.reader == nil && len(cc.pending) > 0 {
+		select {
+		case cc.turn <- struct{}{}:
+		default:
+		}
+	}
+}
+
+// read is the reader role, held for w: it reads and applies the journal's messages until w
+// is answered (true), the connection fails (true: kill answered w), or w's deadline passes
+// or ctx ends (false). It gives the role up on return.
+func (cc *clientConn) read(ctx context.Context, w *waiter, gen uint64, deadline time.Time) bool {
+	if ctx.Done() != nil {
+		// Interrupt the read when ctx ends, unless the role went on to another Record.
+		stop := context.AfterFunc(ctx, func() {
+			cc.mu.Lock()
+			if cc.reader != nil && cc.readerGen == gen {
+				cc.c.SetReadDeadline(time.Unix(1, 0))
+			}
+			cc.mu.Unlock()
+		})
+		defer stop()
+	}
+	defer func() {
+		cc.mu.Lock()
+		cc.reader = nil
+		cc.handOff()
+		cc.mu.Unlock()
+	}()
+	cc.c.SetReadDeadline(deadline)
+	if cc.rbuf == nil {
+		cc.rbuf = make([]byte, 128<<10)
+	}
+	for {
+		n, err := cc.c.Read(cc.rbuf)
+		if errors.Is(err, os.ErrDeadlineExceeded) {
+			// A timed-out read of a SOCK_SEQPACKET socket took no message: the
+			// connection stays good for the next reader.
+			return false
+		}
+		if err != nil || n == 0 {
+			cc.kill(errors.New("the journal closed the connection"))
+			return true
+		}
+		if !cc.apply(cc.rbuf[:n]) {
+			return true
+		}
+		cc.mu.Lock()
+		done := w.done
+		cc.mu.Unlock()
+		if done {
+			return true
+		}
 	}
 }
 
@@ -210,33 +340,37 @@ func (w *waiter) appendRequest(id uint64, e *Event) error {
 
 // send writes w's messages, one message per event (the protocol's unit), with one system
 // call (write, or sendmmsg for several events) unless the socket's buffer is full, under
-// the write lock so no other Record's message comes between them. A write that hits the
-// deadline sent nothing of the message it was at (a SOCK_SEQPACKET message goes whole or
-// not at all), so the connection is still good; any other failure kills it.
-func (cc *clientConn) send(w *waiter, deadline time.Time) error {
+// the write lock so no other Record's message comes between them. It returns how many
+// messages went out. A write that hits the deadline sent nothing of the message it was at
+// (a SOCK_SEQPACKET message goes whole or not at all), so the connection is still good;
+// any other failure kills it.
+func (cc *clientConn) send(w *waiter, deadline time.Time) (int, error) {
 	cc.wmu.Lock()
 	defer cc.wmu.Unlock()
 	cc.c.SetWriteDeadline(deadline)
 	var err error
+	sent := 0
 	if len(w.ends) == 1 || cc.rc == nil {
 		buf, start := w.buf.Bytes(), 0
 		for _, end := range w.ends {
 			if _, err = cc.c.Write(buf[start:end]); err != nil {
 				break
 			}
+			sent++
 			start = end
 		}
 	} else {
 		err = cc.sendmmsg(w)
+		sent = w.sent
 	}
 	if err == nil {
-		return nil
+		return sent, nil
 	}
 	if errors.Is(err, os.ErrDeadlineExceeded) {
-		return err
+		return sent, err
 	}
 	cc.kill(fmt.Errorf("send to the journal: %v", err))
-	return cc.failure()
+	return sent, cc.failure()
 }
 
 // sendmmsg writes all of w's messages with sendmmsg: one system call, or more when the
@@ -342,9 +476,8 @@ func (c *JournalClient) conn(ctx context.Context, deadline time.Time) (*clientCo
 }
 
 func newClientConn(nc *net.UnixConn) *clientConn {
-	cc := &clientConn{c: nc, dead: make(chan struct{}), pending: map[uint64]*waiter{}}
+	cc := &clientConn{c: nc, dead: make(chan struct{}), turn: make(chan struct{}, 1), pending: map[uint64]*waiter{}}
 	cc.rc, _ = nc.SyscallConn() // nil only for a closed connection: then Write fails anyway
-	go cc.readLoop()
 	return cc
 }
 
@@ -378,41 +511,36 @@ func (cc *clientConn) kill(err error) {
 	})
 }
 
-func (cc *clientConn) readLoop() {
-	buf := make([]byte, 128<<10)
-	for {
-		n, err := cc.c.Read(buf)
-		if err != nil || n == 0 {
-			cc.kill(errors.New("the journal closed the connection"))
-			return
-		}
-		msg := buf[:n]
-		if cc.ackFast(msg) {
-			continue
-		}
-		var a ackMsg
-		if err := json.Unmarshal(msg, &a); err != nil {
-			cc.kill(fmt.Errorf("malformed message from the journal: %v", err))
-			return
-		}
-		if len(a.Acks) > 0 {
-			cc.mu.Lock()
-			for _, ack := range a.Acks {
-				cc.acked(ack[0])
-			}
-			cc.mu.Unlock()
-			continue
-		}
-		if a.ID == 0 {
-			cc.kill(fmt.Errorf("the journal says: %s", a.Error))
-			return
-		}
+// apply hands one message from the journal to the Records it answers; false means it
+// killed the connection (a malformed message, or the journal's error for the whole
+// connection).
+func (cc *clientConn) apply(msg []byte) bool {
+	if cc.ackFast(msg) {
+		return true
+	}
+	var a ackMsg
+	if err := json.Unmarshal(msg, &a); err != nil {
+		cc.kill(fmt.Errorf("malformed message from the journal: %v", err))
+		return false
+	}
+	if len(a.Acks) > 0 {
 		cc.mu.Lock()
-		if w, ok := cc.pending[a.ID]; ok { // else its Record already gave up
-			w.signal(fmt.Errorf("%w: the journal refused the event: %s", ErrJournalUnavailable, a.Error))
+		for _, ack := range a.Acks {
+			cc.acked(ack[0])
 		}
 		cc.mu.Unlock()
+		return true
 	}
+	if a.ID == 0 {
+		cc.kill(fmt.Errorf("the journal says: %s", a.Error))
+		return false
+	}
+	cc.mu.Lock()
+	if w, ok := cc.pending[a.ID]; ok { // else its Record already gave up
+		w.signal(fmt.Errorf("%w: the journal refused the event: %s", ErrJournalUnavailable, a.Error))
+	}
+	cc.mu.Unlock()
+	return true
 }
 
 // acked counts event id as durable. The connection's mu is held.

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"os"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -174,5 +175,91 @@ func TestClientRecordOfManyEvents(t *testing.T) {
 		if err != nil || l.Detail != want[i] {
 			t.Fatalf("line %d: %v, detail %.20q, want %.20q", i+2, err, l.Detail, want[i])
 		}
+	}
+}
+
+// A journal that restarts while avpd is idle closes the connection with nobody reading it.
+// The next Record finds it dead when it sends, which sent nothing, and goes once more on
+// a new connection: the restart costs no event.
+func TestClientResendsAfterAnIdleRestart(t *testing.T) {
+	dir := shortDir(t)
+	j := openTestJournal(t, dir, nil)
+	sock, stop := serveJournal(t, j, dir)
+	c := NewJournalClient(sock, 2*time.Second)
+	defer c.Close()
+	if err := c.Record(context.Background(), decisionEvent(1)); err != nil {
+		t.Fatal(err)
+	}
+	first := c.cur.Load()
+	if err := stop(); err != nil {
+		t.Fatal(err)
+	}
+	j2 := openTestJournal(t, dir, nil)
+	serveJournal(t, j2, dir)
+	if err := c.Record(context.Background(), decisionEvent(2), decisionEvent(3)); err != nil {
+		t.Fatalf("first Record after the restart: %v", err)
+	}
+	if c.cur.Load() == first {
+		t.Fatal("the Record went on the old connection")
+	}
+	log, err := os.ReadFile(filepath.Join(dir, "audit.jsonl"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, path := range []string{`"/v1/n/2"`, `"/v1/n/3"`} {
+		if n := strings.Count(string(log), path); n != 1 {
+			t.Fatalf("%s is in the log %d times, want once", path, n)
+		}
+	}
+}
+
+// The Record reading the acks for all gives up when its context ends, without waiting for
+// its deadline, and hands the role on: a Record waiting behind it still gets its ack, and
+// the connection serves the next Record.
+func TestClientReaderRoleOnCancel(t *testing.T) {
+	dir := shortDir(t)
+	j := openTestJournal(t, dir, func(o *JournalOptions) { o.AckDelay = 300 * time.Millisecond; o.Logf = nil })
+	sock, _ := serveJournal(t, j, dir)
+	c := NewJournalClient(sock, 5*time.Second)
+	defer c.Close()
+	if err := c.Record(context.Background(), decisionEvent(0)); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	readerErr := make(chan error, 1)
+	go func() { readerErr <- c.Record(ctx, decisionEvent(1)) }()
+	// Wait until that Record holds the role, then queue a second one behind it.
+	cc := c.cur.Load()
+	for deadline := time.Now().Add(2 * time.Second); ; {
+		cc.mu.Lock()
+		reading := cc.reader != nil
+		cc.mu.Unlock()
+		if reading {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("no Record took the reader role")
+		}
+		time.Sleep(time.Millisecond)
+	}
+	waiterErr := make(chan error, 1)
+	go func() { waiterErr <- c.Record(context.Background(), decisionEvent(2)) }()
+	time.Sleep(20 * time.Millisecond)
+	t0 := time.Now()
+	cancel()
+	if err := <-readerErr; !errors.Is(err, ErrJournalUnavailable) || !strings.Contains(err.Error(), "canceled") {
+		t.Fatalf("canceled reader: %v", err)
+	}
+	if d := time.Since(t0); d > 200*time.Millisecond {
+		t.Fatalf("the canceled reader returned after %v", d)
+	}
+	if err := <-waiterErr; err != nil {
+		t.Fatalf("the Record behind the canceled reader: %v", err)
+	}
+	if err := c.Record(context.Background(), decisionEvent(3)); err != nil {
+		t.Fatalf("next Record on the same connection: %v", err)
+	}
+	if c.cur.Load() != cc {
+		t.Fatal("the connection was replaced")
 	}
 }
