@@ -18,6 +18,8 @@ import (
 	"unsafe"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/agent-vault-proxy/agent-vault-proxy/internal/rawconn"
 )
 
 // DefaultTimeout is how long avpd waits for the journal's ack when audit.timeout is not set.
@@ -59,6 +61,7 @@ func NewJournalClient(socket string, timeout time.Duration) *JournalClient {
 // reader role hands each ack to the waiter of the Record that sent the event.
 type clientConn struct {
 	c    *net.UnixConn
+	io   net.Conn // c, read and written with rawconn's system calls
 	rc   syscall.RawConn
 	wmu  sync.Mutex // one writer at a time, and the write deadline with it
 	dead chan struct{}
@@ -287,7 +290,7 @@ func (cc *clientConn) read(ctx context.Context, w *waiter, gen uint64, deadline 
 		cc.rbuf = make([]byte, 128<<10)
 	}
 	for {
-		n, err := cc.c.Read(cc.rbuf)
+		n, err := cc.io.Read(cc.rbuf)
 		if errors.Is(err, os.ErrDeadlineExceeded) {
 			// A timed-out read of a SOCK_SEQPACKET socket took no message: the
 			// connection stays good for the next reader.
@@ -353,7 +356,7 @@ func (cc *clientConn) send(w *waiter, deadline time.Time) (int, error) {
 	if len(w.ends) == 1 || cc.rc == nil {
 		buf, start := w.buf.Bytes(), 0
 		for _, end := range w.ends {
-			if _, err = cc.c.Write(buf[start:end]); err != nil {
+			if _, err = cc.io.Write(buf[start:end]); err != nil {
 				break
 			}
 			sent++
@@ -401,7 +404,7 @@ func (cc *clientConn) sendmmsg(w *waiter) error {
 // false to wait until the socket has room.
 func (w *waiter) sendmmsg(fd uintptr) bool {
 	for w.sent < len(w.hdr) {
-		r, _, e := unix.Syscall6(unix.SYS_SENDMMSG, fd, uintptr(unsafe.Pointer(&w.hdr[w.sent])), uintptr(len(w.hdr)-w.sent), unix.MSG_DONTWAIT|unix.MSG_NOSIGNAL, 0, 0)
+		r, _, e := unix.RawSyscall6(unix.SYS_SENDMMSG, fd, uintptr(unsafe.Pointer(&w.hdr[w.sent])), uintptr(len(w.hdr)-w.sent), unix.MSG_DONTWAIT|unix.MSG_NOSIGNAL, 0, 0)
 		switch {
 		case e == unix.EINTR:
 			continue
@@ -476,7 +479,7 @@ func (c *JournalClient) conn(ctx context.Context, deadline time.Time) (*clientCo
 }
 
 func newClientConn(nc *net.UnixConn) *clientConn {
-	cc := &clientConn{c: nc, dead: make(chan struct{}), turn: make(chan struct{}, 1), pending: map[uint64]*waiter{}}
+	cc := &clientConn{c: nc, io: rawconn.New(nc), dead: make(chan struct{}), turn: make(chan struct{}, 1), pending: map[uint64]*waiter{}}
 	cc.rc, _ = nc.SyscallConn() // nil only for a closed connection: then Write fails anyway
 	return cc
 }

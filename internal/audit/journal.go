@@ -24,6 +24,8 @@ import (
 	"unsafe"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/agent-vault-proxy/agent-vault-proxy/internal/rawconn"
 )
 
 // The journal is the audit service: it receives events on a SOCK_SEQPACKET Unix socket, one
@@ -900,6 +902,7 @@ func decodeRequest(msg []byte) (*item, string) {
 // it meanwhile, never a commit.
 type jconn struct {
 	c       *net.UnixConn
+	w       net.Conn // c, written with rawconn's system calls
 	rc      syscall.RawConn
 	wmu     sync.Mutex
 	wbuf    []byte // guarded by wmu
@@ -927,7 +930,7 @@ func newJconn(c *net.UnixConn) (*jconn, error) {
 	if err != nil {
 		return nil, err
 	}
-	jc := &jconn{c: c, rc: rc}
+	jc := &jconn{c: c, w: rawconn.New(c), rc: rc}
 	jc.recvFn = jc.recvmmsg
 	return jc, nil
 }
@@ -992,7 +995,9 @@ func (c *jconn) recvmmsg(fd uintptr) bool {
 	var r uintptr
 	var e syscall.Errno
 	for {
-		r, _, e = unix.Syscall6(unix.SYS_RECVMMSG, fd, uintptr(unsafe.Pointer(&a.hdr[0])), uintptr(c.rMax), unix.MSG_DONTWAIT, 0, 0)
+		// RawSyscall: MSG_DONTWAIT never blocks, and Syscall would wake the scheduler's
+		// sysmon thread on every event (see package rawconn).
+		r, _, e = unix.RawSyscall6(unix.SYS_RECVMMSG, fd, uintptr(unsafe.Pointer(&a.hdr[0])), uintptr(c.rMax), unix.MSG_DONTWAIT, 0, 0)
 		if e != unix.EINTR {
 			break
 		}
@@ -1083,7 +1088,7 @@ func (c *jconn) writeLocked(msg []byte) bool {
 		d = closingWriteTimeout
 	}
 	c.c.SetWriteDeadline(time.Now().Add(d))
-	if _, err := c.c.Write(msg); err != nil {
+	if _, err := c.w.Write(msg); err != nil {
 		c.close()
 		return false
 	}
@@ -1095,7 +1100,7 @@ func (c *jconn) writeLocked(msg []byte) bool {
 func (c *jconn) sendNow(m ackMsg) {
 	msg, _ := json.Marshal(m)
 	c.c.SetWriteDeadline(time.Now().Add(closingWriteTimeout))
-	c.c.Write(msg)
+	c.w.Write(msg)
 }
 
 // close stops the reader once its events are answered: its next read fails at once, and

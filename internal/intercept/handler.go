@@ -22,6 +22,7 @@ import (
 
 	"github.com/agent-vault-proxy/agent-vault-proxy/internal/audit"
 	"github.com/agent-vault-proxy/agent-vault-proxy/internal/inject"
+	"github.com/agent-vault-proxy/agent-vault-proxy/internal/rawconn"
 	"github.com/agent-vault-proxy/agent-vault-proxy/internal/store"
 )
 
@@ -515,7 +516,11 @@ func (p *upstreamPool) transport(k upstreamKey) *http.Transport {
 	addr := k.addr.String()
 	t := &http.Transport{
 		DialContext: func(ctx context.Context, network, _ string) (net.Conn, error) {
-			return p.dial(ctx, network, addr)
+			c, err := p.dial(ctx, network, addr)
+			if err != nil {
+				return nil, err
+			}
+			return rawconn.New(c), nil
 		},
 		TLSClientConfig:     tc,
 		ForceAttemptHTTP2:   true,

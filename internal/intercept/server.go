@@ -17,6 +17,7 @@ import (
 	"github.com/agent-vault-proxy/agent-vault-proxy/internal/audit"
 	"github.com/agent-vault-proxy/agent-vault-proxy/internal/config"
 	"github.com/agent-vault-proxy/agent-vault-proxy/internal/inject"
+	"github.com/agent-vault-proxy/agent-vault-proxy/internal/rawconn"
 )
 
 // Timeouts on the agent side. There is no write timeout: SSE streams live for minutes and
@@ -480,7 +481,7 @@ func (s *Server) newAgentTLS() *tls.Config {
 
 func (s *Server) terminate(c *net.TCPConn, peeked []byte, f inject.Facts) {
 	s.stats.terminated.Add(1)
-	tc := tls.Server(&agentConn{PrefixConn: NewPrefixConn(c, peeked), sni: f.SNI}, s.agentTLS)
+	tc := tls.Server(&agentConn{PrefixConn: NewPrefixConn(rawconn.New(c), peeked), sni: f.SNI}, s.agentTLS)
 	hctx, cancel := context.WithTimeout(context.Background(), handshakeTimeout)
 	err := tc.HandshakeContext(hctx)
 	cancel()

@@ -14,6 +14,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/agent-vault-proxy/agent-vault-proxy/internal/inject"
+	"github.com/agent-vault-proxy/agent-vault-proxy/internal/rawconn"
 )
 
 // upConn is one verified HTTP/1.1 connection to an upstream. An agent connection takes one
@@ -148,7 +149,7 @@ func (p *upstreamPool) dialH1(ctx context.Context, k upstreamKey) (*upConn, erro
 	if err != nil {
 		return nil, err
 	}
-	tc := tls.Client(raw, p.tlsConfig(k))
+	tc := tls.Client(rawconn.New(raw), p.tlsConfig(k))
 	if err := tc.HandshakeContext(dctx); err != nil {
 		raw.Close()
 		return nil, err
