@@ -396,7 +396,7 @@ func (r *report) markdown() string {
 	fmt.Fprintf(&b, "Each cell is the median of %d interleaved rounds of %.0f s (after %.1f s warm-up). ", r.Settings.Rounds, r.Settings.DurationS, r.Settings.WarmupS)
 	sink := "in-process audit file writer (one write+fdatasync per decision)"
 	if r.Audit.Journal {
-		sink = "`avpd journal` (group commit)"
+		sink = "`avpd journal` (group commit; its journald mirror off, so the numbers are the log's alone)"
 	}
 	fmt.Fprintf(&b, "avpd audits to %s; mitmproxy's addon appends and fsyncs one line per request. ", sink)
 	fmt.Fprintf(&b, "fdatasync of one line on the audit disk: p50 %.0f µs, p99 %.0f µs before the load", r.Audit.DiskFdatasync.P50us, r.Audit.DiskFdatasync.P99us)
