@@ -457,7 +457,7 @@ func (s *Server) regate(policy *inject.Policy) (release func(), ok bool) {
 func (hc *h1conn) roundTrip(out *http.Request, p *prepared) (*http.Response, error) {
 	for attempt := 0; ; attempt++ {
 		if attempt > 0 && p.inj != nil {
-			rel, ok := hc.s.regate(p.policy)
+			rel, ok := hc.s.upstream.regate(p.policy)
 			if !ok {
 				return nil, errPolicyChanged
 			}

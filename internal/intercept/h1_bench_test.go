@@ -450,6 +450,25 @@ func TestH1NoRetryOfNonIdempotent(t *testing.T) {
 	}
 }
 
+// TestH1RetryAfterReload: the HTTP/1.1 loop retries a GET whose pooled connection turns out
+// closed only under the policy that decided it; a reload in between makes it a 502, never
+// an injection the new policy did not decide.
+func TestH1RetryAfterReload(t *testing.T) {
+	p := newH1Pair(t)
+	if code, _ := p.do(t, strings.Replace(h1BenchRequest, "/v1/models", "/v1/drop", 1)); code != 200 {
+		t.Fatalf("GET /v1/drop: %d", code)
+	}
+	time.Sleep(50 * time.Millisecond) // the server's FIN arrives
+	reloads := reloadBeforeRetry(t, p)
+	n := p.upConns.Load()
+	if code, body := p.do(t, h1BenchRequest); code != http.StatusBadGateway || *reloads != 1 {
+		t.Fatalf("retry after a reload: %d %q (%d retries), want 502 after one", code, body, *reloads)
+	}
+	if got := p.upConns.Load(); got != n {
+		t.Fatalf("the retry reached the upstream (%d new connections) under a policy that did not decide it", got-n)
+	}
+}
+
 // TestH1PostAfterSilentClose: a POST that finds its pooled connection closed by the server
 // (after a complete answer, without Connection: close) goes out on a new one instead of
 // failing: it cannot be retried, so the connection is probed before it is used.

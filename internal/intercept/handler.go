@@ -443,8 +443,10 @@ type upstreamPool struct {
 	// onConn, when set, learns of each HTTP/1.1 upstream connection opened and closed, so
 	// shutdown can close the ones in use.
 	onConn func(c net.Conn, open bool)
-	// regate, when set, takes the reload gate again for a retry of a request decided under
-	// policy, or reports that another policy is in force (Server.regate).
+	// regate takes the reload gate again for a retry of a request decided under policy, or
+	// reports that another policy is in force: Server.regate, set by NewServer (a pool
+	// without a server has none, and its HTTP/2 path then does not check). Both retry
+	// paths call it through here, so a test can put a reload just before it.
 	regate func(policy *inject.Policy) (release func(), ok bool)
 	// overLimit, when set, takes a slot of the user's connection budget for an HTTP/2
 	// stream's upstream connection, or reports the user at its limit; its release gives it

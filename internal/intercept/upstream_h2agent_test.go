@@ -160,9 +160,22 @@ func TestH2AgentCancelEndsUpstream(t *testing.T) {
 // injection the new policy did not decide.
 func TestH2AgentRetryAfterReload(t *testing.T) {
 	p, c := h2PairWithDroppedConn(t)
-	reloads := 0
+	reloads := reloadBeforeRetry(t, p)
+	n := p.upConns.Load()
+	if resp, body := h2Get(t, c, "GET", "/v1/models"); resp.StatusCode != http.StatusBadGateway || *reloads != 1 {
+		t.Fatalf("retry after a reload: %d %q (%d regate calls), want 502 after one", resp.StatusCode, body, *reloads)
+	}
+	if got := p.upConns.Load(); got != n {
+		t.Fatalf("the retry reached the upstream (%d new connections) under a policy that did not decide it", got-n)
+	}
+}
+
+// reloadBeforeRetry makes every retry of p's server reload the policy (the same bindings,
+// a new policy) just before it takes the reload gate again; the count is of retries.
+func reloadBeforeRetry(t *testing.T, p *h1Pair) *int {
+	reloads := new(int)
 	p.srv.upstream.regate = func(pol *inject.Policy) (func(), bool) {
-		reloads++
+		*reloads++
 		cfg, err := config.Parse("bindings.yaml", []byte(h1BenchConfig))
 		if err != nil {
 			t.Error(err)
@@ -171,13 +184,7 @@ func TestH2AgentRetryAfterReload(t *testing.T) {
 		p.srv.SetPolicy(inject.NewPolicy(cfg))
 		return p.srv.regate(pol)
 	}
-	n := p.upConns.Load()
-	if resp, body := h2Get(t, c, "GET", "/v1/models"); resp.StatusCode != http.StatusBadGateway || reloads != 1 {
-		t.Fatalf("retry after a reload: %d %q (%d regate calls), want 502 after one", resp.StatusCode, body, reloads)
-	}
-	if got := p.upConns.Load(); got != n {
-		t.Fatalf("the retry reached the upstream (%d new connections) under a policy that did not decide it", got-n)
-	}
+	return reloads
 }
 
 // h2PairWithDroppedConn returns a pair and its HTTP/2 agent whose one pooled upstream
