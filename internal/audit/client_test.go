@@ -182,14 +182,7 @@ func TestClientRecordOfManyEvents(t *testing.T) {
 // The next Record finds it dead when it sends, which sent nothing, and goes once more on
 // a new connection: the restart costs no event.
 func TestClientResendsAfterAnIdleRestart(t *testing.T) {
-	dir := shortDir(t)
-	j := openTestJournal(t, dir, nil)
-	sock, stop := serveJournal(t, j, dir)
-	c := NewJournalClient(sock, 2*time.Second)
-	defer c.Close()
-	if err := c.Record(context.Background(), decisionEvent(1)); err != nil {
-		t.Fatal(err)
-	}
+	dir, stop, c := connectedClient(t, 2*time.Second)
 	first := c.cur.Load()
 	if err := stop(); err != nil {
 		t.Fatal(err)

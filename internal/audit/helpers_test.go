@@ -117,3 +117,18 @@ func logSet(t testing.TB, live string) []string {
 	}
 	return set
 }
+
+// connectedClient serves a new journal in a temporary directory and returns the directory,
+// the journal's stop, and a client of it that has recorded one event (so it is connected).
+func connectedClient(t *testing.T, timeout time.Duration) (string, func() error, *JournalClient) {
+	t.Helper()
+	dir := shortDir(t)
+	j := openTestJournal(t, dir, nil)
+	sock, stop := serveJournal(t, j, dir)
+	c := NewJournalClient(sock, timeout)
+	t.Cleanup(func() { c.Close() })
+	if err := c.Record(context.Background(), decisionEvent(1)); err != nil {
+		t.Fatal(err)
+	}
+	return dir, stop, c
+}

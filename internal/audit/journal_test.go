@@ -285,14 +285,7 @@ func TestReopenKeepsTheChain(t *testing.T) {
 // The client reconnects when the journal comes back; while it is away, Record fails within
 // the deadline.
 func TestClientReconnectsAndTimesOut(t *testing.T) {
-	dir := shortDir(t)
-	j := openTestJournal(t, dir, nil)
-	sock, stop := serveJournal(t, j, dir)
-	c := NewJournalClient(sock, 300*time.Millisecond)
-	defer c.Close()
-	if err := c.Record(context.Background(), decisionEvent(1)); err != nil {
-		t.Fatal(err)
-	}
+	dir, stop, c := connectedClient(t, 300*time.Millisecond)
 	stop()
 	t0 := time.Now()
 	err := c.Record(context.Background(), decisionEvent(2))
