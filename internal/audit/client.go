@@ -67,14 +67,14 @@ type clientConn struct {
 	dead chan struct{}
 	once sync.Once
 
-	mu      sync.Mutex // guards err, pending, reader and readerGen, and every waiter's fields
+	mu      sync.Mutex // guards err, pending, reading and readerGen, and every waiter's fields
 	err     error
 	pending map[uint64]*waiter // event id -> the Record that sent it
 
-	// reader is the Record reading the socket for all (see await); readerGen counts the
+	// reading says a Record reads the socket for all (see await); readerGen counts the
 	// turns, so a turn's context callback cannot touch a later one. turn wakes a waiting
 	// Record to read when the reader leaves. rbuf is the reader's buffer.
-	reader    *waiter
+	reading   bool
 	readerGen uint64
 	turn      chan struct{}
 	rbuf      []byte
@@ -201,8 +201,8 @@ func (c *JournalClient) await(ctx context.Context, cc *clientConn, w *waiter, de
 			cc.mu.Unlock()
 			return <-w.ch
 		}
-		if cc.reader == nil {
-			cc.reader = w
+		if !cc.reading {
+			cc.reading = true
 			cc.readerGen++
 			gen := cc.readerGen
 			cc.mu.Unlock()
@@ -256,7 +256,7 @@ func (cc *clientConn) leave(w *waiter) {
 // token is buffered, so it is never lost: a Record that takes it and does not read (its
 // own answer came) calls handOff again as it leaves. cc.mu is held.
 func (cc *clientConn) handOff() {
-	if cc.reader == nil && len(cc.pending) > 0 {
+	if !cc.reading && len(cc.pending) > 0 {
 		select {
 		case cc.turn <- struct{}{}:
 		default:
@@ -272,7 +272,7 @@ func (cc *clientConn) read(ctx context.Context, w *waiter, gen uint64, deadline 
 		// Interrupt the read when ctx ends, unless the role went on to another Record.
 		stop := context.AfterFunc(ctx, func() {
 			cc.mu.Lock()
-			if cc.reader != nil && cc.readerGen == gen {
+			if cc.reading && cc.readerGen == gen {
 				cc.c.SetReadDeadline(time.Unix(1, 0))
 			}
 			cc.mu.Unlock()
@@ -281,7 +281,7 @@ func (cc *clientConn) read(ctx context.Context, w *waiter, gen uint64, deadline 
 	}
 	defer func() {
 		cc.mu.Lock()
-		cc.reader = nil
+		cc.reading = false
 		cc.handOff()
 		cc.mu.Unlock()
 	}()

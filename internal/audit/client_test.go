@@ -225,7 +225,7 @@ func TestClientReaderRoleOnCancel(t *testing.T) {
 	cc := c.cur.Load()
 	for deadline := time.Now().Add(2 * time.Second); ; {
 		cc.mu.Lock()
-		reading := cc.reader != nil
+		reading := cc.reading
 		cc.mu.Unlock()
 		if reading {
 			break
