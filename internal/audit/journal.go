@@ -876,6 +876,13 @@ func (j *Journal) readLoop(c *jconn) {
 
 func decodeRequest(msg []byte) (*item, string) {
 	it := &item{size: len(msg)}
+	if decodeFast(msg, it) {
+		if err := it.ev.Validate(); err != nil {
+			return it, "event is not in the schema: " + err.Error()
+		}
+		return it, ""
+	}
+	it.ev = Event{} // what the fast path read before it gave up
 	req := request{Event: &it.ev}
 	dec := json.NewDecoder(bytes.NewReader(msg))
 	dec.DisallowUnknownFields() // applies to the event's fields too: the schema is closed
