@@ -52,53 +52,30 @@ var fastFields = []fastField{
 	{`,"decision":`, func(d *fastDec, e *Event) bool { return d.str(&e.Decision) }},
 	{`,"reason":`, func(d *fastDec, e *Event) bool { return d.str(&e.Reason) }},
 	{`,"secret":`, func(d *fastDec, e *Event) bool { return d.str(&e.Secret) }},
-	{`,"binding":`, func(d *fastDec, e *Event) bool {
-		var v uint64
-		if !d.uint(&v, math.MaxInt) {
-			return false
-		}
-		e.Binding = Int(int(v))
-		return true
-	}},
-	{`,"uid":`, func(d *fastDec, e *Event) bool {
-		var v uint64
-		if !d.uint(&v, math.MaxInt64) {
-			return false
-		}
-		e.UID = Int64(int64(v))
-		return true
-	}},
-	{`,"pid":`, func(d *fastDec, e *Event) bool {
-		var v uint64
-		if !d.uint(&v, math.MaxInt64) {
-			return false
-		}
-		e.PID = Int64(int64(v))
-		return true
-	}},
+	{`,"binding":`, uintField(math.MaxInt, func(e *Event, v uint64) { e.Binding = Int(int(v)) })},
+	{`,"uid":`, uintField(math.MaxInt64, func(e *Event, v uint64) { e.UID = Int64(int64(v)) })},
+	{`,"pid":`, uintField(math.MaxInt64, func(e *Event, v uint64) { e.PID = Int64(int64(v)) })},
 	{`,"dst":`, func(d *fastDec, e *Event) bool { return d.str(&e.Dst) }},
 	{`,"sni":`, func(d *fastDec, e *Event) bool { return d.str(&e.SNI) }},
 	{`,"method":`, func(d *fastDec, e *Event) bool { return d.str(&e.Method) }},
 	{`,"path":`, func(d *fastDec, e *Event) bool { return d.str(&e.Path) }},
-	{`,"status":`, func(d *fastDec, e *Event) bool {
-		var v uint64
-		if !d.uint(&v, math.MaxInt) {
-			return false
-		}
-		e.Status = int(v)
-		return true
-	}},
+	{`,"status":`, uintField(math.MaxInt, func(e *Event, v uint64) { e.Status = int(v) })},
 	{`,"config_sha256":`, func(d *fastDec, e *Event) bool { return d.str(&e.ConfigSHA256) }},
 	{`,"detail":`, func(d *fastDec, e *Event) bool { return d.str(&e.Detail) }},
-	{`,"torn_bytes":`, func(d *fastDec, e *Event) bool {
+	{`,"torn_bytes":`, uintField(math.MaxInt64, func(e *Event, v uint64) { e.TornBytes = int64(v) })},
+	{`,"torn_file":`, func(d *fastDec, e *Event) bool { return d.str(&e.TornFile) }},
+}
+
+// uintField reads an integer of at most max into the field set sets.
+func uintField(max uint64, set func(*Event, uint64)) func(*fastDec, *Event) bool {
+	return func(d *fastDec, e *Event) bool {
 		var v uint64
-		if !d.uint(&v, math.MaxInt64) {
+		if !d.uint(&v, max) {
 			return false
 		}
-		e.TornBytes = int64(v)
+		set(e, v)
 		return true
-	}},
-	{`,"torn_file":`, func(d *fastDec, e *Event) bool { return d.str(&e.TornFile) }},
+	}
 }
 
 // fastDec reads decodeFast's subset. err is set when a string or number did not parse,
