@@ -876,13 +876,21 @@ func (j *Journal) readLoop(c *jconn) {
 
 func decodeRequest(msg []byte) (*item, string) {
 	it := &item{size: len(msg)}
-	if decodeFast(msg, it) {
-		if err := it.ev.Validate(); err != nil {
-			return it, "event is not in the schema: " + err.Error()
+	if !decodeFast(msg, it) {
+		it.ev = Event{} // what the fast path read before it gave up
+		if errMsg := decodeJSON(msg, it); errMsg != "" {
+			return it, errMsg
 		}
-		return it, ""
 	}
-	it.ev = Event{} // what the fast path read before it gave up
+	if err := it.ev.Validate(); err != nil {
+		return it, "event is not in the schema: " + err.Error()
+	}
+	return it, ""
+}
+
+// decodeJSON is decodeRequest for a message decodeFast did not take: encoding/json, with
+// the closed schema's unknown fields refused.
+func decodeJSON(msg []byte, it *item) string {
 	req := request{Event: &it.ev}
 	dec := json.NewDecoder(bytes.NewReader(msg))
 	dec.DisallowUnknownFields() // applies to the event's fields too: the schema is closed
@@ -890,17 +898,14 @@ func decodeRequest(msg []byte) (*item, string) {
 	it.id = req.ID
 	if err != nil {
 		if req.ID != 0 {
-			return it, fmt.Sprintf("event is not in the schema: %v", err)
+			return fmt.Sprintf("event is not in the schema: %v", err)
 		}
-		return it, "malformed message: want {\"id\":N,\"event\":{...}}"
+		return "malformed message: want {\"id\":N,\"event\":{...}}"
 	}
 	if req.ID == 0 || req.Event == nil {
-		return it, "malformed message: want {\"id\":N,\"event\":{...}}"
+		return "malformed message: want {\"id\":N,\"event\":{...}}"
 	}
-	if err := it.ev.Validate(); err != nil {
-		return it, "event is not in the schema: " + err.Error()
-	}
-	return it, ""
+	return ""
 }
 
 // jconn is one client connection. Its reader goroutine reads, commits (or waits for the

@@ -6,8 +6,8 @@
 // write on loopback TCP runs the receiver's side of the stack too, and often does). The
 // socket is non-blocking, so the call never blocks; waiting for readiness is still the
 // poller's, with the conn's deadlines. On a 2-CPU machine those wake-ups cost about as
-// much as the calls themselves: a ping-pong between two Go processes over a socket took
-// 37 µs per round trip with Syscall and 19-22 µs with RawSyscall, with a third less CPU.
+// much as the calls themselves: a ping-pong between two Go processes over a socket takes
+// 36-37 µs per round trip with Syscall and 19-26 µs with RawSyscall (BenchmarkPingPong).
 // Only the hot request path uses it: the agent's and the upstream's connections, and the
 // audit journal's socket on both ends.
 package rawconn
@@ -39,11 +39,11 @@ type Conn struct {
 // op is one direction's call state: fn is op.call bound once, so a Read or a Write
 // allocates nothing.
 type op struct {
-	sys uintptr // SYS_READ or SYS_SENDTO
-	p   []byte
-	n   int
-	err syscall.Errno
-	fn  func(uintptr) bool
+	write bool
+	p     []byte
+	n     int
+	err   syscall.Errno
+	fn    func(uintptr) bool
 }
 
 // New wraps c, or returns it as it is when it has no descriptor of its own (a conn that is
@@ -58,7 +58,7 @@ func New(c net.Conn) net.Conn {
 		return c
 	}
 	x := &Conn{Conn: c, rc: rc}
-	x.r.sys, x.w.sys = unix.SYS_READ, unix.SYS_SENDTO
+	x.w.write = true
 	x.r.fn, x.w.fn = x.r.call, x.w.call
 	return x
 }
@@ -66,21 +66,11 @@ func New(c net.Conn) net.Conn {
 // call is one attempt with the socket's descriptor; false means it would block, and the
 // poller waits for readiness (or the deadline) before the next.
 func (o *op) call(fd uintptr) bool {
-	if raceEnabled {
-		return o.callSyscall(fd)
-	}
 	for {
-		var n uintptr
-		var e syscall.Errno
-		if o.sys == unix.SYS_SENDTO {
-			// MSG_NOSIGNAL: a peer that went away is EPIPE, not SIGPIPE.
-			n, _, e = unix.RawSyscall6(unix.SYS_SENDTO, fd, uintptr(unsafe.Pointer(unsafe.SliceData(o.p))), uintptr(len(o.p)), unix.MSG_NOSIGNAL, 0, 0)
-		} else {
-			n, _, e = unix.RawSyscall(unix.SYS_READ, fd, uintptr(unsafe.Pointer(unsafe.SliceData(o.p))), uintptr(len(o.p)))
-		}
+		n, e := o.syscall(fd)
 		switch e {
 		case 0:
-			o.n, o.err = int(n), 0
+			o.n, o.err = n, 0
 			return true
 		case unix.EINTR:
 			continue
@@ -93,29 +83,30 @@ func (o *op) call(fd uintptr) bool {
 	}
 }
 
-// callSyscall is call with syscall's Read and Write, for race builds (see race.go).
-func (o *op) callSyscall(fd uintptr) bool {
-	for {
+// syscall makes the read or the write once: with RawSyscall, or in race builds with
+// syscall's Read and Write (see race.go).
+func (o *op) syscall(fd uintptr) (int, syscall.Errno) {
+	if raceEnabled {
 		var n int
 		var err error
-		if o.sys == unix.SYS_SENDTO {
+		if o.write {
 			n, err = syscall.Write(int(fd), o.p)
 		} else {
 			n, err = syscall.Read(int(fd), o.p)
 		}
-		switch err {
-		case nil:
-			o.n, o.err = n, 0
-			return true
-		case syscall.EINTR:
-			continue
-		case syscall.EAGAIN:
-			return false
-		default:
-			o.n, o.err = 0, err.(syscall.Errno)
-			return true
+		if err != nil {
+			return 0, err.(syscall.Errno)
 		}
+		return n, 0
 	}
+	buf := uintptr(unsafe.Pointer(unsafe.SliceData(o.p)))
+	if o.write {
+		// MSG_NOSIGNAL: a peer that went away is EPIPE, not SIGPIPE.
+		n, _, e := unix.RawSyscall6(unix.SYS_SENDTO, fd, buf, uintptr(len(o.p)), unix.MSG_NOSIGNAL, 0, 0)
+		return int(n), e
+	}
+	n, _, e := unix.RawSyscall(unix.SYS_READ, fd, buf, uintptr(len(o.p)))
+	return int(n), e
 }
 
 // Read reads as net.Conn's Read does: io.EOF once the peer closed.
