@@ -35,6 +35,8 @@ type report struct {
 		Journal       bool      `json:"journal_service"`
 		DiskPath      string    `json:"disk_path"`
 		DiskFdatasync syncStats `json:"disk_fdatasync"`
+		// DiskFdatasyncIdle is each fdatasync after sseGap of idle, as SSE requests meet it.
+		DiskFdatasyncIdle syncStats `json:"disk_fdatasync_after_idle"`
 		// DiskFdatasyncBetween is measured after each scenario of the disk phase.
 		DiskFdatasyncBetween []syncStats `json:"disk_fdatasync_between_scenarios"`
 		TmpfsFdatasync       syncStats   `json:"tmpfs_fdatasync"`
@@ -400,6 +402,9 @@ func (r *report) markdown() string {
 	}
 	fmt.Fprintf(&b, "avpd audits to %s; mitmproxy's addon appends and fsyncs one line per request. ", sink)
 	fmt.Fprintf(&b, "fdatasync of one line on the audit disk: p50 %.0f µs, p99 %.0f µs before the load", r.Audit.DiskFdatasync.P50us, r.Audit.DiskFdatasync.P99us)
+	if st := r.Audit.DiskFdatasyncIdle; st.N > 0 {
+		fmt.Fprintf(&b, " (each after %v idle, as SSE requests meet it: p50 %.0f µs, p99 %.0f µs)", sseGap, st.P50us, st.P99us)
+	}
 	if n := len(r.Audit.DiskFdatasyncBetween); n > 0 {
 		var p50s []float64
 		for _, x := range r.Audit.DiskFdatasyncBetween {
