@@ -74,6 +74,9 @@ type Request struct {
 	RawPath  string
 	RawQuery string
 	Header   http.Header
+	// BodyMethods are the method overrides a BodyScanner found in the body, for
+	// AllowsBodyOverride; the decision itself is made before the body is read.
+	BodyMethods []string
 }
 
 // Injection is one placeholder to replace.
@@ -212,6 +215,38 @@ func (p *Policy) Decide(f Facts, r Request) Decision {
 	return d
 }
 
+// BodyOverrideMatters reports whether a method override in the body could change an
+// injecting decision: some injection's binding lists the methods it allows. (A binding that
+// allows any method still matches with any override, and no binding before it matches
+// more with one.)
+func (d *Decision) BodyOverrideMatters() bool {
+	if d.Action != Inject {
+		return false
+	}
+	for _, in := range d.Injections {
+		if in.Secret.Bindings[in.Binding].Methods != nil {
+			return true
+		}
+	}
+	return false
+}
+
+// AllowsBodyOverride reports whether every secret the injecting decision d for r injects
+// still has a binding that allows the request when r.BodyMethods are overrides too, as if
+// they had been in a header: that binding must allow them all. It reads only the request
+// line and the override headers of r, which the injection does not change.
+func (p *Policy) AllowsBodyOverride(f Facts, r Request, d *Decision) bool {
+	host := NormalizeHost(r.Authority)
+	normPath, pathOK := NormalizePath(r.RawPath)
+	over := readOverrides(r)
+	for _, in := range d.Injections {
+		if _, reason := matchBindings(in.Secret, f.UID, host, r.Method, over, normPath, pathOK); reason != ReasonAllowed {
+			return false
+		}
+	}
+	return true
+}
+
 // placeholderElsewhere reports a placeholder outside its configured header, so the audit
 // shows an agent trying to move a key somewhere it was not configured to go (I11).
 func (p *Policy) placeholderElsewhere(s *config.Secret, r Request) bool {
@@ -283,9 +318,11 @@ var none = &overrides{}
 // readOverrides reads the override headers (each item of a comma-separated method list),
 // any _method query parameter (a query naming a method that cannot be parsed counts as a
 // method no binding allows), and the path overrides, which may be a path or an absolute
-// URL. A _method in a form body is not seen: the body is not read before the decision.
+// URL. A _method in the body is checked as the body goes upstream (BodyScanner,
+// AllowsBodyOverride).
 func readOverrides(r Request) *overrides {
 	var methods, paths []string
+	methods = append(methods, r.BodyMethods...)
 	unsafePath := false
 	for _, h := range methodOverrideHeaders {
 		for _, v := range r.Header[h] {

@@ -74,7 +74,7 @@ func denialText(reason, header string) string {
 	case ReasonMethodNotAllowed:
 		return "the bindings for this host do not allow the method"
 	case ReasonMethodOverride:
-		return "the request names another method (X-HTTP-Method-Override, X-HTTP-Method, X-Method-Override or a _method query parameter) that the bindings for this host do not allow"
+		return "the request names another method (X-HTTP-Method-Override, X-HTTP-Method, X-Method-Override, a _method query parameter, or a _method in a form, multipart or JSON body) that the bindings for this host do not allow"
 	case ReasonPathOverride:
 		return "the request names another path (X-Original-URL or X-Rewrite-URL) that no path glob of the bindings for this host matches, or that cannot be normalized safely"
 	case ReasonPathNotAllowed:

@@ -224,7 +224,42 @@ func (hc *h1conn) serve(req *http.Request) (keep bool) {
 		return hc.writeRefusal(p.status, p.reason, !keepAlive) && keepAlive
 	}
 
-	out := hc.outbound(req, p.inj, upgrade, trailers)
+	// A _method in the body (bodyguard.go): a short body is read whole and checked before
+	// anything is sent; a longer one as it goes, and cut off before its end when refused.
+	checkBody := req.Body != http.NoBody && p.inj.checksBody(req.Header)
+	var pre []byte
+	whole := false
+	if checkBody && req.ContentLength <= maxWholeBody {
+		// The agent may take its time to send the body: the reload gate is not held
+		// meanwhile, and is taken again only while the policy that decided is in force.
+		p.release()
+		if hc.expectContinue {
+			hc.expectContinue = false
+			hc.bw.WriteString("HTTP/1.1 100 Continue\r\n\r\n")
+			if hc.bw.Flush() != nil {
+				return false
+			}
+		}
+		var err error
+		if pre, whole, err = prereadBody(req.Body, req.ContentLength); err != nil {
+			hc.writeRefusal(http.StatusBadRequest, "bad_request_body", true)
+			return false
+		}
+		if whole && !s.wholeBodyAllowed(hc.ctx, p.inj, req.Header, pre) {
+			hc.writeRefusal(http.StatusForbidden, inject.ReasonMethodOverride, true)
+			return false
+		}
+		rel, ok := s.regate(p.policy)
+		if !ok {
+			hc.writeRefusal(http.StatusBadGateway, "upstream_unreachable", true)
+			return false
+		}
+		p.release = rel
+	}
+	out := hc.outbound(req, p.inj, upgrade, trailers, pre, whole)
+	if checkBody && !whole {
+		out.Body = s.guardBody(hc.ctx, p.inj, req.Header, out.Body)
+	}
 	hc.pending = nil
 	resp, err := hc.roundTrip(out, &p)
 	pw := hc.pending
@@ -248,6 +283,12 @@ func (hc *h1conn) serve(req *http.Request) (keep bool) {
 	}
 	if err != nil {
 		switch {
+		case p.inj.refusedBody():
+			// Recorded and counted by the guard; the upstream has part of a body at most.
+			hc.dropUpstream()
+			hc.writeRefusal(http.StatusForbidden, inject.ReasonMethodOverride, true)
+			hc.lingerClose() // the agent may still be sending the rest
+			return false
 		case hc.body != nil && hc.body.err != nil:
 			hc.dropUpstream() // it has part of a body
 			hc.writeRefusal(http.StatusBadRequest, "bad_request_body", true)
@@ -326,7 +367,10 @@ func forwarded(h http.Header) (upgrade string, trailers bool) {
 
 // outbound builds the request sent upstream: the agent's headers (already reduced by
 // forwarded), with the real values injected.
-func (hc *h1conn) outbound(req *http.Request, inj *injected, upgrade string, trailers bool) *http.Request {
+//
+// pre is what was read of the body ahead (prereadBody): all of it when whole, else its first
+// bytes.
+func (hc *h1conn) outbound(req *http.Request, inj *injected, upgrade string, trailers bool, pre []byte, whole bool) *http.Request {
 	h := req.Header
 	if upgrade != "" {
 		h["Connection"] = []string{"Upgrade"}
@@ -349,10 +393,16 @@ func (hc *h1conn) outbound(req *http.Request, inj *injected, upgrade string, tra
 		body = hc.body
 	}
 	hc.replay = nil
+	switch {
+	case whole:
+		hc.replay = bytes.NewReader(pre)
+		body = io.NopCloser(hc.replay)
+	case pre != nil:
+		body = newPrefixed(pre, hc.body)
 	// A small body already read with the headers goes out in the same write, and can be
 	// replayed if a reused upstream connection turns out to be closed. The agent's body is
 	// read past it (drainReplayed) once the request is sent.
-	if req.ContentLength > 0 && req.ContentLength <= int64(hc.br.Buffered()) {
+	case req.ContentLength > 0 && req.ContentLength <= int64(hc.br.Buffered()):
 		if b, err := hc.br.Peek(int(req.ContentLength)); err == nil {
 			hc.replay = bytes.NewReader(b)
 			body = io.NopCloser(hc.replay)

@@ -62,9 +62,12 @@ type h1Pair struct {
 	audit *eventLog
 	// charges counts the requests to /v1/charge the upstream received.
 	charges *atomic.Int64
-	srv     *Server
-	roots   *x509.CertPool
-	facts   inject.Facts
+	// sinks counts the uploads to /v1/sink the upstream received whole, sinkStarts the
+	// requests to it whose head it received.
+	sinks, sinkStarts *atomic.Int64
+	srv               *Server
+	roots             *x509.CertPool
+	facts             inject.Facts
 	// slowDone gets a value when a request to /v1/slow ended on the upstream's side
 	// before the upstream finished it.
 	slowDone chan struct{}
@@ -147,7 +150,7 @@ func newH1Pair(tb testing.TB, upProtos ...string) *h1Pair {
 	if err != nil {
 		tb.Fatal(err)
 	}
-	var upConns, charges atomic.Int64
+	var upConns, charges, sinks, sinkStarts atomic.Int64
 	slowDone := make(chan struct{}, 8)
 	up := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("X-Upstream-Proto", r.Proto)
@@ -235,11 +238,13 @@ func newH1Pair(tb testing.TB, upProtos ...string) *h1Pair {
 		}
 		if r.URL.Path == "/v1/sink" {
 			// Reads the whole upload, then answers with its length.
+			sinkStarts.Add(1)
 			n, err := io.Copy(io.Discard, r.Body)
 			if err != nil {
 				http.Error(w, err.Error(), http.StatusBadRequest)
 				return
 			}
+			sinks.Add(1)
 			fmt.Fprintf(w, `{"ok":true,"bytes":%d}`, n)
 			return
 		}
@@ -326,7 +331,7 @@ func newH1Pair(tb testing.TB, upProtos ...string) *h1Pair {
 		tb.Fatal(err)
 	}
 	tb.Cleanup(func() { agent.Close() })
-	return &h1Pair{agent: agent, br: bufio.NewReader(agent), upConns: &upConns, logs: logs, audit: events, charges: &charges, srv: s, roots: roots, facts: facts, slowDone: slowDone}
+	return &h1Pair{agent: agent, br: bufio.NewReader(agent), upConns: &upConns, logs: logs, audit: events, charges: &charges, sinks: &sinks, sinkStarts: &sinkStarts, srv: s, roots: roots, facts: facts, slowDone: slowDone}
 }
 
 const h1BenchRequest = "GET /v1/models HTTP/1.1\r\nHost: api.openai.com\r\nUser-Agent: bench\r\nAccept: */*\r\n" +

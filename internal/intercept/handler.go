@@ -1,6 +1,7 @@
 package intercept
 
 import (
+	"bytes"
 	"compress/gzip"
 	"compress/zlib"
 	"context"
@@ -51,6 +52,8 @@ type injected struct {
 	wipe [][]byte
 	// policy decided the request; a retry injects again only while it is in force.
 	policy *inject.Policy
+	// check is set when a method override in the body could change the decision.
+	check *bodyCheck
 }
 
 func (s *Server) serveHTTP(w http.ResponseWriter, r *http.Request) {
@@ -75,6 +78,39 @@ func (s *Server) serveHTTP(w http.ResponseWriter, r *http.Request) {
 	if p.inj == nil {
 		s.proxy.ServeHTTP(w, r)
 		return
+	}
+	if r.Body != nil && r.Body != http.NoBody && p.inj.checksBody(r.Header) {
+		// A _method in the body, as in the HTTP/1.1 loop: a short body is checked whole
+		// before anything is sent, a longer one as it streams.
+		body, whole := r.Body, false
+		if r.ContentLength <= maxWholeBody {
+			// Not under the reload gate, as in the HTTP/1.1 loop.
+			p.release()
+			var pre []byte
+			var err error
+			pre, whole, err = prereadBody(r.Body, r.ContentLength)
+			switch {
+			case err != nil:
+				refuse(w, http.StatusBadRequest, "bad_request_body")
+				return
+			case whole && !s.wholeBodyAllowed(r.Context(), p.inj, r.Header, pre):
+				refuse(w, http.StatusForbidden, inject.ReasonMethodOverride)
+				return
+			case whole:
+				r.Body = io.NopCloser(bytes.NewReader(pre))
+			default:
+				body = newPrefixed(pre, r.Body)
+			}
+			rel, ok := s.regate(p.policy)
+			if !ok {
+				refuse(w, http.StatusBadGateway, "upstream_unreachable")
+				return
+			}
+			p.release = rel
+		}
+		if !whole {
+			r.Body = s.guardBody(r.Context(), p.inj, r.Header, body)
+		}
 	}
 	ctx := context.WithValue(r.Context(), injectedKey{}, p.inj)
 	ctx = httptrace.WithClientTrace(ctx, &httptrace.ClientTrace{WroteHeaders: p.release})
@@ -126,9 +162,10 @@ func (s *Server) prepare(ctx context.Context, f inject.Facts, method, authority 
 	if u.Opaque != "" {
 		rawPath = u.Opaque
 	}
-	d := policy.Decide(f, inject.Request{
+	ir := inject.Request{
 		Method: method, Authority: authority, RawPath: rawPath, RawQuery: u.RawQuery, Header: h,
-	})
+	}
+	d := policy.Decide(f, ir)
 	base := audit.Event{
 		Type: audit.TypeDecision, UID: uidPtr(f.UID), Dst: f.OrigDst.String(), SNI: f.SNI,
 		Method: auditMethod(method), Path: d.Path,
@@ -203,6 +240,9 @@ func (s *Server) prepare(ctx context.Context, f inject.Facts, method, authority 
 		inj.wipeAll()
 		s.auditUnavailable(base)
 		return refused(http.StatusServiceUnavailable, "audit_unavailable")
+	}
+	if d.BodyOverrideMatters() {
+		inj.check = &bodyCheck{policy: policy, facts: f, req: ir, d: d, base: base}
 	}
 	s.stats.injected.Add(1)
 	return prepared{inj: inj, release: release, policy: policy}
@@ -403,8 +443,13 @@ func newReverseProxy(up *upstreamPool, logf Logf) *httputil.ReverseProxy {
 				refuse(w, http.StatusServiceUnavailable, "connection_limit")
 				return
 			}
-			f := factsFrom(r.Context())
 			inj, _ := r.Context().Value(injectedKey{}).(*injected)
+			if inj.refusedBody() {
+				// Recorded and counted by the guard, which cut the request off.
+				refuse(w, http.StatusForbidden, inject.ReasonMethodOverride)
+				return
+			}
+			f := factsFrom(r.Context())
 			logf("upstream %s (sni %q): %s", f.OrigDst, f.SNI, inj.errText(err))
 			refuse(w, http.StatusBadGateway, "upstream_unreachable")
 		},

@@ -160,6 +160,36 @@ console.log(r.status, await r.text());
 		}
 	})
 
+	t.Run("3_body_method_override_refused", func(t *testing.T) {
+		// Rails, Laravel and Symfony act on a _method in the body: a key bound to GET and POST
+		// must not be usable to DELETE through one.
+		for _, tc := range []struct {
+			name string
+			args []string
+		}{
+			{"form", []string{bearer, "-d_method=DELETE"}},
+			{"json", []string{bearer, "Content-Type: application/json", `-d{"model":"m","\u005fmethod":"delete"}`}},
+		} {
+			before := len(e.upstream.requests())
+			code, body, err := e.curl(agentUID, "POST", "https://"+hostOpenAI+"/v1/files/1", tc.args...)
+			if err != nil || code != 403 || !strings.Contains(body, "agent-vault-proxy: method_override_not_allowed") {
+				t.Fatalf("%s: got %d %q %v, want 403", tc.name, code, body, err)
+			}
+			if n := len(e.upstream.requests()) - before; n != 0 {
+				t.Fatalf("%s: upstream got %d requests", tc.name, n)
+			}
+		}
+		e.waitAudit("decision", "refuse", "reason", "method_override_not_allowed", "method", "POST")
+		// The same POST without the override is injected.
+		code, _, err := e.curl(agentUID, "POST", "https://"+hostOpenAI+"/v1/files/1", bearer, "-dpurpose=batch&method=DELETE")
+		if err != nil || code != 200 {
+			t.Fatalf("curl: %d %v", code, err)
+		}
+		if got := e.upstream.last(t); got.Header.Get("Authorization") != "Bearer "+realOpenAI || got.Body != "purpose=batch&method=DELETE" {
+			t.Fatalf("upstream got %q with body %q", got.Header.Get("Authorization"), got.Body)
+		}
+	})
+
 	t.Run("4_host_mismatch_421", func(t *testing.T) {
 		before := len(e.upstream.requests())
 		code, body, err := e.curl(agentUID, "GET", "https://"+hostOpenAI+"/v1/models", bearer, "Host: "+hostOther)

@@ -1,0 +1,626 @@
+package inject
+
+import (
+	"bytes"
+	"errors"
+	"io"
+	"mime"
+	"mime/multipart"
+	"net/http"
+	"strings"
+	"sync"
+	"unicode/utf8"
+)
+
+// Server frameworks read a method override from the request body too, not only from the
+// headers and the query readOverrides sees:
+//   - Rack (Rails, Sinatra) takes _method from a form body: urlencoded, multipart, or a POST
+//     with no Content-Type at all;
+//   - PHP (Laravel, Symfony) from $_POST, whose names it reads with leading spaces dropped
+//     and '.' and ' ' turned into '_';
+//   - Laravel from a JSON body's top-level keys as well, and Express's method-override from
+//     whatever its body parser made of the body.
+//
+// The body is not there when the request is decided, so a BodyScanner reads it as it goes
+// upstream and reports each _method it finds. It reads more generously than any one of
+// them (names compared without case, ';' as a separator, any multipart type), because a
+// name it misses is an override a binding never allowed.
+
+// UnparsableBodyOverride stands for what a body names when the scanner finds a _method it
+// cannot read as one method (an array, a number, an over-long value), or a body it cannot
+// read at all (compressed, or multipart it cannot parse); no binding allows it.
+const UnparsableBodyOverride = "(unreadable body override)"
+
+const (
+	maxOverrideName  = 64 // a longer name cannot be _method once normalized
+	maxOverrideValue = 32 // a longer value is no method a binding lists
+)
+
+type bodyMode int
+
+const (
+	bodyForm bodyMode = iota + 1
+	bodyJSON
+	bodyMultipart
+	bodyUnreadable
+)
+
+// BodyScanner finds the _method overrides in a request body fed to it with Write. Each is
+// passed to report (upper-cased, or UnparsableBodyOverride); report returns false to stop
+// the scan, and Write and Close then return ErrBodyOverride.
+type BodyScanner struct {
+	mode     bodyMode
+	report   func(method string) bool
+	stopped  bool
+	reported bool // an unreadable body was reported, once
+
+	form formScan
+	json jsonScan
+	mp   *multipartScan
+}
+
+// ErrBodyOverride is what Write and Close return once report refused a method.
+var ErrBodyOverride = errors.New("the request body names a method override the bindings do not allow")
+
+// NewBodyScanner returns a scanner for a body with header h, or nil when its content type is
+// none a framework reads an override from (an octet stream, plain text).
+func NewBodyScanner(h http.Header, report func(method string) bool) *BodyScanner {
+	mode, boundary := bodyModeOf(h)
+	if mode == 0 {
+		return nil
+	}
+	s := &BodyScanner{mode: mode, report: report}
+	if mode == bodyMultipart {
+		s.mp = newMultipartScan(boundary)
+	}
+	return s
+}
+
+// BodyMayOverride reports whether a body with header h is one NewBodyScanner reads.
+func BodyMayOverride(h http.Header) bool {
+	mode, _ := bodyModeOf(h)
+	return mode != 0
+}
+
+// bodyModeOf is how a body with header h is read for overrides, and a multipart body's
+// boundary; 0 when it is not read.
+func bodyModeOf(h http.Header) (bodyMode, string) {
+	for _, ce := range h.Values("Content-Encoding") {
+		for item := range strings.SplitSeq(ce, ",") {
+			if item = strings.TrimSpace(item); item != "" && !strings.EqualFold(item, "identity") {
+				// A server may decode it before it parses the form; the scanner cannot.
+				return bodyUnreadable, ""
+			}
+		}
+	}
+	cts := h.Values("Content-Type")
+	if len(cts) > 1 {
+		// Two types could be picked differently upstream.
+		return bodyUnreadable, ""
+	}
+	ct := ""
+	if len(cts) == 1 {
+		ct = cts[0]
+	}
+	// Leniently, as Rack does: what comes before the first ';' or ','.
+	mt := strings.ToLower(strings.TrimSpace(ct))
+	if i := strings.IndexAny(mt, ";,"); i >= 0 {
+		mt = strings.TrimSpace(mt[:i])
+	}
+	switch {
+	case mt == "" || mt == "application/x-www-form-urlencoded":
+		return bodyForm, ""
+	case strings.HasPrefix(mt, "multipart/"):
+		_, params, err := mime.ParseMediaType(ct)
+		if err != nil || params["boundary"] == "" {
+			return bodyUnreadable, ""
+		}
+		return bodyMultipart, params["boundary"]
+	case strings.Contains(mt, "json"):
+		return bodyJSON, ""
+	}
+	return 0, ""
+}
+
+// Write scans the next bytes of the body.
+func (s *BodyScanner) Write(p []byte) (int, error) {
+	if s.stopped {
+		return 0, ErrBodyOverride
+	}
+	switch s.mode {
+	case bodyUnreadable:
+		s.unreadable()
+	case bodyForm:
+		s.form.scan(p, s.found)
+	case bodyJSON:
+		s.json.scan(p, s.found)
+	case bodyMultipart:
+		if !s.mp.write(p) {
+			s.found(UnparsableBodyOverride)
+		}
+		for _, m := range s.mp.take() {
+			s.found(m)
+		}
+	}
+	if s.stopped {
+		return 0, ErrBodyOverride
+	}
+	return len(p), nil
+}
+
+// Close ends the body: an override its last bytes complete is reported now.
+func (s *BodyScanner) Close() error {
+	if !s.stopped {
+		switch s.mode {
+		case bodyUnreadable:
+			s.unreadable()
+		case bodyForm:
+			s.form.end(s.found)
+		case bodyJSON:
+			s.json.end(s.found)
+		case bodyMultipart:
+			ok, methods := s.mp.close()
+			for _, m := range methods {
+				s.found(m)
+			}
+			if !ok {
+				s.found(UnparsableBodyOverride)
+			}
+		}
+	}
+	if s.stopped {
+		return ErrBodyOverride
+	}
+	return nil
+}
+
+// Abort ends a scan whose body will not be read to its end.
+func (s *BodyScanner) Abort() {
+	if s.mp != nil {
+		s.mp.abort()
+	}
+}
+
+func (s *BodyScanner) unreadable() {
+	if !s.reported {
+		s.reported = true
+		s.found(UnparsableBodyOverride)
+	}
+}
+
+func (s *BodyScanner) found(m string) {
+	if !s.stopped && !s.report(m) {
+		s.stopped = true
+		s.Abort()
+	}
+}
+
+// isOverrideName reports whether a decoded form, JSON or multipart name is _method as
+// some framework reads it: PHP drops leading spaces and turns '.' and ' ' into '_'. A
+// name that goes on with '[' is an array of them, which no framework takes as a method
+// but which is reported (as unparsable) rather than guessed at.
+func isOverrideName(name []byte) (match, array bool) {
+	name = bytes.TrimLeft(name, " ")
+	const want = "_method"
+	if len(name) < len(want) {
+		return false, false
+	}
+	for i := 0; i < len(want); i++ {
+		c := name[i]
+		if c == '.' || c == ' ' {
+			c = '_'
+		}
+		if c|0x20 != want[i]|0x20 {
+			return false, false
+		}
+	}
+	switch {
+	case len(name) == len(want):
+		return true, false
+	case name[len(want)] == '[':
+		return true, true
+	}
+	return false, false
+}
+
+// overrideValue is the method a decoded value names, upper-cased as frameworks compare it,
+// or "" for an empty one (which no framework acts on).
+func overrideValue(v []byte, overflow bool) string {
+	if overflow {
+		return UnparsableBodyOverride
+	}
+	t := strings.TrimSpace(string(v))
+	if !utf8.ValidString(t) {
+		return UnparsableBodyOverride
+	}
+	return strings.ToUpper(t)
+}
+
+// formScan reads application/x-www-form-urlencoded: name=value pairs split by '&' (and ';',
+// which older Rack split on too), '+' and %XX decoded.
+type formScan struct {
+	inValue      bool
+	name, value  []byte
+	nameOver     bool
+	valueOver    bool
+	pct          int // 0, or 1-2 after '%' and that many hex digits
+	pctHi        byte
+	pctRaw       [2]byte
+	nameStarted  bool // a byte other than a leading space was seen
+	matchedArray bool
+	matched      bool
+}
+
+func (f *formScan) scan(p []byte, found func(string)) {
+	for _, c := range p {
+		switch {
+		case c == '&' || c == ';':
+			f.flushPct()
+			f.endPair(found)
+		case c == '=' && !f.inValue:
+			f.flushPct()
+			f.inValue = true
+			f.matched, f.matchedArray = false, false
+			if !f.nameOver {
+				f.matched, f.matchedArray = isOverrideName(f.name)
+			}
+		case f.pct == 0 && c == '%':
+			f.pct = 1
+		case f.pct == 1:
+			if h, ok := unhex(c); ok {
+				f.pctHi, f.pctRaw[0], f.pct = h, c, 2
+			} else {
+				f.pct = 0
+				f.add('%')
+				f.add(c)
+			}
+		case f.pct == 2:
+			f.pct = 0
+			if h, ok := unhex(c); ok {
+				f.add(f.pctHi<<4 | h)
+			} else {
+				f.add('%')
+				f.add(f.pctRaw[0])
+				f.add(c)
+			}
+		case c == '+':
+			f.add(' ')
+		default:
+			f.add(c)
+		}
+	}
+}
+
+// flushPct writes out an incomplete %-escape as the literal bytes it was.
+func (f *formScan) flushPct() {
+	switch f.pct {
+	case 1:
+		f.add('%')
+	case 2:
+		f.add('%')
+		f.add(f.pctRaw[0])
+	}
+	f.pct = 0
+}
+
+func (f *formScan) add(c byte) {
+	if !f.inValue {
+		if !f.nameStarted && c == ' ' {
+			return // PHP drops leading spaces, however many
+		}
+		f.nameStarted = true
+		if len(f.name) < maxOverrideName {
+			f.name = append(f.name, c)
+		} else {
+			f.nameOver = true
+		}
+		return
+	}
+	if !f.matched {
+		return
+	}
+	if len(f.value) < maxOverrideValue {
+		f.value = append(f.value, c)
+	} else {
+		f.valueOver = true
+	}
+}
+
+func (f *formScan) endPair(found func(string)) {
+	if !f.inValue && !f.nameOver {
+		// A name without '=': Rack and PHP read it as an empty value, which overrides nothing,
+		// but "_method[]" is still an array.
+		f.matched, f.matchedArray = isOverrideName(f.name)
+		if !f.matchedArray {
+			f.matched = false
+		}
+	}
+	switch {
+	case f.matched && f.matchedArray:
+		found(UnparsableBodyOverride)
+	case f.matched:
+		if m := overrideValue(f.value, f.valueOver); m != "" {
+			found(m)
+		}
+	}
+	*f = formScan{name: f.name[:0], value: f.value[:0]}
+}
+
+func (f *formScan) end(found func(string)) {
+	f.flushPct()
+	f.endPair(found)
+}
+
+// jsonScan reads the keys of top-level JSON objects (Laravel reads _method from those) and
+// skips everything else; it is lenient, and never fails: a body no JSON parser accepts
+// overrides nothing there.
+type jsonScan struct {
+	depth     int
+	topObject bool // the value at depth 1 is an object
+	expectKey bool // the next string at depth 1 is a key
+	inString  bool
+	isKey     bool // the string being read is a top-level key
+	isValue   bool // the string being read is a matched key's value
+	esc       int  // 0; 1 after '\\'; 2-5 reading \u's hex digits
+	u         rune
+	buf       []byte
+	over      bool
+	// afterKey is set from a matched key until its value starts.
+	afterKey   bool
+	matchedKey bool
+}
+
+func (j *jsonScan) scan(p []byte, found func(string)) {
+	for _, c := range p {
+		if j.inString {
+			j.stringByte(c, found)
+			continue
+		}
+		if j.afterKey {
+			switch c {
+			case ' ', '\t', '\r', '\n', ':':
+				continue
+			case '"':
+				j.afterKey = false
+				j.startString(false, true)
+				continue
+			default:
+				// A number, object, array, true, false or null: not a method.
+				j.afterKey = false
+				found(UnparsableBodyOverride)
+			}
+		}
+		switch c {
+		case '"':
+			j.startString(j.depth == 1 && j.topObject && j.expectKey, false)
+		case '{', '[':
+			j.depth++
+			if j.depth == 1 {
+				j.topObject = c == '{'
+				j.expectKey = j.topObject
+			}
+		case '}', ']':
+			if j.depth > 0 {
+				j.depth--
+			}
+		case ',':
+			if j.depth == 1 && j.topObject {
+				j.expectKey = true
+			}
+		case ':':
+			if j.depth == 1 {
+				j.expectKey = false
+			}
+		}
+	}
+}
+
+func (j *jsonScan) startString(key, value bool) {
+	j.inString, j.isKey, j.isValue = true, key, value
+	j.esc, j.buf, j.over = 0, j.buf[:0], false
+	if key {
+		j.expectKey = false
+	}
+}
+
+func (j *jsonScan) stringByte(c byte, found func(string)) {
+	switch {
+	case j.esc == 1:
+		j.esc = 0
+		switch c {
+		case 'u':
+			j.esc, j.u = 2, 0
+		case 'b':
+			j.add('\b')
+		case 'f':
+			j.add('\f')
+		case 'n':
+			j.add('\n')
+		case 'r':
+			j.add('\r')
+		case 't':
+			j.add('\t')
+		default:
+			j.add(c) // \" \\ \/ and anything a lenient parser keeps as is
+		}
+	case j.esc >= 2:
+		h, ok := unhex(c)
+		if !ok {
+			j.esc = 0
+			j.add(c)
+			return
+		}
+		j.u = j.u<<4 | rune(h)
+		if j.esc++; j.esc == 6 {
+			j.esc = 0
+			var b [utf8.UTFMax]byte
+			n := utf8.EncodeRune(b[:], j.u)
+			for _, x := range b[:n] {
+				j.add(x)
+			}
+		}
+	case c == '\\':
+		j.esc = 1
+	case c == '"':
+		j.inString = false
+		switch {
+		case j.isKey:
+			match, array := false, false
+			if !j.over {
+				match, array = isOverrideName(j.buf)
+			}
+			// PHP's json_decode keeps the key as it is ("_method[]" is just a key), so only
+			// an exact name counts here.
+			if match && !array {
+				j.afterKey = true
+			}
+		case j.isValue:
+			if m := overrideValue(j.buf, j.over); m != "" {
+				found(m)
+			}
+		}
+	default:
+		j.add(c)
+	}
+}
+
+func (j *jsonScan) add(c byte) {
+	if !j.isKey && !j.isValue {
+		return
+	}
+	limit := maxOverrideName
+	if j.isValue {
+		limit = maxOverrideValue
+	}
+	if len(j.buf) < limit {
+		j.buf = append(j.buf, c)
+	} else {
+		j.over = true
+	}
+}
+
+func (j *jsonScan) end(found func(string)) {
+	if j.afterKey || (j.inString && j.isValue) {
+		// The body ended inside a matched key's value.
+		found(UnparsableBodyOverride)
+	}
+}
+
+// multipartScan parses a multipart body with mime/multipart in a goroutine of its own, fed
+// through a pipe, and collects the values of parts named _method. The parser is strict: a
+// body it cannot parse is unreadable, which fails the scan rather than risk a parser
+// upstream that reads it differently. Its findings may come a little after the bytes that
+// hold them were written: close waits for all of them, and the caller holds back the
+// body's end until then.
+type multipartScan struct {
+	pw   *io.PipeWriter
+	done chan struct{}
+
+	mu      sync.Mutex
+	methods []string // found and not yet taken
+	count   int
+	ok      bool // set before done is closed
+}
+
+// maxMultipartOverrides bounds what one body can make the scanner hold; past it the body is
+// unreadable.
+const maxMultipartOverrides = 8
+
+func newMultipartScan(boundary string) *multipartScan {
+	pr, pw := io.Pipe()
+	m := &multipartScan{pw: pw, done: make(chan struct{})}
+	go func() {
+		defer close(m.done)
+		ok := parseMultipart(multipart.NewReader(pr, boundary), m.add)
+		m.mu.Lock()
+		m.ok = ok
+		m.mu.Unlock()
+		// What is left unread (an epilogue, or the rest after an error) is drained, so the
+		// writer never blocks.
+		io.Copy(io.Discard, pr)
+	}()
+	return m
+}
+
+func (m *multipartScan) add(v string) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.count++
+	switch {
+	case m.count <= maxMultipartOverrides:
+		m.methods = append(m.methods, v)
+	case m.count == maxMultipartOverrides+1:
+		m.methods = append(m.methods, UnparsableBodyOverride)
+	}
+}
+
+// parseMultipart reads every part and passes on the _method values; false when the body is
+// not well-formed multipart.
+func parseMultipart(r *multipart.Reader, found func(string)) bool {
+	for {
+		p, err := r.NextRawPart()
+		if err == io.EOF {
+			return true
+		}
+		if err != nil {
+			return false
+		}
+		matched, array, readable := false, false, true
+		for _, cd := range p.Header.Values("Content-Disposition") {
+			_, params, err := mime.ParseMediaType(cd)
+			if err != nil {
+				// Read leniently: a name this parser cannot read may still be _method to
+				// another one.
+				if strings.Contains(strings.ToLower(cd), "method") {
+					readable = false
+				}
+				continue
+			}
+			if m, a := isOverrideName([]byte(params["name"])); m {
+				matched, array = true, array || a
+			}
+		}
+		switch {
+		case !readable || (matched && array):
+			found(UnparsableBodyOverride)
+		case matched:
+			v, err := io.ReadAll(io.LimitReader(p, maxOverrideValue+1))
+			if err != nil {
+				return false
+			}
+			found(overrideValue(v, len(v) > maxOverrideValue))
+		}
+		if _, err := io.Copy(io.Discard, p); err != nil {
+			return false
+		}
+	}
+}
+
+// write feeds p to the parser; false when it can no longer be fed.
+func (m *multipartScan) write(p []byte) bool {
+	_, err := m.pw.Write(p)
+	return err == nil
+}
+
+// take returns the values found since the last take.
+func (m *multipartScan) take() []string {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	v := m.methods
+	m.methods = nil
+	return v
+}
+
+// close ends the body and waits for the parser's verdict.
+func (m *multipartScan) close() (ok bool, methods []string) {
+	m.pw.Close()
+	<-m.done
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.ok, m.methods
+}
+
+// abort stops the parser; its goroutine ends once it sees the pipe closed.
+func (m *multipartScan) abort() {
+	m.pw.CloseWithError(ErrBodyOverride)
+}

@@ -1,0 +1,319 @@
+package inject
+
+import (
+	"bytes"
+	"errors"
+	"mime/multipart"
+	"net/http"
+	"net/url"
+	"slices"
+	"strings"
+	"testing"
+)
+
+// scanBody feeds body to a scanner for content type ct in chunks of chunk bytes and returns
+// every override it reports (report always goes on), or nil, false when ct is not scanned.
+func scanBody(t *testing.T, h http.Header, body string, chunk int) ([]string, bool) {
+	t.Helper()
+	var got []string
+	s := NewBodyScanner(h, func(m string) bool { got = append(got, m); return true })
+	if s == nil {
+		return nil, false
+	}
+	for b := []byte(body); len(b) > 0; {
+		n := min(chunk, len(b))
+		if _, err := s.Write(b[:n]); err != nil {
+			t.Fatalf("Write: %v", err)
+		}
+		b = b[n:]
+	}
+	if err := s.Close(); err != nil {
+		t.Fatalf("Close: %v", err)
+	}
+	return got, true
+}
+
+func ctHeader(ct ...string) http.Header {
+	h := http.Header{}
+	for _, v := range ct {
+		h.Add("Content-Type", v)
+	}
+	return h
+}
+
+const unread = UnparsableBodyOverride
+
+// checkScan runs body through the scanner whole and one byte at a time: an override split
+// across reads must be found the same.
+func checkScan(t *testing.T, h http.Header, body string, want []string) {
+	t.Helper()
+	for _, chunk := range []int{len(body) + 1, 1, 3} {
+		got, ok := scanBody(t, h, body, chunk)
+		if !ok {
+			t.Fatalf("%q: not scanned", body)
+		}
+		if !slices.Equal(got, want) {
+			t.Errorf("%q in chunks of %d: got %q, want %q", body, chunk, got, want)
+		}
+	}
+}
+
+func TestBodyScannerForm(t *testing.T) {
+	form := ctHeader("application/x-www-form-urlencoded")
+	cases := []struct {
+		body string
+		want []string
+	}{
+		{"a=1&_method=DELETE", []string{"DELETE"}},
+		{"_method=delete&a=1", []string{"DELETE"}},
+		{"%5Fmethod=PUT", []string{"PUT"}},
+		{"_m%65thod=PUT", []string{"PUT"}},
+		{"_method=DEL%45TE", []string{"DELETE"}},
+		{"_method=+PATCH+", []string{"PATCH"}},
+		{"+++_method=PUT", []string{"PUT"}},      // PHP drops leading spaces
+		{"%20_method=PUT", []string{"PUT"}},      // ... however written
+		{".method=PUT", []string{"PUT"}},         // PHP reads '.' as '_'
+		{"+.method=PUT", []string{"PUT"}},        // ... after the leading spaces go
+		{"%20method=PUT", nil},                   // "method" to PHP
+		{"_METHOD=put", []string{"PUT"}},         // names compared without case
+		{"a=1;_method=PATCH", []string{"PATCH"}}, // older Rack splits on ';'
+		{"_method[]=DELETE", []string{unread}},
+		{"_method[x]=DELETE", []string{unread}},
+		{"_method[]", []string{unread}},
+		{"_method=" + strings.Repeat("A", 40), []string{unread}},
+		{"_method=GET&_method=DELETE", []string{"GET", "DELETE"}},
+		{"_method=", nil},
+		{"_method", nil},
+		{"x_method=DELETE", nil},
+		{"_methods=DELETE", nil},
+		{"a=_method%3DDELETE", nil},
+		{"a=1&b=%zz&c=%", nil},
+		{"_method=%", []string{"%"}},
+		{strings.Repeat("x", 100) + "=1&_method=PUT", []string{"PUT"}},
+	}
+	for _, c := range cases {
+		checkScan(t, form, c.body, c.want)
+	}
+	// Rack reads a POST without a Content-Type as a form.
+	checkScan(t, http.Header{}, "_method=DELETE", []string{"DELETE"})
+	checkScan(t, ctHeader("Application/X-WWW-Form-Urlencoded; charset=utf-8"), "_method=PUT", []string{"PUT"})
+}
+
+func TestBodyScannerJSON(t *testing.T) {
+	js := ctHeader("application/json")
+	cases := []struct {
+		body string
+		want []string
+	}{
+		{`{"model":"x","_method":"DELETE"}`, []string{"DELETE"}},
+		{`{"_method" : "put"}`, []string{"PUT"}},
+		{`{"\u005fmethod":"PATCH"}`, []string{"PATCH"}},
+		{`{"_method":"DEL\u0045TE"}`, []string{"DELETE"}},
+		{`{"a":{"_method":"DELETE"},"b":[{"_method":"PUT"}]}`, nil}, // only top-level keys
+		{`{"content":"{\"_method\":\"DELETE\"}"}`, nil},             // inside a string
+		{`{"a\"_method":"x"}`, nil},
+		{`{"messages":[{"role":"user","content":"what does _method do in Rails?"}]}`, nil},
+		{`[{"_method":"DELETE"}]`, nil},
+		{`{"_method":1}`, []string{unread}},
+		{`{"_method":["DELETE"]}`, []string{unread}},
+		{`{"_method":null}`, []string{unread}},
+		{`{"_method":"` + strings.Repeat("A", 40) + `"}`, []string{unread}},
+		{`{"a":1}{"_method":"PUT"}`, []string{"PUT"}},
+		{`{"a":1}` + "\n" + `{"_method":"PUT"}`, []string{"PUT"}},
+		{`{"_method":"DEL`, []string{unread}},
+		{`{"_method"`, []string{unread}},
+		{`{"_method":""}`, nil},
+		{`{"_METHOD":"put"}`, []string{"PUT"}},
+		{`{"x":"\\","_method":"PUT"}`, []string{"PUT"}},
+	}
+	for _, c := range cases {
+		checkScan(t, js, c.body, c.want)
+	}
+	checkScan(t, ctHeader("application/vnd.api+json"), `{"_method":"PUT"}`, []string{"PUT"})
+}
+
+// multipartBody builds a multipart body with the given (name, value) fields.
+func multipartBody(t *testing.T, fields ...[2]string) (string, http.Header) {
+	t.Helper()
+	var b bytes.Buffer
+	w := multipart.NewWriter(&b)
+	for _, f := range fields {
+		if err := w.WriteField(f[0], f[1]); err != nil {
+			t.Fatal(err)
+		}
+	}
+	w.Close()
+	return b.String(), ctHeader(w.FormDataContentType())
+}
+
+func TestBodyScannerMultipart(t *testing.T) {
+	body, h := multipartBody(t, [2]string{"purpose", "fine-tune"}, [2]string{"_method", "delete"})
+	checkScan(t, h, body, []string{"DELETE"})
+
+	body, h = multipartBody(t, [2]string{"file", "a=1&_method=DELETE\r\n{\"_method\":\"PUT\"}"})
+	checkScan(t, h, body, nil)
+
+	// RFC 2231's name*= (which mime.ParseMediaType decodes), and a second Content-Disposition
+	// that a parser taking the last one would read.
+	const bd = "XyZ"
+	mh := ctHeader("multipart/form-data; boundary=" + bd)
+	ext := "--" + bd + "\r\nContent-Disposition: form-data; name*=UTF-8''%5Fmethod\r\n\r\nPUT\r\n--" + bd + "--\r\n"
+	checkScan(t, mh, ext, []string{"PUT"})
+	two := "--" + bd + "\r\nContent-Disposition: form-data; name=\"a\"\r\nContent-Disposition: form-data; name=\"_method\"\r\n\r\nPUT\r\n--" + bd + "--\r\n"
+	checkScan(t, mh, two, []string{"PUT"})
+	bad := "--" + bd + "\r\nContent-Disposition: form-data; name=_method; x\r\n\r\nPUT\r\n--" + bd + "--\r\n"
+	checkScan(t, mh, bad, []string{unread})
+
+	// Not well-formed: no closing boundary, or no boundary at all.
+	checkScan(t, mh, "--"+bd+"\r\nContent-Disposition: form-data; name=\"a\"\r\n\r\n1\r\n", []string{unread})
+	checkScan(t, ctHeader("multipart/form-data"), "x", []string{unread})
+
+	// Many overrides neither block the parser nor grow without bound.
+	var fields [][2]string
+	for range 40 {
+		fields = append(fields, [2]string{"_method", "GET"})
+	}
+	body, h = multipartBody(t, fields...)
+	got, _ := scanBody(t, h, body, 7)
+	if len(got) != maxMultipartOverrides+1 || got[len(got)-1] != unread {
+		t.Errorf("40 overrides: got %d reports (%q...)", len(got), got[:min(3, len(got))])
+	}
+}
+
+func TestBodyScannerUnreadableAndSkipped(t *testing.T) {
+	gz := ctHeader("application/x-www-form-urlencoded")
+	gz.Set("Content-Encoding", "gzip")
+	checkScan(t, gz, "\x1f\x8b...", []string{unread})
+	checkScan(t, ctHeader("application/json", "text/plain"), "{}", []string{unread})
+	for _, ct := range []string{"text/plain", "application/octet-stream", "image/png"} {
+		if _, ok := scanBody(t, ctHeader(ct), "_method=DELETE", 100); ok {
+			t.Errorf("%s: scanned", ct)
+		}
+	}
+	id := ctHeader("application/json")
+	id.Set("Content-Encoding", "identity")
+	checkScan(t, id, `{"_method":"PUT"}`, []string{"PUT"})
+}
+
+// A refused override stops the scan: Write and Close fail from then on.
+func TestBodyScannerStops(t *testing.T) {
+	for _, tc := range []struct {
+		h    http.Header
+		body string
+	}{
+		{ctHeader("application/x-www-form-urlencoded"), "_method=DELETE&a=1"},
+		{ctHeader("application/json"), `{"_method":"DELETE","a":1}`},
+	} {
+		s := NewBodyScanner(tc.h, func(m string) bool { return m != "DELETE" })
+		_, err := s.Write([]byte(tc.body))
+		if !errors.Is(err, ErrBodyOverride) {
+			t.Errorf("%q: Write err %v", tc.body, err)
+		}
+		if _, err := s.Write([]byte("x")); !errors.Is(err, ErrBodyOverride) {
+			t.Errorf("%q: second Write err %v", tc.body, err)
+		}
+		if err := s.Close(); !errors.Is(err, ErrBodyOverride) {
+			t.Errorf("%q: Close err %v", tc.body, err)
+		}
+	}
+	body, h := multipartBody(t, [2]string{"_method", "DELETE"}, [2]string{"a", strings.Repeat("x", 100000)})
+	s := NewBodyScanner(h, func(m string) bool { return m != "DELETE" })
+	var werr error
+	for b := []byte(body); len(b) > 0 && werr == nil; b = b[min(len(b), 4096):] {
+		_, werr = s.Write(b[:min(len(b), 4096)])
+	}
+	if err := s.Close(); !errors.Is(err, ErrBodyOverride) {
+		t.Errorf("multipart: Close err %v (write err %v)", err, werr)
+	}
+}
+
+func FuzzBodyScannerForm(f *testing.F) {
+	f.Add("a=1&_method=DELETE", 3)
+	f.Add("%5Fm%65thod=PUT;x", 1)
+	f.Fuzz(func(t *testing.T, body string, chunk int) {
+		if chunk <= 0 || chunk > len(body)+1 {
+			chunk = len(body) + 1
+		}
+		h := ctHeader("application/x-www-form-urlencoded")
+		whole, _ := scanBody(t, h, body, len(body)+1)
+		parts, _ := scanBody(t, h, body, chunk)
+		if !slices.Equal(whole, parts) {
+			t.Fatalf("%q: whole %q, in chunks of %d %q", body, whole, chunk, parts)
+		}
+		// Every _method a Go form parser sees is reported (the scanner reads more).
+		q, err := parseFormLikeRack(body)
+		if err != nil {
+			return
+		}
+		for _, v := range q {
+			if v == "" {
+				continue
+			}
+			if !slices.Contains(whole, strings.ToUpper(v)) && !slices.Contains(whole, unread) {
+				t.Fatalf("%q: _method=%q not reported (got %q)", body, v, whole)
+			}
+		}
+	})
+}
+
+// parseFormLikeRack returns the _method values net/url reads from a form body, split on
+// '&' only (as Rack 3 and PHP do).
+func parseFormLikeRack(body string) ([]string, error) {
+	var out []string
+	for pair := range strings.SplitSeq(body, "&") {
+		k, v, _ := strings.Cut(pair, "=")
+		dk, err := url.QueryUnescape(k)
+		if err != nil {
+			return nil, err
+		}
+		dv, err := url.QueryUnescape(v)
+		if err != nil {
+			return nil, err
+		}
+		if dk == "_method" && !strings.Contains(dv, ";") {
+			out = append(out, strings.TrimSpace(dv))
+		}
+	}
+	return out, nil
+}
+
+// TestAllowsBodyOverride: a body override is held to the injecting binding's methods as a
+// header override is; one that allows any method takes any.
+func TestAllowsBodyOverride(t *testing.T) {
+	p := testPolicy(t)
+	bearer := "Bearer " + phOpenAI
+	cases := []struct {
+		name    string
+		r       Request
+		body    []string
+		matters bool
+		allowed bool
+	}{
+		{"a listed method", req("POST", "api.openai.com", "/v1/files", "Authorization", bearer), []string{"GET"}, true, true},
+		{"an unlisted method", req("POST", "api.openai.com", "/v1/files", "Authorization", bearer), []string{"DELETE"}, true, false},
+		{"one of two unlisted", req("POST", "api.openai.com", "/v1/files", "Authorization", bearer), []string{"GET", "DELETE"}, true, false},
+		{"unreadable", req("POST", "api.openai.com", "/v1/files", "Authorization", bearer), []string{UnparsableBodyOverride}, true, false},
+		{"compared as given (the scanner upper-cases)", req("POST", "api.openai.com", "/v1/files", "Authorization", bearer), []string{"get"}, true, false},
+		{"any-method binding", req("POST", "api.anthropic.com", "/v1/messages", "X-Api-Key", phAnthropic), []string{"DELETE"}, false, true},
+	}
+	for _, tc := range cases {
+		f := Facts{UID: 1000, SNI: tc.r.Authority}
+		d := p.Decide(f, tc.r)
+		if d.Action != Inject {
+			t.Fatalf("%s: %v %s, want inject", tc.name, d.Action, d.Reason)
+		}
+		if got := d.BodyOverrideMatters(); got != tc.matters {
+			t.Errorf("%s: BodyOverrideMatters %v, want %v", tc.name, got, tc.matters)
+		}
+		r := tc.r
+		r.BodyMethods = tc.body
+		if got := p.AllowsBodyOverride(f, r, &d); got != tc.allowed {
+			t.Errorf("%s: AllowsBodyOverride(%q) %v, want %v", tc.name, tc.body, got, tc.allowed)
+		}
+	}
+	// A verbatim decision has nothing a body override could change.
+	d := p.Decide(Facts{UID: 1000, SNI: "api.openai.com"}, req("POST", "api.openai.com", "/v1/files"))
+	if d.BodyOverrideMatters() {
+		t.Error("BodyOverrideMatters on a verbatim decision")
+	}
+}

@@ -1,0 +1,264 @@
+package intercept
+
+import (
+	"bufio"
+	"bytes"
+	"errors"
+	"fmt"
+	"io"
+	"mime/multipart"
+	"net/http"
+	"strings"
+	"testing"
+	"testing/iotest"
+	"time"
+
+	"github.com/agent-vault-proxy/agent-vault-proxy/internal/config"
+	"github.com/agent-vault-proxy/agent-vault-proxy/internal/inject"
+)
+
+// readAllBy reads r with reads of at most size bytes.
+func readAllBy(r io.Reader, size int) ([]byte, error) {
+	var out []byte
+	buf := make([]byte, size)
+	for {
+		n, err := r.Read(buf)
+		out = append(out, buf[:n]...)
+		if err == io.EOF {
+			return out, nil
+		}
+		if err != nil {
+			return out, err
+		}
+	}
+}
+
+// A body the scan passes comes through unchanged, whatever the sizes of the reads on
+// either side; one it refuses never comes through whole, even when its last byte completes
+// the override.
+func TestBodyGuardHoldsBackTheEnd(t *testing.T) {
+	form := http.Header{"Content-Type": {"application/x-www-form-urlencoded"}}
+	wrap := map[string]func(io.Reader) io.Reader{
+		"whole":   func(r io.Reader) io.Reader { return r },
+		"one":     iotest.OneByteReader,
+		"half":    iotest.HalfReader,
+		"dataerr": iotest.DataErrReader,
+	}
+	for _, body := range []string{"a=1&b=2", "x", "_method=POST&c=" + strings.Repeat("z", 5000)} {
+		for name, w := range wrap {
+			for _, size := range []int{1, 2, 7, 4096} {
+				g := &bodyGuard{src: io.NopCloser(w(strings.NewReader(body))), onRefuse: func() { t.Fatal("refused") }}
+				g.scan = inject.NewBodyScanner(form, func(m string) bool { return m != "DELETE" })
+				got, err := readAllBy(g, size)
+				if err != nil || string(got) != body {
+					t.Fatalf("%s reads of %d: got %d bytes (%v), want %d", name, size, len(got), err, len(body))
+				}
+			}
+		}
+	}
+	for _, body := range []string{"_method=DELETE", "a=1&_method=DELET%45", "_method=DELETE&" + strings.Repeat("z", 5000), strings.Repeat("z=1&", 2000) + "_method=DELETE"} {
+		for name, w := range wrap {
+			for _, size := range []int{1, 3, 4096} {
+				refused := 0
+				g := &bodyGuard{src: io.NopCloser(w(strings.NewReader(body))), onRefuse: func() { refused++ }}
+				g.scan = inject.NewBodyScanner(form, func(m string) bool { return m != "DELETE" })
+				got, err := readAllBy(g, size)
+				if !errors.Is(err, inject.ErrBodyOverride) || refused != 1 || len(got) >= len(body) {
+					t.Fatalf("%q, %s reads of %d: %d of %d bytes came through, err %v, refused %d times", body[:min(20, len(body))], name, size, len(got), len(body), err, refused)
+				}
+			}
+		}
+	}
+}
+
+// bodyOverrideCase is an injecting POST to /v1/sink whose body may name an override; the
+// binding allows POST and GET.
+type bodyOverrideCase struct {
+	name, ct, ce, body string
+	refused            bool
+}
+
+func bodyOverrideCases() []bodyOverrideCase {
+	var mp bytes.Buffer
+	mw := multipart.NewWriter(&mp)
+	mw.WriteField("purpose", "batch")
+	fw, _ := mw.CreateFormFile("file", "data.jsonl")
+	fw.Write(bytes.Repeat([]byte(`{"x":"_method=DELETE"}`+"\n"), 3000))
+	mw.WriteField("_method", "DELETE")
+	mw.Close()
+	var mpOK bytes.Buffer
+	mw2 := multipart.NewWriter(&mpOK)
+	fw, _ = mw2.CreateFormFile("file", "data.jsonl")
+	fw.Write(bytes.Repeat([]byte(`{"x":"_method=DELETE"}`+"\n"), 3000))
+	mw2.Close()
+	big := strings.Repeat("a", 300<<10)
+	form := "application/x-www-form-urlencoded"
+	return []bodyOverrideCase{
+		{"form small", form, "", "a=1&_method=DELETE", true},
+		{"form allowed", form, "", "a=1&_method=get", false},
+		{"no type", "", "", "_method=PUT", true},
+		{"form large, at the end", form, "", "a=" + big + "&_method=DELETE", true},
+		{"form large, at the start", form, "", "_method=DELETE&a=" + big, true},
+		{"form large, none", form, "", "a=" + big, false},
+		{"json", "application/json", "", `{"model":"m","_method":"DELETE"}`, true},
+		{"json large", "application/json", "", `{"input":"` + big + `","\u005fmethod":"PATCH"}`, true},
+		{"json nested", "application/json", "", `{"messages":[{"role":"user","content":"_method=DELETE","_method":"DELETE"}]}`, false},
+		{"multipart", mw.FormDataContentType(), "", mp.String(), true},
+		{"multipart, in a file", mw2.FormDataContentType(), "", mpOK.String(), false},
+		{"compressed form", form, "gzip", "a=1", true},
+		{"plain text", "text/plain", "", "_method=DELETE", false},
+	}
+}
+
+// TestBodyOverridesAreRefused: an injecting request whose body names an override the
+// binding does not allow (as Rails, Laravel and Symfony read one) is answered 403 and never
+// reaches the upstream whole, over HTTP/1.1 (buffered, streamed with a length, chunked)
+// and HTTP/2; the refusal is audited. The same bodies without the override go through.
+func TestBodyOverridesAreRefused(t *testing.T) {
+	check := func(t *testing.T, what string, tc bodyOverrideCase, resp *http.Response, p *h1Pair) {
+		t.Helper()
+		whole, started, audit := p.sinks.Load(), p.sinkStarts.Load(), p.audit.snapshot()
+		switch {
+		case tc.refused && len(tc.body) <= maxWholeBody && started != 0:
+			// A short body is checked before anything is sent.
+			t.Errorf("%s %s: the upstream got the request's head", what, tc.name)
+		case tc.refused && (resp.StatusCode != http.StatusForbidden || whole != 0):
+			t.Errorf("%s %s: %d, upstream got %d whole bodies; want 403 and none", what, tc.name, resp.StatusCode, whole)
+		case tc.refused && !strings.Contains(resp.Header.Get("X-Agent-Vault-Proxy"), inject.ReasonMethodOverride):
+			t.Errorf("%s %s: X-Agent-Vault-Proxy %q", what, tc.name, resp.Header.Get("X-Agent-Vault-Proxy"))
+		case !tc.refused && (resp.StatusCode != http.StatusOK || whole != 1):
+			t.Errorf("%s %s: %d, upstream got %d whole bodies; want 200 and one", what, tc.name, resp.StatusCode, whole)
+		}
+		refusals := 0
+		for _, e := range audit {
+			if e.Reason == inject.ReasonMethodOverride {
+				refusals++
+			}
+		}
+		if tc.refused != (refusals == 1) {
+			t.Errorf("%s %s: %d refusals audited", what, tc.name, refusals)
+		}
+	}
+	// The upstream counts a body once its handler has read it all, which may be just after
+	// the answer left.
+	settle := func() { time.Sleep(30 * time.Millisecond) }
+	for _, tc := range bodyOverrideCases() {
+		for _, chunked := range []bool{false, true} {
+			head := "POST /v1/sink HTTP/1.1\r\nHost: api.openai.com\r\nAuthorization: Bearer sk-avp-PLACEHOLDER-openai-000000000000\r\n"
+			if tc.ct != "" {
+				head += "Content-Type: " + tc.ct + "\r\n"
+			}
+			if tc.ce != "" {
+				head += "Content-Encoding: " + tc.ce + "\r\n"
+			}
+			body := tc.body
+			if chunked {
+				head += "Transfer-Encoding: chunked\r\n"
+				var b strings.Builder
+				for rest := tc.body; rest != ""; {
+					n := min(len(rest), 1000)
+					fmt.Fprintf(&b, "%x\r\n%s\r\n", n, rest[:n])
+					rest = rest[n:]
+				}
+				b.WriteString("0\r\n\r\n")
+				body = b.String()
+			} else {
+				head += fmt.Sprintf("Content-Length: %d\r\n", len(body))
+			}
+			// An agent connection of its own: a refusal closes it.
+			p := newH1Pair(t)
+			go func() {
+				w := bufio.NewWriter(p.agent)
+				w.WriteString(head + "\r\n")
+				w.WriteString(body)
+				w.Flush()
+			}()
+			resp, err := http.ReadResponse(p.br, nil)
+			if err != nil {
+				t.Fatalf("HTTP/1.1 %s: %v", tc.name, err)
+			}
+			io.Copy(io.Discard, resp.Body)
+			resp.Body.Close()
+			settle()
+			check(t, fmt.Sprintf("HTTP/1.1 (chunked %v)", chunked), tc, resp, p)
+		}
+
+		p := newH1Pair(t)
+		r, _ := http.NewRequest("POST", "https://api.openai.com/v1/sink", strings.NewReader(tc.body))
+		r.Header.Set("Authorization", "Bearer sk-avp-PLACEHOLDER-openai-000000000000")
+		if tc.ct != "" {
+			r.Header.Set("Content-Type", tc.ct)
+		}
+		if tc.ce != "" {
+			r.Header.Set("Content-Encoding", tc.ce)
+		}
+		resp, err := p.h2Client(t).Do(r)
+		if err != nil {
+			t.Fatalf("HTTP/2 %s: %v", tc.name, err)
+		}
+		io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+		if resp.ProtoMajor != 2 {
+			t.Fatalf("HTTP/2 %s: went over HTTP/%d", tc.name, resp.ProtoMajor)
+		}
+		settle()
+		check(t, "HTTP/2", tc, resp, p)
+	}
+}
+
+// TestShortBodyCutOffIsNotWhole: a short body the agent stops sending before its declared
+// length or its last chunk is the agent's error (400), and nothing of it is sent: read
+// ahead for the check, it must not be taken for a whole body.
+func TestShortBodyCutOffIsNotWhole(t *testing.T) {
+	for _, raw := range []string{
+		"Content-Length: 100\r\n\r\na=1&b=2",
+		"Transfer-Encoding: chunked\r\n\r\n7\r\na=1&b=2\r\n",
+	} {
+		p := newH1Pair(t)
+		io.WriteString(p.agent, "POST /v1/sink HTTP/1.1\r\nHost: api.openai.com\r\nAuthorization: Bearer sk-avp-PLACEHOLDER-openai-000000000000\r\n"+
+			"Content-Type: application/x-www-form-urlencoded\r\n"+raw)
+		p.agent.CloseWrite()
+		resp, err := http.ReadResponse(p.br, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		time.Sleep(30 * time.Millisecond)
+		if resp.StatusCode != http.StatusBadRequest || p.sinkStarts.Load() != 0 {
+			t.Errorf("%q: %d, upstream got %d requests; want 400 and none", raw, resp.StatusCode, p.sinkStarts.Load())
+		}
+	}
+}
+
+// TestSlowBodyDoesNotHoldReloads: while avpd waits for a short body to check it, a reload
+// goes ahead (the gate is not held); the request, decided under the old policy, then
+// injects nothing.
+func TestSlowBodyDoesNotHoldReloads(t *testing.T) {
+	p := newH1Pair(t)
+	io.WriteString(p.agent, "POST /v1/sink HTTP/1.1\r\nHost: api.openai.com\r\nAuthorization: Bearer sk-avp-PLACEHOLDER-openai-000000000000\r\n"+
+		"Content-Type: application/x-www-form-urlencoded\r\nContent-Length: 7\r\n\r\na=1")
+	time.Sleep(50 * time.Millisecond) // decided, and waiting for the rest of the body
+	cfg, err := config.Parse("bindings.yaml", []byte(h1BenchConfig))
+	if err != nil {
+		t.Fatal(err)
+	}
+	reloaded := make(chan struct{})
+	go func() {
+		p.srv.SetPolicy(inject.NewPolicy(cfg))
+		close(reloaded)
+	}()
+	select {
+	case <-reloaded:
+	case <-time.After(3 * time.Second):
+		t.Fatal("a reload waited for an agent's body")
+	}
+	io.WriteString(p.agent, "&b=2")
+	resp, err := http.ReadResponse(p.br, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusBadGateway || p.sinkStarts.Load() != 0 {
+		t.Errorf("%d, upstream got %d requests; want 502 and none", resp.StatusCode, p.sinkStarts.Load())
+	}
+}
