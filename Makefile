@@ -50,6 +50,7 @@ fuzz:
 	$(GO) test -run '^$$' -fuzz '^FuzzParse$$' -fuzztime $(FUZZ_FAST) ./internal/template/
 	$(GO) test -run '^$$' -fuzz '^FuzzDecodeFast$$' -fuzztime $(FUZZ_FAST) ./internal/audit/
 	$(GO) test -run '^$$' -fuzz '^FuzzBodyScannerForm$$' -fuzztime $(FUZZ_FAST) ./internal/inject/
+	$(GO) test -run '^$$' -fuzz '^FuzzBodyScannerJSON$$' -fuzztime $(FUZZ_FAST) ./internal/inject/
 
 e2e:
 	$(GO) test -count=1 -v -timeout 20m ./test/e2e/

@@ -252,7 +252,24 @@ type formScan struct {
 }
 
 func (f *formScan) scan(p []byte, found func(string)) {
-	for _, c := range p {
+	for i := 0; i < len(p); i++ {
+		if f.inValue && !f.matched {
+			// A value nobody reads: skip to the next separator.
+			rest := p[i:]
+			k := bytes.IndexByte(rest, '&')
+			if k < 0 {
+				k = len(rest)
+			}
+			if b := bytes.IndexByte(rest[:k], ';'); b >= 0 {
+				k = b
+			}
+			if k == len(rest) {
+				return
+			}
+			i += k
+			f.pct = 0
+		}
+		c := p[i]
 		switch {
 		case c == '&' || c == ';':
 			f.flushPct()
@@ -371,8 +388,26 @@ type jsonScan struct {
 }
 
 func (j *jsonScan) scan(p []byte, found func(string)) {
-	for _, c := range p {
+	for i := 0; i < len(p); i++ {
+		c := p[i]
 		if j.inString {
+			if !j.isKey && !j.isValue && j.esc == 0 {
+				// Most of a body is string contents nobody reads (a prompt): skip to the
+				// next quote or backslash.
+				rest := p[i:]
+				k := bytes.IndexByte(rest, '"')
+				if k < 0 {
+					k = len(rest)
+				}
+				if b := bytes.IndexByte(rest[:k], '\\'); b >= 0 {
+					k = b
+				}
+				if k == len(rest) {
+					return
+				}
+				i += k
+				c = p[i]
+			}
 			j.stringByte(c, found)
 			continue
 		}

@@ -2,6 +2,7 @@ package inject
 
 import (
 	"bytes"
+	"encoding/json"
 	"errors"
 	"mime/multipart"
 	"net/http"
@@ -316,4 +317,67 @@ func TestAllowsBodyOverride(t *testing.T) {
 	if d.BodyOverrideMatters() {
 		t.Error("BodyOverrideMatters on a verbatim decision")
 	}
+}
+
+// BenchmarkBodyScannerJSON scans a chat request with a long prompt, the common injecting
+// body that is read for overrides (an LLM API bound to POST only).
+func BenchmarkBodyScannerJSON(b *testing.B) {
+	prompt := strings.Repeat(`Summarise the following text about \"Rails\" and its _method parameter. `, 200)
+	body := []byte(`{"model":"gpt-4o","messages":[{"role":"system","content":"You are terse."},{"role":"user","content":"` + prompt + `"}],"stream":true}`)
+	h := ctHeader("application/json")
+	b.SetBytes(int64(len(body)))
+	b.ReportAllocs()
+	for b.Loop() {
+		s := NewBodyScanner(h, func(string) bool { return true })
+		s.Write(body)
+		s.Close()
+	}
+}
+
+func BenchmarkBodyScannerForm(b *testing.B) {
+	body := []byte("channel=C123&text=" + strings.Repeat("hello+world%21+", 600) + "&as_user=true")
+	h := ctHeader("application/x-www-form-urlencoded")
+	b.SetBytes(int64(len(body)))
+	b.ReportAllocs()
+	for b.Loop() {
+		s := NewBodyScanner(h, func(string) bool { return true })
+		s.Write(body)
+		s.Close()
+	}
+}
+
+func FuzzBodyScannerJSON(f *testing.F) {
+	f.Add(`{"a":"x\"y","_method":"DELETE"}`, 3)
+	f.Add(`{"\u005fmethod":"PUT","b":[1,{"_method":"GET"}]}`, 1)
+	f.Fuzz(func(t *testing.T, body string, chunk int) {
+		if chunk <= 0 || chunk > len(body)+1 {
+			chunk = len(body) + 1
+		}
+		h := ctHeader("application/json")
+		whole, _ := scanBody(t, h, body, len(body)+1)
+		parts, _ := scanBody(t, h, body, chunk)
+		if !slices.Equal(whole, parts) {
+			t.Fatalf("%q: whole %q, in chunks of %d %q", body, whole, chunk, parts)
+		}
+		// Every top-level _method encoding/json reads is reported.
+		var m map[string]any
+		if json.Unmarshal([]byte(body), &m) != nil {
+			return
+		}
+		v, ok := m["_method"]
+		if !ok {
+			return
+		}
+		sv, isString := v.(string)
+		switch {
+		case !isString:
+			if !slices.Contains(whole, unread) {
+				t.Fatalf("%q: a non-string _method not reported (got %q)", body, whole)
+			}
+		case strings.TrimSpace(sv) != "":
+			if !slices.Contains(whole, strings.ToUpper(strings.TrimSpace(sv))) && !slices.Contains(whole, unread) {
+				t.Fatalf("%q: _method=%q not reported (got %q)", body, sv, whole)
+			}
+		}
+	})
 }
