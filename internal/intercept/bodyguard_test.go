@@ -262,3 +262,28 @@ func TestSlowBodyDoesNotHoldReloads(t *testing.T) {
 		t.Errorf("%d, upstream got %d requests; want 502 and none", resp.StatusCode, p.sinkStarts.Load())
 	}
 }
+
+// TestShortBodyWithExpectContinue: an agent that waits for 100 Continue before it sends a
+// short body (curl does above 1 KiB) gets it from avpd, which reads the body to check it.
+func TestShortBodyWithExpectContinue(t *testing.T) {
+	p := newH1Pair(t)
+	body := "a=" + strings.Repeat("x", 5000)
+	io.WriteString(p.agent, "POST /v1/sink HTTP/1.1\r\nHost: api.openai.com\r\nAuthorization: Bearer sk-avp-PLACEHOLDER-openai-000000000000\r\n"+
+		"Content-Type: application/x-www-form-urlencoded\r\nExpect: 100-continue\r\n"+fmt.Sprintf("Content-Length: %d\r\n\r\n", len(body)))
+	p.agent.SetReadDeadline(time.Now().Add(5 * time.Second))
+	line, err := p.br.ReadString('\n')
+	if err != nil || !strings.HasPrefix(line, "HTTP/1.1 100 ") {
+		t.Fatalf("want 100 Continue before the body, got %q %v", line, err)
+	}
+	p.br.ReadString('\n') // the blank line
+	io.WriteString(p.agent, body)
+	resp, err := http.ReadResponse(p.br, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK || !strings.Contains(string(got), fmt.Sprintf(`"bytes":%d`, len(body))) {
+		t.Fatalf("%d %q", resp.StatusCode, got)
+	}
+}
