@@ -16,6 +16,7 @@ import (
 // names: the decision, and what it was made from. It is set only when an override could
 // change the decision (inject.Decision.BodyOverrideMatters).
 type bodyCheck struct {
+	on     bool
 	policy *inject.Policy
 	facts  inject.Facts
 	req    inject.Request
@@ -29,21 +30,21 @@ type bodyCheck struct {
 // checksBody reports whether inj's request, with header h, has its body checked for
 // overrides.
 func (inj *injected) checksBody(h http.Header) bool {
-	return inj != nil && inj.check != nil && inject.BodyMayOverride(h)
+	return inj != nil && inj.check.on && inject.BodyMayOverride(h)
 }
 
 // refusedBody reports whether inj's request was cut off for an override in its body.
 func (inj *injected) refusedBody() bool {
-	return inj != nil && inj.check != nil && inj.check.refused.Load()
+	return inj != nil && inj.check.on && inj.check.refused.Load()
 }
 
 // newBodyGuard returns a guard over src when inj's request injects and a body of type h
 // could name an override that matters; nil otherwise.
 func (s *Server) newBodyGuard(ctx context.Context, inj *injected, h http.Header, src io.ReadCloser) *bodyGuard {
-	if inj == nil || inj.check == nil {
+	if inj == nil || !inj.check.on {
 		return nil
 	}
-	c := inj.check
+	c := &inj.check
 	g := &bodyGuard{src: src}
 	g.scan = inject.NewBodyScanner(h, func(m string) bool {
 		c.req.BodyMethods = append(c.req.BodyMethods, m)

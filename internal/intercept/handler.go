@@ -52,8 +52,9 @@ type injected struct {
 	wipe [][]byte
 	// policy decided the request; a retry injects again only while it is in force.
 	policy *inject.Policy
-	// check is set when a method override in the body could change the decision.
-	check *bodyCheck
+	// check is set (check.on) when a method override in the body could change the decision.
+	// It is held by value: most injecting requests have no body to check.
+	check bodyCheck
 }
 
 func (s *Server) serveHTTP(w http.ResponseWriter, r *http.Request) {
@@ -242,7 +243,7 @@ func (s *Server) prepare(ctx context.Context, f inject.Facts, method, authority 
 		return refused(http.StatusServiceUnavailable, "audit_unavailable")
 	}
 	if d.BodyOverrideMatters() {
-		inj.check = &bodyCheck{policy: policy, facts: f, req: ir, d: d, base: base}
+		inj.check = bodyCheck{on: true, policy: policy, facts: f, req: ir, d: d, base: base}
 	}
 	s.stats.injected.Add(1)
 	return prepared{inj: inj, release: release, policy: policy}
