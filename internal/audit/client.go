@@ -330,6 +330,13 @@ func (c *JournalClient) putWaiter(w *waiter) {
 // appendRequest appends the message {"id":N,"event":{...}} to buf: the bytes json.Marshal
 // writes for it.
 func (w *waiter) appendRequest(id uint64, e *Event) error {
+	b := append(w.buf.AvailableBuffer(), `{"id":`...)
+	b = strconv.AppendUint(b, id, 10)
+	b = append(b, `,"event":{`...)
+	if b, ok := appendEventFields(b, e, true); ok {
+		w.buf.Write(append(b, `}}`...))
+		return nil
+	}
 	var num [20]byte
 	w.buf.WriteString(`{"id":`)
 	w.buf.Write(strconv.AppendUint(num[:0], id, 10))

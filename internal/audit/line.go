@@ -52,13 +52,22 @@ const maxLineLen = 1 << 20
 // (hmac.New(sha256.New, key)); encodeLine resets it before use.
 func encodeLine(mac hash.Hash, l *Line, buf []byte) ([]byte, [32]byte, error) {
 	l.MAC = ""
+	start := len(buf)
+	if fast, ok := appendLineJSON(buf, l); ok {
+		// The MAC covers the line as encoding/json would write it without a mac field.
+		mac.Reset()
+		mac.Write(fast[start:])
+		buf = append(fast[:len(fast)-1], `,"mac":"`...)
+		buf = appendMAC(buf, mac)
+		buf = append(buf, `"}`...)
+		return buf, sha256.Sum256(buf[start:]), nil
+	}
 	body, err := json.Marshal(l)
 	if err != nil {
 		return nil, [32]byte{}, fmt.Errorf("encode journal line: %w", err)
 	}
 	mac.Reset()
 	mac.Write(body)
-	start := len(buf)
 	buf = append(buf, body[:len(body)-1]...)
 	buf = append(buf, `,"mac":"`...)
 	buf = appendMAC(buf, mac)
