@@ -49,6 +49,7 @@ fuzz:
 	$(GO) test -run '^$$' -fuzz '^FuzzParse$$' -fuzztime $(FUZZ_SLOW) ./internal/config/
 	$(GO) test -run '^$$' -fuzz '^FuzzParse$$' -fuzztime $(FUZZ_FAST) ./internal/template/
 	$(GO) test -run '^$$' -fuzz '^FuzzDecodeFast$$' -fuzztime $(FUZZ_FAST) ./internal/audit/
+	$(GO) test -run '^$$' -fuzz '^FuzzAppendEvent$$' -fuzztime $(FUZZ_FAST) ./internal/audit/
 	$(GO) test -run '^$$' -fuzz '^FuzzBodyScannerForm$$' -fuzztime $(FUZZ_FAST) ./internal/inject/
 	$(GO) test -run '^$$' -fuzz '^FuzzBodyScannerJSON$$' -fuzztime $(FUZZ_FAST) ./internal/inject/
 
