@@ -174,6 +174,23 @@ func (s *BodyScanner) Close() error {
 	return nil
 }
 
+// Settled reports that nothing more in the body can be an override (a JSON body that is
+// not one object): the rest need not be scanned, nor its end held back. An interactive
+// stream (gRPC or Connect with a JSON codec) would wait forever for a held-back end.
+func (s *BodyScanner) Settled() bool {
+	return s.mode == bodyJSON && s.json.settled && !s.stopped
+}
+
+// BodySettledBy reports whether a body with header h that starts with prefix is settled
+// (see Settled) by those bytes alone.
+func BodySettledBy(h http.Header, prefix []byte) bool {
+	if mode, _ := bodyModeOf(h); mode != bodyJSON {
+		return false
+	}
+	_, settled := jsonStart(prefix)
+	return settled
+}
+
 // Abort ends a scan whose body will not be read to its end.
 func (s *BodyScanner) Abort() {
 	if s.mp != nil {
@@ -383,11 +400,39 @@ type jsonScan struct {
 	buf       []byte
 	over      bool
 	// afterKey is set from a matched key until its value starts.
-	afterKey   bool
-	matchedKey bool
+	afterKey bool
+	// started is set at the first byte other than white space (or a UTF-8 BOM's); settled
+	// when that byte is not '{'.
+	started, settled bool
+}
+
+// jsonStart reports how a JSON body's first bytes p decide it: decided once a byte other
+// than white space or a BOM's is there, and settled when that byte is not '{'. Laravel's
+// json_decode and Express's body parser read one value from the whole body: one that is
+// not an object has no _method key, and an enveloped stream (gRPC or Connect with a JSON
+// codec, whose frames start with a flag byte) no JSON at all.
+func jsonStart(p []byte) (decided, settled bool) {
+	for _, c := range p {
+		switch c {
+		case ' ', '\t', '\r', '\n', 0xEF, 0xBB, 0xBF:
+			continue
+		}
+		return true, c != '{'
+	}
+	return false, false
 }
 
 func (j *jsonScan) scan(p []byte, found func(string)) {
+	if !j.started {
+		decided, settled := jsonStart(p)
+		if !decided {
+			return
+		}
+		j.started, j.settled = true, settled
+	}
+	if j.settled {
+		return
+	}
 	for i := 0; i < len(p); i++ {
 		c := p[i]
 		if j.inString {

@@ -126,6 +126,11 @@ func TestBodyScannerJSON(t *testing.T) {
 		{`{"_method":""}`, nil},
 		{`{"_METHOD":"put"}`, []string{"PUT"}},
 		{`{"x":"\\","_method":"PUT"}`, []string{"PUT"}},
+		// Not one object: no framework reads a key from it.
+		{`[{"_method":"DELETE"}]`, nil},
+		{"\x00\x00\x00\x00\x15{\"_method\":\"DELETE\"}", nil}, // a gRPC frame
+		{`"_method"`, nil},
+		{"\xef\xbb\xbf {\"_method\":\"PUT\"}", []string{"PUT"}},
 	}
 	for _, c := range cases {
 		checkScan(t, js, c.body, c.want)
@@ -380,4 +385,29 @@ func FuzzBodyScannerJSON(f *testing.F) {
 			}
 		}
 	})
+}
+
+// A JSON body that does not start with an object settles the scan at its first byte, so an
+// interactive stream (gRPC with a JSON codec) is not held back; one that does never does.
+func TestBodyScannerSettles(t *testing.T) {
+	h := ctHeader("application/grpc+json")
+	for _, tc := range []struct {
+		body    string
+		settled bool
+	}{
+		{"\x00\x00\x00\x00\x02{}", true},
+		{"  [1,2]", true},
+		{"  ", false},
+		{`{"a":1}`, false},
+		{`{"a":1} [`, false},
+	} {
+		s := NewBodyScanner(h, func(string) bool { return true })
+		s.Write([]byte(tc.body))
+		if s.Settled() != tc.settled || BodySettledBy(h, []byte(tc.body)) != tc.settled {
+			t.Errorf("%q: Settled %v, BodySettledBy %v, want %v", tc.body, s.Settled(), BodySettledBy(h, []byte(tc.body)), tc.settled)
+		}
+	}
+	if BodySettledBy(ctHeader("application/x-www-form-urlencoded"), []byte("\x00")) {
+		t.Error("a form settled")
+	}
 }

@@ -84,7 +84,10 @@ const maxWholeBody = 16 << 10
 // the first maxWholeBody+1 bytes, which are to go first. A body declared longer is not
 // read. An error reading it is the agent's (a body cut short, say): it is returned, and
 // never taken for the body's end.
-func prereadBody(body io.Reader, declared int64) (buf []byte, whole bool, err error) {
+//
+// A body whose first bytes settle it (inject.BodySettledBy: a gRPC stream with a JSON
+// codec, say) is not waited for: what was read goes first, as of a long one.
+func prereadBody(body io.Reader, declared int64, h http.Header) (buf []byte, whole bool, err error) {
 	if declared > maxWholeBody {
 		return nil, false, nil
 	}
@@ -101,6 +104,9 @@ func prereadBody(body io.Reader, declared int64) (buf []byte, whole bool, err er
 		}
 		if err != nil {
 			return nil, false, err
+		}
+		if k > 0 && inject.BodySettledBy(h, buf) {
+			return buf, false, nil
 		}
 	}
 	return buf, false, nil
@@ -146,6 +152,7 @@ type bodyGuard struct {
 
 	held    byte
 	hasHeld bool
+	pass    bool // the scan settled: the rest passes through as it comes
 	one     [1]byte
 	srcDone bool // the source ended and the scan passed it
 	err     error
@@ -160,6 +167,9 @@ func (g *bodyGuard) Read(p []byte) (int, error) {
 	for {
 		if g.err != nil {
 			return 0, g.err
+		}
+		if g.pass && !g.hasHeld && !g.srcDone {
+			return g.src.Read(p)
 		}
 		if g.srcDone {
 			if g.hasHeld {
@@ -200,6 +210,9 @@ func (g *bodyGuard) Read(p []byte) (int, error) {
 			g.err = err
 			return 0, err
 		}
+		if g.scan.Settled() {
+			g.pass = true
+		}
 		if off == 1 && len(p) == 1 {
 			if len(fresh) == 1 {
 				p[0], g.held = g.held, fresh[0]
@@ -212,7 +225,7 @@ func (g *bodyGuard) Read(p []byte) (int, error) {
 			g.hasHeld = false
 		}
 		n := off + len(fresh)
-		if g.srcDone {
+		if g.srcDone || g.pass {
 			if n > 0 {
 				return n, nil
 			}

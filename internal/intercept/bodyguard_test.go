@@ -3,6 +3,7 @@ package intercept
 import (
 	"bufio"
 	"bytes"
+	"context"
 	"errors"
 	"fmt"
 	"io"
@@ -286,4 +287,58 @@ func TestShortBodyWithExpectContinue(t *testing.T) {
 	if resp.StatusCode != http.StatusOK || !strings.Contains(string(got), fmt.Sprintf(`"bytes":%d`, len(body))) {
 		t.Fatalf("%d %q", resp.StatusCode, got)
 	}
+}
+
+// TestSettledBodyIsNotHeldBack: a body the scan settles (a gRPC frame under a JSON content
+// type) passes through as it comes, its last byte included, so an interactive stream that
+// waits for an answer to each message goes on; neither the read ahead nor the guard waits
+// for the body's end.
+func TestSettledBodyIsNotHeldBack(t *testing.T) {
+	h := http.Header{"Content-Type": {"application/grpc+json"}}
+	frame := "\x00\x00\x00\x00\x0f{\"_method\":\"x\"}"
+	inj := &injected{check: bodyCheck{on: true}}
+	s := &Server{}
+
+	pr, pw := io.Pipe()
+	go pw.Write([]byte(frame)) // and the stream stays open
+	done := make(chan struct{})
+	var pre []byte
+	var whole bool
+	var err error
+	go func() { pre, whole, err = prereadBody(pr, -1, h); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(3 * time.Second):
+		t.Fatal("the read ahead waited for the end of a settled body")
+	}
+	if err != nil || whole || len(pre) == 0 {
+		t.Fatalf("read ahead: %d bytes, whole %v, %v", len(pre), whole, err)
+	}
+
+	g := s.newBodyGuard(context.Background(), inj, h, newPrefixed(pre, pr))
+	if g == nil {
+		t.Fatal("no guard for a JSON body")
+	}
+	got := make(chan string, 1)
+	go func() {
+		buf := make([]byte, 64)
+		var b []byte
+		for len(b) < len(frame) {
+			n, err := g.Read(buf)
+			b = append(b, buf[:n]...)
+			if err != nil {
+				break
+			}
+		}
+		got <- string(b)
+	}()
+	select {
+	case b := <-got:
+		if b != frame {
+			t.Fatalf("got %q", b)
+		}
+	case <-time.After(3 * time.Second):
+		t.Fatal("the guard held back the end of a settled body")
+	}
+	pw.Close()
 }

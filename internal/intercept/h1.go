@@ -241,7 +241,7 @@ func (hc *h1conn) serve(req *http.Request) (keep bool) {
 			}
 		}
 		var err error
-		if pre, whole, err = prereadBody(req.Body, req.ContentLength); err != nil {
+		if pre, whole, err = prereadBody(req.Body, req.ContentLength, req.Header); err != nil {
 			hc.writeRefusal(http.StatusBadRequest, "bad_request_body", true)
 			return false
 		}

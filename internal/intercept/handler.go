@@ -89,7 +89,7 @@ func (s *Server) serveHTTP(w http.ResponseWriter, r *http.Request) {
 			p.release()
 			var pre []byte
 			var err error
-			pre, whole, err = prereadBody(r.Body, r.ContentLength)
+			pre, whole, err = prereadBody(r.Body, r.ContentLength, r.Header)
 			switch {
 			case err != nil:
 				refuse(w, http.StatusBadRequest, "bad_request_body")
