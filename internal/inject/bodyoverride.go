@@ -272,15 +272,8 @@ func (f *formScan) scan(p []byte, found func(string)) {
 	for i := 0; i < len(p); i++ {
 		if f.inValue && !f.matched {
 			// A value nobody reads: skip to the next separator.
-			rest := p[i:]
-			k := bytes.IndexByte(rest, '&')
+			k := indexEither(p[i:], '&', ';')
 			if k < 0 {
-				k = len(rest)
-			}
-			if b := bytes.IndexByte(rest[:k], ';'); b >= 0 {
-				k = b
-			}
-			if k == len(rest) {
 				return
 			}
 			i += k
@@ -385,6 +378,22 @@ func (f *formScan) end(found func(string)) {
 	f.endPair(found)
 }
 
+// indexEither is the index of the first a or b in p, or -1: two IndexByte calls, which are
+// vectorized, where a loop over the bytes of a long prompt is not.
+func indexEither(p []byte, a, b byte) int {
+	k := bytes.IndexByte(p, a)
+	if k < 0 {
+		k = len(p)
+	}
+	if j := bytes.IndexByte(p[:k], b); j >= 0 {
+		return j
+	}
+	if k == len(p) {
+		return -1
+	}
+	return k
+}
+
 // jsonScan reads the keys of top-level JSON objects (Laravel reads _method from those) and
 // skips everything else; it is lenient, and never fails: a body no JSON parser accepts
 // overrides nothing there.
@@ -439,15 +448,8 @@ func (j *jsonScan) scan(p []byte, found func(string)) {
 			if !j.isKey && !j.isValue && j.esc == 0 {
 				// Most of a body is string contents nobody reads (a prompt): skip to the
 				// next quote or backslash.
-				rest := p[i:]
-				k := bytes.IndexByte(rest, '"')
+				k := indexEither(p[i:], '"', '\\')
 				if k < 0 {
-					k = len(rest)
-				}
-				if b := bytes.IndexByte(rest[:k], '\\'); b >= 0 {
-					k = b
-				}
-				if k == len(rest) {
 					return
 				}
 				i += k

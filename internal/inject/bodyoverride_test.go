@@ -324,30 +324,24 @@ func TestAllowsBodyOverride(t *testing.T) {
 	}
 }
 
-// BenchmarkBodyScannerJSON scans a chat request with a long prompt, the common injecting
-// body that is read for overrides (an LLM API bound to POST only).
-func BenchmarkBodyScannerJSON(b *testing.B) {
+// BenchmarkBodyScanner scans a chat request with a long prompt, the common injecting body
+// that is read for overrides (an LLM API bound to POST only), and a long form (Slack's API).
+func BenchmarkBodyScanner(b *testing.B) {
 	prompt := strings.Repeat(`Summarise the following text about \"Rails\" and its _method parameter. `, 200)
-	body := []byte(`{"model":"gpt-4o","messages":[{"role":"system","content":"You are terse."},{"role":"user","content":"` + prompt + `"}],"stream":true}`)
-	h := ctHeader("application/json")
-	b.SetBytes(int64(len(body)))
-	b.ReportAllocs()
-	for b.Loop() {
-		s := NewBodyScanner(h, func(string) bool { return true })
-		s.Write(body)
-		s.Close()
-	}
-}
-
-func BenchmarkBodyScannerForm(b *testing.B) {
-	body := []byte("channel=C123&text=" + strings.Repeat("hello+world%21+", 600) + "&as_user=true")
-	h := ctHeader("application/x-www-form-urlencoded")
-	b.SetBytes(int64(len(body)))
-	b.ReportAllocs()
-	for b.Loop() {
-		s := NewBodyScanner(h, func(string) bool { return true })
-		s.Write(body)
-		s.Close()
+	for _, tc := range []struct{ name, ct, body string }{
+		{"json", "application/json", `{"model":"gpt-4o","messages":[{"role":"system","content":"You are terse."},{"role":"user","content":"` + prompt + `"}],"stream":true}`},
+		{"form", "application/x-www-form-urlencoded", "channel=C123&text=" + strings.Repeat("hello+world%21+", 600) + "&as_user=true"},
+	} {
+		b.Run(tc.name, func(b *testing.B) {
+			h, body := ctHeader(tc.ct), []byte(tc.body)
+			b.SetBytes(int64(len(body)))
+			b.ReportAllocs()
+			for b.Loop() {
+				s := NewBodyScanner(h, func(string) bool { return true })
+				s.Write(body)
+				s.Close()
+			}
+		})
 	}
 }
 
