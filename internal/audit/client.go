@@ -289,12 +289,20 @@ func (cc *clientConn) read(ctx context.Context, w *waiter, gen uint64, deadline 
 	if cc.rbuf == nil {
 		cc.rbuf = make([]byte, 128<<10)
 	}
+	resets := 0
 	for {
 		n, err := cc.io.Read(cc.rbuf)
 		if errors.Is(err, os.ErrDeadlineExceeded) {
 			// A timed-out read of a SOCK_SEQPACKET socket took no message: the
 			// connection stays good for the next reader.
 			return false
+		}
+		if errors.Is(err, syscall.ECONNRESET) && resets == 0 {
+			resets++
+			// The journal closed with a message of ours unread (it failed or stopped), and
+			// Linux says so before it hands over what the journal sent first: acks, or why
+			// it stopped. The error is reported once; the messages come next, then the end.
+			continue
 		}
 		if err != nil || n == 0 {
 			cc.kill(errors.New("the journal closed the connection"))

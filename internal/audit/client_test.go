@@ -256,3 +256,50 @@ func TestClientReaderRoleOnCancel(t *testing.T) {
 		t.Fatal("the connection was replaced")
 	}
 }
+
+// TestClientReadsAcksQueuedBeforeAReset: a journal that closes with a message of ours unread
+// (it failed, or stopped) makes Linux report ECONNRESET to the client before the messages
+// the journal sent first. The ack among them still counts: the Record it answers succeeds,
+// and the one whose message was never read fails.
+func TestClientReadsAcksQueuedBeforeAReset(t *testing.T) {
+	dir := shortDir(t)
+	sock := filepath.Join(dir, "j.sock")
+	ln, err := net.ListenUnix("unixpacket", &net.UnixAddr{Name: sock, Net: "unixpacket"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	c := NewJournalClient(sock, 5*time.Second)
+	defer c.Close()
+
+	first := make(chan error, 1)
+	go func() { first <- c.Record(context.Background(), decisionEvent(1)) }()
+	srv, err := ln.AcceptUnix()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer srv.Close()
+	buf := make([]byte, 64<<10)
+	n, err := srv.Read(buf)
+	if err != nil {
+		t.Fatal(err)
+	}
+	it, errMsg := decodeRequest(buf[:n])
+	if errMsg != "" {
+		t.Fatal(errMsg)
+	}
+	// A second Record's message arrives and is never read.
+	second := make(chan error, 1)
+	go func() { second <- c.Record(context.Background(), decisionEvent(2)) }()
+	time.Sleep(50 * time.Millisecond)
+	if _, err := srv.Write([]byte(`{"acks":[[` + itoa(it.id) + `,1]]}`)); err != nil {
+		t.Fatal(err)
+	}
+	srv.Close()
+	if err := <-first; err != nil {
+		t.Fatalf("the acked Record: %v", err)
+	}
+	if err := <-second; !errors.Is(err, ErrJournalUnavailable) {
+		t.Fatalf("the unread Record: %v, want a failure", err)
+	}
+}
