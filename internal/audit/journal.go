@@ -157,7 +157,8 @@ func OpenJournal(opts JournalOptions) (*Journal, error) {
 		opts.Logf = func(string, ...any) {}
 	}
 	if opts.sync == nil {
-		opts.sync = func(f *os.File) error { return unix.Fdatasync(int(f.Fd())) }
+		// rawconn's: the disk's wait would otherwise keep the runtime's sysmon busy.
+		opts.sync = rawconn.Fdatasync
 	}
 	if opts.Key == "" {
 		opts.Key = filepath.Join(filepath.Dir(opts.Log), "journal.key")
@@ -433,7 +434,7 @@ func (j *Journal) commit(batch []*item) (uint64, error) {
 	if j.f == nil {
 		return 0, fmt.Errorf("%w: the log is closed", ErrFsync)
 	}
-	n, err := j.f.Write(buf)
+	n, err := rawconn.WriteFile(j.f, buf, -1)
 	if err != nil || n != len(buf) {
 		return 0, fmt.Errorf("%w: append to %s: wrote %d of %d bytes: %v", ErrFsync, j.opts.Log, n, len(buf), err)
 	}
@@ -446,7 +447,7 @@ func (j *Journal) commit(batch []*item) (uint64, error) {
 		// Not synced: it only has to be no further than the log, which it never is, since it
 		// is written after the log's fdatasync.
 		j.headBuf = appendHead(j.headBuf[:0], j.headMAC, seq, prev)
-		if _, err := j.headF.WriteAt(j.headBuf, 0); err != nil {
+		if _, err := rawconn.WriteFile(j.headF, j.headBuf, 0); err != nil {
 			j.opts.Logf("journal: update head file: %v", err)
 		}
 	}
