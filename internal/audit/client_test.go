@@ -92,13 +92,7 @@ func itoa(v uint64) string {
 // one fails within its deadline instead of blocking in its write, and the connection stays
 // usable (a timed-out write sent nothing).
 func TestClientWriteTimesOutWhenTheJournalDoesNotRead(t *testing.T) {
-	dir := shortDir(t)
-	sock := filepath.Join(dir, "j.sock")
-	ln, err := net.ListenUnix("unixpacket", &net.UnixAddr{Name: sock, Net: "unixpacket"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
+	sock, ln := fakeJournalSocket(t)
 	accepted := make(chan *net.UnixConn, 1)
 	go func() {
 		c, err := ln.AcceptUnix()
@@ -262,13 +256,7 @@ func TestClientReaderRoleOnCancel(t *testing.T) {
 // the journal sent first. The ack among them still counts: the Record it answers succeeds,
 // and the one whose message was never read fails.
 func TestClientReadsAcksQueuedBeforeAReset(t *testing.T) {
-	dir := shortDir(t)
-	sock := filepath.Join(dir, "j.sock")
-	ln, err := net.ListenUnix("unixpacket", &net.UnixAddr{Name: sock, Net: "unixpacket"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
+	sock, ln := fakeJournalSocket(t)
 	c := NewJournalClient(sock, 5*time.Second)
 	defer c.Close()
 
@@ -302,4 +290,17 @@ func TestClientReadsAcksQueuedBeforeAReset(t *testing.T) {
 	if err := <-second; !errors.Is(err, ErrJournalUnavailable) {
 		t.Fatalf("the unread Record: %v, want a failure", err)
 	}
+}
+
+// fakeJournalSocket listens where a journal would, for a test that plays the journal's part
+// itself.
+func fakeJournalSocket(t *testing.T) (string, *net.UnixListener) {
+	t.Helper()
+	sock := filepath.Join(shortDir(t), "j.sock")
+	ln, err := net.ListenUnix("unixpacket", &net.UnixAddr{Name: sock, Net: "unixpacket"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	return sock, ln
 }

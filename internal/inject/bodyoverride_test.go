@@ -233,19 +233,28 @@ func TestBodyScannerStops(t *testing.T) {
 	}
 }
 
+// scanWholeAndInChunks scans body of type ct whole and in chunks of chunk bytes (any
+// positive size; others mean whole), fails the fuzz test when the two read it differently,
+// and returns what the whole scan reported.
+func scanWholeAndInChunks(t *testing.T, ct, body string, chunk int) []string {
+	t.Helper()
+	if chunk <= 0 || chunk > len(body)+1 {
+		chunk = len(body) + 1
+	}
+	h := ctHeader(ct)
+	whole, _ := scanBody(t, h, body, len(body)+1)
+	parts, _ := scanBody(t, h, body, chunk)
+	if !slices.Equal(whole, parts) {
+		t.Fatalf("%q: whole %q, in chunks of %d %q", body, whole, chunk, parts)
+	}
+	return whole
+}
+
 func FuzzBodyScannerForm(f *testing.F) {
 	f.Add("a=1&_method=DELETE", 3)
 	f.Add("%5Fm%65thod=PUT;x", 1)
 	f.Fuzz(func(t *testing.T, body string, chunk int) {
-		if chunk <= 0 || chunk > len(body)+1 {
-			chunk = len(body) + 1
-		}
-		h := ctHeader("application/x-www-form-urlencoded")
-		whole, _ := scanBody(t, h, body, len(body)+1)
-		parts, _ := scanBody(t, h, body, chunk)
-		if !slices.Equal(whole, parts) {
-			t.Fatalf("%q: whole %q, in chunks of %d %q", body, whole, chunk, parts)
-		}
+		whole := scanWholeAndInChunks(t, "application/x-www-form-urlencoded", body, chunk)
 		// Every _method a Go form parser sees is reported (the scanner reads more).
 		q, err := parseFormLikeRack(body)
 		if err != nil {
@@ -349,15 +358,7 @@ func FuzzBodyScannerJSON(f *testing.F) {
 	f.Add(`{"a":"x\"y","_method":"DELETE"}`, 3)
 	f.Add(`{"\u005fmethod":"PUT","b":[1,{"_method":"GET"}]}`, 1)
 	f.Fuzz(func(t *testing.T, body string, chunk int) {
-		if chunk <= 0 || chunk > len(body)+1 {
-			chunk = len(body) + 1
-		}
-		h := ctHeader("application/json")
-		whole, _ := scanBody(t, h, body, len(body)+1)
-		parts, _ := scanBody(t, h, body, chunk)
-		if !slices.Equal(whole, parts) {
-			t.Fatalf("%q: whole %q, in chunks of %d %q", body, whole, chunk, parts)
-		}
+		whole := scanWholeAndInChunks(t, "application/json", body, chunk)
 		// Every top-level _method encoding/json reads is reported.
 		var m map[string]any
 		if json.Unmarshal([]byte(body), &m) != nil {
