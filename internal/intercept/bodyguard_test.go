@@ -342,3 +342,48 @@ func TestSettledBodyIsNotHeldBack(t *testing.T) {
 	}
 	pw.Close()
 }
+
+// TestSlowBodyDoesNotHoldReloadsH2: as TestSlowBodyDoesNotHoldReloads, for an HTTP/2 agent.
+func TestSlowBodyDoesNotHoldReloadsH2(t *testing.T) {
+	p := newH1Pair(t)
+	pr, pw := io.Pipe()
+	r, _ := http.NewRequest("POST", "https://api.openai.com/v1/sink", pr)
+	r.ContentLength = 7
+	r.Header.Set("Authorization", "Bearer sk-avp-PLACEHOLDER-openai-000000000000")
+	r.Header.Set("Content-Type", "application/x-www-form-urlencoded")
+	type result struct {
+		resp *http.Response
+		err  error
+	}
+	done := make(chan result, 1)
+	go func() {
+		resp, err := p.h2Client(t).Do(r)
+		done <- result{resp, err}
+	}()
+	io.WriteString(pw, "a=1")
+	time.Sleep(100 * time.Millisecond) // decided, and waiting for the rest of the body
+	cfg, err := config.Parse("bindings.yaml", []byte(h1BenchConfig))
+	if err != nil {
+		t.Fatal(err)
+	}
+	reloaded := make(chan struct{})
+	go func() {
+		p.srv.SetPolicy(inject.NewPolicy(cfg))
+		close(reloaded)
+	}()
+	select {
+	case <-reloaded:
+	case <-time.After(3 * time.Second):
+		t.Fatal("a reload waited for an HTTP/2 agent's body")
+	}
+	io.WriteString(pw, "&b=2")
+	pw.Close()
+	res := <-done
+	if res.err != nil {
+		t.Fatal(res.err)
+	}
+	res.resp.Body.Close()
+	if res.resp.ProtoMajor != 2 || res.resp.StatusCode != http.StatusBadGateway || p.sinkStarts.Load() != 0 {
+		t.Errorf("HTTP/%d %d, upstream got %d requests; want 502 over HTTP/2 and none", res.resp.ProtoMajor, res.resp.StatusCode, p.sinkStarts.Load())
+	}
+}
