@@ -181,12 +181,16 @@ func (s *BodyScanner) Settled() bool {
 	return s.mode == bodyJSON && s.json.settled && !s.stopped
 }
 
-// BodySettledBy reports whether a body with header h that starts with prefix is settled
-// (see Settled) by those bytes alone.
-func BodySettledBy(h http.Header, prefix []byte) bool {
-	if mode, _ := bodyModeOf(h); mode != bodyJSON {
-		return false
-	}
+// BodyMaySettle reports whether a body with header h can be settled (see Settled) by its
+// first bytes: whether it is read as JSON.
+func BodyMaySettle(h http.Header) bool {
+	mode, _ := bodyModeOf(h)
+	return mode == bodyJSON
+}
+
+// BodySettledBy reports whether a JSON body that starts with prefix is settled by those
+// bytes alone (BodyMaySettle says which bodies are JSON).
+func BodySettledBy(prefix []byte) bool {
 	_, settled := jsonStart(prefix)
 	return settled
 }

@@ -54,7 +54,9 @@ func (s *Server) newBodyGuard(ctx context.Context, inj *injected, h http.Header,
 		return nil
 	}
 	g.onRefuse = func() {
-		c.refused.Store(true)
+		if c.refused.Swap(true) {
+			return // recorded once
+		}
 		s.countRefused(inject.ReasonMethodOverride)
 		e := c.base
 		e.Decision, e.Reason, e.Status = audit.DecisionRefuse, inject.ReasonMethodOverride, http.StatusForbidden
@@ -91,6 +93,7 @@ func prereadBody(body io.Reader, declared int64, h http.Header) (buf []byte, who
 	if declared > maxWholeBody {
 		return nil, false, nil
 	}
+	mayFlow := inject.BodyMaySettle(h)
 	n := maxWholeBody + 1
 	if declared >= 0 {
 		n = int(declared) + 1
@@ -105,11 +108,32 @@ func prereadBody(body io.Reader, declared int64, h http.Header) (buf []byte, who
 		if err != nil {
 			return nil, false, err
 		}
-		if k > 0 && inject.BodySettledBy(h, buf) {
+		if mayFlow && k > 0 && inject.BodySettledBy(buf) {
 			return buf, false, nil
 		}
 	}
 	return buf, false, nil
+}
+
+// readAhead reads a short body ahead and checks it (prereadBody, wholeBodyAllowed) for p's
+// request, for the HTTP/1.1 loop and the HTTP/2 handler alike. The agent may take its time
+// to send the body, so the reload gate is let go meanwhile and taken again only while the
+// policy that decided is in force. A non-zero status is the refusal the agent gets.
+func (s *Server) readAhead(ctx context.Context, p *prepared, h http.Header, body io.Reader, declared int64) (pre []byte, whole bool, status int, reason string) {
+	p.release()
+	pre, whole, err := prereadBody(body, declared, h)
+	switch {
+	case err != nil:
+		return nil, false, http.StatusBadRequest, "bad_request_body"
+	case whole && !s.wholeBodyAllowed(ctx, p.inj, h, pre):
+		return nil, false, http.StatusForbidden, inject.ReasonMethodOverride
+	}
+	rel, ok := s.regate(p.policy)
+	if !ok {
+		return nil, false, http.StatusBadGateway, "upstream_unreachable"
+	}
+	p.release = rel
+	return pre, whole, 0, ""
 }
 
 // prefixed reads pre, then the rest of a body; Close closes the body.
@@ -156,7 +180,6 @@ type bodyGuard struct {
 	one     [1]byte
 	srcDone bool // the source ended and the scan passed it
 	err     error
-	refused atomic.Bool
 	close   sync.Once
 }
 
@@ -243,9 +266,7 @@ func (g *bodyGuard) Read(p []byte) (int, error) {
 
 func (g *bodyGuard) refuse(err error) error {
 	g.err = err
-	if !g.refused.Swap(true) {
-		g.onRefuse()
-	}
+	g.onRefuse()
 	return err
 }
 

@@ -230,31 +230,20 @@ func (hc *h1conn) serve(req *http.Request) (keep bool) {
 	var pre []byte
 	whole := false
 	if checkBody && req.ContentLength <= maxWholeBody {
-		// The agent may take its time to send the body: the reload gate is not held
-		// meanwhile, and is taken again only while the policy that decided is in force.
-		p.release()
 		if hc.expectContinue {
+			// The agent waits for this before it sends the body read ahead.
 			hc.expectContinue = false
 			hc.bw.WriteString("HTTP/1.1 100 Continue\r\n\r\n")
 			if hc.bw.Flush() != nil {
 				return false
 			}
 		}
-		var err error
-		if pre, whole, err = prereadBody(req.Body, req.ContentLength, req.Header); err != nil {
-			hc.writeRefusal(http.StatusBadRequest, "bad_request_body", true)
+		var status int
+		var reason string
+		if pre, whole, status, reason = s.readAhead(hc.ctx, &p, req.Header, req.Body, req.ContentLength); status != 0 {
+			hc.writeRefusal(status, reason, true)
 			return false
 		}
-		if whole && !s.wholeBodyAllowed(hc.ctx, p.inj, req.Header, pre) {
-			hc.writeRefusal(http.StatusForbidden, inject.ReasonMethodOverride, true)
-			return false
-		}
-		rel, ok := s.regate(p.policy)
-		if !ok {
-			hc.writeRefusal(http.StatusBadGateway, "upstream_unreachable", true)
-			return false
-		}
-		p.release = rel
 	}
 	out := hc.outbound(req, p.inj, upgrade, trailers, pre, whole)
 	if checkBody && !whole {

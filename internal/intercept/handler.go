@@ -85,29 +85,18 @@ func (s *Server) serveHTTP(w http.ResponseWriter, r *http.Request) {
 		// before anything is sent, a longer one as it streams.
 		body, whole := r.Body, false
 		if r.ContentLength <= maxWholeBody {
-			// Not under the reload gate, as in the HTTP/1.1 loop.
-			p.release()
 			var pre []byte
-			var err error
-			pre, whole, err = prereadBody(r.Body, r.ContentLength, r.Header)
-			switch {
-			case err != nil:
-				refuse(w, http.StatusBadRequest, "bad_request_body")
+			var status int
+			var reason string
+			if pre, whole, status, reason = s.readAhead(r.Context(), &p, r.Header, r.Body, r.ContentLength); status != 0 {
+				refuse(w, status, reason)
 				return
-			case whole && !s.wholeBodyAllowed(r.Context(), p.inj, r.Header, pre):
-				refuse(w, http.StatusForbidden, inject.ReasonMethodOverride)
-				return
-			case whole:
+			}
+			if whole {
 				r.Body = io.NopCloser(bytes.NewReader(pre))
-			default:
+			} else {
 				body = newPrefixed(pre, r.Body)
 			}
-			rel, ok := s.regate(p.policy)
-			if !ok {
-				refuse(w, http.StatusBadGateway, "upstream_unreachable")
-				return
-			}
-			p.release = rel
 		}
 		if !whole {
 			r.Body = s.guardBody(r.Context(), p.inj, r.Header, body)
