@@ -117,9 +117,42 @@ func bodyModeOf(h http.Header) (bodyMode, string) {
 		}
 		return bodyMultipart, params["boundary"]
 	case strings.Contains(mt, "json"):
+		if !utf8Charset(ct) {
+			// Express's JSON parser decodes any utf-* charset (UTF-16, UTF-32, UTF-7)
+			// before method-override reads the body; the scanner reads UTF-8's bytes only.
+			return bodyUnreadable, ""
+		}
 		return bodyJSON, ""
 	}
 	return 0, ""
+}
+
+// utf8Charset reports whether content type ct names no charset other than UTF-8 (or its
+// subset ASCII). Its parameters are read leniently: any parameter whose name starts with
+// "charset" (charset*=, a second charset) must name UTF-8, or the body counts as another
+// encoding.
+func utf8Charset(ct string) bool {
+	_, params, ok := strings.Cut(ct, ";")
+	if !ok {
+		return true
+	}
+	for p := range strings.SplitSeq(params, ";") {
+		name, value, _ := strings.Cut(p, "=")
+		name = strings.ToLower(strings.TrimSpace(name))
+		if !strings.HasPrefix(name, "charset") {
+			continue
+		}
+		value = strings.Trim(strings.TrimSpace(value), `"`)
+		if name != "charset" {
+			return false
+		}
+		switch strings.ToLower(strings.TrimSpace(value)) {
+		case "utf-8", "utf8", "us-ascii":
+		default:
+			return false
+		}
+	}
+	return true
 }
 
 // Write scans the next bytes of the body.

@@ -199,6 +199,39 @@ func TestBodyScannerUnreadableAndSkipped(t *testing.T) {
 	id := ctHeader("application/json")
 	id.Set("Content-Encoding", "identity")
 	checkScan(t, id, `{"_method":"PUT"}`, []string{"PUT"})
+
+	// Express's JSON parser decodes any utf-* charset it names (UTF-16, UTF-32, UTF-7)
+	// before method-override reads the body; the scanner reads only UTF-8's bytes.
+	utf16 := func(s string) string {
+		var b strings.Builder
+		for _, r := range s {
+			b.WriteRune(r)
+			b.WriteByte(0)
+		}
+		return b.String()
+	}
+	for _, ct := range []string{
+		"application/json; charset=utf-16le",
+		"application/json;charset=UTF-16",
+		`application/json; charset="utf-16le"`,
+		"application/json; charset=utf-32",
+		"application/json; charset=utf-7",
+		"application/json; Charset = utf-16le",
+		"application/json; charset*=utf-8''utf-16le",
+	} {
+		checkScan(t, ctHeader(ct), utf16(`{"_method":"DELETE"}`), []string{unread})
+		checkScan(t, ctHeader(ct), `{"+AF8-method":"DELETE"}`, []string{unread})
+	}
+	for _, ct := range []string{
+		"application/json; charset=utf-8",
+		"application/json; charset=UTF-8",
+		`application/json; charset="utf-8"`,
+		"application/json; charset=us-ascii",
+		"application/json; foo=bar",
+	} {
+		checkScan(t, ctHeader(ct), `{"_method":"PUT"}`, []string{"PUT"})
+		checkScan(t, ctHeader(ct), `{"model":"x"}`, nil)
+	}
 }
 
 // A refused override stops the scan: Write and Close fail from then on.

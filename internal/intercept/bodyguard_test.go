@@ -107,6 +107,8 @@ func bodyOverrideCases() []bodyOverrideCase {
 		{"multipart", mw.FormDataContentType(), "", mp.String(), true},
 		{"multipart, in a file", mw2.FormDataContentType(), "", mpOK.String(), false},
 		{"compressed form", form, "gzip", "a=1", true},
+		{"json in UTF-16", "application/json; charset=utf-16le", "", "{\x00\"\x00_\x00m\x00e\x00t\x00h\x00o\x00d\x00\"\x00:\x00\"\x00P\x00U\x00T\x00\"\x00}\x00", true},
+		{"json in UTF-8, named", "application/json; charset=utf-8", "", `{"model":"m"}`, false},
 		{"plain text", "text/plain", "", "_method=DELETE", false},
 	}
 }
