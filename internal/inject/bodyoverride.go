@@ -102,9 +102,9 @@ func bodyModeOf(h http.Header) (bodyMode, string) {
 	if len(cts) == 1 {
 		ct = cts[0]
 	}
-	// Leniently, as Rack does: what comes before the first ';' or ','.
+	// Leniently: what comes before the first ';' or ',' (Rack), or space (PHP; a tab too).
 	mt := strings.ToLower(strings.TrimSpace(ct))
-	if i := strings.IndexAny(mt, ";,"); i >= 0 {
+	if i := strings.IndexAny(mt, ";, \t"); i >= 0 {
 		mt = strings.TrimSpace(mt[:i])
 	}
 	switch {

@@ -98,6 +98,15 @@ func TestBodyScannerForm(t *testing.T) {
 	// Rack reads a POST without a Content-Type as a form.
 	checkScan(t, http.Header{}, "_method=DELETE", []string{"DELETE"})
 	checkScan(t, ctHeader("Application/X-WWW-Form-Urlencoded; charset=utf-8"), "_method=PUT", []string{"PUT"})
+	// PHP cuts the type at the first ';', ',' or space before it compares it.
+	for _, ct := range []string{
+		"application/x-www-form-urlencoded x",
+		"application/x-www-form-urlencoded,text/plain",
+		"application/x-www-form-urlencoded\tx",
+	} {
+		checkScan(t, ctHeader(ct), "_method=PUT", []string{"PUT"})
+	}
+	checkScan(t, ctHeader("application/json x"), `{"_method":"PUT"}`, []string{"PUT"})
 }
 
 func TestBodyScannerJSON(t *testing.T) {
