@@ -7,6 +7,7 @@ import (
 	"context"
 	"crypto/tls"
 	"crypto/x509"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -17,6 +18,8 @@ import (
 	"net/http/httptrace"
 	"net/netip"
 	"net/textproto"
+	"net/url"
+	"regexp"
 	"slices"
 	"strings"
 	"sync"
@@ -29,7 +32,9 @@ import (
 	"github.com/agent-vault-proxy/agent-vault-proxy/internal/inject"
 )
 
-const h1BenchReal = "sk-REAL-0123456789abcdef0123456789abcdef"
+// h1BenchReal holds characters that JSON and URLs escape, so an echo of it in either is a
+// form other than its raw bytes (see TestEncodedEchoIsScrubbed).
+const h1BenchReal = "sk-REAL-0123456789abcdef/0123456789+abcdef=\"x&y"
 
 const h1BenchConfig = `version: 1
 backend: {type: file, file: {path: /etc/avp/secrets.yaml}}
@@ -219,6 +224,14 @@ func newH1Pair(tb testing.TB, upProtos ...string) *h1Pair {
 				w.Header().Set("Content-Encoding", "br")
 			}
 			w.Write(b.Bytes())
+			return
+		}
+		if r.URL.Path == "/v1/encoded-echo" {
+			// Quotes the credential inside documents rather than verbatim: JSON strings as
+			// Go, PHP and JavaScript write them, and URLs (a redirect's query, a path).
+			a := r.Header.Get("Authorization")
+			w.Header().Set("Location", "https://example.com/cb?token="+url.QueryEscape(a))
+			io.WriteString(w, strings.Join(encodedForms(a), "\n"))
 			return
 		}
 		if r.URL.Path == "/v1/trailer-echo" {
@@ -617,6 +630,53 @@ func TestInterimResponsesAreScrubbed(t *testing.T) {
 	code, body := p.do(t, strings.Replace(h1BenchRequest, "/v1/models", "/v1/early-echo", 1))
 	if code != 200 || strings.Contains(body, h1BenchReal) {
 		t.Fatalf("HTTP/1.1: %d %q", code, body)
+	}
+}
+
+// encodedForms is s as JSON and URL encoders write it, by their own code: Go's encoding/json
+// with and without its HTML escapes, PHP's json_encode (which escapes '/'), url.QueryEscape
+// and url.PathEscape, JavaScript's encodeURIComponent, and query escaping in lower-case hex.
+func encodedForms(s string) []string {
+	goJSON, _ := json.Marshal(s)
+	var plain bytes.Buffer
+	enc := json.NewEncoder(&plain)
+	enc.SetEscapeHTML(false)
+	enc.Encode(s)
+	js := strings.TrimSpace(plain.String())
+	q := url.QueryEscape(s)
+	component := strings.ReplaceAll(q, "+", "%20")
+	for _, c := range "!*'()" {
+		component = strings.ReplaceAll(component, url.QueryEscape(string(c)), string(c))
+	}
+	lower := regexp.MustCompile(`%[0-9A-F]{2}`).ReplaceAllStringFunc(q, strings.ToLower)
+	return []string{string(goJSON), js, strings.ReplaceAll(js, "/", `\/`), q, url.PathEscape(s), component, lower}
+}
+
+// TestEncodedEchoIsScrubbed: an upstream that quotes the credential JSON-escaped or
+// percent-encoded (in the body and in a Location header) hands the agent the placeholder
+// in that form, never the real value in any of them.
+func TestEncodedEchoIsScrubbed(t *testing.T) {
+	p := newH1Pair(t)
+	if _, err := io.WriteString(p.agent, strings.Replace(h1BenchRequest, "/v1/models", "/v1/encoded-echo", 1)); err != nil {
+		t.Fatal(err)
+	}
+	resp, err := http.ReadResponse(p.br, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := string(body) + "\n" + resp.Header.Get("Location")
+	for _, f := range append(encodedForms(h1BenchReal), h1BenchReal) {
+		f = strings.Trim(f, `"`)
+		if strings.Contains(got, f) {
+			t.Errorf("the real value reached the agent as %q:\n%s", f, got)
+		}
+	}
+	if n := strings.Count(got, "sk-avp-PLACEHOLDER-openai-000000000000"); n != 8 {
+		t.Errorf("the placeholder is in the answer %d times, want 8:\n%s", n, got)
 	}
 }
 

@@ -215,6 +215,10 @@ func (s *Server) prepare(ctx context.Context, f inject.Facts, method, authority 
 		for _, b := range append([][]byte{v}, raw...) {
 			if len(b) >= minScrubLen {
 				inj.scrub = append(inj.scrub, replacement{from: b, to: ph})
+				for _, f := range echoForms(b) {
+					inj.wipe = append(inj.wipe, f)
+					inj.scrub = append(inj.scrub, replacement{from: f, to: ph})
+				}
 			}
 		}
 	}

@@ -6,6 +6,7 @@ import (
 	"io"
 	"net/http"
 	"strconv"
+	"strings"
 	"sync"
 )
 
@@ -15,6 +16,89 @@ const minScrubLen = 8
 // replacement is one real value and what the agent sees instead.
 type replacement struct {
 	from, to []byte
+}
+
+// echoForms returns the forms other than b itself in which an upstream commonly echoes b
+// inside a document: a JSON string (with '"' and '\\' escaped, and also '/' as PHP's
+// json_encode writes it, or '<', '>' and '&' as Go's encoding/json does), and
+// percent-encoded, as a query, a form, a path segment or JavaScript's encodeURIComponent
+// writes it, in either hex case. A value with none of those characters (a typical API key)
+// has none. Each form is new memory that the caller wipes; scrubbing them too keeps an echo
+// that quotes the credential in a JSON document or a URL from handing it to the agent (I1).
+func echoForms(b []byte) [][]byte {
+	var out [][]byte
+	add := func(f []byte) {
+		if f == nil {
+			return
+		}
+		for _, o := range out {
+			if bytes.Equal(o, f) {
+				clear(f)
+				return
+			}
+		}
+		out = append(out, f)
+	}
+	add(jsonEscaped(b, false, false))
+	add(jsonEscaped(b, true, false))
+	add(jsonEscaped(b, false, true))
+	const upper, lower = "0123456789ABCDEF", "0123456789abcdef"
+	for _, keep := range []string{"", "!*'()", "/", "$&+:=@"} {
+		add(percentEncoded(b, keep, upper, false))
+	}
+	add(percentEncoded(b, "", lower, false))
+	add(percentEncoded(b, "", upper, true))
+	return out
+}
+
+// jsonEscaped is b as the contents of a JSON string, or nil when that is b itself.
+func jsonEscaped(b []byte, slash, html bool) []byte {
+	var out []byte
+	for i, c := range b {
+		quoted := c == '"' || c == '\\' || c == '/' && slash
+		unicode := html && (c == '<' || c == '>' || c == '&')
+		if !quoted && !unicode {
+			if out != nil {
+				out = append(out, c)
+			}
+			continue
+		}
+		if out == nil {
+			out = append(make([]byte, 0, len(b)+16), b[:i]...)
+		}
+		if quoted {
+			out = append(out, '\\', c)
+		} else {
+			const hex = "0123456789abcdef"
+			out = append(out, '\\', 'u', '0', '0', hex[c>>4], hex[c&15])
+		}
+	}
+	return out
+}
+
+// percentEncoded is b with every byte but the unreserved ones (RFC 3986) and those in keep
+// written as %XX in the given hex digits, a space as '+' when plus is set; nil when that is
+// b itself.
+func percentEncoded(b []byte, keep, hex string, plus bool) []byte {
+	var out []byte
+	for i, c := range b {
+		if c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' ||
+			c == '-' || c == '.' || c == '_' || c == '~' || strings.IndexByte(keep, c) >= 0 {
+			if out != nil {
+				out = append(out, c)
+			}
+			continue
+		}
+		if out == nil {
+			out = append(make([]byte, 0, len(b)*3), b[:i]...)
+		}
+		if c == ' ' && plus {
+			out = append(out, '+')
+		} else {
+			out = append(out, '%', hex[c>>4], hex[c&15])
+		}
+	}
+	return out
 }
 
 // scrubHeaders replaces real secret bytes in response headers, so an upstream that echoes the
