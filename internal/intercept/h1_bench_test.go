@@ -351,6 +351,12 @@ const h1BenchRequest = "GET /v1/models HTTP/1.1\r\nHost: api.openai.com\r\nUser-
 	"Authorization: Bearer sk-avp-PLACEHOLDER-openai-000000000000\r\n\r\n"
 
 func (p *h1Pair) do(tb testing.TB, raw string) (int, string) {
+	resp, body := p.doResp(tb, raw)
+	return resp.StatusCode, body
+}
+
+// doResp is do with the whole response (its body read).
+func (p *h1Pair) doResp(tb testing.TB, raw string) (*http.Response, string) {
 	if _, err := io.WriteString(p.agent, raw); err != nil {
 		tb.Fatal(err)
 	}
@@ -362,7 +368,7 @@ func (p *h1Pair) do(tb testing.TB, raw string) (int, string) {
 	if err != nil {
 		tb.Fatal(err)
 	}
-	return resp.StatusCode, string(body)
+	return resp, string(body)
 }
 
 // TestH1LoopInjects is the loop without the redirect: the upstream answers 200 only when
@@ -657,18 +663,8 @@ func encodedForms(s string) []string {
 // in that form, never the real value in any of them.
 func TestEncodedEchoIsScrubbed(t *testing.T) {
 	p := newH1Pair(t)
-	if _, err := io.WriteString(p.agent, strings.Replace(h1BenchRequest, "/v1/models", "/v1/encoded-echo", 1)); err != nil {
-		t.Fatal(err)
-	}
-	resp, err := http.ReadResponse(p.br, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	body, err := io.ReadAll(resp.Body)
-	if err != nil {
-		t.Fatal(err)
-	}
-	got := string(body) + "\n" + resp.Header.Get("Location")
+	resp, body := p.doResp(t, strings.Replace(h1BenchRequest, "/v1/models", "/v1/encoded-echo", 1))
+	got := body + "\n" + resp.Header.Get("Location")
 	for _, f := range append(encodedForms(h1BenchReal), h1BenchReal) {
 		f = strings.Trim(f, `"`)
 		if strings.Contains(got, f) {
