@@ -9,7 +9,6 @@ import (
 	"fmt"
 	"net/http"
 	"net/netip"
-	"net/url"
 	"strings"
 
 	"github.com/agent-vault-proxy/agent-vault-proxy/internal/config"
@@ -298,10 +297,6 @@ var (
 	pathOverrideHeaders   = [...]string{"X-Original-Url", "X-Rewrite-Url"}
 )
 
-// unparsableOverride stands for the method a query that cannot be parsed may name; no
-// binding lists it, since a method must be a token.
-const unparsableOverride = "(unparsable query)"
-
 // overrides are the methods and paths a request asks the upstream to use instead of its
 // own. A binding must allow each of them too, or a GET-only key could be used to DELETE,
 // or a key limited to /user to reach /admin, on a server that honours the override.
@@ -333,20 +328,13 @@ func readOverrides(r Request) *overrides {
 			}
 		}
 	}
-	if r.RawQuery != "" && strings.Contains(strings.ToLower(r.RawQuery), "method") {
-		q, err := url.ParseQuery(r.RawQuery)
-		if err != nil {
-			methods = append(methods, unparsableOverride)
-		}
-		for k, vs := range q {
-			if strings.EqualFold(k, "_method") {
-				for _, v := range vs {
-					if v = strings.TrimSpace(v); v != "" {
-						methods = append(methods, strings.ToUpper(v))
-					}
-				}
-			}
-		}
+	if q := r.RawQuery; q != "" && (strings.IndexByte(q, '%') >= 0 || strings.Contains(strings.ToLower(q), "method")) {
+		// Read as a form body is (formScan): PHP and Spring decode the query's names as
+		// they do a form's, so "?.method=", "?+_method=" and "?_m%65thod=" name _method.
+		var f formScan
+		found := func(m string) { methods = append(methods, m) }
+		f.scan([]byte(q), found)
+		f.end(found)
 	}
 	for _, h := range pathOverrideHeaders {
 		for _, v := range r.Header[h] {
