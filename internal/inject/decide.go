@@ -328,7 +328,10 @@ func readOverrides(r Request) *overrides {
 			}
 		}
 	}
-	if q := r.RawQuery; q != "" && (strings.IndexByte(q, '%') >= 0 || strings.Contains(strings.ToLower(q), "method")) {
+	queryMethods := func(q string) {
+		if q == "" || strings.IndexByte(q, '%') < 0 && !strings.Contains(strings.ToLower(q), "method") {
+			return
+		}
 		// Read as a form body is (formScan): PHP and Spring decode the query's names as
 		// they do a form's, so "?.method=", "?+_method=" and "?_m%65thod=" name _method.
 		var f formScan
@@ -336,8 +339,14 @@ func readOverrides(r Request) *overrides {
 		f.scan([]byte(q), found)
 		f.end(found)
 	}
+	queryMethods(r.RawQuery)
 	for _, h := range pathOverrideHeaders {
 		for _, v := range r.Header[h] {
+			if _, q, ok := strings.Cut(v, "?"); ok {
+				// Zend Framework takes the query of X-Original-URL as the request's own.
+				q, _, _ = strings.Cut(q, "#")
+				queryMethods(q)
+			}
 			p, ok := overridePath(v)
 			if !ok {
 				unsafePath = true

@@ -134,6 +134,7 @@ func TestDecide(t *testing.T) {
 		{"_method in the query with an escaped letter is an override", "api.github.com", req("GET", "api.github.com", "/user?_m%65thod=DELETE", "Authorization", "token "+phGitHub), ForwardVerbatim, 0, ReasonMethodOverride, nil},
 		{"_method in the query after a ';' is an override", "api.github.com", req("GET", "api.github.com", "/user?a=1;_method=DELETE", "Authorization", "token "+phGitHub), ForwardVerbatim, 0, ReasonMethodOverride, nil},
 		{"an allowed _method in the query injects", "api.github.com", req("GET", "api.github.com", "/user?_method=get&a=%zz", "Authorization", "token "+phGitHub), Inject, 0, ReasonAllowed, []string{"GITHUB"}},
+		{"_method in the query of X-Original-URL is an override", "api.github.com", req("GET", "api.github.com", "/user", "Authorization", "token "+phGitHub, "X-Original-URL", "/user?_method=DELETE"), ForwardVerbatim, 0, ReasonMethodOverride, nil},
 		{"a query that cannot be parsed and names a method fails closed", "api.github.com", req("GET", "api.github.com", "/user?_method=%zz", "Authorization", "token "+phGitHub), ForwardVerbatim, 0, ReasonMethodOverride, nil},
 		{"method override to an allowed method injects", "api.openai.com", req("GET", "api.openai.com", "/v1/models", "Authorization", bearer, "X-HTTP-Method-Override", "POST"), Inject, 0, ReasonAllowed, []string{"OPENAI"}},
 		{"an empty override is no override", "api.github.com", req("GET", "api.github.com", "/user", "Authorization", "token "+phGitHub, "X-HTTP-Method-Override", ""), Inject, 0, ReasonAllowed, []string{"GITHUB"}},
