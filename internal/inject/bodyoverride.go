@@ -112,7 +112,9 @@ func bodyModeOf(h http.Header) (bodyMode, string) {
 		return bodyForm, ""
 	case strings.HasPrefix(mt, "multipart/"):
 		_, params, err := mime.ParseMediaType(ct)
-		if err != nil || params["boundary"] == "" {
+		if err != nil || params["boundary"] == "" || strings.Count(strings.ToLower(ct), "boundary") != 1 {
+			// PHP takes the boundary from the first "boundary" anywhere in the header, Rack
+			// from the last; with another one there, they may split the body differently.
 			return bodyUnreadable, ""
 		}
 		return bodyMultipart, params["boundary"]
@@ -634,11 +636,48 @@ func (j *jsonScan) end(found func(string)) {
 type multipartScan struct {
 	pw   *io.PipeWriter
 	done chan struct{}
+	// delims counts "--boundary" in the raw body, as fed.
+	delims delimCounter
 
 	mu      sync.Mutex
 	methods []string // found and not yet taken
 	count   int
+	parts   int  // parts mime/multipart read
 	ok      bool // set before done is closed
+}
+
+// delimCounter counts the occurrences of pat in a stream fed to it in pieces.
+type delimCounter struct {
+	pat  []byte
+	tail []byte // the last len(pat)-1 bytes fed
+	n    int
+}
+
+func (d *delimCounter) feed(p []byte) {
+	k := len(d.pat) - 1
+	if len(d.tail) > 0 {
+		// Occurrences that start in the tail and end in p.
+		joint := append(d.tail[:len(d.tail):len(d.tail)], p[:min(len(p), k)]...)
+		for i := range d.tail {
+			if bytes.HasPrefix(joint[i:], d.pat) {
+				d.n++
+			}
+		}
+	}
+	for i := 0; ; {
+		j := bytes.Index(p[i:], d.pat)
+		if j < 0 {
+			break
+		}
+		d.n++
+		i += j + 1
+	}
+	if len(p) >= k {
+		d.tail = append(d.tail[:0], p[len(p)-k:]...)
+	} else {
+		d.tail = append(d.tail, p...)
+		d.tail = d.tail[len(d.tail)-min(len(d.tail), k):]
+	}
 }
 
 // maxMultipartOverrides bounds what one body can make the scanner hold; past it the body is
@@ -647,12 +686,12 @@ const maxMultipartOverrides = 8
 
 func newMultipartScan(boundary string) *multipartScan {
 	pr, pw := io.Pipe()
-	m := &multipartScan{pw: pw, done: make(chan struct{})}
+	m := &multipartScan{pw: pw, done: make(chan struct{}), delims: delimCounter{pat: []byte("--" + boundary)}}
 	go func() {
 		defer close(m.done)
-		ok := parseMultipart(multipart.NewReader(pr, boundary), m.add)
+		parts, ok := parseMultipart(multipart.NewReader(pr, boundary), m.add)
 		m.mu.Lock()
-		m.ok = ok
+		m.parts, m.ok = parts, ok
 		m.mu.Unlock()
 		// What is left unread (an epilogue, or the rest after an error) is drained, so the
 		// writer never blocks.
@@ -673,16 +712,16 @@ func (m *multipartScan) add(v string) {
 	}
 }
 
-// parseMultipart reads every part and passes on the _method values; false when the body is
-// not well-formed multipart.
-func parseMultipart(r *multipart.Reader, found func(string)) bool {
-	for {
+// parseMultipart reads every part and passes on the _method values; it returns how many
+// parts it read, and false when the body is not well-formed multipart.
+func parseMultipart(r *multipart.Reader, found func(string)) (int, bool) {
+	for parts := 0; ; parts++ {
 		p, err := r.NextRawPart()
 		if err == io.EOF {
-			return true
+			return parts, true
 		}
 		if err != nil {
-			return false
+			return parts, false
 		}
 		matched, array, readable := false, false, true
 		for _, cd := range p.Header.Values("Content-Disposition") {
@@ -705,18 +744,19 @@ func parseMultipart(r *multipart.Reader, found func(string)) bool {
 		case matched:
 			v, err := io.ReadAll(io.LimitReader(p, maxOverrideValue+1))
 			if err != nil {
-				return false
+				return parts, false
 			}
 			found(overrideValue(v, len(v) > maxOverrideValue))
 		}
 		if _, err := io.Copy(io.Discard, p); err != nil {
-			return false
+			return parts, false
 		}
 	}
 }
 
 // write feeds p to the parser; false when it can no longer be fed.
 func (m *multipartScan) write(p []byte) bool {
+	m.delims.feed(p)
 	_, err := m.pw.Write(p)
 	return err == nil
 }
@@ -730,13 +770,17 @@ func (m *multipartScan) take() []string {
 	return v
 }
 
-// close ends the body and waits for the parser's verdict.
+// close ends the body and waits for the parser's verdict. A well-formed body holds
+// "--boundary" once per delimiter: once before each part and once to close. One more
+// anywhere (in a part, before the first, after the last) is where another parser may see a
+// part mime/multipart did not: PHP ends a part at "\n--boundary" even in a CRLF body, and
+// reads on after the closing delimiter.
 func (m *multipartScan) close() (ok bool, methods []string) {
 	m.pw.Close()
 	<-m.done
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	return m.ok, m.methods
+	return m.ok && m.delims.n == m.parts+1, m.methods
 }
 
 // abort stops the parser; its goroutine ends once it sees the pipe closed.

@@ -179,6 +179,17 @@ func TestBodyScannerMultipart(t *testing.T) {
 	bad := "--" + bd + "\r\nContent-Disposition: form-data; name=_method; x\r\n\r\nPUT\r\n--" + bd + "--\r\n"
 	checkScan(t, mh, bad, []string{unread})
 
+	// Bodies PHP splits differently from mime/multipart: PHP ends a part at "\n--B" even
+	// in a CRLF body, and reads on for "--B" lines after the closing delimiter.
+	lf := "--" + bd + "\r\nContent-Disposition: form-data; name=\"a\"\r\n\r\nx\n--" + bd + "\r\nContent-Disposition: form-data; name=\"_method\"\r\n\r\nDELETE\r\n--" + bd + "--\r\n"
+	checkScan(t, mh, lf, []string{unread})
+	epilogue := "--" + bd + "\r\nContent-Disposition: form-data; name=\"a\"\r\n\r\nx\r\n--" + bd + "--\r\n--" + bd + "\r\nContent-Disposition: form-data; name=\"_method\"\r\n\r\nDELETE\r\n--" + bd + "--\r\n"
+	checkScan(t, mh, epilogue, []string{unread})
+	// PHP takes the boundary from the first "boundary" in the header, Rack from the last.
+	for _, ct := range []string{"multipart/form-data; xboundary=C; boundary=" + bd, "multipart/form-data; boundary=" + bd + "; x=\"boundary=C\""} {
+		checkScan(t, ctHeader(ct), ext, []string{unread})
+	}
+
 	// Not well-formed: no closing boundary, or no boundary at all.
 	checkScan(t, mh, "--"+bd+"\r\nContent-Disposition: form-data; name=\"a\"\r\n\r\n1\r\n", []string{unread})
 	checkScan(t, ctHeader("multipart/form-data"), "x", []string{unread})
@@ -446,5 +457,37 @@ func TestBodyScannerSettles(t *testing.T) {
 	}
 	if !BodyMaySettle(h) || BodyMaySettle(ctHeader("application/x-www-form-urlencoded")) {
 		t.Error("BodyMaySettle: want true for JSON only")
+	}
+}
+
+// delimCounter counts across any split of its input as it counts the whole.
+func TestDelimCounter(t *testing.T) {
+	count := func(b, pat string) int {
+		n := 0
+		for i := 0; i+len(pat) <= len(b); i++ {
+			if b[i:i+len(pat)] == pat {
+				n++
+			}
+		}
+		return n
+	}
+	for _, c := range []struct{ body, pat string }{
+		{"--B\r\nx\r\n--B--\r\n", "--B"},
+		{"------B------B--B", "----B"},
+		{"aaaaaaa", "aa"},
+		{strings.Repeat("--xy", 50) + "--x", "--xy"},
+	} {
+		want := count(c.body, c.pat)
+		for chunk := 1; chunk <= len(c.body); chunk++ {
+			d := delimCounter{pat: []byte(c.pat)}
+			for b := []byte(c.body); len(b) > 0; {
+				n := min(chunk, len(b))
+				d.feed(b[:n])
+				b = b[n:]
+			}
+			if d.n != want {
+				t.Fatalf("%q in chunks of %d: %d, want %d", c.body, chunk, d.n, want)
+			}
+		}
 	}
 }
