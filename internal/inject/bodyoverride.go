@@ -263,7 +263,8 @@ func isOverrideName(name []byte) (match, array bool) {
 	}
 	for i := 0; i < len(want); i++ {
 		c := name[i]
-		if c == '.' || c == ' ' {
+		if c == '.' || c == ' ' || i == 0 && c == '[' && bytes.IndexByte(name, ']') < 0 {
+			// PHP makes '.' and ' ' '_', and an unmatched '[' too ("[method" is _method).
 			c = '_'
 		}
 		if c|0x20 != want[i]|0x20 {
@@ -272,6 +273,9 @@ func isOverrideName(name []byte) (match, array bool) {
 	}
 	switch {
 	case len(name) == len(want):
+		return true, false
+	case name[len(want)] == 0:
+		// PHP ends a name at its first NUL ("_method%00x" is _method to it).
 		return true, false
 	case name[len(want)] == '[':
 		return true, true
@@ -297,7 +301,6 @@ func overrideValue(v []byte, overflow bool) string {
 type formScan struct {
 	inValue      bool
 	name, value  []byte
-	nameOver     bool
 	valueOver    bool
 	pct          int // 0, or 1-2 after '%' and that many hex digits
 	pctHi        byte
@@ -326,10 +329,9 @@ func (f *formScan) scan(p []byte, found func(string)) {
 		case c == '=' && !f.inValue:
 			f.flushPct()
 			f.inValue = true
-			f.matched, f.matchedArray = false, false
-			if !f.nameOver {
-				f.matched, f.matchedArray = isOverrideName(f.name)
-			}
+			// A name over maxOverrideName keeps its first bytes, all isOverrideName reads
+			// of a name that is not exactly _method.
+			f.matched, f.matchedArray = isOverrideName(f.name)
 		case f.pct == 0 && c == '%':
 			f.pct = 1
 		case f.pct == 1:
@@ -377,8 +379,6 @@ func (f *formScan) add(c byte) {
 		f.nameStarted = true
 		if len(f.name) < maxOverrideName {
 			f.name = append(f.name, c)
-		} else {
-			f.nameOver = true
 		}
 		return
 	}
@@ -393,7 +393,7 @@ func (f *formScan) add(c byte) {
 }
 
 func (f *formScan) endPair(found func(string)) {
-	if !f.inValue && !f.nameOver {
+	if !f.inValue {
 		// A name without '=': Rack and PHP read it as an empty value, which overrides nothing,
 		// but "_method[]" is still an array.
 		f.matched, f.matchedArray = isOverrideName(f.name)

@@ -78,6 +78,11 @@ func TestBodyScannerForm(t *testing.T) {
 		{"%20method=PUT", nil},                   // "method" to PHP
 		{"_METHOD=put", []string{"PUT"}},         // names compared without case
 		{"a=1;_method=PATCH", []string{"PATCH"}}, // older Rack splits on ';'
+		{"[method=DELETE", []string{"DELETE"}},   // PHP: an unmatched '[' is '_'
+		{"[method]=DELETE", nil},
+		{"_method%00x=DELETE", []string{"DELETE"}},                          // PHP ends a name at NUL
+		{"_method%00" + strings.Repeat("x", 100) + "=PUT", []string{"PUT"}}, // however long
+		{"_method[" + strings.Repeat("x", 100) + "]=PUT", []string{unread}},
 		{"_method[]=DELETE", []string{unread}},
 		{"_method[x]=DELETE", []string{unread}},
 		{"_method[]", []string{unread}},
@@ -324,8 +329,32 @@ func FuzzBodyScannerForm(f *testing.F) {
 	})
 }
 
+// phpName is the name PHP registers a decoded form name under (php_register_variable_ex):
+// leading spaces dropped, cut at the first NUL, and ' ' and '.' made '_' up to the first
+// '[' (where an array starts; the name is then the part before it, with array set).
+func phpName(k string) (name string, array bool) {
+	k = strings.TrimLeft(k, " ")
+	if i := strings.IndexByte(k, 0); i >= 0 {
+		k = k[:i]
+	}
+	b := []byte(k)
+	for i, c := range b {
+		switch c {
+		case ' ', '.':
+			b[i] = '_'
+		case '[':
+			if strings.IndexByte(k[i:], ']') >= 0 {
+				return string(b[:i]), true
+			}
+			b[i] = '_' // an unmatched '[' is '_' too, and ends the mangling
+			return string(b), false
+		}
+	}
+	return string(b), false
+}
+
 // parseFormLikeRack returns the _method values net/url reads from a form body, split on
-// '&' only (as Rack 3 and PHP do).
+// '&' only (as Rack 3 and PHP do), with names read as PHP reads them too.
 func parseFormLikeRack(body string) ([]string, error) {
 	var out []string
 	for pair := range strings.SplitSeq(body, "&") {
@@ -338,7 +367,7 @@ func parseFormLikeRack(body string) ([]string, error) {
 		if err != nil {
 			return nil, err
 		}
-		if dk == "_method" && !strings.Contains(dv, ";") {
+		if pk, array := phpName(dk); (dk == "_method" || pk == "_method" && !array) && !strings.Contains(dv, ";") {
 			out = append(out, strings.TrimSpace(dv))
 		}
 	}
