@@ -24,8 +24,11 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/agent-vault-proxy/agent-vault-proxy/internal/audit"
 	"github.com/agent-vault-proxy/agent-vault-proxy/internal/config"
@@ -760,9 +763,28 @@ func TestAliveProbe(t *testing.T) {
 	if !alive(open, false) {
 		t.Fatal("an open connection was taken for closed")
 	}
-	closed, srv2 := conn()
-	srv2.Close()
-	time.Sleep(50 * time.Millisecond)
+	// closedConn is a connection whose server closed it, once the close reached the socket:
+	// on a loaded machine the kernel can take a while to deliver it, and until then the
+	// connection does look alive.
+	closedConn := func() *upConn {
+		up, srv := conn()
+		srv.Close()
+		rc, err := up.c.NetConn().(syscall.Conn).SyscallConn()
+		if err != nil {
+			t.Fatal(err)
+		}
+		for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(time.Millisecond) {
+			var perr error
+			rc.Read(func(fd uintptr) bool {
+				_, _, perr = unix.Recvfrom(int(fd), make([]byte, 1), unix.MSG_PEEK|unix.MSG_DONTWAIT)
+				return true
+			})
+			if perr != unix.EAGAIN || time.Now().After(deadline) {
+				return up
+			}
+		}
+	}
+	closed := closedConn()
 	if alive(closed, false) {
 		t.Fatal("a connection the server closed was taken for alive")
 	}
@@ -770,6 +792,13 @@ func TestAliveProbe(t *testing.T) {
 	closed.lastUsed = time.Now()
 	if !alive(closed, false) || alive(closed, true) {
 		t.Fatal("a connection idle for under a second: want it taken without a probe, and seen closed with one")
+	}
+	// A loaded machine, where the read's deadline passes before the read is tried: the
+	// bytes still waiting are not taken for TLS's own.
+	defer func(w time.Duration) { aliveReadWait = w }(aliveReadWait)
+	aliveReadWait = 0
+	if alive(closedConn(), false) {
+		t.Fatal("a connection the server closed was taken for alive when the read timed out first")
 	}
 }
 

@@ -103,6 +103,9 @@ func (p *upstreamPool) getH1(ctx context.Context, f inject.Facts, probe bool) (u
 // one has nothing to read. The probe is a non-blocking MSG_PEEK on the socket, one system
 // call; a connection idle for under a second is taken as it is unless always is set (for a
 // request that cannot be retried if the connection turns out closed).
+// aliveReadWait bounds alive's read of bytes already waiting in the socket.
+var aliveReadWait = time.Millisecond
+
 func alive(up *upConn, always bool) bool {
 	if !always && time.Since(up.lastUsed) < upstreamProbeAfter {
 		return true
@@ -118,28 +121,49 @@ func alive(up *upConn, always bool) bool {
 	if err != nil {
 		return false
 	}
-	var n int
-	var rerr error
-	err = rc.Read(func(fd uintptr) bool {
-		var b [1]byte
-		n, _, rerr = unix.Recvfrom(int(fd), b[:], unix.MSG_PEEK|unix.MSG_DONTWAIT)
-		return true // never wait
-	})
-	switch {
-	case err != nil:
-		return false
-	case rerr == unix.EAGAIN:
+	// peek says whether the socket holds unread bytes: 1 yes, 0 no, -1 it is closed or
+	// failed.
+	peek := func() int {
+		var n int
+		var rerr error
+		if err := rc.Read(func(fd uintptr) bool {
+			var b [1]byte
+			n, _, rerr = unix.Recvfrom(int(fd), b[:], unix.MSG_PEEK|unix.MSG_DONTWAIT)
+			return true // never wait
+		}); err != nil {
+			return -1
+		}
+		switch {
+		case rerr == unix.EAGAIN:
+			return 0
+		case rerr != nil || n == 0:
+			return -1 // reset, or EOF
+		}
+		return 1
+	}
+	switch peek() {
+	case 0:
 		return true
-	case rerr != nil || n == 0:
-		return false // reset, or EOF
+	case -1:
+		return false
 	}
 	// Bytes are waiting. They may be TLS's own (a late session ticket, a key update), which
 	// TLS consumes without any data for the reader: that connection is fine. Anything else
-	// (data, an alert such as close_notify, EOF after it) is not.
-	up.c.SetReadDeadline(time.Now().Add(time.Millisecond))
-	_, err = up.br.Peek(1)
-	up.c.SetReadDeadline(time.Time{})
-	return isTimeout(err)
+	// (data, an alert such as close_notify, EOF after it) is not. A read that times out
+	// while bytes are still in the socket has not looked at them yet (on a loaded machine
+	// the deadline can pass before the read is tried), so it looks again.
+	for range 8 {
+		up.c.SetReadDeadline(time.Now().Add(aliveReadWait))
+		_, err = up.br.Peek(1)
+		up.c.SetReadDeadline(time.Time{})
+		if !isTimeout(err) {
+			return false
+		}
+		if peek() == 0 {
+			return true
+		}
+	}
+	return false // still unsure: a new connection costs a handshake, a dead one a failed request
 }
 
 func (p *upstreamPool) dialH1(ctx context.Context, k upstreamKey) (*upConn, error) {
