@@ -725,6 +725,11 @@ func parseMultipart(r *multipart.Reader, found func(string)) (int, bool) {
 		}
 		matched, array, readable := false, false, true
 		for _, cd := range p.Header.Values("Content-Disposition") {
+			for _, n := range rackNames(cd) {
+				if m, a := isOverrideName([]byte(n)); m {
+					matched, array = true, array || a
+				}
+			}
 			_, params, err := mime.ParseMediaType(cd)
 			if err != nil {
 				// Read leniently: a name this parser cannot read may still be _method to
@@ -751,6 +756,44 @@ func parseMultipart(r *multipart.Reader, found func(string)) (int, bool) {
 		if _, err := io.Copy(io.Discard, p); err != nil {
 			return parts, false
 		}
+	}
+}
+
+// rackNames returns every name Rack's multipart parser could read from a
+// Content-Disposition value: it takes what follows a "; name=" (the last one, found with a
+// regular expression, even inside another parameter's quoted value) as a quoted string or a
+// token. Each one is returned, so the last is among them whichever Rack picks.
+func rackNames(cd string) []string {
+	var out []string
+	lower := strings.ToLower(cd)
+	for i := 0; ; {
+		j := strings.Index(lower[i:], "name=")
+		if j < 0 {
+			return out
+		}
+		at := i + j
+		i = at + len("name=")
+		k := at - 1
+		for k >= 0 && (lower[k] == ' ' || lower[k] == '\t') {
+			k--
+		}
+		if k < 0 || lower[k] != ';' {
+			continue // "filename=", or a name= Rack's expression does not take
+		}
+		v := cd[i:]
+		if strings.HasPrefix(v, `"`) {
+			end := 1
+			for end < len(v) && (v[end] != '"' || v[end-1] == '\\') {
+				end++
+			}
+			out = append(out, v[1:end])
+			continue
+		}
+		end := strings.IndexAny(v, " \t()<>,;:\\\"/[]?=")
+		if end < 0 {
+			end = len(v)
+		}
+		out = append(out, v[:end])
 	}
 }
 

@@ -181,6 +181,10 @@ func TestBodyScannerMultipart(t *testing.T) {
 	checkScan(t, mh, ext, []string{"PUT"})
 	two := "--" + bd + "\r\nContent-Disposition: form-data; name=\"a\"\r\nContent-Disposition: form-data; name=\"_method\"\r\n\r\nPUT\r\n--" + bd + "--\r\n"
 	checkScan(t, mh, two, []string{"PUT"})
+	// Rack finds the name with a regular expression that takes the last "; name=" in the
+	// header, even inside another parameter's quoted value.
+	rack := "--" + bd + "\r\nContent-Disposition: form-data; name=\"a\"; x=\"; name=_method\"\r\n\r\nPUT\r\n--" + bd + "--\r\n"
+	checkScan(t, mh, rack, []string{"PUT"})
 	bad := "--" + bd + "\r\nContent-Disposition: form-data; name=_method; x\r\n\r\nPUT\r\n--" + bd + "--\r\n"
 	checkScan(t, mh, bad, []string{unread})
 
