@@ -319,8 +319,8 @@ func readOverrides(r Request) *overrides {
 	var methods, paths []string
 	methods = append(methods, r.BodyMethods...)
 	unsafePath := false
-	for _, h := range methodOverrideHeaders {
-		for _, v := range r.Header[h] {
+	methodValues := func(vs []string) {
+		for _, v := range vs {
 			for item := range strings.SplitSeq(v, ",") {
 				if item = strings.TrimSpace(item); item != "" {
 					methods = append(methods, strings.ToUpper(item))
@@ -339,9 +339,8 @@ func readOverrides(r Request) *overrides {
 		f.scan([]byte(q), found)
 		f.end(found)
 	}
-	queryMethods(r.RawQuery)
-	for _, h := range pathOverrideHeaders {
-		for _, v := range r.Header[h] {
+	pathValues := func(vs []string) {
+		for _, v := range vs {
 			if _, q, ok := strings.Cut(v, "?"); ok {
 				// Zend Framework takes the query of X-Original-URL as the request's own.
 				q, _, _ = strings.Cut(q, "#")
@@ -353,6 +352,27 @@ func readOverrides(r Request) *overrides {
 				continue
 			}
 			paths = append(paths, p)
+		}
+	}
+	for _, h := range methodOverrideHeaders {
+		methodValues(r.Header[h])
+	}
+	queryMethods(r.RawQuery)
+	for _, h := range pathOverrideHeaders {
+		pathValues(r.Header[h])
+	}
+	for k, vs := range r.Header {
+		// A name with '_' for '-' is the same header to a server that makes names CGI
+		// variables (Puma, Unicorn): X_HTTP_METHOD_OVERRIDE reaches Rack as
+		// HTTP_X_HTTP_METHOD_OVERRIDE.
+		if strings.IndexByte(k, '_') < 0 {
+			continue
+		}
+		switch n := http.CanonicalHeaderKey(strings.ReplaceAll(k, "_", "-")); n {
+		case methodOverrideHeaders[0], methodOverrideHeaders[1], methodOverrideHeaders[2]:
+			methodValues(vs)
+		case pathOverrideHeaders[0], pathOverrideHeaders[1]:
+			pathValues(vs)
 		}
 	}
 	if methods == nil && paths == nil && !unsafePath {

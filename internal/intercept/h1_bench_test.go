@@ -811,6 +811,7 @@ func TestOverridesAreDecided(t *testing.T) {
 	cases := []struct{ header, value, reason string }{
 		{"X-HTTP-Method-Override", "DELETE", inject.ReasonMethodOverride},
 		{"X-Original-URL", "/admin", inject.ReasonPathOverride},
+		{"X_HTTP_METHOD_OVERRIDE", "DELETE", inject.ReasonMethodOverride},
 		{"", "", inject.ReasonAllowed},
 	}
 	for _, tc := range cases {
