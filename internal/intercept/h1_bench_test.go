@@ -229,6 +229,12 @@ func newH1Pair(tb testing.TB, upProtos ...string) *h1Pair {
 			w.Write(b.Bytes())
 			return
 		}
+		if r.URL.Path == "/v1/range-echo" {
+			// Serves the credential it got as a document that honours Range, as a file
+			// server, or Apache in front of a script, does.
+			http.ServeContent(w, r, "echo.txt", time.Time{}, strings.NewReader("you sent "+r.Header.Get("Authorization")))
+			return
+		}
 		if r.URL.Path == "/v1/encoded-echo" {
 			// Quotes the credential inside documents rather than verbatim: JSON strings as
 			// Go, PHP and JavaScript write them, and URLs (a redirect's query, a path).
@@ -676,6 +682,31 @@ func TestEncodedEchoIsScrubbed(t *testing.T) {
 	}
 	if n := strings.Count(got, "sk-avp-PLACEHOLDER-openai-000000000000"); n != 8 {
 		t.Errorf("the placeholder is in the answer %d times, want 8:\n%s", n, got)
+	}
+}
+
+// TestRangeOfEchoIsNotServed: a Range would let the agent read an echoed credential a
+// piece at a time, each piece too short to be recognized; an injected request goes
+// upstream without it, and the agent gets the whole answer, scrubbed.
+func TestRangeOfEchoIsNotServed(t *testing.T) {
+	p := newH1Pair(t)
+	req := strings.Replace(h1BenchRequest, "/v1/models", "/v1/range-echo", 1)
+	req = strings.Replace(req, "Accept: */*\r\n", "Accept: */*\r\nRange: bytes=20-35\r\n", 1)
+	resp, body := p.doResp(t, req)
+	if resp.StatusCode != http.StatusOK || body != "you sent Bearer sk-avp-PLACEHOLDER-openai-000000000000" {
+		t.Fatalf("%d %q: want 200 and the whole answer, scrubbed", resp.StatusCode, body)
+	}
+	r, _ := http.NewRequest("GET", "https://api.openai.com/v1/range-echo", nil)
+	r.Header.Set("Authorization", "Bearer sk-avp-PLACEHOLDER-openai-000000000000")
+	r.Header.Set("Range", "bytes=20-35")
+	h2resp, err := p.h2Client(t).Do(r)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _ := io.ReadAll(h2resp.Body)
+	h2resp.Body.Close()
+	if h2resp.StatusCode != http.StatusOK || string(b) != "you sent Bearer sk-avp-PLACEHOLDER-openai-000000000000" {
+		t.Fatalf("HTTP/2: %d %q: want 200 and the whole answer, scrubbed", h2resp.StatusCode, b)
 	}
 }
 

@@ -249,6 +249,11 @@ func (inj *injected) injectHeaders(h http.Header) {
 	}
 	// A compressed response could carry an echoed secret past the scrubber.
 	h.Set("Accept-Encoding", "identity")
+	// So could a part of one: an echo served in ranges would give the agent the secret a
+	// piece at a time, each too short to recognize. Without them the answer is whole (a
+	// server may always ignore Range).
+	h.Del("Range")
+	h.Del("If-Range")
 }
 
 // errText is err's message for the log, with every real value of the request replaced by
