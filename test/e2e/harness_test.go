@@ -357,6 +357,10 @@ func (e *env) curl(uid int, method, url string, headers ...string) (int, string,
 			args = append(args, "--data-raw", body) // "-d<body>" sends a body
 			continue
 		}
+		if field, ok := strings.CutPrefix(h, "-F"); ok {
+			args = append(args, "--form-string", field) // "-Fname=value": a multipart field
+			continue
+		}
 		args = append(args, "-H", h)
 	}
 	args = append(args, url)

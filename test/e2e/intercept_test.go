@@ -114,6 +114,10 @@ console.log(r.status, await r.text());
 		{"3_placeholder_in_other_header_verbatim", "GET", "https://" + hostOpenAI + "/v1/models", "placeholder_in_wrong_header", "OPENAI", "X-Other: " + phOpenAI, ""},
 		{"3_method_override_verbatim", "GET", "https://" + hostOpenAI + "/v1/files/1", "method_override_not_allowed", "OPENAI", bearer, "X-HTTP-Method-Override: DELETE"},
 		{"3_path_override_verbatim", "GET", "https://" + hostOpenAI + "/v1/models", "path_override_not_allowed", "OPENAI", bearer, "X-Original-URL: /admin/keys"},
+		// Puma and Unicorn read X_HTTP_METHOD_OVERRIDE as X-HTTP-Method-Override.
+		{"3_underscore_method_override_verbatim", "GET", "https://" + hostOpenAI + "/v1/files/1", "method_override_not_allowed", "OPENAI", bearer, "X_HTTP_METHOD_OVERRIDE: DELETE"},
+		// PHP reads "[method" in a query as _method.
+		{"3_php_query_method_override_verbatim", "GET", "https://" + hostOpenAI + "/v1/files/1?%5Bmethod=DELETE", "method_override_not_allowed", "OPENAI", bearer, ""},
 	}
 	for _, tc := range denials {
 		t.Run(tc.name, func(t *testing.T) {
@@ -169,6 +173,7 @@ console.log(r.status, await r.text());
 		}{
 			{"form", []string{bearer, "-d_method=DELETE"}},
 			{"json", []string{bearer, "Content-Type: application/json", `-d{"model":"m","\u005fmethod":"delete"}`}},
+			{"multipart", []string{bearer, "-Fpurpose=batch", "-F_method=DELETE"}},
 		} {
 			before := len(e.upstream.requests())
 			code, body, err := e.curl(agentUID, "POST", "https://"+hostOpenAI+"/v1/files/1", tc.args...)
@@ -186,6 +191,14 @@ console.log(r.status, await r.text());
 			t.Fatalf("curl: %d %v", code, err)
 		}
 		if got := e.upstream.last(t); got.Header.Get("Authorization") != "Bearer "+realOpenAI || got.Body != "purpose=batch&method=DELETE" {
+			t.Fatalf("upstream got %q with body %q", got.Header.Get("Authorization"), got.Body)
+		}
+		// And as multipart, as curl -F (and the SDKs' file uploads) send it.
+		code, _, err = e.curl(agentUID, "POST", "https://"+hostOpenAI+"/v1/files/1", bearer, "-Fpurpose=batch", "-Fmethod=DELETE")
+		if err != nil || code != 200 {
+			t.Fatalf("curl -F: %d %v", code, err)
+		}
+		if got := e.upstream.last(t); got.Header.Get("Authorization") != "Bearer "+realOpenAI || !strings.Contains(got.Body, `name="purpose"`) {
 			t.Fatalf("upstream got %q with body %q", got.Header.Get("Authorization"), got.Body)
 		}
 	})
