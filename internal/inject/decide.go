@@ -577,6 +577,12 @@ func Value(s *config.Secret, vals map[string][]byte) ([]byte, error) {
 	if !ok {
 		return nil, fmt.Errorf("value of %s is missing", s.Name)
 	}
+	return PlainValue(s, v)
+}
+
+// PlainValue is Value for a secret without a template, whose fetched value is v: a copy of
+// v, once it is known to fit in a header. It spares the caller Value's map.
+func PlainValue(s *config.Secret, v []byte) ([]byte, error) {
 	for _, c := range v {
 		// A control byte would let a stored value split the header (CR LF) upstream.
 		if c < ' ' && c != '\t' || c == 0x7f {

@@ -16,7 +16,6 @@ import (
 // names: the decision, and what it was made from. It is set only when an override could
 // change the decision (inject.Decision.BodyOverrideMatters).
 type bodyCheck struct {
-	on     bool
 	policy *inject.Policy
 	facts  inject.Facts
 	req    inject.Request
@@ -30,21 +29,21 @@ type bodyCheck struct {
 // checksBody reports whether inj's request, with header h, has its body checked for
 // overrides.
 func (inj *injected) checksBody(h http.Header) bool {
-	return inj != nil && inj.check.on && inject.BodyMayOverride(h)
+	return inj != nil && inj.check != nil && inject.BodyMayOverride(h)
 }
 
 // refusedBody reports whether inj's request was cut off for an override in its body.
 func (inj *injected) refusedBody() bool {
-	return inj != nil && inj.check.on && inj.check.refused.Load()
+	return inj != nil && inj.check != nil && inj.check.refused.Load()
 }
 
 // newBodyGuard returns a guard over src when inj's request injects and a body of type h
 // could name an override that matters; nil otherwise.
 func (s *Server) newBodyGuard(ctx context.Context, inj *injected, h http.Header, src io.ReadCloser) *bodyGuard {
-	if inj == nil || !inj.check.on {
+	if inj == nil || inj.check == nil {
 		return nil
 	}
-	c := &inj.check
+	c := inj.check
 	g := &bodyGuard{src: src}
 	g.scan = inject.NewBodyScanner(h, func(m string) bool {
 		c.req.BodyMethods = append(c.req.BodyMethods, m)

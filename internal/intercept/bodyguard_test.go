@@ -285,7 +285,7 @@ func TestShortBodyWithExpectContinue(t *testing.T) {
 func TestSettledBodyIsNotHeldBack(t *testing.T) {
 	h := http.Header{"Content-Type": {"application/grpc+json"}}
 	frame := "\x00\x00\x00\x00\x0f{\"_method\":\"x\"}"
-	inj := &injected{check: bodyCheck{on: true}}
+	inj := &injected{check: &bodyCheck{}}
 	s := &Server{}
 
 	pr, pw := io.Pipe()

@@ -52,9 +52,10 @@ type injected struct {
 	wipe [][]byte
 	// policy decided the request; a retry injects again only while it is in force.
 	policy *inject.Policy
-	// check is set (check.on) when a method override in the body could change the decision.
-	// It is held by value: most injecting requests have no body to check.
-	check bodyCheck
+	// check is set when a method override in the body could change the decision. It is a
+	// pointer (512 bytes apart) so that the requests that have none, a GET, allocate and
+	// clear only the rest (about 100 bytes).
+	check *bodyCheck
 }
 
 func (s *Server) serveHTTP(w http.ResponseWriter, r *http.Request) {
@@ -212,14 +213,9 @@ func (s *Server) prepare(ctx context.Context, f inject.Facts, method, authority 
 		}
 		inj.values = append(inj.values, v)
 		ph := []byte(in.Secret.Placeholder)
-		for _, b := range append([][]byte{v}, raw...) {
-			if len(b) >= minScrubLen {
-				inj.scrub = append(inj.scrub, replacement{from: b, to: ph})
-				for _, f := range echoForms(b) {
-					inj.wipe = append(inj.wipe, f)
-					inj.scrub = append(inj.scrub, replacement{from: f, to: ph})
-				}
-			}
+		inj.addScrub(v, ph)
+		for _, b := range raw {
+			inj.addScrub(b, ph)
 		}
 	}
 	events := denialEvents(base, d)
@@ -236,10 +232,28 @@ func (s *Server) prepare(ctx context.Context, f inject.Facts, method, authority 
 		return refused(http.StatusServiceUnavailable, "audit_unavailable")
 	}
 	if d.BodyOverrideMatters() {
-		inj.check = bodyCheck{on: true, policy: policy, facts: f, req: ir, d: d, base: base}
+		inj.check = &bodyCheck{policy: policy, facts: f, req: ir, d: d, base: base}
 	}
 	s.stats.injected.Add(1)
 	return prepared{inj: inj, release: release, policy: policy}
+}
+
+// addScrub adds a real value b (and the forms an echo may give it) to what the response is
+// scrubbed of, to be replaced by the placeholder ph.
+func (inj *injected) addScrub(b, ph []byte) {
+	if len(b) < minScrubLen {
+		return
+	}
+	for _, r := range inj.scrub {
+		if bytes.Equal(r.from, b) {
+			return // a secret injected as it is: its value and what was fetched are the same
+		}
+	}
+	inj.scrub = append(inj.scrub, replacement{from: b, to: ph})
+	for _, f := range echoForms(b) {
+		inj.wipe = append(inj.wipe, f)
+		inj.scrub = append(inj.scrub, replacement{from: f, to: ph})
+	}
 }
 
 // injectHeaders writes the real values into an outgoing request's header.
@@ -331,6 +345,18 @@ func decodeForScrub(resp *http.Response) error {
 // value fetches what one injection needs and computes the replacement. raw are the fetched
 // values, which the caller wipes; reason is the one-line refusal for the agent on failure.
 func (s *Server) value(ctx context.Context, in inject.Injection) (v []byte, raw [][]byte, reason string, err error) {
+	if in.Secret.Template == nil {
+		// One value, injected as it is: no map of names to values to build.
+		fv, err := s.secrets.Get(ctx, in.Secret.Name)
+		if err != nil {
+			return nil, nil, "secret_unavailable", fmt.Errorf("fetch %s: %w", in.Secret.Name, err)
+		}
+		raw = append(raw, fv)
+		if v, err = inject.PlainValue(in.Secret, fv); err != nil {
+			return nil, raw, "template_render_failed", err
+		}
+		return v, raw, "", nil
+	}
 	names := in.Secret.FetchNames()
 	vals := make(map[string][]byte, len(names))
 	for _, n := range names {
