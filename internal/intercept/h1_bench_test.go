@@ -10,6 +10,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"html"
 	"io"
 	"log"
 	"math"
@@ -664,7 +665,9 @@ func encodedForms(s string) []string {
 		component = strings.ReplaceAll(component, url.QueryEscape(string(c)), string(c))
 	}
 	lower := regexp.MustCompile(`%[0-9A-F]{2}`).ReplaceAllStringFunc(q, strings.ToLower)
-	return []string{string(goJSON), js, strings.ReplaceAll(js, "/", `\/`), q, url.PathEscape(s), component, lower}
+	// HTML: Go's html package, and Python's html.escape (as Django's debug page writes it).
+	py := strings.NewReplacer("&", "&amp;", "<", "&lt;", ">", "&gt;", `"`, "&quot;", "'", "&#x27;").Replace(s)
+	return []string{string(goJSON), js, strings.ReplaceAll(js, "/", `\/`), q, url.PathEscape(s), component, lower, html.EscapeString(s), py}
 }
 
 // TestEncodedEchoIsScrubbed: an upstream that quotes the credential JSON-escaped or
@@ -680,8 +683,8 @@ func TestEncodedEchoIsScrubbed(t *testing.T) {
 			t.Errorf("the real value reached the agent as %q:\n%s", f, got)
 		}
 	}
-	if n := strings.Count(got, "sk-avp-PLACEHOLDER-openai-000000000000"); n != 8 {
-		t.Errorf("the placeholder is in the answer %d times, want 8:\n%s", n, got)
+	if n := strings.Count(got, "sk-avp-PLACEHOLDER-openai-000000000000"); n != 10 {
+		t.Errorf("the placeholder is in the answer %d times, want 10:\n%s", n, got)
 	}
 }
 

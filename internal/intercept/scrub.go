@@ -20,9 +20,9 @@ type replacement struct {
 
 // echoForms returns the forms other than b itself in which an upstream commonly echoes b
 // inside a document: a JSON string (with '"' and '\\' escaped, and also '/' as PHP's
-// json_encode writes it, or '<', '>' and '&' as Go's encoding/json does), and
-// percent-encoded, as a query, a form, a path segment or JavaScript's encodeURIComponent
-// writes it, in either hex case. A value with none of those characters (a typical API key)
+// json_encode writes it, or '<', '>' and '&' as Go's encoding/json does), percent-encoded,
+// as a query, a form, a path segment or JavaScript's encodeURIComponent writes it, in
+// either hex case, and HTML-escaped. A value with none of those characters (a typical API key)
 // has none. Each form is new memory that the caller wipes; scrubbing them too keeps an echo
 // that quotes the credential in a JSON document or a URL from handing it to the agent (I1).
 func echoForms(b []byte) [][]byte {
@@ -48,6 +48,43 @@ func echoForms(b []byte) [][]byte {
 	}
 	add(percentEncoded(b, "", lower, false))
 	add(percentEncoded(b, "", upper, true))
+	// HTML, as an error page or a debug page that shows the request writes it: '&', '<'
+	// and '>' alike everywhere, quotes as Go (&#34; &#39;), Python and Django (&quot;
+	// &#x27;), Rails (&quot; &#39;) and PHP (&quot; &#039;) write them.
+	for _, q := range [][2]string{{"&#34;", "&#39;"}, {"&quot;", "&#x27;"}, {"&quot;", "&#39;"}, {"&quot;", "&#039;"}} {
+		add(htmlEscaped(b, q[0], q[1]))
+	}
+	return out
+}
+
+// htmlEscaped is b with &, <, > and the double and single quotes written as HTML entities,
+// the quotes as dq and sq; nil when that is b itself.
+func htmlEscaped(b []byte, dq, sq string) []byte {
+	var out []byte
+	for i, c := range b {
+		var esc string
+		switch c {
+		case '&':
+			esc = "&amp;"
+		case '<':
+			esc = "&lt;"
+		case '>':
+			esc = "&gt;"
+		case '"':
+			esc = dq
+		case '\'':
+			esc = sq
+		default:
+			if out != nil {
+				out = append(out, c)
+			}
+			continue
+		}
+		if out == nil {
+			out = append(make([]byte, 0, len(b)+32), b[:i]...)
+		}
+		out = append(out, esc...)
+	}
 	return out
 }
 
