@@ -667,7 +667,9 @@ func encodedForms(s string) []string {
 	lower := regexp.MustCompile(`%[0-9A-F]{2}`).ReplaceAllStringFunc(q, strings.ToLower)
 	// HTML: Go's html package, and Python's html.escape (as Django's debug page writes it).
 	py := strings.NewReplacer("&", "&amp;", "<", "&lt;", ">", "&gt;", `"`, "&quot;", "'", "&#x27;").Replace(s)
-	return []string{string(goJSON), js, strings.ReplaceAll(js, "/", `\/`), q, url.PathEscape(s), component, lower, html.EscapeString(s), py}
+	// XML text as Python's xml.sax.saxutils.escape writes it: the quotes as they are.
+	sax := strings.NewReplacer("&", "&amp;", "<", "&lt;", ">", "&gt;").Replace(s)
+	return []string{string(goJSON), js, strings.ReplaceAll(js, "/", `\/`), q, url.PathEscape(s), component, lower, html.EscapeString(s), py, sax}
 }
 
 // TestEncodedEchoIsScrubbed: an upstream that quotes the credential JSON-escaped or
@@ -683,8 +685,8 @@ func TestEncodedEchoIsScrubbed(t *testing.T) {
 			t.Errorf("the real value reached the agent as %q:\n%s", f, got)
 		}
 	}
-	if n := strings.Count(got, "sk-avp-PLACEHOLDER-openai-000000000000"); n != 10 {
-		t.Errorf("the placeholder is in the answer %d times, want 10:\n%s", n, got)
+	if n := strings.Count(got, "sk-avp-PLACEHOLDER-openai-000000000000"); n != 11 {
+		t.Errorf("the placeholder is in the answer %d times, want 11:\n%s", n, got)
 	}
 }
 

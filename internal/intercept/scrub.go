@@ -48,10 +48,11 @@ func echoForms(b []byte) [][]byte {
 	}
 	add(percentEncoded(b, "", lower, false))
 	add(percentEncoded(b, "", upper, true))
-	// HTML, as an error page or a debug page that shows the request writes it: '&', '<'
-	// and '>' alike everywhere, quotes as Go (&#34; &#39;), Python and Django (&quot;
-	// &#x27;), Rails (&quot; &#39;) and PHP (&quot; &#039;) write them.
-	for _, q := range [][2]string{{"&#34;", "&#39;"}, {"&quot;", "&#x27;"}, {"&quot;", "&#39;"}, {"&quot;", "&#039;"}} {
+	// HTML and XML, as an error page or a debug page that shows the request writes them:
+	// '&', '<' and '>' alike everywhere, quotes as Go (&#34; &#39;), Python and Django
+	// (&quot; &#x27;), Rails (&quot; &#39;), PHP (&quot; &#039;) and XML (&quot; &apos;)
+	// write them, or left as they are (text content, Python's xml.sax.saxutils.escape).
+	for _, q := range [][2]string{{"&#34;", "&#39;"}, {"&quot;", "&#x27;"}, {"&quot;", "&#39;"}, {"&quot;", "&#039;"}, {"&quot;", "&apos;"}, {`"`, "'"}} {
 		add(htmlEscaped(b, q[0], q[1]))
 	}
 	return out
