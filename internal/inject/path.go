@@ -34,7 +34,7 @@ func NormalizePath(raw string) (path string, ok bool) {
 			return "", false
 		}
 		dec, escaped, good := decodeSegment(seg)
-		if !good {
+		if !good || strings.Contains(dec, "%25") && unsafeDecodedAgain(dec) {
 			return "", false
 		}
 		// Servers such as Tomcat strip ";params" from a segment before resolving dot
@@ -136,6 +136,50 @@ func decodeSegment(seg string) (dec string, escaped, ok bool) {
 		i += 2
 	}
 	return b.String(), escaped, true
+}
+
+// unsafeDecodedAgain reports whether a decoded segment that still holds an escaped '%'
+// becomes unsafe when decoded again, as a server or an application that decodes twice
+// does: a '/', '\\' or NUL, or a dot segment ("%252e%252e" is ".." to it). A segment
+// escaped more than three times over is unsafe as well.
+func unsafeDecodedAgain(seg string) bool {
+	for range 3 {
+		next, changed := decodeAll(seg)
+		if !changed {
+			return false
+		}
+		if strings.ContainsAny(next, "/\\\x00") {
+			return true
+		}
+		if base, _, _ := strings.Cut(next, ";"); base == "." || base == ".." {
+			return true
+		}
+		seg = next
+	}
+	return strings.Contains(seg, "%25")
+}
+
+// decodeAll decodes every well-formed %XX escape in s, and reports whether there was one.
+func decodeAll(s string) (string, bool) {
+	if strings.IndexByte(s, '%') < 0 {
+		return s, false
+	}
+	var b strings.Builder
+	changed := false
+	for i := 0; i < len(s); i++ {
+		if s[i] == '%' && i+2 < len(s) {
+			hi, ok1 := unhex(s[i+1])
+			lo, ok2 := unhex(s[i+2])
+			if ok1 && ok2 {
+				b.WriteByte(hi<<4 | lo)
+				i += 2
+				changed = true
+				continue
+			}
+		}
+		b.WriteByte(s[i])
+	}
+	return b.String(), changed
 }
 
 // MatchPath matches a normalized path against a glob: "*" matches any run of characters
