@@ -2,6 +2,7 @@ package inject
 
 import (
 	"net/http"
+	"strings"
 	"testing"
 
 	"github.com/agent-vault-proxy/agent-vault-proxy/internal/config"
@@ -260,6 +261,9 @@ func TestNormalizePath(t *testing.T) {
 		{"/v1/x%255cy", "", false},
 		{"/v1/x%2500", "", false},
 		{"/v1/%25252e%25252e/admin", "", false},
+		{"/v1/%2525252e%2525252e/admin", "", false},
+		{"/v1/a\x01b", "", false}, // a control byte (a path override header can hold a tab)
+		{"/v1/a\tb", "", false},
 		{"/v1/100%2525", "/v1/100%2525", true},
 		{"/v1/a%252eb", "/v1/a%252eb", true},
 		{"/v1/caf%25c3%25a9", "/v1/caf%25c3%25a9", true},
@@ -325,6 +329,13 @@ func FuzzNormalizePath(f *testing.F) {
 		for _, seg := range splitPath(out) {
 			if seg == "." || seg == ".." || seg == "" {
 				t.Fatalf("%q normalized to %q with segment %q", s, out, seg)
+			}
+			// Nor does decoding it again, however many times.
+			for d, changed := decodeAll(seg); changed; d, changed = decodeAll(d) {
+				base, _, _ := strings.Cut(d, ";")
+				if strings.ContainsAny(d, "/\\\x00") || base == "." || base == ".." {
+					t.Fatalf("%q normalized to %q, whose segment %q decodes again to %q", s, out, seg, d)
+				}
 			}
 		}
 	})

@@ -30,7 +30,9 @@ func NormalizePath(raw string) (path string, ok bool) {
 	out := make([]string, 0, len(segs))
 	trailing := strings.HasSuffix(raw, "/")
 	for _, seg := range segs {
-		if strings.IndexByte(seg, '\\') >= 0 {
+		if strings.IndexByte(seg, '\\') >= 0 || hasControl(seg) {
+			// A control byte cannot come from a request line (the HTTP parsers refuse it),
+			// but a path override header is read here too.
 			return "", false
 		}
 		dec, escaped, good := decodeSegment(seg)
@@ -71,16 +73,29 @@ func NormalizePath(raw string) (path string, ok bool) {
 // covers dot segments and "..;x"). raw starts with "/".
 func isNormal(raw string) bool {
 	for i := 1; i < len(raw); i++ {
-		switch raw[i] {
+		switch c := raw[i]; c {
 		case '%', '\\':
 			return false
 		case '/', '.':
 			if raw[i-1] == '/' {
 				return false
 			}
+		default:
+			if c < 0x20 || c == 0x7f {
+				return false // a control byte, which NormalizePath refuses
+			}
 		}
 	}
 	return true
+}
+
+func hasControl(s string) bool {
+	for i := 0; i < len(s); i++ {
+		if s[i] < 0x20 || s[i] == 0x7f {
+			return true
+		}
+	}
+	return false
 }
 
 func isUnreserved(c byte) bool {
@@ -139,11 +154,11 @@ func decodeSegment(seg string) (dec string, escaped, ok bool) {
 }
 
 // unsafeDecodedAgain reports whether a decoded segment that still holds an escaped '%'
-// becomes unsafe when decoded again, as a server or an application that decodes twice
-// does: a '/', '\\' or NUL, or a dot segment ("%252e%252e" is ".." to it). A segment
-// escaped more than three times over is unsafe as well.
+// becomes unsafe when decoded again, however many times, as a server or an application
+// that decodes twice does: a '/', '\\' or NUL, or a dot segment ("%252e%252e" is ".." to
+// it). A segment that still changes after eight more decodings is unsafe as well.
 func unsafeDecodedAgain(seg string) bool {
-	for range 3 {
+	for range 8 {
 		next, changed := decodeAll(seg)
 		if !changed {
 			return false
@@ -156,7 +171,7 @@ func unsafeDecodedAgain(seg string) bool {
 		}
 		seg = next
 	}
-	return strings.Contains(seg, "%25")
+	return true
 }
 
 // decodeAll decodes every well-formed %XX escape in s, and reports whether there was one.
