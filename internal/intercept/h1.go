@@ -504,12 +504,18 @@ func (hc *h1conn) roundTrip(out *http.Request, p *prepared) (*http.Response, err
 		}
 		// A request that is not retried if its connection turns out closed checks it first.
 		probe := !idempotent(out)
+		scope := scopeOf(hc.f, p.inj)
+		if hc.up != nil && hc.up.scope != scope {
+			// Held for a pipelined request of another scope: it waits in the pool instead.
+			hc.s.upstream.putH1(hc.up)
+			hc.up = nil
+		}
 		if hc.up != nil && !alive(hc.up, probe) {
 			hc.dropUpstream()
 		}
 		reused := hc.up != nil
 		if hc.up == nil {
-			up, r, err := hc.s.upstream.getH1(hc.ctx, hc.f, probe)
+			up, r, err := hc.s.upstream.getH1(hc.ctx, hc.f, scope, probe)
 			if err != nil {
 				p.release()
 				return nil, err

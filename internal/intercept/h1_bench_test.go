@@ -401,8 +401,10 @@ func TestH1LoopInjects(t *testing.T) {
 			t.Fatalf("big response %d: %d, %d bytes", i, code, len(body))
 		}
 	}
-	if n := p.upConns.Load(); n != 1 {
-		t.Fatalf("the upstream saw %d connections for one agent connection's requests, want 1", n)
+	// One connection for the injected requests, one for the verbatim one (a connection
+	// serves one scope: TestUpstreamConnectionsKeepToOneScope).
+	if n := p.upConns.Load(); n != 2 {
+		t.Fatalf("the upstream saw %d connections for one agent connection's requests, want 2", n)
 	}
 }
 
@@ -687,6 +689,60 @@ func TestEncodedEchoIsScrubbed(t *testing.T) {
 	}
 	if n := strings.Count(got, "sk-avp-PLACEHOLDER-openai-000000000000"); n != 11 {
 		t.Errorf("the placeholder is in the answer %d times, want 11:\n%s", n, got)
+	}
+}
+
+// TestUpstreamConnectionsKeepToOneScope: an injected request and a verbatim one never share
+// an upstream connection, one after the other or pipelined, over HTTP/1.1 and HTTP/2; two
+// injected with the same secret do. (An upstream that answers once too often would shift
+// an echo of the secret onto the verbatim request, which is not scrubbed of it.)
+func TestUpstreamConnectionsKeepToOneScope(t *testing.T) {
+	p := newH1Pair(t)
+	verbatim := strings.Replace(h1BenchRequest, "/v1/models", "/v2/models", 1) // outside the binding
+	for i, req := range []string{h1BenchRequest, verbatim, h1BenchRequest, verbatim} {
+		code, _ := p.do(t, req)
+		if want := []int{200, 401}[i%2]; code != want {
+			t.Fatalf("request %d: %d, want %d", i, code, want)
+		}
+	}
+	if n := p.upConns.Load(); n != 2 {
+		t.Fatalf("one after the other: %d upstream connections, want 2 (one per scope)", n)
+	}
+	// Pipelined: the connection held for the next request is not the other scope's.
+	if _, err := io.WriteString(p.agent, h1BenchRequest+verbatim+h1BenchRequest); err != nil {
+		t.Fatal(err)
+	}
+	for i, want := range []int{200, 401, 200} {
+		resp, err := http.ReadResponse(p.br, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != want {
+			t.Fatalf("pipelined request %d: %d, want %d", i, resp.StatusCode, want)
+		}
+	}
+	if n := p.upConns.Load(); n != 2 {
+		t.Fatalf("pipelined: %d upstream connections, want 2", n)
+	}
+	p = newH1Pair(t) // a pool of its own, so no connection of the above is in the count
+	h2 := p.h2Client(t)
+	for i, path := range []string{"/v1/models", "/v2/models", "/v1/models"} {
+		r, _ := http.NewRequest("GET", "https://api.openai.com"+path, nil)
+		r.Header.Set("Authorization", "Bearer sk-avp-PLACEHOLDER-openai-000000000000")
+		resp, err := h2.Do(r)
+		if err != nil {
+			t.Fatal(err)
+		}
+		io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+		if want := []int{200, 401}[i%2]; resp.StatusCode != want {
+			t.Fatalf("HTTP/2 request %d: %d, want %d", i, resp.StatusCode, want)
+		}
+	}
+	if n := p.upConns.Load(); n != 2 {
+		t.Fatalf("HTTP/2: %d upstream connections, want 2", n)
 	}
 }
 

@@ -526,7 +526,7 @@ type upstreamPool struct {
 	mu         sync.Mutex
 	transports map[upstreamKey]*http.Transport
 	configs    map[upstreamKey]*tls.Config
-	idle       map[upstreamKey][]*upConn
+	idle       map[idleKey][]*upConn
 	h2Only     map[upstreamKey]bool // upstreams that refused HTTP/1.1
 	nIdle      int
 	lastSweep  time.Time
@@ -542,7 +542,7 @@ const maxTransports = 1024
 
 func newUpstreamPool(base *tls.Config, dial func(ctx context.Context, network, addr string) (net.Conn, error)) *upstreamPool {
 	return &upstreamPool{tlsBase: base, dial: dial, transports: map[upstreamKey]*http.Transport{},
-		configs: map[upstreamKey]*tls.Config{}, idle: map[upstreamKey][]*upConn{}, h2Only: map[upstreamKey]bool{}}
+		configs: map[upstreamKey]*tls.Config{}, idle: map[idleKey][]*upConn{}, h2Only: map[upstreamKey]bool{}}
 }
 
 func (p *upstreamPool) RoundTrip(r *http.Request) (*http.Response, error) {

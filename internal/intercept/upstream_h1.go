@@ -21,7 +21,9 @@ import (
 // from the pool for a request (and keeps it for pipelined ones that follow) and puts it back
 // before it waits for the agent, so agent connections, new or idle, share them.
 type upConn struct {
-	key      upstreamKey
+	key upstreamKey
+	// scope is whose requests the connection carries (see connScope).
+	scope    connScope
 	c        *tls.Conn
 	lr       limitReader // bounds a response head
 	br       *bufio.Reader
@@ -74,19 +76,20 @@ func (p *upstreamPool) tlsConfig(k upstreamKey) *tls.Config {
 // getH1 returns an idle connection for f's name and original destination, or dials one.
 // reused tells the caller that the server may have closed it meanwhile; probe makes sure
 // an idle one is still open however briefly it was idle.
-func (p *upstreamPool) getH1(ctx context.Context, f inject.Facts, probe bool) (up *upConn, reused bool, err error) {
+func (p *upstreamPool) getH1(ctx context.Context, f inject.Facts, scope connScope, probe bool) (up *upConn, reused bool, err error) {
 	k := upstreamKey{sni: f.SNI, addr: f.OrigDst}
+	ik := idleKey{k, scope}
 	now := time.Now()
 	for {
 		p.mu.Lock()
-		idle := p.idle[k]
+		idle := p.idle[ik]
 		if len(idle) == 0 {
 			p.mu.Unlock()
 			break
 		}
 		up = idle[len(idle)-1]
 		idle[len(idle)-1] = nil
-		p.idle[k] = idle[:len(idle)-1]
+		p.idle[ik] = idle[:len(idle)-1]
 		p.nIdle--
 		p.mu.Unlock()
 		if now.Sub(up.lastUsed) < idleH1Timeout && alive(up, probe) {
@@ -94,18 +97,54 @@ func (p *upstreamPool) getH1(ctx context.Context, f inject.Facts, probe bool) (u
 		}
 		p.closeConn(up)
 	}
-	up, err = p.dialH1(ctx, k)
+	if up, err = p.dialH1(ctx, k); up != nil {
+		up.scope = scope
+	}
 	return up, false, err
 }
+
+// connScope is whose requests an upstream connection carries: the agent's UID and the
+// secrets injected (none for a verbatim request). A connection serves one scope only.
+// HTTP/1.1 matches answers to requests by order alone; an upstream that answers once too
+// often (one that leaves a request body unread and takes it for the next request) shifts
+// every later answer onto the next request. Within one scope that answer is scrubbed of
+// the same secrets; across scopes an echo of one secret would reach a request that is not
+// scrubbed of it, or another user.
+type connScope struct {
+	uid     int64
+	secrets string // the injected secrets' names, NUL-separated
+}
+
+// scopeOf is the scope of a request from f that injects inj (nil: verbatim).
+func scopeOf(f inject.Facts, inj *injected) connScope {
+	sc := connScope{uid: f.UID}
+	if inj == nil {
+		return sc
+	}
+	for i, in := range inj.secrets {
+		if i == 0 {
+			sc.secrets = in.Secret.Name
+		} else {
+			sc.secrets += "\x00" + in.Secret.Name
+		}
+	}
+	return sc
+}
+
+// idleKey is where an idle connection waits: its upstream and its scope.
+type idleKey struct {
+	upstreamKey
+	scope connScope
+}
+
+// aliveReadWait bounds alive's read of bytes already waiting in the socket.
+var aliveReadWait = time.Millisecond
 
 // alive probes an idle connection without blocking: a closed one reads EOF (or an error, or
 // bytes an idle HTTP/1.1 connection has no business sending, such as a close_notify), a live
 // one has nothing to read. The probe is a non-blocking MSG_PEEK on the socket, one system
 // call; a connection idle for under a second is taken as it is unless always is set (for a
 // request that cannot be retried if the connection turns out closed).
-// aliveReadWait bounds alive's read of bytes already waiting in the socket.
-var aliveReadWait = time.Millisecond
-
 func alive(up *upConn, always bool) bool {
 	if !always && time.Since(up.lastUsed) < upstreamProbeAfter {
 		return true
@@ -211,12 +250,13 @@ func (p *upstreamPool) putH1(up *upConn) {
 	now := time.Now()
 	var expired []*upConn
 	p.mu.Lock()
-	if p.closed || p.nIdle >= maxIdleH1 || len(p.idle[up.key]) >= maxIdleH1PerKey {
+	ik := idleKey{up.key, up.scope}
+	if p.closed || p.nIdle >= maxIdleH1 || len(p.idle[ik]) >= maxIdleH1PerKey {
 		p.mu.Unlock()
 		p.closeConn(up)
 		return
 	}
-	p.idle[up.key] = append(p.idle[up.key], up)
+	p.idle[ik] = append(p.idle[ik], up)
 	p.nIdle++
 	if now.Sub(p.lastSweep) > idleH1Timeout/3 {
 		p.lastSweep = now
@@ -248,7 +288,7 @@ func (p *upstreamPool) putH1(up *upConn) {
 func (p *upstreamPool) closeIdleH1(shutdown bool) {
 	p.mu.Lock()
 	idle := p.idle
-	p.idle = map[upstreamKey][]*upConn{}
+	p.idle = map[idleKey][]*upConn{}
 	p.nIdle = 0
 	if shutdown {
 		p.closed = true

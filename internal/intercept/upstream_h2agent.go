@@ -110,7 +110,8 @@ func (p *upstreamPool) roundTripH1Slot(r *http.Request, f inject.Facts) (*http.R
 			}
 		}
 		probe := !idempotent(r)
-		up, reused, err := p.getH1(ctx, f, probe)
+		inj, _ := ctx.Value(injectedKey{}).(*injected)
+		up, reused, err := p.getH1(ctx, f, scopeOf(f, inj), probe)
 		if err != nil {
 			release()
 			if noHTTP1(err) && attempt == 0 {
