@@ -729,14 +729,7 @@ func TestUpstreamConnectionsKeepToOneScope(t *testing.T) {
 	p = newH1Pair(t) // a pool of its own, so no connection of the above is in the count
 	h2 := p.h2Client(t)
 	for i, path := range []string{"/v1/models", "/v2/models", "/v1/models"} {
-		r, _ := http.NewRequest("GET", "https://api.openai.com"+path, nil)
-		r.Header.Set("Authorization", "Bearer sk-avp-PLACEHOLDER-openai-000000000000")
-		resp, err := h2.Do(r)
-		if err != nil {
-			t.Fatal(err)
-		}
-		io.Copy(io.Discard, resp.Body)
-		resp.Body.Close()
+		resp, _ := h2Get(t, h2, "GET", path)
 		if want := []int{200, 401}[i%2]; resp.StatusCode != want {
 			t.Fatalf("HTTP/2 request %d: %d, want %d", i, resp.StatusCode, want)
 		}
@@ -757,16 +750,8 @@ func TestRangeOfEchoIsNotServed(t *testing.T) {
 	if resp.StatusCode != http.StatusOK || body != "you sent Bearer sk-avp-PLACEHOLDER-openai-000000000000" {
 		t.Fatalf("%d %q: want 200 and the whole answer, scrubbed", resp.StatusCode, body)
 	}
-	r, _ := http.NewRequest("GET", "https://api.openai.com/v1/range-echo", nil)
-	r.Header.Set("Authorization", "Bearer sk-avp-PLACEHOLDER-openai-000000000000")
-	r.Header.Set("Range", "bytes=20-35")
-	h2resp, err := p.h2Client(t).Do(r)
-	if err != nil {
-		t.Fatal(err)
-	}
-	b, _ := io.ReadAll(h2resp.Body)
-	h2resp.Body.Close()
-	if h2resp.StatusCode != http.StatusOK || string(b) != "you sent Bearer sk-avp-PLACEHOLDER-openai-000000000000" {
+	h2resp, b := h2Get(t, p.h2Client(t), "GET", "/v1/range-echo", "Range", "bytes=20-35")
+	if h2resp.StatusCode != http.StatusOK || b != "you sent Bearer sk-avp-PLACEHOLDER-openai-000000000000" {
 		t.Fatalf("HTTP/2: %d %q: want 200 and the whole answer, scrubbed", h2resp.StatusCode, b)
 	}
 }
