@@ -693,9 +693,26 @@ func (hc *h1conn) writeResponse(req *http.Request, resp *http.Response, keepAliv
 
 // reusableAfter reports whether resp's framing leaves its upstream connection able to carry
 // another request once the body is read: not when the upstream said close, nor when the
-// body runs to the connection's end.
+// body runs to the connection's end, nor after a request whose body the upstream may have
+// left unread (see ignorableBody).
 func reusableAfter(req *http.Request, resp *http.Response) bool {
-	return !resp.Close && !(resp.ContentLength < 0 && len(resp.TransferEncoding) == 0 && bodyAllowed(req, resp))
+	return !resp.Close && !(resp.ContentLength < 0 && len(resp.TransferEncoding) == 0 && bodyAllowed(req, resp)) &&
+		!ignorableBody(req)
+}
+
+// ignorableBody reports whether req has a body that a server may leave unread: one on a
+// method other than POST, PUT and PATCH (a GET or a DELETE with a body). A server that
+// does so takes the body for the next request on the connection and answers it too, and
+// every later answer on that connection would go to the request after its own.
+func ignorableBody(req *http.Request) bool {
+	if req == nil || req.Body == nil || req.Body == http.NoBody || req.ContentLength == 0 {
+		return false
+	}
+	switch req.Method {
+	case http.MethodPost, http.MethodPut, http.MethodPatch:
+		return false
+	}
+	return true
 }
 
 // bodyAllowed reports whether resp carries a body (RFC 9112 section 6.3).

@@ -739,6 +739,39 @@ func TestUpstreamConnectionsKeepToOneScope(t *testing.T) {
 	}
 }
 
+// TestUpstreamConnectionNotReusedAfterAGetWithABody: a server may leave a GET's body unread
+// and take it for the next request; the connection such a request went over is not used
+// again. A POST's is.
+func TestUpstreamConnectionNotReusedAfterAGetWithABody(t *testing.T) {
+	p := newH1Pair(t)
+	post := strings.Replace(h1BenchRequest, "GET ", "POST ", 1)
+	post = strings.Replace(post, "\r\n\r\n", "\r\nContent-Length: 2\r\n\r\n{}", 1)
+	for i := range 2 {
+		if code, _ := p.do(t, post); code != 200 {
+			t.Fatalf("POST %d: %d", i, code)
+		}
+	}
+	if n := p.upConns.Load(); n != 1 {
+		t.Fatalf("two POSTs with a body: %d upstream connections, want 1", n)
+	}
+	get := strings.Replace(h1BenchRequest, "\r\n\r\n", "\r\nContent-Length: 2\r\n\r\n{}", 1)
+	for i := range 2 {
+		if code, _ := p.do(t, get); code != 200 {
+			t.Fatalf("GET with a body %d: %d", i, code)
+		}
+	}
+	// The first GET reused the POSTs' connection and closed it; the second dialled one.
+	if n := p.upConns.Load(); n != 2 {
+		t.Fatalf("after two GETs with a body: %d upstream connections, want 2", n)
+	}
+	if code, _ := p.do(t, h1BenchRequest); code != 200 {
+		t.Fatalf("GET: %d", code)
+	}
+	if n := p.upConns.Load(); n != 3 {
+		t.Fatalf("a GET after them: %d upstream connections, want 3", n)
+	}
+}
+
 // TestRangeOfEchoIsNotServed: a Range would let the agent read an echoed credential a
 // piece at a time, each piece too short to be recognized; an injected request goes
 // upstream without it, and the agent gets the whole answer, scrubbed.
