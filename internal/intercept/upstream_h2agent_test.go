@@ -200,3 +200,23 @@ func h2PairWithDroppedConn(t *testing.T) (*h1Pair, *http.Client) {
 	time.Sleep(50 * time.Millisecond) // the server's FIN arrives
 	return p, c
 }
+
+// A connection's scope tells users apart, and the secrets a request injects.
+func TestScopeOf(t *testing.T) {
+	a, b := &config.Secret{Name: "A"}, &config.Secret{Name: "B"}
+	one := &injected{secrets: []inject.Injection{{Secret: a}}}
+	two := &injected{secrets: []inject.Injection{{Secret: a}, {Secret: b}}}
+	other := &injected{secrets: []inject.Injection{{Secret: b}}}
+	u1, u2 := inject.Facts{UID: 1000}, inject.Facts{UID: 1001}
+	scopes := []connScope{scopeOf(u1, nil), scopeOf(u2, nil), scopeOf(u1, one), scopeOf(u2, one), scopeOf(u1, two), scopeOf(u1, other)}
+	for i := range scopes {
+		for j := range i {
+			if scopes[i] == scopes[j] {
+				t.Errorf("scopes %d and %d are the same: %+v", i, j, scopes[i])
+			}
+		}
+	}
+	if scopeOf(u1, one) != scopeOf(u1, &injected{secrets: []inject.Injection{{Secret: a}}}) {
+		t.Error("the same user and secret: two scopes")
+	}
+}
