@@ -231,10 +231,22 @@ func (s *scrubReader) Read(p []byte) (int, error) {
 // partialTail is the length of the longest suffix of data that is a proper prefix of a
 // secret: those bytes wait for the next read.
 func partialTail(data []byte, reps []replacement) int {
+	if len(data) == 0 {
+		return 0
+	}
+	// Such a prefix ends with data's last byte: only the prefixes that end so are tried,
+	// found with LastIndexByte, so a read whose last byte is in no secret (a newline, most
+	// often) costs one search per value, not one comparison per prefix length.
+	last := data[len(data)-1]
 	best := 0
 	for _, r := range reps {
-		for k := min(len(r.from)-1, len(data)); k > best; k-- {
-			if bytes.HasSuffix(data, r.from[:k]) {
+		f := r.from[:len(r.from)-1]
+		for k := min(len(f), len(data)); k > best; k-- {
+			j := bytes.LastIndexByte(f[:k], last)
+			if j < best {
+				break
+			}
+			if k = j + 1; bytes.HasSuffix(data, f[:k]) {
 				best = k
 				break
 			}

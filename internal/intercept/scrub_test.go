@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"fmt"
 	"io"
+	"math/rand/v2"
 	"net/http"
 	"strings"
 	"testing"
@@ -136,6 +137,40 @@ func TestEchoForms(t *testing.T) {
 	for _, want := range []string{`dXNlcjpwYXNz+\/=`, "dXNlcjpwYXNz%2B%2F%3D", "dXNlcjpwYXNz%2b%2f%3d", "dXNlcjpwYXNz%2B/%3D", "dXNlcjpwYXNz+%2F="} {
 		if !seen[want] {
 			t.Errorf("no form %q in %q", want, f)
+		}
+	}
+}
+
+// partialTail finds what the plain search over every prefix length finds.
+func TestPartialTailMatchesPlainSearch(t *testing.T) {
+	plain := func(data []byte, reps []replacement) int {
+		best := 0
+		for _, r := range reps {
+			for k := min(len(r.from)-1, len(data)); k > best; k-- {
+				if bytes.HasSuffix(data, r.from[:k]) {
+					best = k
+					break
+				}
+			}
+		}
+		return best
+	}
+	rnd := rand.New(rand.NewPCG(1, 2))
+	word := func(n int) []byte {
+		b := make([]byte, n)
+		for i := range b {
+			b[i] = "abc/"[rnd.IntN(4)]
+		}
+		return b
+	}
+	for range 20000 {
+		var rs []replacement
+		for range 1 + rnd.IntN(4) {
+			rs = append(rs, replacement{from: word(1 + rnd.IntN(12)), to: []byte("P")})
+		}
+		data := word(rnd.IntN(20))
+		if got, want := partialTail(data, rs), plain(data, rs); got != want {
+			t.Fatalf("partialTail(%q, %q) = %d, want %d", data, rs, got, want)
 		}
 	}
 }
