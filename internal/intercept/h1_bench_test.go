@@ -692,6 +692,14 @@ func TestEncodedEchoIsScrubbed(t *testing.T) {
 	}
 }
 
+// wantUpConns fails the test unless the upstream has seen n connections by now.
+func (p *h1Pair) wantUpConns(t *testing.T, n int64, when string) {
+	t.Helper()
+	if got := p.upConns.Load(); got != n {
+		t.Fatalf("%s: %d upstream connections, want %d", when, got, n)
+	}
+}
+
 // TestUpstreamConnectionsKeepToOneScope: an injected request and a verbatim one never share
 // an upstream connection, one after the other or pipelined, over HTTP/1.1 and HTTP/2; two
 // injected with the same secret do. (An upstream that answers once too often would shift
@@ -705,9 +713,7 @@ func TestUpstreamConnectionsKeepToOneScope(t *testing.T) {
 			t.Fatalf("request %d: %d, want %d", i, code, want)
 		}
 	}
-	if n := p.upConns.Load(); n != 2 {
-		t.Fatalf("one after the other: %d upstream connections, want 2 (one per scope)", n)
-	}
+	p.wantUpConns(t, 2, "one after the other")
 	// Pipelined: the connection held for the next request is not the other scope's.
 	if _, err := io.WriteString(p.agent, h1BenchRequest+verbatim+h1BenchRequest); err != nil {
 		t.Fatal(err)
@@ -723,9 +729,7 @@ func TestUpstreamConnectionsKeepToOneScope(t *testing.T) {
 			t.Fatalf("pipelined request %d: %d, want %d", i, resp.StatusCode, want)
 		}
 	}
-	if n := p.upConns.Load(); n != 2 {
-		t.Fatalf("pipelined: %d upstream connections, want 2", n)
-	}
+	p.wantUpConns(t, 2, "pipelined")
 	p = newH1Pair(t) // a pool of its own, so no connection of the above is in the count
 	h2 := p.h2Client(t)
 	for i, path := range []string{"/v1/models", "/v2/models", "/v1/models"} {
@@ -734,9 +738,7 @@ func TestUpstreamConnectionsKeepToOneScope(t *testing.T) {
 			t.Fatalf("HTTP/2 request %d: %d, want %d", i, resp.StatusCode, want)
 		}
 	}
-	if n := p.upConns.Load(); n != 2 {
-		t.Fatalf("HTTP/2: %d upstream connections, want 2", n)
-	}
+	p.wantUpConns(t, 2, "HTTP/2")
 }
 
 // TestUpstreamConnectionNotReusedAfterAGetWithABody: a server may leave a GET's body unread
@@ -751,9 +753,7 @@ func TestUpstreamConnectionNotReusedAfterAGetWithABody(t *testing.T) {
 			t.Fatalf("POST %d: %d", i, code)
 		}
 	}
-	if n := p.upConns.Load(); n != 1 {
-		t.Fatalf("two POSTs with a body: %d upstream connections, want 1", n)
-	}
+	p.wantUpConns(t, 1, "two POSTs with a body")
 	get := strings.Replace(h1BenchRequest, "\r\n\r\n", "\r\nContent-Length: 2\r\n\r\n{}", 1)
 	for i := range 2 {
 		if code, _ := p.do(t, get); code != 200 {
@@ -761,15 +761,11 @@ func TestUpstreamConnectionNotReusedAfterAGetWithABody(t *testing.T) {
 		}
 	}
 	// The first GET reused the POSTs' connection and closed it; the second dialled one.
-	if n := p.upConns.Load(); n != 2 {
-		t.Fatalf("after two GETs with a body: %d upstream connections, want 2", n)
-	}
+	p.wantUpConns(t, 2, "after two GETs with a body")
 	if code, _ := p.do(t, h1BenchRequest); code != 200 {
 		t.Fatalf("GET: %d", code)
 	}
-	if n := p.upConns.Load(); n != 3 {
-		t.Fatalf("a GET after them: %d upstream connections, want 3", n)
-	}
+	p.wantUpConns(t, 3, "a GET after them")
 }
 
 // TestRangeOfEchoIsNotServed: a Range would let the agent read an echoed credential a
