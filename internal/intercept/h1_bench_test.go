@@ -230,6 +230,26 @@ func newH1Pair(tb testing.TB, upProtos ...string) *h1Pair {
 			w.Write(b.Bytes())
 			return
 		}
+		if r.URL.Path == "/v1/grpc-echo" {
+			// A gRPC method that echoes the credential in its reply message, compressed with
+			// gzip when the client accepts it (as grpc-go's server does).
+			w.Header().Set("X-Accept", r.Header.Get("Grpc-Accept-Encoding"))
+			w.Header().Set("Content-Type", "application/grpc")
+			msg := []byte("you sent " + r.Header.Get("Authorization"))
+			flag := byte(0)
+			if strings.Contains(r.Header.Get("Grpc-Accept-Encoding"), "gzip") || r.Header.Get("X-Force-Gzip") != "" {
+				var b bytes.Buffer
+				zw := gzip.NewWriter(&b)
+				zw.Write(msg)
+				zw.Close()
+				msg, flag = b.Bytes(), 1
+				w.Header().Set("Grpc-Encoding", "gzip")
+			}
+			w.Header().Set("Trailer", "Grpc-Status")
+			w.Write(append([]byte{flag, byte(len(msg) >> 24), byte(len(msg) >> 16), byte(len(msg) >> 8), byte(len(msg))}, msg...))
+			w.Header().Set("Grpc-Status", "0")
+			return
+		}
 		if r.URL.Path == "/v1/range-echo" {
 			// Serves the credential it got as a document that honours Range, as a file
 			// server, or Apache in front of a script, does.
@@ -766,6 +786,25 @@ func TestUpstreamConnectionNotReusedAfterAGetWithABody(t *testing.T) {
 		t.Fatalf("GET: %d", code)
 	}
 	p.wantUpConns(t, 3, "a GET after them")
+}
+
+// TestCompressedGRPCEchoIsRefused: gRPC compresses messages itself (grpc-encoding), past
+// the scrubber, which sees only the compressed bytes. An injected gRPC request asks for
+// identity, and an answer compressed anyway is refused.
+func TestCompressedGRPCEchoIsRefused(t *testing.T) {
+	p := newH1Pair(t, "h2", "http/1.1")
+	c := p.h2Client(t)
+	resp, body := h2Get(t, c, "POST", "/v1/grpc-echo", "Content-Type", "application/grpc", "Grpc-Accept-Encoding", "gzip, identity")
+	if resp.Header.Get("X-Accept") != "identity" {
+		t.Errorf("the upstream got grpc-accept-encoding %q, want identity", resp.Header.Get("X-Accept"))
+	}
+	if resp.StatusCode != 200 || !strings.Contains(body, "you sent Bearer sk-avp-PLACEHOLDER-openai-000000000000") {
+		t.Errorf("asked for identity: %d %q, want 200 and the echo scrubbed", resp.StatusCode, body)
+	}
+	resp, body = h2Get(t, c, "POST", "/v1/grpc-echo", "Content-Type", "application/grpc", "X-Force-Gzip", "1")
+	if resp.StatusCode != http.StatusBadGateway || resp.Header.Get("Grpc-Encoding") != "" {
+		t.Errorf("compressed anyway: %d %v %q, want 502", resp.StatusCode, resp.Header, body)
+	}
 }
 
 // TestRangeOfEchoIsNotServed: a Range would let the agent read an echoed credential a

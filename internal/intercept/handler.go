@@ -263,6 +263,13 @@ func (inj *injected) injectHeaders(h http.Header) {
 	}
 	// A compressed response could carry an echoed secret past the scrubber.
 	h.Set("Accept-Encoding", "identity")
+	// So could gRPC's and Connect's own message compression (decodeForScrub refuses an
+	// answer compressed anyway).
+	for _, k := range [...]string{"Grpc-Accept-Encoding", "Connect-Accept-Encoding"} {
+		if _, ok := h[k]; ok || k == "Grpc-Accept-Encoding" && isGRPC(h) {
+			h.Set(k, "identity")
+		}
+	}
 	// So could a part of one: an echo served in ranges would give the agent the secret a
 	// piece at a time, each too short to recognize. Without them the answer is whole (a
 	// server may always ignore Range).
@@ -308,10 +315,22 @@ func (inj *injected) scrubResponse(resp *http.Response) error {
 	return nil
 }
 
+// isGRPC reports whether a request with header h is gRPC or gRPC-Web.
+func isGRPC(h http.Header) bool {
+	ct := h.Get("Content-Type")
+	return len(ct) >= 16 && strings.EqualFold(ct[:16], "application/grpc")
+}
+
 // decodeForScrub undoes a content coding the upstream applied although it was asked for
 // identity, so the scrubber sees the bytes the agent would: gzip and deflate are decoded
 // (the agent gets the body uncompressed); any other coding cannot be checked and is refused.
 func decodeForScrub(resp *http.Response) error {
+	for _, k := range [...]string{"Grpc-Encoding", "Connect-Content-Encoding"} {
+		if v := strings.TrimSpace(resp.Header.Get(k)); v != "" && !strings.EqualFold(v, "identity") {
+			resp.Body.Close()
+			return fmt.Errorf("upstream answered with %s %q although asked for identity; its messages cannot be checked for echoed secrets", k, v)
+		}
+	}
 	ce := strings.TrimSpace(resp.Header.Get("Content-Encoding"))
 	if ce == "" || strings.EqualFold(ce, "identity") || !bodyAllowed(resp.Request, resp) {
 		return nil

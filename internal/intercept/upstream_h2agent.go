@@ -8,7 +8,6 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptrace"
-	"strings"
 	"time"
 
 	"github.com/agent-vault-proxy/agent-vault-proxy/internal/inject"
@@ -54,9 +53,7 @@ func (p *upstreamPool) isH2Only(k upstreamKey) bool {
 
 // needsH2Upstream reports whether r must go upstream over HTTP/2.
 func needsH2Upstream(r *http.Request) bool {
-	ct := r.Header.Get("Content-Type")
-	return len(ct) >= 16 && strings.EqualFold(ct[:16], "application/grpc") ||
-		headerValuesContainToken(r.Header["Te"], "trailers")
+	return isGRPC(r.Header) || headerValuesContainToken(r.Header["Te"], "trailers")
 }
 
 // roundTripH1 sends r (ReverseProxy's outgoing request) over an HTTP/1.1 upstream
