@@ -313,6 +313,11 @@ func (hc *h1conn) serve(req *http.Request) (keep bool) {
 			// The body was not all sent before the switch: the bytes that follow would mix.
 			return hc.badGateway("101 before the request body was sent")
 		}
+		if p.inj != nil && len(resp.Header["Sec-Websocket-Extensions"]) > 0 {
+			// Not offered (injectHeaders drops the offer), and under compression an echo
+			// would pass the scrubber.
+			return hc.badGateway("101 with WebSocket extensions that were not offered")
+		}
 		hc.switchProtocols(resp, p.inj)
 		return false
 	}

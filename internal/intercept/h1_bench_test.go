@@ -182,7 +182,15 @@ func newH1Pair(tb testing.TB, upProtos ...string) *h1Pair {
 			// An asked-for switch after which the upstream sends back the credential it got.
 			c, bw, err := w.(http.Hijacker).Hijack()
 			if err == nil {
-				bw.WriteString("HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: x\r\n\r\n")
+				bw.WriteString("HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: x\r\n")
+				if ext := r.Header.Get("Sec-Websocket-Extensions"); ext != "" {
+					// Taken up, as a WebSocket server takes up permessage-deflate.
+					bw.WriteString("Sec-WebSocket-Extensions: " + ext + "\r\n")
+				} else if r.Header.Get("X-Force-Deflate") != "" {
+					// Compressed although not offered.
+					bw.WriteString("Sec-WebSocket-Extensions: permessage-deflate\r\n")
+				}
+				bw.WriteString("\r\n")
 				bw.WriteString("you sent " + r.Header.Get("Authorization") + ";")
 				bw.Flush()
 				c.Close()
@@ -547,7 +555,9 @@ func TestH1PostAfterSilentClose(t *testing.T) {
 func TestH1SwitchedProtocolIsScrubbed(t *testing.T) {
 	p := newH1Pair(t)
 	req := strings.Replace(h1BenchRequest, "/v1/models", "/v1/switch-echo", 1)
-	req = strings.TrimSuffix(req, "\r\n") + "Connection: Upgrade\r\nUpgrade: x\r\n\r\n"
+	// The agent offers compression, under which the upstream's echo would pass the
+	// scrubber compressed: the offer does not reach the upstream.
+	req = strings.TrimSuffix(req, "\r\n") + "Connection: Upgrade\r\nUpgrade: x\r\nSec-WebSocket-Extensions: permessage-deflate\r\n\r\n"
 	if _, err := io.WriteString(p.agent, req); err != nil {
 		t.Fatal(err)
 	}
@@ -555,6 +565,15 @@ func TestH1SwitchedProtocolIsScrubbed(t *testing.T) {
 	got, _ := io.ReadAll(p.br)
 	if !strings.HasPrefix(string(got), "HTTP/1.1 101 ") || !strings.Contains(string(got), "you sent Bearer ") {
 		t.Fatalf("want the 101 and the echo, got %q", got)
+	}
+	if strings.Contains(strings.ToLower(string(got)), "permessage-deflate") {
+		t.Fatalf("the upstream was offered compression for the switched protocol: %q", got)
+	}
+	// An upstream that compresses although not offered is not switched to.
+	q := newH1Pair(t)
+	req = strings.Replace(req, "\r\n\r\n", "\r\nX-Force-Deflate: 1\r\n\r\n", 1)
+	if code, body := q.do(t, req); code != http.StatusBadGateway || strings.Contains(body, h1BenchReal) {
+		t.Fatalf("an unoffered extension: %d %q, want 502", code, body)
 	}
 	if strings.Contains(string(got), h1BenchReal) {
 		t.Fatalf("the real secret reached the agent over the switched protocol: %q", got)

@@ -263,6 +263,9 @@ func (inj *injected) injectHeaders(h http.Header) {
 	}
 	// A compressed response could carry an echoed secret past the scrubber.
 	h.Set("Accept-Encoding", "identity")
+	// So could a WebSocket's (permessage-deflate): after the switch, the upstream's frames
+	// are scrubbed as they come, which a compressed frame would pass.
+	h.Del("Sec-Websocket-Extensions")
 	// So could gRPC's and Connect's own message compression (decodeForScrub refuses an
 	// answer compressed anyway).
 	for _, k := range [...]string{"Grpc-Accept-Encoding", "Connect-Accept-Encoding"} {
