@@ -7,6 +7,7 @@ import (
 	"context"
 	"crypto/tls"
 	"crypto/x509"
+	"encoding/base64"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -236,6 +237,13 @@ func newH1Pair(tb testing.TB, upProtos ...string) *h1Pair {
 				w.Header().Set("Content-Encoding", "br")
 			}
 			w.Write(b.Bytes())
+			return
+		}
+		if r.URL.Path == "/v1/grpc-web-text-echo" {
+			// gRPC-Web's text form: the frames base64-encoded.
+			w.Header().Set("Content-Type", "application/grpc-web-text")
+			msg := []byte("you sent " + r.Header.Get("Authorization"))
+			io.WriteString(w, base64.StdEncoding.EncodeToString(append([]byte{0, 0, 0, 0, byte(len(msg))}, msg...)))
 			return
 		}
 		if r.URL.Path == "/v1/grpc-echo" {
@@ -823,6 +831,11 @@ func TestCompressedGRPCEchoIsRefused(t *testing.T) {
 	resp, body = h2Get(t, c, "POST", "/v1/grpc-echo", "Content-Type", "application/grpc", "X-Force-Gzip", "1")
 	if resp.StatusCode != http.StatusBadGateway || resp.Header.Get("Grpc-Encoding") != "" {
 		t.Errorf("compressed anyway: %d %v %q, want 502", resp.StatusCode, resp.Header, body)
+	}
+	// gRPC-Web's text form base64-encodes the frames, past the scrubber too.
+	resp, body = h2Get(t, c, "POST", "/v1/grpc-web-text-echo", "Content-Type", "application/grpc-web-text")
+	if resp.StatusCode != http.StatusBadGateway {
+		t.Errorf("grpc-web-text: %d %q, want 502", resp.StatusCode, body)
 	}
 }
 

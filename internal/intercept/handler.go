@@ -334,6 +334,10 @@ func decodeForScrub(resp *http.Response) error {
 			return fmt.Errorf("upstream answered with %s %q although asked for identity; its messages cannot be checked for echoed secrets", k, v)
 		}
 	}
+	if ct := resp.Header.Get("Content-Type"); len(ct) >= 25 && strings.EqualFold(ct[:25], "application/grpc-web-text") {
+		resp.Body.Close()
+		return errors.New("upstream answered in gRPC-Web's text form, whose base64 cannot be checked for echoed secrets")
+	}
 	ce := strings.TrimSpace(resp.Header.Get("Content-Encoding"))
 	if ce == "" || strings.EqualFold(ce, "identity") || !bodyAllowed(resp.Request, resp) {
 		return nil
