@@ -273,8 +273,8 @@ func (inj *injected) injectHeaders(h http.Header) {
 			h.Set(k, "identity")
 		}
 	}
-	// So could a part of one: an echo served in ranges would give the agent the secret a
-	// piece at a time, each too short to recognize. Without them the answer is whole (a
+	// So could an answer in parts: an echo served in ranges would give the agent the secret
+	// a piece at a time, each too short to recognize. Without them the answer is whole (a
 	// server may always ignore Range).
 	h.Del("Range")
 	h.Del("If-Range")
