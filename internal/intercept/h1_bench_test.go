@@ -179,6 +179,15 @@ func newH1Pair(tb testing.TB, upProtos ...string) *h1Pair {
 			}
 			return
 		}
+		if r.URL.Path == "/v1/reason-echo" {
+			// Quotes the credential in the reason phrase of its status line.
+			if c, bw, err := w.(http.Hijacker).Hijack(); err == nil {
+				bw.WriteString("HTTP/1.1 401 Invalid key " + strings.TrimPrefix(r.Header.Get("Authorization"), "Bearer ") + "\r\nContent-Length: 0\r\n\r\n")
+				bw.Flush()
+				c.Close()
+			}
+			return
+		}
 		if r.URL.Path == "/v1/switch-echo" {
 			// An asked-for switch after which the upstream sends back the credential it got.
 			c, bw, err := w.(http.Hijacker).Hijack()
@@ -836,6 +845,22 @@ func TestCompressedGRPCEchoIsRefused(t *testing.T) {
 	resp, body = h2Get(t, c, "POST", "/v1/grpc-web-text-echo", "Content-Type", "application/grpc-web-text")
 	if resp.StatusCode != http.StatusBadGateway {
 		t.Errorf("grpc-web-text: %d %q, want 502", resp.StatusCode, body)
+	}
+}
+
+// TestReasonPhraseIsScrubbed: the reason phrase of the upstream's status line reaches an
+// HTTP/1.1 agent, so an echo there is scrubbed like one in a header.
+func TestReasonPhraseIsScrubbed(t *testing.T) {
+	p := newH1Pair(t)
+	if _, err := io.WriteString(p.agent, strings.Replace(h1BenchRequest, "/v1/models", "/v1/reason-echo", 1)); err != nil {
+		t.Fatal(err)
+	}
+	line, err := p.br.ReadString('\n')
+	if err != nil {
+		t.Fatal(err)
+	}
+	if strings.Contains(line, h1BenchReal) || !strings.Contains(line, "sk-avp-PLACEHOLDER-openai-000000000000") {
+		t.Fatalf("status line %q: want the placeholder, not the real value", line)
 	}
 }
 

@@ -299,6 +299,8 @@ func (inj *injected) scrubResponse(resp *http.Response) error {
 	if inj == nil || len(inj.scrub) == 0 || resp.StatusCode == http.StatusSwitchingProtocols {
 		return nil
 	}
+	// The reason phrase reaches an HTTP/1.1 agent too ("401 Invalid key sk-...").
+	resp.Status = scrubString(resp.Status, inj.scrub)
 	scrubHeaders(resp.Header, inj.scrub)
 	if err := decodeForScrub(resp); err != nil {
 		return err
