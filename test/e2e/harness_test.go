@@ -495,7 +495,8 @@ func startUpstream(t *testing.T, ns, dir string) *upstream {
 	})
 	// An upstream that reflects the credential, like httpbin or an error page quoting it.
 	// ?in=early and ?in=gzip echo it in a 103 before the answer and in a gzip body sent
-	// although identity was asked for.
+	// although identity was asked for; ?in=reason in the status line's reason phrase;
+	// ?in=range in a body served with Range support.
 	mux.HandleFunc("/v1/echo", func(w http.ResponseWriter, r *http.Request) {
 		u.record(r)
 		auth := r.Header.Get("Authorization")
@@ -512,6 +513,18 @@ func startUpstream(t *testing.T, ns, dir string) *upstream {
 			zw.Close()
 			w.Header().Set("Content-Encoding", "gzip")
 			w.Write(b.Bytes())
+			return
+		case "reason":
+			// In the reason phrase of the status line.
+			if c, bw, err := w.(http.Hijacker).Hijack(); err == nil {
+				bw.WriteString("HTTP/1.1 401 Invalid key " + auth + "\r\nContent-Length: 0\r\n\r\n")
+				bw.Flush()
+				c.Close()
+			}
+			return
+		case "range":
+			// Served with Range support, as a file server or Apache would.
+			http.ServeContent(w, r, "echo.json", time.Time{}, strings.NewReader(body))
 			return
 		}
 		w.Header().Set("X-Echo-Authorization", auth)

@@ -390,6 +390,29 @@ console.log(r.status, await r.text());
 		}
 	})
 
+	t.Run("I1_echo_in_reason_phrase_and_ranges_is_scrubbed", func(t *testing.T) {
+		for _, tc := range []struct {
+			in   string
+			args []string
+		}{
+			{"reason", []string{"--http1.1"}},
+			// Asked for a slice inside the value: the answer is whole, scrubbed.
+			{"range", []string{"-H", "Range: bytes=30-45"}},
+		} {
+			args := append([]string{"-sS", "-i"}, tc.args...)
+			out, err := e.agent(agentUID, "curl", append(args, "-H", bearer, "https://"+hostOpenAI+"/v1/echo?in="+tc.in)...)
+			if err != nil {
+				t.Fatalf("%s: curl: %v", tc.in, err)
+			}
+			if got := e.upstream.last(t); got.Header.Get("Authorization") != "Bearer "+realOpenAI {
+				t.Fatalf("%s: the echo request was not injected", tc.in)
+			}
+			if strings.Contains(out, realOpenAI[5:21]) || !strings.Contains(out, phOpenAI) { // [5:21] is what bytes=30-45 would serve
+				t.Fatalf("%s: want the placeholder and no part of the real value in:\n%s", tc.in, out)
+			}
+		}
+	})
+
 	t.Run("6_not_enrolled_not_redirected", func(t *testing.T) {
 		// A UID that is not enrolled talks to the upstream directly: it must trust the
 		// upstream's CA and the upstream sees its placeholder.
