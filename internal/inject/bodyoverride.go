@@ -648,18 +648,19 @@ type multipartScan struct {
 
 // delimCounter counts the occurrences of pat in a stream fed to it in pieces.
 type delimCounter struct {
-	pat  []byte
-	tail []byte // the last len(pat)-1 bytes fed
-	n    int
+	pat   []byte
+	tail  []byte // the last len(pat)-1 bytes fed
+	joint []byte // scratch: the tail and the start of the next piece
+	n     int
 }
 
 func (d *delimCounter) feed(p []byte) {
 	k := len(d.pat) - 1
 	if len(d.tail) > 0 {
 		// Occurrences that start in the tail and end in p.
-		joint := append(d.tail[:len(d.tail):len(d.tail)], p[:min(len(p), k)]...)
+		d.joint = append(append(d.joint[:0], d.tail...), p[:min(len(p), k)]...)
 		for i := range d.tail {
-			if bytes.HasPrefix(joint[i:], d.pat) {
+			if bytes.HasPrefix(d.joint[i:], d.pat) {
 				d.n++
 			}
 		}

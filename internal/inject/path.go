@@ -81,7 +81,7 @@ func isNormal(raw string) bool {
 				return false
 			}
 		default:
-			if c < 0x20 || c == 0x7f {
+			if isControl(c) {
 				return false // a control byte, which NormalizePath refuses
 			}
 		}
@@ -91,12 +91,14 @@ func isNormal(raw string) bool {
 
 func hasControl(s string) bool {
 	for i := 0; i < len(s); i++ {
-		if s[i] < 0x20 || s[i] == 0x7f {
+		if isControl(s[i]) {
 			return true
 		}
 	}
 	return false
 }
+
+func isControl(c byte) bool { return c < 0x20 || c == 0x7f }
 
 func isUnreserved(c byte) bool {
 	return c >= 'A' && c <= 'Z' || c >= 'a' && c <= 'z' || c >= '0' && c <= '9' ||

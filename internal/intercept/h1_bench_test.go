@@ -30,8 +30,6 @@ import (
 	"testing"
 	"time"
 
-	"golang.org/x/sys/unix"
-
 	"github.com/agent-vault-proxy/agent-vault-proxy/internal/audit"
 	"github.com/agent-vault-proxy/agent-vault-proxy/internal/config"
 	"github.com/agent-vault-proxy/agent-vault-proxy/internal/inject"
@@ -976,12 +974,7 @@ func TestAliveProbe(t *testing.T) {
 			t.Fatal(err)
 		}
 		for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(time.Millisecond) {
-			var perr error
-			rc.Read(func(fd uintptr) bool {
-				_, _, perr = unix.Recvfrom(int(fd), make([]byte, 1), unix.MSG_PEEK|unix.MSG_DONTWAIT)
-				return true
-			})
-			if perr != unix.EAGAIN || time.Now().After(deadline) {
+			if peekSocket(rc) != 0 || time.Now().After(deadline) {
 				return up
 			}
 		}

@@ -268,10 +268,11 @@ func (inj *injected) injectHeaders(h http.Header) {
 	h.Del("Sec-Websocket-Extensions")
 	// So could gRPC's and Connect's own message compression (decodeForScrub refuses an
 	// answer compressed anyway).
-	for _, k := range [...]string{"Grpc-Accept-Encoding", "Connect-Accept-Encoding"} {
-		if _, ok := h[k]; ok || k == "Grpc-Accept-Encoding" && isGRPC(h) {
-			h.Set(k, "identity")
-		}
+	if _, ok := h["Grpc-Accept-Encoding"]; ok || isGRPC(h) {
+		h.Set("Grpc-Accept-Encoding", "identity")
+	}
+	if _, ok := h["Connect-Accept-Encoding"]; ok {
+		h.Set("Connect-Accept-Encoding", "identity")
 	}
 	// So could an answer in parts: an echo served in ranges would give the agent the secret
 	// a piece at a time, each too short to recognize. Without them the answer is whole (a
@@ -320,10 +321,14 @@ func (inj *injected) scrubResponse(resp *http.Response) error {
 	return nil
 }
 
+// hasPrefixFold reports whether s starts with prefix, compared without case (a media type).
+func hasPrefixFold(s, prefix string) bool {
+	return len(s) >= len(prefix) && strings.EqualFold(s[:len(prefix)], prefix)
+}
+
 // isGRPC reports whether a request with header h is gRPC or gRPC-Web.
 func isGRPC(h http.Header) bool {
-	ct := h.Get("Content-Type")
-	return len(ct) >= 16 && strings.EqualFold(ct[:16], "application/grpc")
+	return hasPrefixFold(h.Get("Content-Type"), "application/grpc")
 }
 
 // decodeForScrub undoes a content coding the upstream applied although it was asked for
@@ -336,7 +341,7 @@ func decodeForScrub(resp *http.Response) error {
 			return fmt.Errorf("upstream answered with %s %q although asked for identity; its messages cannot be checked for echoed secrets", k, v)
 		}
 	}
-	if ct := resp.Header.Get("Content-Type"); len(ct) >= 25 && strings.EqualFold(ct[:25], "application/grpc-web-text") {
+	if hasPrefixFold(resp.Header.Get("Content-Type"), "application/grpc-web-text") {
 		resp.Body.Close()
 		return errors.New("upstream answered in gRPC-Web's text form, whose base64 cannot be checked for echoed secrets")
 	}
@@ -511,8 +516,7 @@ func newReverseProxy(up *upstreamPool, logf Logf) *httputil.ReverseProxy {
 }
 
 func isEventStream(h http.Header) bool {
-	ct := h.Get("Content-Type")
-	return len(ct) >= 17 && strings.EqualFold(ct[:17], "text/event-stream")
+	return hasPrefixFold(h.Get("Content-Type"), "text/event-stream")
 }
 
 // logfWriter sends net/http's own error messages to the daemon's logger.

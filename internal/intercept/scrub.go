@@ -58,85 +58,72 @@ func echoForms(b []byte) [][]byte {
 	return out
 }
 
-// htmlEscaped is b with &, <, > and the double and single quotes written as HTML entities,
-// the quotes as dq and sq; nil when that is b itself.
-func htmlEscaped(b []byte, dq, sq string) []byte {
+// rewritten is b with each byte for which needs is true written by write instead; nil
+// when there is none, so a value with nothing to escape costs no allocation.
+func rewritten(b []byte, needs func(c byte) bool, write func(dst []byte, c byte) []byte) []byte {
 	var out []byte
 	for i, c := range b {
-		var esc string
-		switch c {
-		case '&':
-			esc = "&amp;"
-		case '<':
-			esc = "&lt;"
-		case '>':
-			esc = "&gt;"
-		case '"':
-			esc = dq
-		case '\'':
-			esc = sq
-		default:
-			if out != nil {
-				out = append(out, c)
+		switch {
+		case needs(c):
+			if out == nil {
+				out = append(make([]byte, 0, 3*len(b)), b[:i]...)
 			}
-			continue
+			out = write(out, c)
+		case out != nil:
+			out = append(out, c)
 		}
-		if out == nil {
-			out = append(make([]byte, 0, len(b)+32), b[:i]...)
-		}
-		out = append(out, esc...)
 	}
 	return out
 }
 
-// jsonEscaped is b as the contents of a JSON string, or nil when that is b itself.
+// htmlEscaped is b with &, <, > and the double and single quotes written as HTML entities,
+// the quotes as dq and sq; nil when that is b itself.
+func htmlEscaped(b []byte, dq, sq string) []byte {
+	return rewritten(b, func(c byte) bool {
+		return c == '&' || c == '<' || c == '>' || c == '"' || c == '\''
+	}, func(dst []byte, c byte) []byte {
+		switch c {
+		case '&':
+			return append(dst, "&amp;"...)
+		case '<':
+			return append(dst, "&lt;"...)
+		case '>':
+			return append(dst, "&gt;"...)
+		case '"':
+			return append(dst, dq...)
+		}
+		return append(dst, sq...)
+	})
+}
+
+// jsonEscaped is b as the contents of a JSON string, or nil when that is b itself: '"' and
+// '\\' escaped, '/' too when slash is set, and '<', '>' and '&' as \u00XX when html is.
 func jsonEscaped(b []byte, slash, html bool) []byte {
-	var out []byte
-	for i, c := range b {
-		quoted := c == '"' || c == '\\' || c == '/' && slash
-		unicode := html && (c == '<' || c == '>' || c == '&')
-		if !quoted && !unicode {
-			if out != nil {
-				out = append(out, c)
-			}
-			continue
-		}
-		if out == nil {
-			out = append(make([]byte, 0, len(b)+16), b[:i]...)
-		}
-		if quoted {
-			out = append(out, '\\', c)
-		} else {
+	unicode := func(c byte) bool { return html && (c == '<' || c == '>' || c == '&') }
+	return rewritten(b, func(c byte) bool {
+		return c == '"' || c == '\\' || c == '/' && slash || unicode(c)
+	}, func(dst []byte, c byte) []byte {
+		if unicode(c) {
 			const hex = "0123456789abcdef"
-			out = append(out, '\\', 'u', '0', '0', hex[c>>4], hex[c&15])
+			return append(dst, '\\', 'u', '0', '0', hex[c>>4], hex[c&15])
 		}
-	}
-	return out
+		return append(dst, '\\', c)
+	})
 }
 
 // percentEncoded is b with every byte but the unreserved ones (RFC 3986) and those in keep
 // written as %XX in the given hex digits, a space as '+' when plus is set; nil when that is
 // b itself.
 func percentEncoded(b []byte, keep, hex string, plus bool) []byte {
-	var out []byte
-	for i, c := range b {
-		if c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' ||
-			c == '-' || c == '.' || c == '_' || c == '~' || strings.IndexByte(keep, c) >= 0 {
-			if out != nil {
-				out = append(out, c)
-			}
-			continue
-		}
-		if out == nil {
-			out = append(make([]byte, 0, len(b)*3), b[:i]...)
-		}
+	return rewritten(b, func(c byte) bool {
+		return !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' ||
+			c == '-' || c == '.' || c == '_' || c == '~' || strings.IndexByte(keep, c) >= 0)
+	}, func(dst []byte, c byte) []byte {
 		if c == ' ' && plus {
-			out = append(out, '+')
-		} else {
-			out = append(out, '%', hex[c>>4], hex[c&15])
+			return append(dst, '+')
 		}
-	}
-	return out
+		return append(dst, '%', hex[c>>4], hex[c&15])
+	})
 }
 
 // scrubHeaders replaces real secret bytes in response headers, so an upstream that echoes the

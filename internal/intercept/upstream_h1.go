@@ -160,27 +160,7 @@ func alive(up *upConn, always bool) bool {
 	if err != nil {
 		return false
 	}
-	// peek says whether the socket holds unread bytes: 1 yes, 0 no, -1 it is closed or
-	// failed.
-	peek := func() int {
-		var n int
-		var rerr error
-		if err := rc.Read(func(fd uintptr) bool {
-			var b [1]byte
-			n, _, rerr = unix.Recvfrom(int(fd), b[:], unix.MSG_PEEK|unix.MSG_DONTWAIT)
-			return true // never wait
-		}); err != nil {
-			return -1
-		}
-		switch {
-		case rerr == unix.EAGAIN:
-			return 0
-		case rerr != nil || n == 0:
-			return -1 // reset, or EOF
-		}
-		return 1
-	}
-	switch peek() {
+	switch peekSocket(rc) {
 	case 0:
 		return true
 	case -1:
@@ -198,11 +178,32 @@ func alive(up *upConn, always bool) bool {
 		if !isTimeout(err) {
 			return false
 		}
-		if peek() == 0 {
+		if peekSocket(rc) == 0 {
 			return true
 		}
 	}
 	return false // still unsure: a new connection costs a handshake, a dead one a failed request
+}
+
+// peekSocket says, without blocking, whether a socket holds unread bytes: 1 yes, 0 no, -1
+// it is closed (EOF or a reset) or failed.
+func peekSocket(rc syscall.RawConn) int {
+	var n int
+	var rerr error
+	if err := rc.Read(func(fd uintptr) bool {
+		var b [1]byte
+		n, _, rerr = unix.Recvfrom(int(fd), b[:], unix.MSG_PEEK|unix.MSG_DONTWAIT)
+		return true // never wait
+	}); err != nil {
+		return -1
+	}
+	switch {
+	case rerr == unix.EAGAIN:
+		return 0
+	case rerr != nil || n == 0:
+		return -1
+	}
+	return 1
 }
 
 func (p *upstreamPool) dialH1(ctx context.Context, k upstreamKey) (*upConn, error) {

@@ -94,21 +94,19 @@ func (p *upstreamPool) roundTripH1Slot(r *http.Request, f inject.Facts) (*http.R
 	// The proxy sends the body without waiting; an agent that asked for 100-continue got
 	// it from net/http's HTTP/2 server when the body was first read.
 	delete(r.Header, "Expect")
+	inj, _ := ctx.Value(injectedKey{}).(*injected)
+	scope, probe := scopeOf(f, inj), !idempotent(r)
 	for attempt := 0; ; attempt++ {
 		release := func() {}
-		if attempt > 0 && p.regate != nil {
+		if attempt > 0 && p.regate != nil && inj != nil {
 			// A retry injects again: as in the HTTP/1.1 loop, only under the same policy.
-			if inj, ok := ctx.Value(injectedKey{}).(*injected); ok {
-				rel, ok := p.regate(inj.policy)
-				if !ok {
-					return nil, errPolicyChanged
-				}
-				release = rel
+			rel, ok := p.regate(inj.policy)
+			if !ok {
+				return nil, errPolicyChanged
 			}
+			release = rel
 		}
-		probe := !idempotent(r)
-		inj, _ := ctx.Value(injectedKey{}).(*injected)
-		up, reused, err := p.getH1(ctx, f, scopeOf(f, inj), probe)
+		up, reused, err := p.getH1(ctx, f, scope, probe)
 		if err != nil {
 			release()
 			if noHTTP1(err) && attempt == 0 {
