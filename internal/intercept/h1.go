@@ -773,6 +773,9 @@ func (hc *h1conn) switchProtocols(resp *http.Response, inj *injected) {
 	if inj != nil && len(inj.scrub) > 0 {
 		sr := newScrubReader(io.NopCloser(up.br), inj.scrub)
 		defer sr.Close()
+		// A WebSocket exchange may wait for the agent after a frame that ends with what
+		// could start a value: at a frame's end the tail goes on (frames.go).
+		sr.frames = newFrameTracker(switchedFraming(upType), inj.scrub)
 		fromUp = sr
 	}
 	io.Copy(hc.agent, fromUp)

@@ -205,6 +205,42 @@ func newH1Pair(tb testing.TB, upProtos ...string) *h1Pair {
 			}
 			return
 		}
+		if r.URL.Path == "/v1/ws-turns" {
+			// A WebSocket exchange in turns: a frame whose text ends with the first byte of
+			// the real value, then nothing until the agent sends, then a frame echoing the
+			// credential. An upstream that waits for the agent, as a chat over WebSocket does.
+			if c, bw, err := w.(http.Hijacker).Hijack(); err == nil {
+				defer c.Close()
+				bw.WriteString("HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
+				first := "your turn, " + h1BenchReal[:1]
+				bw.Write(append([]byte{0x81, byte(len(first))}, first...))
+				bw.Flush()
+				if _, err := bw.ReadByte(); err != nil {
+					return
+				}
+				echo := "you sent " + r.Header.Get("Authorization")
+				bw.Write(append([]byte{0x81, byte(len(echo))}, echo...))
+				bw.Flush()
+			}
+			return
+		}
+		if r.URL.Path == "/v1/grpc-turns" {
+			// A bidirectional gRPC call in turns: a message that ends with the first byte of
+			// the real value, then the next only after the agent's next message.
+			w.Header().Set("Content-Type", "application/grpc")
+			w.Header().Set("Trailer", "Grpc-Status")
+			msg := func(m string) []byte {
+				return append([]byte{0, byte(len(m) >> 24), byte(len(m) >> 16), byte(len(m) >> 8), byte(len(m))}, m...)
+			}
+			w.Write(msg("your turn, " + h1BenchReal[:1]))
+			w.(http.Flusher).Flush()
+			if _, err := r.Body.Read(make([]byte, 1)); err != nil {
+				return
+			}
+			w.Write(msg("you sent " + r.Header.Get("Authorization")))
+			w.Header().Set("Grpc-Status", "0")
+			return
+		}
 		if r.URL.Path == "/v1/switch" {
 			// A protocol switch the request did not ask for.
 			c, bw, err := w.(http.Hijacker).Hijack()

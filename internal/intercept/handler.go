@@ -314,6 +314,9 @@ func (inj *injected) scrubResponse(resp *http.Response) error {
 	// Trailers (an HTTP/2 agent gets them; a gRPC error message may quote the request)
 	// arrive with the end of the body.
 	sr.atEnd = func() { scrubHeaders(resp.Trailer, inj.scrub) }
+	// A gRPC or Connect stream may wait for the agent after a message that ends with what
+	// could start a value: at a message's end the tail goes on (frames.go).
+	sr.frames = newFrameTracker(responseFraming(resp.Header), inj.scrub)
 	resp.Body = sr
 	// Scrubbing can change the length; the agent gets a chunked (or h2 DATA) body.
 	resp.Header.Del("Content-Length")

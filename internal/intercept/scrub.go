@@ -177,6 +177,8 @@ type scrubReader struct {
 	// atEnd runs once, when src has ended and before the end is reported: a response's
 	// trailers exist only from then on, and are scrubbed there.
 	atEnd func()
+	// frames, when the stream is framed, lets a short tail go at a frame's end (frames.go).
+	frames *frameTracker
 }
 
 func newScrubReader(src io.ReadCloser, reps []replacement) *scrubReader {
@@ -190,6 +192,18 @@ func (s *scrubReader) Read(p []byte) (int, error) {
 		}
 		n, err := s.src.Read(s.buf)
 		data := s.buf[:n] // read again only once out is drained
+		frameEnd := false
+		if s.frames != nil {
+			// The raw bytes: frames are counted as the upstream sent them.
+			var ok bool
+			var ferr error
+			if frameEnd, ok, ferr = s.frames.feed(data); ferr != nil {
+				s.err = ferr
+				return 0, ferr
+			} else if !ok {
+				s.frames = nil
+			}
+		}
 		if len(s.pending) > 0 {
 			data = append(s.pending, data...)
 		}
@@ -205,6 +219,10 @@ func (s *scrubReader) Read(p []byte) (int, error) {
 			break
 		}
 		keep := partialTail(data, s.reps)
+		if keep > 0 && keep <= maxReleased && frameEnd {
+			keep = 0
+			s.frames.released = true
+		}
 		s.out = data[:len(data)-keep]
 		if keep > 0 {
 			s.pending = append([]byte(nil), data[len(data)-keep:]...)
