@@ -297,12 +297,18 @@ func (inj *injected) errText(err error) string {
 
 // scrubResponse replaces real values the upstream echoes in the response's headers and body.
 func (inj *injected) scrubResponse(resp *http.Response) error {
-	if inj == nil || len(inj.scrub) == 0 || resp.StatusCode == http.StatusSwitchingProtocols {
+	if inj == nil || len(inj.scrub) == 0 {
 		return nil
 	}
-	// The reason phrase reaches an HTTP/1.1 agent too ("401 Invalid key sk-...").
+	// The reason phrase reaches an HTTP/1.1 agent too ("401 Invalid key sk-..."), and so do
+	// a 101's headers (a WebSocket server may echo a token offered as a subprotocol).
 	resp.Status = scrubString(resp.Status, inj.scrub)
 	scrubHeaders(resp.Header, inj.scrub)
+	if resp.StatusCode == http.StatusSwitchingProtocols || !bodyAllowed(resp.Request, resp) {
+		// What follows a 101 is scrubbed as it is spliced; a HEAD's answer, a 204 or a 304
+		// has a Content-Length but no body.
+		return nil
+	}
 	if err := decodeForScrub(resp); err != nil {
 		return err
 	}
@@ -339,22 +345,29 @@ func isGRPC(h http.Header) bool {
 // (the agent gets the body uncompressed); any other coding cannot be checked and is refused.
 func decodeForScrub(resp *http.Response) error {
 	for _, k := range [...]string{"Grpc-Encoding", "Connect-Content-Encoding"} {
-		if v := strings.TrimSpace(resp.Header.Get(k)); v != "" && !strings.EqualFold(v, "identity") {
+		if v := codings(resp.Header, k); len(v) > 0 {
 			resp.Body.Close()
-			return fmt.Errorf("upstream answered with %s %q although asked for identity; its messages cannot be checked for echoed secrets", k, v)
+			return fmt.Errorf("upstream answered with %s %q although asked for identity; its messages cannot be checked for echoed secrets", k, strings.Join(v, ", "))
 		}
 	}
 	if hasPrefixFold(resp.Header.Get("Content-Type"), "application/grpc-web-text") {
 		resp.Body.Close()
 		return errors.New("upstream answered in gRPC-Web's text form, whose base64 cannot be checked for echoed secrets")
 	}
-	ce := strings.TrimSpace(resp.Header.Get("Content-Encoding"))
-	if ce == "" || strings.EqualFold(ce, "identity") || !bodyAllowed(resp.Request, resp) {
+	// Every line counts: two lines are one list (RFC 9110, 5.3), and two layers of gzip
+	// decoded once would hand the agent the inner one unchecked.
+	cs := codings(resp.Header, "Content-Encoding")
+	if len(cs) == 0 {
+		resp.Header.Del("Content-Encoding") // identity, however it was said
 		return nil
+	}
+	ce := cs[0]
+	if len(cs) > 1 {
+		ce = strings.Join(cs, ", ")
 	}
 	var dec io.Reader
 	var err error
-	switch strings.ToLower(ce) {
+	switch strings.ToLower(ce) { // more than one coding is refused with the rest
 	case "gzip", "x-gzip":
 		dec, err = gzip.NewReader(resp.Body)
 	case "deflate": // HTTP's deflate is the zlib format
@@ -376,6 +389,19 @@ func decodeForScrub(resp *http.Response) error {
 	resp.ContentLength = -1
 	resp.Uncompressed = true
 	return nil
+}
+
+// codings lists the codings the header lines named k give, in order, without identity.
+func codings(h http.Header, k string) []string {
+	var out []string
+	for _, line := range h.Values(k) {
+		for c := range strings.SplitSeq(line, ",") {
+			if c = strings.TrimSpace(c); c != "" && !strings.EqualFold(c, "identity") {
+				out = append(out, c)
+			}
+		}
+	}
+	return out
 }
 
 // value fetches what one injection needs and computes the replacement. raw are the fetched

@@ -132,7 +132,9 @@ func percentEncoded(b []byte, keep, hex string, plus bool) []byte {
 func scrubHeaders(h http.Header, reps []replacement) {
 	for k, vs := range h {
 		// A name can hold the value too (a header is any token, and so is a typical key).
-		if nk := scrubString(k, reps); nk != k {
+		// Names reach the agent in canonical case (or lower case, over HTTP/2), so a value
+		// is looked for in them without case: the agent could fold it back.
+		if nk := scrubName(k, reps); nk != k {
 			delete(h, k)
 			h[nk] = append(h[nk], vs...)
 		}
@@ -142,6 +144,44 @@ func scrubHeaders(h http.Header, reps []replacement) {
 			vs[i] = scrubString(v, reps)
 		}
 	}
+}
+
+// scrubName returns a header name with every real value in it, in any ASCII case, replaced.
+func scrubName(k string, reps []replacement) string {
+	for _, r := range reps {
+		for at := 0; ; {
+			i := indexFold(k[at:], r.from)
+			if i < 0 {
+				break
+			}
+			i += at
+			k = k[:i] + string(r.to) + k[i+len(r.from):]
+			at = i + len(r.to)
+		}
+	}
+	return k
+}
+
+// indexFold is the index of the first match of sub in s, ASCII letters compared without
+// case, or -1. (A name is short; no copy of sub is made, so no real value is folded into
+// new memory.)
+func indexFold(s string, sub []byte) int {
+	lower := func(c byte) byte {
+		if 'A' <= c && c <= 'Z' {
+			return c + 'a' - 'A'
+		}
+		return c
+	}
+	for i := 0; i+len(sub) <= len(s); i++ {
+		j := 0
+		for j < len(sub) && lower(s[i+j]) == lower(sub[j]) {
+			j++
+		}
+		if j == len(sub) {
+			return i
+		}
+	}
+	return -1
 }
 
 // replaceReal replaces every real value in b with its placeholder; changed says whether any
