@@ -34,7 +34,7 @@ func refNormalizePath(raw string) (string, bool) {
 	if !strings.HasPrefix(raw, "/") || len(raw) > 8192 {
 		return "", false
 	}
-	return NormalizePath(raw + "/./")
+	return NormalizePath(raw + "//")
 }
 
 // TestFastPathsAgreeWithReference: the allocation-free fast paths give exactly the answers
@@ -54,7 +54,7 @@ func TestFastPathsAgreeWithReference(t *testing.T) {
 	for range 200000 {
 		p := gen(10)
 		got, gok := NormalizePath(p)
-		// The reference appends "/./", which the algorithm removes again, adding only a
+		// The reference appends "//", which the algorithm removes again, adding only a
 		// trailing slash to a non-root result.
 		want, wok := refNormalizePath(p)
 		if wok && want != "/" && !strings.HasSuffix(p, "/") {

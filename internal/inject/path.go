@@ -10,10 +10,10 @@ import "strings"
 //     escapes are kept with upper-case hex digits.
 //  3. A segment that holds an encoded "/" (%2F), "\" (%5C), NUL (%00) or a literal "\"
 //     makes the path unsafe: servers disagree on whether those separate segments.
-//  4. A segment that is "." or ".." only after decoding (for example "%2e%2e") makes the path
-//     unsafe: some servers resolve it, some do not, and either reading must not widen a match.
-//  5. Empty segments ("//") are dropped, "." segments are dropped, ".." removes the segment
-//     before it; ".." above the root makes the path unsafe.
+//  4. A segment that is "." or "..", as written or after decoding (for example "%2e%2e"),
+//     makes the path unsafe: some servers resolve it, some (chi, a bare net/http handler,
+//     Express) route on the path as sent, and either reading must not widen a match.
+//  5. Empty segments ("//") are dropped.
 //  6. A segment that is "." or ".." before a ";" (path parameters, "..;x") makes the path
 //     unsafe: some servers strip the parameters and then resolve the dot segment.
 //  7. A trailing "/" is kept.
@@ -35,7 +35,7 @@ func NormalizePath(raw string) (path string, ok bool) {
 			// but a path override header is read here too.
 			return "", false
 		}
-		dec, escaped, good := decodeSegment(seg)
+		dec, good := decodeSegment(seg)
 		if !good || strings.Contains(dec, "%25") && unsafeDecodedAgain(dec) {
 			return "", false
 		}
@@ -48,16 +48,14 @@ func NormalizePath(raw string) (path string, ok bool) {
 		case "":
 			continue
 		case ".", "..":
-			if escaped {
-				return "", false
-			}
-			if dec == ".." {
-				if len(out) == 0 {
-					return "", false
-				}
-				out = out[:len(out)-1]
-			}
-			continue
+			// Unsafe even as written: servers that route on the path as sent (chi, a bare
+			// net/http handler, Express) never resolve it, so "/v1/admin/../chat" would
+			// be matched as /v1/chat and served as /v1/admin/..; and Tomcat strips a
+			// ";params" segment before resolving, so "/v1/;/../admin" is /admin to it.
+			// Clients remove dot segments before sending (RFC 3986, 5.2.4: curl,
+			// browsers, urllib3, Node's URL), so none is expected. Encoded ("%2e%2e"),
+			// it is unsafe all the more.
+			return "", false
 		}
 		out = append(out, dec)
 	}
@@ -117,11 +115,10 @@ func unhex(c byte) (byte, bool) {
 	return 0, false
 }
 
-// decodeSegment applies rule 2 and 3 to one segment. escaped reports whether any escape was
-// decoded, for rule 4.
-func decodeSegment(seg string) (dec string, escaped, ok bool) {
+// decodeSegment applies rule 2 and 3 to one segment.
+func decodeSegment(seg string) (dec string, ok bool) {
 	if strings.IndexByte(seg, '%') < 0 {
-		return seg, false, true
+		return seg, true
 	}
 	var b strings.Builder
 	b.Grow(len(seg))
@@ -132,27 +129,26 @@ func decodeSegment(seg string) (dec string, escaped, ok bool) {
 			continue
 		}
 		if i+2 >= len(seg) {
-			return "", false, false
+			return "", false
 		}
 		hi, ok1 := unhex(seg[i+1])
 		lo, ok2 := unhex(seg[i+2])
 		if !ok1 || !ok2 {
-			return "", false, false
+			return "", false
 		}
 		v := hi<<4 | lo
 		switch {
 		case v == '/' || v == '\\' || v == 0:
-			return "", false, false
+			return "", false
 		case isUnreserved(v):
 			b.WriteByte(v)
-			escaped = true
 		default:
 			b.WriteByte('%')
 			b.WriteString(strings.ToUpper(seg[i+1 : i+3]))
 		}
 		i += 2
 	}
-	return b.String(), escaped, true
+	return b.String(), true
 }
 
 // unsafeDecodedAgain reports whether a decoded segment that still holds an escaped '%'

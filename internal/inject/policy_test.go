@@ -134,18 +134,10 @@ secrets:
 }
 
 func referenceAllows(uid int64, host, method, p string) bool {
-	// Resolve dot segments; a ".." that would climb above the root is never allowed.
-	depth := 0
+	// A dot segment is never allowed: servers disagree on what it names.
 	for _, s := range strings.Split(p, "/") {
-		switch s {
-		case "", ".":
-		case "..":
-			depth--
-			if depth < 0 {
-				return false
-			}
-		default:
-			depth++
+		if s == "." || s == ".." {
+			return false
 		}
 	}
 	clean := path.Clean(p)
