@@ -107,7 +107,13 @@ func bodyModeOf(h http.Header) (bodyMode, string) {
 	if i := strings.IndexAny(mt, ";, \t"); i >= 0 {
 		mt = strings.TrimSpace(mt[:i])
 	}
+	// Laravel reads a body as JSON (and its _method with it) when the whole Content-Type
+	// contains "/json" or "+json", parameters and all (isJson, in createFromBase).
+	laravelJSON := strings.Contains(strings.ToLower(ct), "/json") || strings.Contains(strings.ToLower(ct), "+json")
 	switch {
+	case laravelJSON && !strings.Contains(mt, "json") && (mt == "" || mt == "application/x-www-form-urlencoded" || strings.HasPrefix(mt, "multipart/")):
+		// A form to PHP and JSON to Laravel: two readings, one scan.
+		return bodyUnreadable, ""
 	case mt == "" || mt == "application/x-www-form-urlencoded":
 		return bodyForm, ""
 	case strings.HasPrefix(mt, "multipart/"):
@@ -118,7 +124,7 @@ func bodyModeOf(h http.Header) (bodyMode, string) {
 			return bodyUnreadable, ""
 		}
 		return bodyMultipart, params["boundary"]
-	case strings.Contains(mt, "json"):
+	case strings.Contains(mt, "json") || laravelJSON:
 		if !utf8Charset(ct) {
 			// Express's JSON parser decodes any utf-* charset (UTF-16, UTF-32, UTF-7)
 			// before method-override reads the body; the scanner reads UTF-8's bytes only.

@@ -225,6 +225,15 @@ func TestBodyScannerUnreadableAndSkipped(t *testing.T) {
 			t.Errorf("%s: scanned", ct)
 		}
 	}
+	// Laravel reads JSON (and its _method) when "/json" or "+json" is anywhere in the
+	// Content-Type (isJson): read as JSON where the media type is read as nothing, and
+	// unreadable where it is also a form.
+	for _, ct := range []string{"text/plain; x=/json", "application/octet-stream; profile=+json", "image/png;a=b/JSON"} {
+		checkScan(t, ctHeader(ct), `{"name":"x","_method":"DELETE"}`, []string{"DELETE"})
+	}
+	for _, ct := range []string{"application/x-www-form-urlencoded; a=/json", "multipart/form-data; boundary=x/json", "; x=+json"} {
+		checkScan(t, ctHeader(ct), `{"name":"x","_method":"DELETE"}`, []string{unread})
+	}
 	id := ctHeader("application/json")
 	id.Set("Content-Encoding", "identity")
 	checkScan(t, id, `{"_method":"PUT"}`, []string{"PUT"})
