@@ -704,7 +704,7 @@ func TestH2TrailersAreScrubbed(t *testing.T) {
 // placeholder; one whose request goes over the HTTP/1.1 pool, and an HTTP/1.1 agent, get no
 // interim response at all (those paths do not relay them).
 func TestInterimResponsesAreScrubbed(t *testing.T) {
-	p := newH1Pair(t)
+	p := newH1Pair(t, "h2", "http/1.1")
 	client := p.h2Client(t)
 	for _, te := range []bool{true, false} {
 		var interim []string

@@ -588,7 +588,9 @@ type upstreamPool struct {
 	transports map[upstreamKey]*http.Transport
 	configs    map[upstreamKey]*tls.Config
 	idle       map[idleKey][]*upConn
-	h2Only     map[upstreamKey]bool // upstreams that refused HTTP/1.1
+	h2Only     map[upstreamKey]bool      // upstreams that refused HTTP/1.1
+	noH2       map[upstreamKey]time.Time // upstreams that did not choose HTTP/2, and when
+	h2Configs  map[upstreamKey]*tls.Config
 	nIdle      int
 	lastSweep  time.Time
 	closed     bool
@@ -603,7 +605,8 @@ const maxTransports = 1024
 
 func newUpstreamPool(base *tls.Config, dial func(ctx context.Context, network, addr string) (net.Conn, error)) *upstreamPool {
 	return &upstreamPool{tlsBase: base, dial: dial, transports: map[upstreamKey]*http.Transport{},
-		configs: map[upstreamKey]*tls.Config{}, idle: map[idleKey][]*upConn{}, h2Only: map[upstreamKey]bool{}}
+		configs: map[upstreamKey]*tls.Config{}, idle: map[idleKey][]*upConn{}, h2Only: map[upstreamKey]bool{},
+		noH2: map[upstreamKey]time.Time{}, h2Configs: map[upstreamKey]*tls.Config{}}
 }
 
 func (p *upstreamPool) RoundTrip(r *http.Request) (*http.Response, error) {
@@ -612,7 +615,18 @@ func (p *upstreamPool) RoundTrip(r *http.Request) (*http.Response, error) {
 		return nil, errors.New("request without connection facts")
 	}
 	k := upstreamKey{sni: f.SNI, addr: f.OrigDst}
-	if !needsH2Upstream(r) && !p.isH2Only(k) {
+	viaH1 := !needsH2Upstream(r)
+	if !viaH1 && !p.isH2Only(k) {
+		// gRPC or trailers, which want HTTP/2; an upstream without it gets them over the
+		// scoped HTTP/1.1 pool (gRPC-Web works there; the agent asked for trailers, which
+		// a chunked answer can still carry).
+		h2, err := p.speaksH2(r.Context(), k)
+		if err != nil {
+			return nil, err
+		}
+		viaH1 = !h2
+	}
+	if viaH1 && !p.isH2Only(k) {
 		resp, err := p.roundTripH1(r, f.Facts)
 		if !errors.Is(err, errNeedsH2) {
 			return resp, err
@@ -645,17 +659,14 @@ func (p *upstreamPool) transport(k upstreamKey) *http.Transport {
 			break
 		}
 	}
-	tc := p.clientTLS(k, nil) // nil: the transport offers h2 and http/1.1
-	addr := k.addr.String()
 	t := &http.Transport{
-		DialContext: func(ctx context.Context, network, _ string) (net.Conn, error) {
-			c, err := p.dial(ctx, network, addr)
-			if err != nil {
-				return nil, err
-			}
-			return rawconn.New(c), nil
+		// HTTP/2 only: over HTTP/1.1 this Transport would pool one keep-alive connection
+		// for every user and every set of secrets, where an answer shifted by an upstream
+		// that leaves a body unread reaches another request unscrubbed (connScope).
+		// RoundTrip sends a request to an upstream without HTTP/2 to the scoped pool.
+		DialTLSContext: func(ctx context.Context, network, _ string) (net.Conn, error) {
+			return p.dialH2(ctx, k)
 		},
-		TLSClientConfig:     tc,
 		ForceAttemptHTTP2:   true,
 		MaxIdleConns:        256,
 		MaxIdleConnsPerHost: 64,
@@ -668,6 +679,79 @@ func (p *upstreamPool) transport(k upstreamKey) *http.Transport {
 	}
 	p.transports[k] = t
 	return t
+}
+
+// errNoH2 is the dial's refusal of an upstream that did not choose HTTP/2.
+var errNoH2 = errors.New("the upstream does not speak HTTP/2")
+
+// dialH2 opens a verified connection to k on which the upstream chose HTTP/2. It offers
+// HTTP/1.1 too, so that an upstream without HTTP/2 answers instead of failing the
+// handshake, and is then known as one (noH2).
+func (p *upstreamPool) dialH2(ctx context.Context, k upstreamKey) (*tls.Conn, error) {
+	raw, err := p.dial(ctx, "tcp", k.addr.String())
+	if err != nil {
+		return nil, err
+	}
+	tc := tls.Client(rawconn.New(raw), p.h2Config(k))
+	if err := tc.HandshakeContext(ctx); err != nil {
+		raw.Close()
+		return nil, err
+	}
+	if tc.ConnectionState().NegotiatedProtocol != "h2" {
+		tc.Close()
+		p.mu.Lock()
+		if len(p.noH2) >= maxTransports {
+			clear(p.noH2)
+		}
+		p.noH2[k] = time.Now()
+		p.mu.Unlock()
+		return nil, errNoH2
+	}
+	return tc, nil
+}
+
+// h2Config is the TLS config of k's HTTP/2 connections.
+func (p *upstreamPool) h2Config(k upstreamKey) *tls.Config {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if tc, ok := p.h2Configs[k]; ok {
+		return tc
+	}
+	if len(p.h2Configs) >= maxTransports {
+		clear(p.h2Configs)
+	}
+	tc := p.clientTLS(k, []string{"h2", "http/1.1"})
+	p.h2Configs[k] = tc
+	return tc
+}
+
+// noH2TTL is how long an upstream that did not choose HTTP/2 is taken not to speak it.
+const noH2TTL = 10 * time.Minute
+
+// speaksH2 reports whether k chooses HTTP/2, from the last dial within noH2TTL, or from a
+// handshake made to find out (its connection is closed: it happens once per upstream).
+func (p *upstreamPool) speaksH2(ctx context.Context, k upstreamKey) (bool, error) {
+	p.mu.Lock()
+	at, known := p.noH2[k]
+	_, used := p.transports[k]
+	p.mu.Unlock()
+	if known && time.Since(at) < noH2TTL {
+		return false, nil
+	}
+	if used && !known {
+		return true, nil // its Transport dialled HTTP/2 before
+	}
+	dctx, cancel := context.WithTimeout(ctx, dialTimeout+handshakeTimeout)
+	defer cancel()
+	tc, err := p.dialH2(dctx, k)
+	if errors.Is(err, errNoH2) {
+		return false, nil
+	}
+	if err != nil {
+		return false, err
+	}
+	tc.Close()
+	return true, nil
 }
 
 // clientTLS is the verifying client config for one upstream: its name, the protocols to

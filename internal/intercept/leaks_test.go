@@ -160,3 +160,63 @@ func TestInjectedHEAD(t *testing.T) {
 		t.Fatalf("HTTP/2 HEAD: %v %v, want 200 with Content-Length 1234", resp, err)
 	}
 }
+
+// TestTrailersPathKeepsConnectionsToOneScope: a request that asks for trailers (te: trailers,
+// which any HTTP/2 agent may send) goes upstream through net/http's Transport. Against an
+// upstream that offers only HTTP/1.1, that Transport pooled keep-alive connections shared by
+// verbatim and injecting requests alike. An upstream that leaves a GET body unread then
+// answered once too often, and the injecting request's echo reached the next, verbatim,
+// unscrubbed request. Such requests now go over HTTP/2 only, or over the scoped pool.
+func TestTrailersPathKeepsConnectionsToOneScope(t *testing.T) {
+	const real = rawReal
+	e := newRawEnv(t, real, []string{"http/1.1"}, serveRaw(func(c *tls.Conn, br *bufio.Reader) {
+		for {
+			req, err := http.ReadRequest(br)
+			if err != nil {
+				return
+			}
+			if req.Method != http.MethodGet {
+				io.Copy(io.Discard, req.Body)
+			} // a GET's body is left unread: its bytes are read as the next request
+			var body string
+			switch req.URL.Path {
+			case "/delay":
+				time.Sleep(500 * time.Millisecond)
+				fallthrough
+			default:
+				body = fmt.Sprintf(`{"path":%q,"authorization":%q}`, req.URL.Path, req.Header.Get("Authorization"))
+			}
+			fmt.Fprintf(c, "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s", len(body), body)
+		}
+	}))
+	client := e.h2Client(t)
+	do := func(name, path, auth, body string) string {
+		var rb io.Reader
+		if body != "" {
+			rb = strings.NewReader(body)
+		}
+		req, _ := http.NewRequest("GET", "https://"+rawHost+path, rb)
+		req.Header.Set("Te", "trailers")
+		if auth != "" {
+			req.Header.Set("Authorization", auth)
+		}
+		resp, err := client.Do(req)
+		if err != nil {
+			t.Fatalf("%s: %v", name, err)
+		}
+		b, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		_ = name
+		time.Sleep(50 * time.Millisecond)
+		return string(b)
+	}
+	// A, verbatim: a GET whose body is a whole request the upstream will also answer (late).
+	do("A verbatim", "/a", "", "GET /delay HTTP/1.1\r\nHost: "+rawHost+"\r\n\r\n")
+	// C, injecting: gets the answer to the smuggled /delay.
+	do("C injecting", "/delay", "Bearer "+rawPlaceholder, "")
+	// D, verbatim: gets C's answer, which quotes the real key, and is not scrubbed.
+	got := do("D verbatim", "/d", "", "")
+	if strings.Contains(got, real) {
+		t.Fatalf("LEAK: the injecting request's echo reached a verbatim request unscrubbed")
+	}
+}
