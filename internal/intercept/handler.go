@@ -238,8 +238,9 @@ func (s *Server) prepare(ctx context.Context, f inject.Facts, method, authority 
 	return prepared{inj: inj, release: release, policy: policy}
 }
 
-// addScrub adds a real value b (and the forms an echo may give it) to what the response is
-// scrubbed of, to be replaced by the placeholder ph.
+// addScrub adds a real value b to what the response is scrubbed of (written as it is, or
+// escaped as an echo inside a document writes it: echo.go), to be replaced by the
+// placeholder ph.
 func (inj *injected) addScrub(b, ph []byte) {
 	if len(b) < minScrubLen {
 		return
@@ -249,11 +250,7 @@ func (inj *injected) addScrub(b, ph []byte) {
 			return // a secret injected as it is: its value and what was fetched are the same
 		}
 	}
-	inj.scrub = append(inj.scrub, replacement{from: b, to: ph})
-	for _, f := range echoForms(b) {
-		inj.wipe = append(inj.wipe, f)
-		inj.scrub = append(inj.scrub, replacement{from: f, to: ph})
-	}
+	inj.scrub = append(inj.scrub, replacement{from: b, to: ph, escaped: escapable(b)})
 }
 
 // injectHeaders writes the real values into an outgoing request's header.

@@ -6,7 +6,6 @@ import (
 	"io"
 	"net/http"
 	"strconv"
-	"strings"
 	"sync"
 )
 
@@ -16,114 +15,9 @@ const minScrubLen = 8
 // replacement is one real value and what the agent sees instead.
 type replacement struct {
 	from, to []byte
-}
-
-// echoForms returns the forms other than b itself in which an upstream commonly echoes b
-// inside a document: a JSON string (with '"' and '\\' escaped, and also '/' as PHP's
-// json_encode writes it, or '<', '>' and '&' as Go's encoding/json does), percent-encoded,
-// as a query, a form, a path segment or JavaScript's encodeURIComponent writes it, in
-// either hex case, and HTML-escaped. A value with none of those characters (a typical API key)
-// has none. Each form is new memory that the caller wipes; scrubbing them too keeps an echo
-// that quotes the credential in a JSON document or a URL from handing it to the agent (I1).
-func echoForms(b []byte) [][]byte {
-	var out [][]byte
-	add := func(f []byte) {
-		if f == nil {
-			return
-		}
-		for _, o := range out {
-			if bytes.Equal(o, f) {
-				clear(f)
-				return
-			}
-		}
-		out = append(out, f)
-	}
-	add(jsonEscaped(b, false, false))
-	add(jsonEscaped(b, true, false))
-	add(jsonEscaped(b, false, true))
-	const upper, lower = "0123456789ABCDEF", "0123456789abcdef"
-	for _, keep := range []string{"", "!*'()", "/", "$&+:=@"} {
-		add(percentEncoded(b, keep, upper, false))
-	}
-	add(percentEncoded(b, "", lower, false))
-	add(percentEncoded(b, "", upper, true))
-	// HTML and XML, as an error page or a debug page that shows the request writes them:
-	// '&', '<' and '>' alike everywhere, quotes as Go (&#34; &#39;), Python and Django
-	// (&quot; &#x27;), Rails (&quot; &#39;), PHP (&quot; &#039;) and XML (&quot; &apos;)
-	// write them, or left as they are (text content, Python's xml.sax.saxutils.escape).
-	for _, q := range [][2]string{{"&#34;", "&#39;"}, {"&quot;", "&#x27;"}, {"&quot;", "&#39;"}, {"&quot;", "&#039;"}, {"&quot;", "&apos;"}, {`"`, "'"}} {
-		add(htmlEscaped(b, q[0], q[1]))
-	}
-	return out
-}
-
-// rewritten is b with each byte for which needs is true written by write instead; nil
-// when there is none, so a value with nothing to escape costs no allocation.
-func rewritten(b []byte, needs func(c byte) bool, write func(dst []byte, c byte) []byte) []byte {
-	var out []byte
-	for i, c := range b {
-		switch {
-		case needs(c):
-			if out == nil {
-				out = append(make([]byte, 0, 3*len(b)), b[:i]...)
-			}
-			out = write(out, c)
-		case out != nil:
-			out = append(out, c)
-		}
-	}
-	return out
-}
-
-// htmlEscaped is b with &, <, > and the double and single quotes written as HTML entities,
-// the quotes as dq and sq; nil when that is b itself.
-func htmlEscaped(b []byte, dq, sq string) []byte {
-	return rewritten(b, func(c byte) bool {
-		return c == '&' || c == '<' || c == '>' || c == '"' || c == '\''
-	}, func(dst []byte, c byte) []byte {
-		switch c {
-		case '&':
-			return append(dst, "&amp;"...)
-		case '<':
-			return append(dst, "&lt;"...)
-		case '>':
-			return append(dst, "&gt;"...)
-		case '"':
-			return append(dst, dq...)
-		}
-		return append(dst, sq...)
-	})
-}
-
-// jsonEscaped is b as the contents of a JSON string, or nil when that is b itself: '"' and
-// '\\' escaped, '/' too when slash is set, and '<', '>' and '&' as \u00XX when html is.
-func jsonEscaped(b []byte, slash, html bool) []byte {
-	unicode := func(c byte) bool { return html && (c == '<' || c == '>' || c == '&') }
-	return rewritten(b, func(c byte) bool {
-		return c == '"' || c == '\\' || c == '/' && slash || unicode(c)
-	}, func(dst []byte, c byte) []byte {
-		if unicode(c) {
-			const hex = "0123456789abcdef"
-			return append(dst, '\\', 'u', '0', '0', hex[c>>4], hex[c&15])
-		}
-		return append(dst, '\\', c)
-	})
-}
-
-// percentEncoded is b with every byte but the unreserved ones (RFC 3986) and those in keep
-// written as %XX in the given hex digits, a space as '+' when plus is set; nil when that is
-// b itself.
-func percentEncoded(b []byte, keep, hex string, plus bool) []byte {
-	return rewritten(b, func(c byte) bool {
-		return !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' ||
-			c == '-' || c == '.' || c == '_' || c == '~' || strings.IndexByte(keep, c) >= 0)
-	}, func(dst []byte, c byte) []byte {
-		if c == ' ' && plus {
-			return append(dst, '+')
-		}
-		return append(dst, '%', hex[c>>4], hex[c&15])
-	})
+	// escaped is set for a value with bytes an echo inside a document may escape: it is
+	// matched written with any of those escapes too (echo.go).
+	escaped bool
 }
 
 // scrubHeaders replaces real secret bytes in response headers, so an upstream that echoes the
@@ -188,6 +82,13 @@ func indexFold(s string, sub []byte) int {
 // was there (b itself comes back when none was).
 func replaceReal(b []byte, reps []replacement) (out []byte, changed bool) {
 	for _, r := range reps {
+		if r.escaped {
+			var ch bool
+			if b, ch = replaceEscaped(b, r); ch {
+				changed = true
+			}
+			continue
+		}
 		if bytes.Contains(b, r.from) {
 			b = bytes.ReplaceAll(b, r.from, r.to)
 			changed = true
@@ -285,6 +186,10 @@ func partialTail(data []byte, reps []replacement) int {
 	last := data[len(data)-1]
 	best := 0
 	for _, r := range reps {
+		if r.escaped {
+			best = max(best, partialEscaped(data, r.from))
+			continue
+		}
 		f := r.from[:len(r.from)-1]
 		for k := min(len(f), len(data)); k > best; k-- {
 			j := bytes.LastIndexByte(f[:k], last)
