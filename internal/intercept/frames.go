@@ -4,14 +4,14 @@ import (
 	"encoding/binary"
 	"errors"
 	"net/http"
-	"strings"
 )
 
 // A streamed response holds back a tail that could start a real value until the next read,
 // so that a value split across two reads is still scrubbed. A stream whose next bytes wait
-// for the agent (a bidirectional gRPC call, a WebSocket exchange) would stall on it. In a
-// framed stream the tail can go at the end of a frame: what comes next is the next frame's
-// header, whose first byte no real value holds, so no value can run on across the end.
+// for the agent (a bidirectional gRPC call) would stall on it. In a framed stream the tail
+// can go at the end of a frame: what comes next is the next frame's header, whose first
+// byte no real value holds, so no value can run on across the end. (A WebSocket's frames
+// are read and made anew instead: ws.go.)
 
 // framing is a framed protocol whose frame ends the scrubber can find.
 type framing uint8
@@ -21,8 +21,6 @@ const (
 	// framingEnvelope: gRPC, gRPC-Web and Connect streaming; each message has a 5-byte
 	// header, a flag byte and a 32-bit big-endian length.
 	framingEnvelope
-	// framingWebSocket: RFC 6455 frames.
-	framingWebSocket
 )
 
 // maxReleased bounds the tail let go at a frame's end. Only an upstream that breaks its own
@@ -41,32 +39,17 @@ func responseFraming(h http.Header) framing {
 	return noFraming
 }
 
-// switchedFraming returns the framing of the bytes after a 101 to protocol upType.
-func switchedFraming(upType string) framing {
-	if strings.EqualFold(strings.TrimSpace(upType), "websocket") {
-		return framingWebSocket
-	}
-	return noFraming
-}
-
 // frameStart reports whether c can be the first byte of a frame header of kind f: an
 // envelope's flags (gRPC's 0 and 1, gRPC-Web's trailer frame 0x80 and 0x81, Connect's
-// end of stream 2 and 3), or a WebSocket frame's FIN bit and opcode with no RSV bit (no
-// extension is ever agreed to: a 101 that takes one up gets 502).
+// end of stream 2 and 3).
 func frameStart(f framing, c byte) bool {
-	switch f {
-	case framingEnvelope:
-		return c <= 3 || c == 0x80 || c == 0x81
-	case framingWebSocket:
-		return c&0x70 == 0
-	}
-	return false
+	return f == framingEnvelope && (c <= 3 || c == 0x80 || c == 0x81)
 }
 
 // frameTracker follows the frames of the upstream's raw bytes.
 type frameTracker struct {
 	kind framing
-	hdr  [14]byte
+	hdr  [5]byte
 	nhdr int    // header bytes seen of the frame to come
 	left uint64 // payload bytes still to come of the current frame
 	// released is set when the last read's tail was let go at a frame's end: the next
@@ -130,42 +113,12 @@ func (t *frameTracker) feed(b []byte) (atEnd, ok bool, err error) {
 	return t.nhdr == 0 && t.left == 0, true, nil
 }
 
-// header returns the length of the frame header seen so far (as far as it is known yet) and,
-// once it is whole, its payload's size; valid is false for a header no sender writes.
+// header returns the length of the frame header (as far as it is known yet) and, once it
+// is whole, its payload's size; valid is false for a header no sender writes.
 func (t *frameTracker) header() (need int, size uint64, valid bool) {
 	h := t.hdr[:t.nhdr]
-	if t.kind == framingEnvelope {
-		if len(h) < 5 {
-			return 5, 0, true
-		}
-		return 5, uint64(binary.BigEndian.Uint32(h[1:5])), true
+	if len(h) < 5 {
+		return 5, 0, true
 	}
-	if len(h) < 2 {
-		return 2, 0, true
-	}
-	need = 2
-	switch h[1] & 0x7f {
-	case 126:
-		need += 2
-	case 127:
-		need += 8
-	}
-	if h[1]&0x80 != 0 {
-		need += 4 // a masking key, which only a client sends, but it is framed all the same
-	}
-	if len(h) < need {
-		return need, 0, true
-	}
-	switch l := h[1] & 0x7f; l {
-	case 126:
-		size = uint64(binary.BigEndian.Uint16(h[2:4]))
-	case 127:
-		size = binary.BigEndian.Uint64(h[2:10])
-		if size>>63 != 0 {
-			return need, 0, false
-		}
-	default:
-		size = uint64(l)
-	}
-	return need, size, true
+	return 5, uint64(binary.BigEndian.Uint32(h[1:5])), true
 }

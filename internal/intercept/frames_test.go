@@ -85,23 +85,6 @@ func envelope(f byte, m string) []byte {
 	return append(binary.BigEndian.AppendUint32([]byte{f}, uint32(len(m))), m...)
 }
 
-// wsFrame is an unmasked WebSocket frame with first byte b0 and payload m, its length in the
-// shortest form unless long is set.
-func wsFrame(b0 byte, m string, long bool) []byte {
-	out := []byte{b0}
-	switch {
-	case long:
-		out = binary.BigEndian.AppendUint64(append(out, 127), uint64(len(m)))
-	case len(m) > 65535:
-		out = binary.BigEndian.AppendUint64(append(out, 127), uint64(len(m)))
-	case len(m) >= 126:
-		out = binary.BigEndian.AppendUint16(append(out, 126), uint16(len(m)))
-	default:
-		out = append(out, byte(len(m)))
-	}
-	return append(out, m...)
-}
-
 // turnsReader hands out one chunk per Read, then blocks (as an upstream waiting for the agent
 // does) until the test reads on.
 type turnsReader struct {
@@ -147,7 +130,7 @@ func readWithin(sr io.Reader, want int) []byte {
 	}
 }
 
-// TestScrubReaderReleasesAtFrameEnd: at a frame's end a tail of up to maxReleased bytes
+// TestScrubReaderReleasesAtFrameEnd: at a gRPC message's end a tail of up to maxReleased bytes
 // that could start a value goes on; one in the middle of a frame, or a longer one, waits.
 func TestScrubReaderReleasesAtFrameEnd(t *testing.T) {
 	secret := string(reps[0].from)
@@ -163,11 +146,6 @@ func TestScrubReaderReleasesAtFrameEnd(t *testing.T) {
 		{"two envelopes, split header", framingEnvelope, [][]byte{envelope(0, "x")[:3], append(envelope(0, "x")[3:], envelope(0x80, "trailer s")...)}, true},
 		{"mid envelope", framingEnvelope, [][]byte{envelope(0, "a turn s and more")[:13]}, false},
 		{"connect end of stream", framingEnvelope, [][]byte{envelope(2, `{"s`)}, true},
-		{"websocket text", framingWebSocket, [][]byte{wsFrame(0x81, "a turn s", false)}, true},
-		{"websocket 16-bit length", framingWebSocket, [][]byte{wsFrame(0x82, strings.Repeat("y", 300)+"s", false)}, true},
-		{"websocket 64-bit length", framingWebSocket, [][]byte{wsFrame(0x81, "a turn s", true)}, true},
-		{"websocket fragment then ping", framingWebSocket, [][]byte{wsFrame(0x01, "frag", false), wsFrame(0x89, "ping s", false)}, true},
-		{"websocket mid frame", framingWebSocket, [][]byte{wsFrame(0x81, "a turn s and more", false)[:10]}, false},
 		{"no framing", noFraming, [][]byte{envelope(0, "a turn s")}, false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -197,13 +175,8 @@ func TestScrubReaderReleasesAtFrameEnd(t *testing.T) {
 // start a frame could be continuing a value there; the stream ends before that byte.
 func TestFramingBrokenAfterRelease(t *testing.T) {
 	secret := string(reps[0].from)
-	for _, f := range []framing{framingEnvelope, framingWebSocket} {
-		var head []byte
-		if f == framingEnvelope {
-			head = envelope(0, "x "+secret[:3])
-		} else {
-			head = wsFrame(0x81, "x "+secret[:3], false)
-		}
+	for _, f := range []framing{framingEnvelope} {
+		head := envelope(0, "x "+secret[:3])
 		src := &turnsReader{chunks: [][]byte{head, []byte(secret[3:] + " more")}, more: make(chan struct{})}
 		close(src.more)
 		sr := newScrubReader(src, reps)
@@ -228,7 +201,7 @@ func TestFramingBrokenAfterRelease(t *testing.T) {
 // TestFrameTrackerNeedsValuesWithoutHeaderBytes: a value that holds a byte a frame can start
 // with could run on across a frame's end; nothing is released then.
 func TestFrameTrackerNeedsValuesWithoutHeaderBytes(t *testing.T) {
-	for _, f := range []framing{framingEnvelope, framingWebSocket} {
+	for _, f := range []framing{framingEnvelope} {
 		if newFrameTracker(f, []replacement{{from: []byte("sk-\x01abcdefgh")}}) != nil ||
 			newFrameTracker(f, []replacement{{from: []byte("sk-\x81abcdefgh")}}) != nil {
 			t.Fatalf("framing %d: a tracker for a value with a header byte", f)
@@ -249,8 +222,5 @@ func TestResponseFraming(t *testing.T) {
 		if got := responseFraming(http.Header{"Content-Type": {ct}}); got != want {
 			t.Errorf("%q: %d, want %d", ct, got, want)
 		}
-	}
-	if switchedFraming("WebSocket") != framingWebSocket || switchedFraming("h2c") != noFraming {
-		t.Error("switchedFraming")
 	}
 }

@@ -770,12 +770,17 @@ func (hc *h1conn) switchProtocols(resp *http.Response, inj *injected) {
 		close(done)
 	}()
 	var fromUp io.Reader = up.br
-	if inj != nil && len(inj.scrub) > 0 {
+	switch {
+	case inj == nil || len(inj.scrub) == 0:
+	case strings.EqualFold(strings.TrimSpace(upType), "websocket"):
+		// Read as frames, so that an echo split by a fragment's header is still found, and
+		// a message's end lets its tail go (ws.go).
+		ws := newWSScrubber(up.br, inj.scrub)
+		defer ws.Close()
+		fromUp = ws
+	default:
 		sr := newScrubReader(io.NopCloser(up.br), inj.scrub)
 		defer sr.Close()
-		// A WebSocket exchange may wait for the agent after a frame that ends with what
-		// could start a value: at a frame's end the tail goes on (frames.go).
-		sr.frames = newFrameTracker(switchedFraming(upType), inj.scrub)
 		fromUp = sr
 	}
 	io.Copy(hc.agent, fromUp)
