@@ -72,9 +72,9 @@ func TestMustacheHTMLEchoIsScrubbed(t *testing.T) {
 	checkEchoScrubbed(t, e, "mustache.js")
 }
 
-// checkEchoScrubbed sends one injecting request over HTTP/1.1 and fails if the body, once the
-// escape the upstream applied is undone, holds the real value.
-func checkEchoScrubbed(t *testing.T, e *rawEnv, what string) {
+// echoBody sends one injecting request over HTTP/1.1 and returns the answer's body.
+func echoBody(t *testing.T, e *rawEnv) []byte {
+	t.Helper()
 	agent, br := e.h1Agent(t)
 	io.WriteString(agent, "GET /v1/me HTTP/1.1\r\nHost: "+rawHost+"\r\n"+rawAuthLine+"\r\n")
 	resp, err := http.ReadResponse(br, nil)
@@ -82,7 +82,13 @@ func checkEchoScrubbed(t *testing.T, e *rawEnv, what string) {
 		t.Fatal(err)
 	}
 	body, _ := io.ReadAll(resp.Body)
-	t.Logf("agent got: %d %s", resp.StatusCode, body)
+	return body
+}
+
+// checkEchoScrubbed fails if the answer's body, once the escape the upstream applied is
+// undone, holds the real value.
+func checkEchoScrubbed(t *testing.T, e *rawEnv, what string) {
+	body := echoBody(t, e)
 	decoded := strings.NewReplacer(`\u002B`, "+", `\u0022`, `"`, "&#43;", "+", "&#x2F;", "/", "&#x3D;", "=").Replace(string(body))
 	if strings.Contains(decoded, escBasicReal) {
 		t.Fatalf("LEAK: the %s-escaped real value reached the agent; undone: %s", what, decoded)
@@ -97,7 +103,7 @@ func symfonyJSON(s string) string {
 }
 
 // TestSymfonyJSONEchoIsScrubbed: a Symfony JsonResponse that quotes a key holding '/' and '&'
-// (h1BenchReal's shape): '\/' with upper-case \u0026, a combination echoForms lacks.
+// (h1BenchReal's shape): '\/' mixed with upper-case \u0026.
 func TestSymfonyJSONEchoIsScrubbed(t *testing.T) {
 	const real = "sk-REAL-0123456789abcdef/0123456789+abcdef=x&y"
 	e := newRawEnv(t, real, []string{"http/1.1"}, serveHandler(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
@@ -105,14 +111,7 @@ func TestSymfonyJSONEchoIsScrubbed(t *testing.T) {
 		w.WriteHeader(401)
 		io.WriteString(w, `{"error":"invalid key","key":"`+symfonyJSON(r.Header.Get("Authorization"))+`"}`)
 	})))
-	agent, br := e.h1Agent(t)
-	io.WriteString(agent, "GET /v1/me HTTP/1.1\r\nHost: "+rawHost+"\r\n"+rawAuthLine+"\r\n")
-	resp, err := http.ReadResponse(br, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	body, _ := io.ReadAll(resp.Body)
-	t.Logf("agent got: %d %s", resp.StatusCode, body)
+	body := echoBody(t, e)
 	var doc struct{ Key string }
 	if json.Unmarshal(body, &doc) == nil && strings.Contains(doc.Key, real) {
 		t.Fatalf("LEAK: the JSON-decoded body holds the real value: %q", doc.Key)
