@@ -521,15 +521,33 @@ func NormalizeHost(h string) string {
 	if h == "" {
 		return ""
 	}
+	// A port must be digits: anything else is not a Host a client writes, and an upstream
+	// (or Go's Request.Write, which then sends an empty Host) may read it otherwise.
+	port := func(p string) bool {
+		if p == "" {
+			return false
+		}
+		for i := 0; i < len(p); i++ {
+			if p[i] < '0' || p[i] > '9' {
+				return false
+			}
+		}
+		return true
+	}
 	if strings.HasPrefix(h, "[") {
 		end := strings.IndexByte(h, ']')
 		if end < 0 {
+			return ""
+		}
+		if rest := h[end+1:]; rest != "" && (rest[0] != ':' || !port(rest[1:])) {
 			return ""
 		}
 		h = h[1:end]
 	} else if i := strings.LastIndexByte(h, ':'); i >= 0 {
 		if strings.IndexByte(h[:i], ':') >= 0 {
 			// A bare IPv6 literal without brackets; keep as is.
+		} else if !port(h[i+1:]) {
+			return ""
 		} else {
 			h = h[:i]
 		}

@@ -363,3 +363,18 @@ func BenchmarkDecide(b *testing.B) {
 		}
 	}
 }
+
+// A Host is a name, an optional port of digits, and nothing else; anything else normalizes
+// to "" and so matches no SNI.
+func TestNormalizeHost(t *testing.T) {
+	for in, want := range map[string]string{
+		"api.openai.com": "api.openai.com", "API.OpenAI.com.": "api.openai.com",
+		"api.openai.com:443": "api.openai.com", "[::1]:443": "::1", "[::1]": "::1", "::1": "::1",
+		"api.openai.com:": "", "api.openai.com:x443": "", "api.openai.com:443#frag": "",
+		"[::1]x": "", "[::1]:": "", "[::1]:44a": "", "user@api.openai.com": "", "a b": "",
+	} {
+		if got := NormalizeHost(in); got != want {
+			t.Errorf("NormalizeHost(%q) = %q, want %q", in, got, want)
+		}
+	}
+}

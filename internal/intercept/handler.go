@@ -70,6 +70,11 @@ func (s *Server) serveHTTP(w http.ResponseWriter, r *http.Request) {
 		refuse(w, http.StatusMethodNotAllowed, "connect_not_allowed")
 		return
 	}
+	if reason := checkH2Request(r); reason != "" {
+		s.countRefused(reason)
+		refuse(w, http.StatusBadRequest, reason)
+		return
+	}
 	stripH2CUpgrade(r.Header)
 	p := s.prepare(r.Context(), cf.Facts, r.Method, r.Host, r.URL, r.Header)
 	defer p.finish()
@@ -106,6 +111,31 @@ func (s *Server) serveHTTP(w http.ResponseWriter, r *http.Request) {
 	ctx := context.WithValue(r.Context(), injectedKey{}, p.inj)
 	ctx = httptrace.WithClientTrace(ctx, &httptrace.ClientTrace{WroteHeaders: p.release})
 	s.proxy.ServeHTTP(w, r.WithContext(ctx))
+}
+
+// checkH2Request makes the checks net/http's HTTP/2 server leaves out and an HTTP/1.1
+// upstream relies on: the request goes upstream as an HTTP/1.1 request line, so a space in
+// :method or :path would write a second request-target after the one decided on ("DELETE
+// /v1/admin? /v1/models HTTP/1.1", which servers that tolerate spaces read as /v1/admin),
+// and an :authority that is not a host was written upstream as an empty Host.
+func checkH2Request(r *http.Request) string {
+	if r.Method == "" {
+		return "bad_request"
+	}
+	for i := 0; i < len(r.Method); i++ {
+		if !isTokenByte(r.Method[i]) {
+			return "bad_request"
+		}
+	}
+	for i := 0; i < len(r.RequestURI); i++ {
+		if c := r.RequestURI[i]; c <= ' ' || c == 0x7f {
+			return "bad_request"
+		}
+	}
+	if r.Host == "" || !validHostHeader(r.Host) {
+		return "malformed_host_header"
+	}
+	return ""
 }
 
 // prepared is the outcome of deciding one request, shared by the HTTP/1.1 loop and the
@@ -301,9 +331,15 @@ func (inj *injected) scrubResponse(resp *http.Response) error {
 	// a 101's headers (a WebSocket server may echo a token offered as a subprotocol).
 	resp.Status = scrubString(resp.Status, inj.scrub)
 	scrubHeaders(resp.Header, inj.scrub)
-	if resp.StatusCode == http.StatusSwitchingProtocols || !bodyAllowed(resp.Request, resp) {
-		// What follows a 101 is scrubbed as it is spliced; a HEAD's answer, a 204 or a 304
-		// has a Content-Length but no body.
+	if resp.StatusCode == http.StatusSwitchingProtocols {
+		return nil // what follows a 101 is scrubbed as it is spliced
+	}
+	if !bodyAllowed(resp.Request, resp) {
+		// A HEAD's answer, a 204 or a 304 has no body, whatever its Content-Length says;
+		// an HTTP/2 upstream may still send trailers after it.
+		sr := newScrubReader(resp.Body, inj.scrub)
+		sr.atEnd = func() { scrubHeaders(resp.Trailer, inj.scrub) }
+		resp.Body = sr
 		return nil
 	}
 	if err := decodeForScrub(resp); err != nil {

@@ -47,8 +47,14 @@ type rawEnv struct {
 // offering upProtos) is handed to serve, which accepts on it.
 func newRawEnv(t *testing.T, real string, upProtos []string, serve func(ln net.Listener)) *rawEnv {
 	t.Helper()
+	return newRawEnvConfig(t, rawConfig, real, upProtos, serve)
+}
+
+// newRawEnvConfig is newRawEnv with bindings of the test's own (the secret is still KEY).
+func newRawEnvConfig(t *testing.T, cfgYAML, real string, upProtos []string, serve func(ln net.Listener)) *rawEnv {
+	t.Helper()
 	ca := newTestCA(t)
-	cfg, err := config.Parse("bindings.yaml", []byte(rawConfig))
+	cfg, err := config.Parse("bindings.yaml", []byte(cfgYAML))
 	if err != nil {
 		t.Fatal(err)
 	}
