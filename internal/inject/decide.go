@@ -162,7 +162,8 @@ func (p *Policy) Decide(f Facts, r Request) Decision {
 			}
 			holding := 0
 			var value string
-			for _, v := range r.Header.Values(h) {
+			vals := r.Header.Values(h)
+			for _, v := range vals {
 				if strings.Contains(v, s.Placeholder) {
 					holding++
 					value = v
@@ -171,8 +172,9 @@ func (p *Policy) Decide(f Facts, r Request) Decision {
 			if holding == 0 {
 				continue
 			}
-			if holding > 1 {
-				// Two copies of the header could be joined or picked differently upstream.
+			if len(vals) > 1 {
+				// Two copies of the header could be joined or picked differently upstream,
+				// whether or not both hold the placeholder.
 				return Decision{Action: Refuse, Status: http.StatusBadRequest, Reason: ReasonRepeatedHeader, Path: d.Path}
 			}
 			for _, other := range p.secrets {

@@ -112,6 +112,10 @@ func TestDecide(t *testing.T) {
 		{"extra bytes around the placeholder do not match the format", "api.openai.com", req("GET", "api.openai.com", "/v1/models", "Authorization", bearer+"x"), ForwardVerbatim, 0, ReasonFormatMismatch, nil},
 		{"two placeholders in one header get 400", "api.openai.com", req("GET", "api.openai.com", "/v1/models", "Authorization", bearer+" "+phGitHub), Refuse, 400, ReasonMultiplePlaceholder, nil},
 		{"the inject header twice gets 400", "api.openai.com", req("GET", "api.openai.com", "/v1/models", "Authorization", bearer, "Authorization", bearer), Refuse, 400, ReasonRepeatedHeader, nil},
+		// One copy with the placeholder and one without: the upstream may join them, or
+		// take either.
+		{"the inject header twice, once with the placeholder, gets 400", "api.openai.com", req("GET", "api.openai.com", "/v1/models", "Authorization", bearer, "Authorization", "Bearer mine"), Refuse, 400, ReasonRepeatedHeader, nil},
+		{"the inject header twice, the placeholder second, gets 400", "api.openai.com", req("GET", "api.openai.com", "/v1/models", "Authorization", "Bearer mine", "Authorization", bearer), Refuse, 400, ReasonRepeatedHeader, nil},
 		{"anthropic any method any path", "api.anthropic.com", req("PATCH", "api.anthropic.com", "/anything", "X-Api-Key", phAnthropic), Inject, 0, ReasonAllowed, []string{"ANTHROPIC"}},
 		{"any-path binding still refuses an unsafe path", "api.anthropic.com", req("GET", "api.anthropic.com", "/a/%2e%2e/b", "X-Api-Key", phAnthropic), ForwardVerbatim, 0, ReasonPathUnsafe, nil},
 		{"wildcard matches one label", "api.github.com", req("GET", "api.github.com", "/user", "Authorization", "token "+phGitHub), Inject, 0, ReasonAllowed, []string{"GITHUB"}},
