@@ -51,6 +51,7 @@ const (
 	// In struct inet_diag_msg: family, state, timer, retrans (4), id (48), expires,
 	// rqueue, wqueue (12), then uid.
 	diagMsgUIDOffset = 64
+	tcpTimeWait      = 6 // TCP_TIME_WAIT, in inet_diag_msg's idiag_state
 )
 
 func (d *diagSocket) lookup(src, dst netip.AddrPort) int64 {
@@ -116,6 +117,11 @@ func (d *diagSocket) lookup(src, dst netip.AddrPort) int64 {
 		switch ne.Uint16(m[4:]) {
 		case sockDiagByFamily:
 			if n < unix.SizeofNlMsghdr+diagMsgUIDOffset+4 {
+				return -1
+			}
+			if m[unix.SizeofNlMsghdr+1] == tcpTimeWait {
+				// Closed on both sides: what is left has no owner, and the kernel reports
+				// UID 0 for it. An agent that sends and closes at once is not root.
 				return -1
 			}
 			return int64(ne.Uint32(m[unix.SizeofNlMsghdr+diagMsgUIDOffset:]))

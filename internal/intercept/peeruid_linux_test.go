@@ -1,10 +1,12 @@
 package intercept
 
 import (
+	"io"
 	"net"
 	"net/netip"
 	"os"
 	"testing"
+	"time"
 )
 
 // TestPeerUIDOwnSocket looks up the client end of a loopback connection, as avpd looks up
@@ -45,6 +47,36 @@ func TestPeerUIDOwnSocket(t *testing.T) {
 				t.Fatalf("second peerUID = %d, want %d", got, os.Geteuid())
 			}
 		})
+	}
+}
+
+// TestPeerUIDOfClosedSocket: a socket in TIME_WAIT has no owner left, and the kernel reports
+// UID 0 for it. An agent that sends and closes at once could so have its connection taken
+// for root's (not enrolled: spliced through, audited as root). Its UID is unknown instead.
+func TestPeerUIDOfClosedSocket(t *testing.T) {
+	ln, err := net.Listen("tcp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	c, err := net.Dial("tcp4", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, err := ln.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	src := netip.MustParseAddrPort(c.LocalAddr().String())
+	dst := netip.MustParseAddrPort(ln.Addr().String())
+	// The client closes first, then the server: the client's end goes to TIME_WAIT.
+	c.Close()
+	s.SetReadDeadline(time.Now().Add(5 * time.Second))
+	io.Copy(io.Discard, s)
+	s.Close()
+	time.Sleep(50 * time.Millisecond)
+	if got := diag.lookup(src, dst); got != -1 {
+		t.Fatalf("lookup of a socket in TIME_WAIT = %d, want -1 (unknown)", got)
 	}
 }
 

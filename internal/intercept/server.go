@@ -124,15 +124,17 @@ func (s *Server) countRefused(reason string) {
 
 // Server accepts redirected connections, splices unbound ones and terminates bound ones.
 type Server struct {
-	policy     atomic.Pointer[inject.Policy]
-	gate       sync.RWMutex
-	ca         *CA
-	secrets    Secrets
-	auditor    audit.Auditor
-	logf       Logf
-	listeners  []netip.AddrPort
-	dial       func(ctx context.Context, network, addr string) (net.Conn, error)
-	isEnrolled func(uid uint32) bool
+	// unknownUIDLogged is when a connection of unknown owner was last logged (Unix s).
+	unknownUIDLogged atomic.Int64
+	policy           atomic.Pointer[inject.Policy]
+	gate             sync.RWMutex
+	ca               *CA
+	secrets          Secrets
+	auditor          audit.Auditor
+	logf             Logf
+	listeners        []netip.AddrPort
+	dial             func(ctx context.Context, network, addr string) (net.Conn, error)
+	isEnrolled       func(uid uint32) bool
 
 	httpSrv  *http.Server
 	agentTLS *tls.Config
@@ -370,7 +372,17 @@ func (s *Server) handleConn(ctx context.Context, c *net.TCPConn) {
 		c.Close()
 		return
 	}
-	uid := peerUID(c, orig)
+	uid := lookupPeerUID(c, orig)
+	if uid < 0 {
+		// Its owner is gone (the agent closed at once) or its tuple is not the one the
+		// agent's socket has: whose connection this is cannot be known, so nothing about
+		// it can be decided (a binding's uids, the per-user limit, the audit line).
+		s.stats.rejected.Add(1)
+		s.logUnknownUID(orig)
+		c.SetLinger(0)
+		c.Close()
+		return
+	}
 	if !s.uidLimit.acquire(uid) {
 		s.stats.rejected.Add(1)
 		s.stats.overUIDLimit.Add(1)
@@ -399,6 +411,17 @@ func (s *Server) handleConn(ctx context.Context, c *net.TCPConn) {
 		return
 	}
 	s.terminate(c, peeked, facts)
+}
+
+// lookupPeerUID is peerUID; a test replaces it.
+var lookupPeerUID = peerUID
+
+// logUnknownUID logs a connection refused for want of an owner, at most once a minute.
+func (s *Server) logUnknownUID(orig netip.AddrPort) {
+	now := time.Now().Unix()
+	if last := s.unknownUIDLogged.Load(); now-last >= 60 && s.unknownUIDLogged.CompareAndSwap(last, now) {
+		s.logf("refused a connection to %s whose owner could not be found (its socket closed at once, or its tuple changed); such connections are refused, and this is logged once a minute", orig)
+	}
 }
 
 // passthrough splices the connection to its original destination, replaying the peeked
