@@ -11,7 +11,6 @@ import (
 	"time"
 
 	"golang.org/x/net/http2/hpack"
-
 )
 
 // rawH2Conn is a raw HTTP/2 agent (frames written by hand; hpack from x/net): it writes any
@@ -76,14 +75,16 @@ func h2Block(fields []h2Field) []byte {
 }
 
 type h2Resp struct {
-	status string
-	hdr    []hpack.HeaderField
-	body   string
-	trail  []hpack.HeaderField
+	status             string
+	hdr                []hpack.HeaderField
+	body               string
+	trail              []hpack.HeaderField
 	endStreamOnHeaders bool
 }
 
-func (r h2Resp) String() string { return fmt.Sprintf("%s %v %q trailers %v", r.status, r.hdr, r.body, r.trail) }
+func (r h2Resp) String() string {
+	return fmt.Sprintf("%s %v %q trailers %v", r.status, r.hdr, r.body, r.trail)
+}
 
 // send writes a request: its header block (split into HEADERS + CONTINUATIONs of at most
 // split bytes each, if split > 0), then body in one DATA frame if non-nil.

@@ -60,7 +60,6 @@ func (rec *upRecorder) last(t *testing.T) string {
 	return ""
 }
 
-
 // serveRaw records each request's head as raw bytes (up to the blank line) and answers
 // 200 with an empty body; a request with a body is not expected.
 func (rec *upRecorder) serveRaw(c *tls.Conn, br *bufio.Reader) {
