@@ -452,6 +452,15 @@ func (d *doctor) checkEnrolled() {
 		return
 	}
 	d.add("enrolled", statusOK, fmt.Sprintf("%d enrolled uid(s): %s", len(set), joinUIDs(set)), "")
+	for _, u := range set {
+		if msg, fix, bad := subordinateWarning(u); msg != "" {
+			status := statusWarn
+			if bad {
+				status = statusFail
+			}
+			d.add("subordinate ids", status, msg, fix)
+		}
+	}
 }
 
 func (d *doctor) stateDir() string {

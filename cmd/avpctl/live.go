@@ -42,6 +42,11 @@ func enrollment(g globals, cmd, verb string, args []string, stdout, stderr io.Wr
 		return fail(stderr, err)
 	}
 	fmt.Fprintf(stdout, "%s uid %d\n", verb, out.UID)
+	if cmd == "enroll-uid" {
+		if msg, fix, _ := subordinateWarning(out.UID); msg != "" {
+			fmt.Fprintf(stderr, "warning: %s\n  fix: %s\n", msg, fix)
+		}
+	}
 	return 0
 }
 
