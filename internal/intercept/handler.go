@@ -676,7 +676,34 @@ func (p *upstreamPool) RoundTrip(r *http.Request) (*http.Response, error) {
 			},
 		}))
 	}
-	return p.transport(k).RoundTrip(r)
+	// A stream over HTTP/2 draws on its user's budget too, as one over HTTP/1.1 does.
+	done := func() {}
+	if p.overLimit != nil {
+		rel, over := p.overLimit(f.UID)
+		if over {
+			return nil, errUIDLimit
+		}
+		done = rel
+	}
+	resp, err := p.transport(k).RoundTrip(r)
+	if err != nil {
+		done()
+		return nil, err
+	}
+	resp.Body = &releasingBody{ReadCloser: resp.Body, done: sync.OnceFunc(done)}
+	return resp, nil
+}
+
+// releasingBody gives a stream's slot of its user's budget back when it is closed.
+type releasingBody struct {
+	io.ReadCloser
+	done func()
+}
+
+func (b *releasingBody) Close() error {
+	err := b.ReadCloser.Close()
+	b.done()
+	return err
 }
 
 func (p *upstreamPool) transport(k upstreamKey) *http.Transport {
