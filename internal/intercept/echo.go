@@ -202,8 +202,22 @@ func refAt(d []byte, c byte) (int, bool) {
 // matchEscaped returns the end of v written at d, each byte as itself or escaped, or -1;
 // partial reports that d ended where v could still be going on.
 func matchEscaped(d []byte, v []byte) (end int, partial bool) {
-	i := 0
-	for j := 0; j < len(v); j++ {
+	m := escMatch{d: d, v: v}
+	return m.from(0, 0)
+}
+
+// escMatch matches one value at one place. A byte that is both itself and the start of its
+// own escape ('%' as "%25", '&' as "&amp;", '\\' as "\\\\") is tried both ways; the escape
+// tries that failed are remembered, so a value with many such bytes costs at most the
+// product of the two lengths, not two to the power of their count.
+type escMatch struct {
+	d, v   []byte
+	failed map[[2]int]bool // (i, j) tried and failed: whether it was partial
+}
+
+func (m *escMatch) from(i, j int) (end int, partial bool) {
+	d, v := m.d, m.v
+	for ; j < len(v); j++ {
 		if i >= len(d) {
 			return -1, true
 		}
@@ -219,13 +233,19 @@ func matchEscaped(d []byte, v []byte) (end int, partial bool) {
 		partial = partial || part
 		switch {
 		case lit && n > 0:
-			// '%' as "%25", '&' as "&amp;", '\\' as "\\\\": both readings are tried.
-			if e, p := matchEscaped(d[i+n:], v[j+1:]); e >= 0 {
-				return i + n + e, false
-			} else if p {
-				partial = true
+			key := [2]int{i + n, j + 1}
+			if p, seen := m.failed[key]; seen {
+				partial = partial || p
+			} else if e, p := m.from(i+n, j+1); e >= 0 {
+				return e, false
+			} else {
+				if m.failed == nil {
+					m.failed = map[[2]int]bool{}
+				}
+				m.failed[key] = p
+				partial = partial || p
 			}
-			i++
+			i++ // the literal reading
 		case n > 0:
 			i += n
 		case lit:

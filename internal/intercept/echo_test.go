@@ -11,6 +11,7 @@ import (
 	"net/url"
 	"strings"
 	"testing"
+	"time"
 )
 
 // A typical API key has no byte an echo escapes: it is matched as it is, at no extra cost.
@@ -196,5 +197,29 @@ func BenchmarkReplaceEscaped(b *testing.B) {
 	for b.Loop() {
 		replaceEscaped(body, r)
 		partialEscaped(body, r.from)
+	}
+}
+
+// A value of many bytes that are also the start of their own escape ('\\' as "\\\\") is
+// matched in polynomial time, found or not.
+func TestEscapedMatchIsNotExponential(t *testing.T) {
+	v := []byte(strings.Repeat(`\`, 40) + "y")
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		if e, _ := matchEscaped([]byte(strings.Repeat(`\`, 79)+"x"), v); e >= 0 {
+			t.Error("matched")
+		}
+		if e, _ := matchEscaped([]byte(strings.Repeat(`\\`, 40)+"y"), v); e != 81 {
+			t.Errorf("escaped: end %d, want 81", e)
+		}
+		if e, _ := matchEscaped([]byte(strings.Repeat(`%25`, 20)+strings.Repeat("%", 20)+"y"), []byte(strings.Repeat("%", 40)+"y")); e != 81 {
+			t.Errorf("percent: end %d, want 81", e)
+		}
+	}()
+	select {
+	case <-done:
+	case <-time.After(5 * time.Second):
+		t.Fatal("no answer in 5 s")
 	}
 }
