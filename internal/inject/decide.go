@@ -590,14 +590,26 @@ func matchesFormat(format, placeholder, value string) bool {
 // template over the compose secrets. vals maps each of s.FetchNames() to its value. The
 // caller wipes the result.
 func Value(s *config.Secret, vals map[string][]byte) ([]byte, error) {
+	v, inputs, err := ValueInputs(s, vals)
+	for _, in := range inputs {
+		clear(in)
+	}
+	return v, err
+}
+
+// ValueInputs is Value that also returns, for a template, copies of what went into its
+// encoding filters (b64encode, urlencode), which an upstream may quote decoded and so are
+// scrubbed too. The caller wipes them.
+func ValueInputs(s *config.Secret, vals map[string][]byte) ([]byte, [][]byte, error) {
 	if s.Template != nil {
-		return s.Template.Render(vals)
+		return s.Template.RenderInputs(vals)
 	}
 	v, ok := vals[s.Name]
 	if !ok {
-		return nil, fmt.Errorf("value of %s is missing", s.Name)
+		return nil, nil, fmt.Errorf("value of %s is missing", s.Name)
 	}
-	return PlainValue(s, v)
+	pv, err := PlainValue(s, v)
+	return pv, nil, err
 }
 
 // PlainValue is Value for a secret without a template, whose fetched value is v: a copy of
@@ -607,6 +619,12 @@ func PlainValue(s *config.Secret, v []byte) ([]byte, error) {
 		// A control byte would let a stored value split the header (CR LF) upstream.
 		if c < ' ' && c != '\t' || c == 0x7f {
 			return nil, fmt.Errorf("value of %s holds a control character and cannot go in a header", s.Name)
+		}
+		// A byte past ASCII, as a rendered template refuses it: servers read it as Latin-1
+		// or UTF-8 and may echo it re-encoded ("Ã©", "\u00e9"), a form the scrubber,
+		// which matches byte by byte, would not know.
+		if c > '~' {
+			return nil, fmt.Errorf("value of %s holds a byte that is not ASCII and cannot go in a header", s.Name)
 		}
 	}
 	return append([]byte(nil), v...), nil

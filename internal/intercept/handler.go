@@ -450,6 +450,9 @@ func (s *Server) value(ctx context.Context, in inject.Injection) (v []byte, raw 
 		if v, err = inject.PlainValue(in.Secret, fv); err != nil {
 			return nil, raw, "template_render_failed", err
 		}
+		if err := tooShort(in.Secret.Name, v); err != nil {
+			return nil, raw, "secret_too_short", err
+		}
 		return v, raw, "", nil
 	}
 	names := in.Secret.FetchNames()
@@ -462,11 +465,25 @@ func (s *Server) value(ctx context.Context, in inject.Injection) (v []byte, raw 
 		vals[n] = fv
 		raw = append(raw, fv)
 	}
-	v, err = inject.Value(in.Secret, vals)
+	v, inputs, err := inject.ValueInputs(in.Secret, vals)
+	raw = append(raw, inputs...) // scrubbed like the fetched values, and wiped with them
 	if err != nil {
 		return nil, raw, "template_render_failed", err
 	}
+	if err := tooShort(in.Secret.Name, v); err != nil {
+		return nil, raw, "secret_too_short", err
+	}
 	return v, raw, "", nil
+}
+
+// tooShort refuses (and wipes) a value too short to scrub from responses: an echo of it
+// could not be told from ordinary text.
+func tooShort(name string, v []byte) error {
+	if len(v) >= minScrubLen {
+		return nil
+	}
+	store.Wipe(v)
+	return fmt.Errorf("the value of %s is shorter than %d bytes, too short to scrub from an echo, so it is not injected", name, minScrubLen)
 }
 
 // denialEvents records every placeholder that was found but forwarded verbatim (I5), or

@@ -53,6 +53,12 @@ func newRawEnv(t *testing.T, real string, upProtos []string, serve func(ln net.L
 // newRawEnvConfig is newRawEnv with bindings of the test's own (the secret is still KEY).
 func newRawEnvConfig(t *testing.T, cfgYAML, real string, upProtos []string, serve func(ln net.Listener)) *rawEnv {
 	t.Helper()
+	return newRawEnvSecrets(t, cfgYAML, mapSecrets{"KEY": real}, upProtos, serve)
+}
+
+// newRawEnvSecrets is newRawEnvConfig with the backend's secrets of the test's own.
+func newRawEnvSecrets(t *testing.T, cfgYAML string, secrets mapSecrets, upProtos []string, serve func(ln net.Listener)) *rawEnv {
+	t.Helper()
 	ca := newTestCA(t)
 	cfg, err := config.Parse("bindings.yaml", []byte(cfgYAML))
 	if err != nil {
@@ -75,7 +81,7 @@ func newRawEnvConfig(t *testing.T, cfgYAML, real string, upProtos []string, serv
 	logs := &logBuffer{}
 	s, err := NewServer(Options{
 		Logf:   logs.logf,
-		Policy: inject.NewPolicy(cfg), CA: ca, Secrets: mapSecrets{"KEY": real}, Auditor: &eventLog{},
+		Policy: inject.NewPolicy(cfg), CA: ca, Secrets: secrets, Auditor: &eventLog{},
 		UpstreamTLS: &tls.Config{RootCAs: roots},
 		UpstreamDial: func(ctx context.Context, network, _ string) (net.Conn, error) {
 			var d net.Dialer

@@ -28,7 +28,6 @@ import (
 	"errors"
 	"fmt"
 	"hash"
-	"net/url"
 	"strings"
 )
 
@@ -63,7 +62,14 @@ type Error struct {
 func (e *Error) Error() string { return fmt.Sprintf("column %d: %s", e.Column, e.Msg) }
 
 type node interface {
-	eval(vals map[string][]byte) ([]byte, error)
+	eval(e *env) ([]byte, error)
+}
+
+// env is what a render reads (the compose values) and keeps (copies of what went into an
+// encoding filter, which an echo of the value may quote decoded).
+type env struct {
+	vals   map[string][]byte
+	inputs [][]byte
 }
 
 type text []byte
@@ -78,20 +84,20 @@ type call struct {
 	key, msg node
 }
 
-func (t text) eval(map[string][]byte) ([]byte, error) { return append([]byte(nil), t...), nil }
+func (t text) eval(*env) ([]byte, error) { return append([]byte(nil), t...), nil }
 
-func (n name) eval(vals map[string][]byte) ([]byte, error) {
-	v, ok := vals[string(n)]
+func (n name) eval(e *env) ([]byte, error) {
+	v, ok := e.vals[string(n)]
 	if !ok {
 		return nil, fmt.Errorf("value of %s is missing", string(n))
 	}
 	return append([]byte(nil), v...), nil
 }
 
-func (c concat) eval(vals map[string][]byte) ([]byte, error) {
+func (c concat) eval(e *env) ([]byte, error) {
 	var out []byte
 	for _, n := range c {
-		v, err := n.eval(vals)
+		v, err := n.eval(e)
 		if err != nil {
 			return nil, err
 		}
@@ -104,14 +110,20 @@ func (c concat) eval(vals map[string][]byte) ([]byte, error) {
 	return out, nil
 }
 
-func (f filter) eval(vals map[string][]byte) ([]byte, error) {
-	v, err := f.arg.eval(vals)
+func (f filter) eval(e *env) ([]byte, error) {
+	v, err := f.arg.eval(e)
 	if err != nil {
 		return nil, err
 	}
 	defer wipe(v)
 	switch f.name {
-	case "b64encode":
+	case "b64encode", "urlencode":
+		// The upstream may decode the credential and quote it ("ops:Tr0ub4d" of a Basic
+		// header): what was encoded is scrubbed too.
+		e.inputs = append(e.inputs, append([]byte(nil), v...))
+		if f.name == "urlencode" {
+			return queryEscape(v), nil
+		}
 		out := make([]byte, base64.StdEncoding.EncodedLen(len(v)))
 		base64.StdEncoding.Encode(out, v)
 		return out, nil
@@ -119,26 +131,50 @@ func (f filter) eval(vals map[string][]byte) ([]byte, error) {
 		out := make([]byte, base64.StdEncoding.DecodedLen(len(v)))
 		n, err := base64.StdEncoding.Decode(out, v)
 		if err != nil {
+			wipe(out) // what was decoded before the error
 			// The error would quote an offset into a secret; say only what failed.
 			return nil, errors.New("b64decode: input is not valid base64")
 		}
 		return out[:n], nil
-	case "urlencode":
-		return []byte(url.QueryEscape(string(v))), nil
 	case "sha256":
 		sum := sha256.Sum256(v)
-		return []byte(hex.EncodeToString(sum[:])), nil
+		return hexBytes(sum[:]), nil
 	}
 	return nil, fmt.Errorf("unknown filter %s", f.name)
 }
 
-func (c call) eval(vals map[string][]byte) ([]byte, error) {
-	k, err := c.key.eval(vals)
+// queryEscape is url.QueryEscape into a []byte of the caller's: QueryEscape takes and
+// returns strings, copies of the secret that could never be wiped.
+func queryEscape(v []byte) []byte {
+	const hexDigits = "0123456789ABCDEF"
+	out := make([]byte, 0, 3*len(v))
+	for _, c := range v {
+		switch {
+		case 'a' <= c && c <= 'z', 'A' <= c && c <= 'Z', '0' <= c && c <= '9', c == '-', c == '_', c == '.', c == '~':
+			out = append(out, c)
+		case c == ' ':
+			out = append(out, '+')
+		default:
+			out = append(out, '%', hexDigits[c>>4], hexDigits[c&15])
+		}
+	}
+	return out
+}
+
+// hexBytes is b in lower-case hex, as a []byte (hex.EncodeToString would make a string).
+func hexBytes(b []byte) []byte {
+	out := make([]byte, hex.EncodedLen(len(b)))
+	hex.Encode(out, b)
+	return out
+}
+
+func (c call) eval(e *env) ([]byte, error) {
+	k, err := c.key.eval(e)
 	if err != nil {
 		return nil, err
 	}
 	defer wipe(k)
-	m, err := c.msg.eval(vals)
+	m, err := c.msg.eval(e)
 	if err != nil {
 		return nil, err
 	}
@@ -154,7 +190,7 @@ func (c call) eval(vals map[string][]byte) ([]byte, error) {
 	}
 	mac := hmac.New(h, k)
 	mac.Write(m)
-	return []byte(hex.EncodeToString(mac.Sum(nil))), nil
+	return hexBytes(mac.Sum(nil)), nil
 }
 
 func wipe(b []byte) {
@@ -214,26 +250,46 @@ func Parse(src string, allowed []string) (*Template, error) {
 }
 
 // Render evaluates the template with the compose values. The caller wipes the result.
-func (t *Template) Render(vals map[string][]byte) (out []byte, err error) {
+func (t *Template) Render(vals map[string][]byte) ([]byte, error) {
+	out, inputs, err := t.RenderInputs(vals)
+	for _, in := range inputs {
+		wipe(in)
+	}
+	return out, err
+}
+
+// RenderInputs is Render that also returns copies of what went into b64encode and
+// urlencode, which the caller scrubs from responses as it does the result, and wipes.
+func (t *Template) RenderInputs(vals map[string][]byte) (out []byte, inputs [][]byte, err error) {
+	e := &env{vals: vals}
 	defer func() {
 		// Rendering is written not to panic; this is the last line of defence, and it never
 		// lets a panic message (which could quote a value) escape.
 		if r := recover(); r != nil {
 			wipe(out)
-			out, err = nil, errors.New("template render failed")
+			for _, in := range e.inputs {
+				wipe(in)
+			}
+			out, inputs, err = nil, nil, errors.New("template render failed")
 		}
 	}()
-	out, err = concat(t.parts).eval(vals)
-	if err != nil {
-		return nil, err
-	}
-	for _, c := range out {
-		if c < ' ' && c != '\t' || c > '~' {
-			wipe(out)
-			return nil, errors.New("rendered value holds a byte that is not allowed in a header value")
+	out, err = concat(t.parts).eval(e)
+	if err == nil {
+		for _, c := range out {
+			if c < ' ' && c != '\t' || c > '~' {
+				wipe(out)
+				out, err = nil, errors.New("rendered value holds a byte that is not allowed in a header value")
+				break
+			}
 		}
 	}
-	return out, nil
+	if err != nil {
+		for _, in := range e.inputs {
+			wipe(in)
+		}
+		return nil, nil, err
+	}
+	return out, e.inputs, nil
 }
 
 type parser struct {
