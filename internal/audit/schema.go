@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"slices"
 	"sort"
+	"strconv"
 	"strings"
 )
 
@@ -48,6 +49,18 @@ func Decisions() []string { return slices.Clone(decisions) }
 
 // maxField bounds every string field: the log holds names, addresses and paths, not data.
 const maxField = 4096
+
+// MaxPath is the longest path an event holds whole; CutPath cuts a longer one.
+const MaxPath = 2048
+
+// CutPath returns p as an event holds it: whole when it is at most MaxPath bytes, else its
+// first MaxPath bytes and a note of the length (a request's path may be 8 KiB, a field 4).
+func CutPath(p string) string {
+	if len(p) <= MaxPath {
+		return p
+	}
+	return p[:MaxPath] + "...(" + strconv.Itoa(len(p)) + " bytes)"
+}
 
 // setFields lists the JSON names of the fields that are set (non-zero), besides ts and type.
 func (e *Event) setFields() []string { return e.appendSetFields(nil) }

@@ -96,6 +96,12 @@ func (l *eventLog) Record(_ context.Context, events ...audit.Event) error {
 		l.fail--
 		return errors.New("audit log does not answer")
 	}
+	for i := range events {
+		// As the journal client does: an event outside the schema is refused whole.
+		if err := events[i].Validate(); err != nil {
+			return err
+		}
+	}
 	if len(l.events) < 1000 {
 		l.events = append(l.events, events...)
 	}

@@ -189,7 +189,7 @@ func (s *Server) prepare(ctx context.Context, f inject.Facts, method, authority 
 	d := policy.Decide(f, ir)
 	base := audit.Event{
 		Type: audit.TypeDecision, UID: uidPtr(f.UID), Dst: f.OrigDst.String(), SNI: f.SNI,
-		Method: auditMethod(method), Path: d.Path,
+		Method: auditMethod(method), Path: audit.CutPath(d.Path),
 	}
 	deny := func(status int, reason string) prepared {
 		release()

@@ -55,6 +55,19 @@ func (s *Server) recordLate(ctx context.Context) {
 				more = false
 			}
 		}
+		// An event the schema refuses would be refused on every try and hold up every
+		// refusal queued behind it: it is dropped, with a line in the log.
+		valid := batch[:0]
+		for _, e := range batch {
+			if err := e.Validate(); err != nil {
+				s.logf("audit: dropped a late refusal that cannot be recorded: %v", err)
+				continue
+			}
+			valid = append(valid, e)
+		}
+		if batch = valid; len(batch) == 0 {
+			continue
+		}
 		rctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 		err := s.auditor.Record(rctx, batch...)
 		cancel()

@@ -48,3 +48,28 @@ func TestAuditUnavailableIsRecordedLate(t *testing.T) {
 		}
 	}
 }
+
+// TestInvalidLateRefusalIsDropped: an event the schema refuses would be refused on every
+// try; it is dropped, and the refusals queued with it are recorded.
+func TestInvalidLateRefusalIsDropped(t *testing.T) {
+	p := newH1Pair(t)
+	bad := audit.Event{Type: audit.TypeDecision, Decision: audit.DecisionRefuse, Reason: "audit_unavailable", Path: "/" + strings.Repeat("a", 5000)}
+	good := audit.Event{Type: audit.TypeDecision, Decision: audit.DecisionRefuse, Reason: "audit_unavailable", Path: "/v1/after", Status: 503}
+	p.srv.late <- bad
+	p.srv.late <- good
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		for _, e := range p.audit.snapshot() {
+			if e.Path == "/v1/after" {
+				if !strings.Contains(p.logs.String(), "dropped a late refusal") {
+					t.Fatalf("no log line for the dropped event:\n%s", p.logs.String())
+				}
+				return
+			}
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the refusal queued after an invalid one was never recorded")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
