@@ -21,6 +21,7 @@ import (
 	"sync/atomic"
 	"syscall"
 	"time"
+	"unicode/utf8"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
@@ -334,11 +335,22 @@ func (j *Journal) recover() (Event, error) {
 	} else {
 		detail += "; the tail was intact"
 	}
-	if len(detail) > maxField {
-		detail = detail[:maxField]
-	}
-	start.Detail = detail
+	start.Detail = cutField(detail)
 	return start, nil
+}
+
+// cutField cuts s to maxField bytes on a character's start. A cut through a UTF-8
+// sequence (in a log path of the operator's) would be written as U+FFFD, three bytes, past
+// the limit, and the journal's own line would not parse back at its next start.
+func cutField(s string) string {
+	if len(s) <= maxField {
+		return s
+	}
+	cut := maxField
+	for cut > 0 && !utf8.RuneStart(s[cut]) {
+		cut--
+	}
+	return strings.ToValidUTF8(s[:cut], "")
 }
 
 // moveAside copies the bytes [from, to) of f to a new file beside the log, makes the copy
@@ -361,6 +373,7 @@ func moveAside(f *os.File, log string, from, to int64) (string, error) {
 		err = cerr
 	}
 	if err != nil {
+		os.Remove(p) // a partial copy (a full disk, say) is not kept: each retry made one
 		return "", fmt.Errorf("keep torn tail in %s: %w", p, err)
 	}
 	if err := syncDir(filepath.Dir(log)); err != nil {
