@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bufio"
 	"bytes"
 	"encoding/json"
 	"flag"
@@ -148,19 +149,9 @@ func auditTail(args []string, stdout, stderr io.Writer) int {
 	}
 	var last [][]byte
 	for i := len(set) - 1; i >= 0 && len(last) < *n; i-- {
-		data, err := os.ReadFile(set[i])
+		found, err := lastMatches(set[i], *n-len(last), match)
 		if err != nil {
 			return fail(stderr, err)
-		}
-		lines := bytes.Split(data, []byte("\n"))
-		if len(lines) > 0 && len(lines[len(lines)-1]) == 0 {
-			lines = lines[:len(lines)-1]
-		}
-		var found [][]byte
-		for k := len(lines) - 1; k >= 0 && len(found)+len(last) < *n; k-- {
-			if l, err := audit.ParseLine(lines[k], nil); err == nil && match(l) {
-				found = append(found, lines[k])
-			}
 		}
 		last = append(last, found...)
 	}
@@ -281,4 +272,36 @@ func formatLine(l *audit.Line) string {
 		fmt.Fprintf(&b, " detail=%s", d)
 	}
 	return b.String()
+}
+
+// lastMatches returns up to n of the last lines of file that parse and match, newest first.
+// It reads the file line by line, keeping only those n: a log file is as large as an agent
+// made it, and one planted on root's path may be one line of gigabytes (refused past 1 MiB).
+func lastMatches(file string, n int, match func(*audit.Line) bool) ([][]byte, error) {
+	f, err := os.Open(file)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	if st, err := f.Stat(); err != nil || !st.Mode().IsRegular() {
+		return nil, fmt.Errorf("%s is not a regular file", file)
+	}
+	sc := bufio.NewScanner(f)
+	sc.Buffer(make([]byte, 64<<10), 1<<20+1)
+	ring := make([][]byte, n) // the last n matches; seen counts all of them
+	seen := 0
+	for sc.Scan() {
+		if l, err := audit.ParseLine(sc.Bytes(), nil); err == nil && match(l) {
+			ring[seen%n] = bytes.Clone(sc.Bytes())
+			seen++
+		}
+	}
+	if err := sc.Err(); err != nil {
+		return nil, fmt.Errorf("read %s: %w", file, err)
+	}
+	out := make([][]byte, 0, min(seen, n))
+	for k := seen - 1; k >= max(0, seen-n); k-- {
+		out = append(out, ring[k%n])
+	}
+	return out, nil
 }

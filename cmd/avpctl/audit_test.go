@@ -108,3 +108,18 @@ func TestAuditTailQuotesControlCharacters(t *testing.T) {
 		t.Fatalf("%q", got)
 	}
 }
+
+// A file of one line of megabytes (planted where root runs tail or verify) is refused
+// without being read whole.
+func TestAuditCommandsOnAHugeLine(t *testing.T) {
+	log := filepath.Join(t.TempDir(), "audit.jsonl")
+	if err := os.WriteFile(log, []byte(strings.Repeat("x", 3<<20)), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if code, _, errs := runCmd("audit", "tail", log); code == 0 || !strings.Contains(errs, "too long") {
+		t.Fatalf("tail: %d %q", code, errs)
+	}
+	if code, out, errs := runCmd("audit", "verify", log); code == 0 {
+		t.Fatalf("verify: %d %q %q", code, out, errs)
+	}
+}

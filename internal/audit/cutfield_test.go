@@ -25,3 +25,23 @@ func TestLongStartDetailParsesBack(t *testing.T) {
 		}
 	}
 }
+
+// TestLineReaderBoundsALine: a line past maxLineLen (a planted file of one huge line) comes
+// back cut to maxLineLen+1 bytes, never held whole, and the lines after it read as before.
+func TestLineReaderBoundsALine(t *testing.T) {
+	huge := strings.Repeat("x", 3*maxLineLen)
+	lr := newLineReader(strings.NewReader(huge + "\nnext\n" + strings.Repeat("y", maxLineLen) + "\nlast"))
+	for _, want := range []struct {
+		n        int
+		off      int64
+		complete bool
+	}{{maxLineLen + 1, 0, true}, {4, int64(len(huge) + 1), true}, {maxLineLen, int64(len(huge) + 6), true}, {4, int64(len(huge) + 7 + maxLineLen), false}} {
+		line, off, complete, err := lr.next()
+		if err != nil || len(line) != want.n || off != want.off || complete != want.complete {
+			t.Fatalf("got %d bytes at %d complete %v err %v, want %+v", len(line), off, complete, err, want)
+		}
+	}
+	if _, _, _, err := lr.next(); err == nil {
+		t.Fatal("no end")
+	}
+}

@@ -201,21 +201,33 @@ func newLineReader(r io.Reader) *lineReader {
 }
 
 // next returns the next line without its newline, the offset it starts at, and whether it
-// was terminated by a newline. At the end it returns io.EOF.
+// was terminated by a newline. At the end it returns io.EOF. A line longer than maxLineLen
+// comes back cut to maxLineLen+1 bytes (which no parse accepts), so a file of one huge line
+// costs no more memory than that.
 func (lr *lineReader) next() (line []byte, off int64, complete bool, err error) {
-	line, err = lr.r.ReadBytes('\n')
 	off = lr.off
-	lr.off += int64(len(line))
-	if err == io.EOF {
-		if len(line) == 0 {
-			return nil, off, false, io.EOF
+	for {
+		frag, e := lr.r.ReadSlice('\n')
+		lr.off += int64(len(frag))
+		if room := maxLineLen + 1 - len(line); room > 0 {
+			line = append(line, frag[:min(len(frag), room)]...)
 		}
-		return line, off, false, nil
+		switch {
+		case e == bufio.ErrBufferFull:
+			continue
+		case e == io.EOF:
+			if lr.off == off {
+				return nil, off, false, io.EOF
+			}
+			return line, off, false, nil
+		case e != nil:
+			return nil, off, false, e
+		}
+		if n := len(line); n > 0 && line[n-1] == '\n' && lr.off-off == int64(n) {
+			line = line[:n-1]
+		}
+		return line, off, true, nil
 	}
-	if err != nil {
-		return nil, off, false, err
-	}
-	return line[:len(line)-1], off, true, nil
 }
 
 // Problem is the first thing wrong with a log set.
