@@ -1,6 +1,7 @@
 package bws
 
 import (
+	"encoding/base64"
 	"encoding/binary"
 	"encoding/json"
 	"errors"
@@ -67,7 +68,7 @@ type Ident struct {
 // WriteFrame writes v as one message. The encoded buffer is wiped after the write because it
 // may hold a token or a value in base64.
 func WriteFrame(w io.Writer, v any) error {
-	data, err := json.Marshal(v)
+	data, err := marshal(v)
 	if err != nil {
 		return err
 	}
@@ -81,6 +82,29 @@ func WriteFrame(w io.Writer, v any) error {
 	copy(buf[4:], data)
 	_, err = w.Write(buf)
 	return err
+}
+
+// marshal is json.Marshal but for a Request's token, which it writes itself: json.Marshal
+// encodes into a pooled buffer of its own and copies out of it, so the token's base64 would
+// stay in that buffer, unwiped and reused by every later message.
+func marshal(v any) ([]byte, error) {
+	r, ok := v.(*Request)
+	if !ok || len(r.Token) == 0 {
+		return json.Marshal(v)
+	}
+	rest := *r
+	rest.Token = nil
+	data, err := json.Marshal(&rest) // an object with at least id and op
+	if err != nil {
+		return nil, err
+	}
+	out := make([]byte, 0, len(data)+len(`"token":"",`)+base64.StdEncoding.EncodedLen(len(r.Token)))
+	out = append(out, `{"token":"`...)
+	n := len(out)
+	out = out[:n+base64.StdEncoding.EncodedLen(len(r.Token))]
+	base64.StdEncoding.Encode(out[n:], r.Token)
+	out = append(out, `",`...)
+	return append(out, data[1:]...), nil
 }
 
 // ReadFrame reads one message into v and wipes the raw bytes.
