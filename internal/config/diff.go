@@ -37,6 +37,13 @@ func Diff(old, new *Config) []Change {
 		o, nw := olds[n], news[n]
 		switch {
 		case o == nil:
+			// What it injects, and which backend secrets that reads: a new name can carry
+			// an existing secret's value ({{ OPENAI_API_KEY }}) to its new hosts.
+			text := "injected as " + shape(nw)
+			if fetch := nw.FetchNames(); !slices.Equal(fetch, []string{n}) {
+				text += "; it sends the value of backend secret(s) " + strings.Join(fetch, ", ")
+			}
+			out = append(out, Change{Secret: n, Kind: "+", Text: text})
 			for _, b := range nw.Bindings {
 				out = append(out, Change{Secret: n, Kind: "+", Text: describe(b), Widens: append([]string{"new secret"}, bindingRisks(b)...)})
 			}
