@@ -694,13 +694,9 @@ func (p *upstreamPool) RoundTrip(r *http.Request) (*http.Response, error) {
 		}))
 	}
 	// A stream over HTTP/2 draws on its user's budget too, as one over HTTP/1.1 does.
-	done := func() {}
-	if p.overLimit != nil {
-		rel, over := p.overLimit(f.UID)
-		if over {
-			return nil, errUIDLimit
-		}
-		done = rel
+	done, err := p.slot(f.UID)
+	if err != nil {
+		return nil, err
 	}
 	resp, err := p.transport(k).RoundTrip(r)
 	if err != nil {

@@ -65,13 +65,9 @@ func (p *upstreamPool) roundTripH1(r *http.Request, f inject.Facts) (*http.Respo
 	// Each stream holds an upstream connection of its own while it runs, so an agent's
 	// streams draw on its connection budget (proxy.max_connections_per_uid) like its
 	// connections do: 100 streams on each of many connections cannot multiply its share.
-	done := func() {}
-	if p.overLimit != nil {
-		rel, over := p.overLimit(f.UID)
-		if over {
-			return nil, errUIDLimit
-		}
-		done = rel
+	done, err := p.slot(f.UID)
+	if err != nil {
+		return nil, err
 	}
 	resp, err := p.roundTripH1Slot(r, f)
 	if err != nil {
@@ -80,6 +76,18 @@ func (p *upstreamPool) roundTripH1(r *http.Request, f inject.Facts) (*http.Respo
 	}
 	resp.Body.(*h1RespBody).done = done
 	return resp, nil
+}
+
+// slot takes a slot of uid's connection budget for one stream; done gives it back.
+func (p *upstreamPool) slot(uid int64) (done func(), err error) {
+	if p.overLimit == nil {
+		return func() {}, nil
+	}
+	rel, over := p.overLimit(uid)
+	if over {
+		return nil, errUIDLimit
+	}
+	return rel, nil
 }
 
 // errUIDLimit refuses an HTTP/2 stream whose user is at proxy.max_connections_per_uid.
