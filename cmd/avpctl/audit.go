@@ -74,6 +74,10 @@ func auditVerify(args []string, stdout, stderr io.Writer) int {
 	if err != nil {
 		return fail(stderr, err)
 	}
+	if inProcessLog(set) {
+		fmt.Fprintf(stdout, "not verifiable: %s is the in-process audit log (audit.path): its lines have no seq, chain or MAC. Only the journal's log (audit.socket, avpd journal) can be verified; avpctl audit tail reads both.\n", set[0])
+		return 2
+	}
 	rep, err := audit.Verify(set, key)
 	if err != nil {
 		return fail(stderr, err)
@@ -127,7 +131,7 @@ func auditTail(args []string, stdout, stderr io.Writer) int {
 		return (*secret == "" || l.Secret == *secret) && (*decision == "" || l.Decision == *decision)
 	}
 	print := func(raw []byte) {
-		l, err := audit.ParseLine(raw, nil)
+		l, err := audit.ParseAnyLine(raw)
 		if err != nil {
 			fmt.Fprintf(stderr, "avpctl: skipping a line that is not a journal line (%v); run avpctl audit verify\n", err)
 			return
@@ -235,7 +239,11 @@ func printable(s string) string {
 // formatLine is the human form of one event.
 func formatLine(l *audit.Line) string {
 	var b strings.Builder
-	fmt.Fprintf(&b, "%s #%d %s", l.TS.UTC().Format("2006-01-02T15:04:05.000Z"), l.Seq, l.Type)
+	fmt.Fprintf(&b, "%s", l.TS.UTC().Format("2006-01-02T15:04:05.000Z"))
+	if l.Seq > 0 { // a line of the in-process log has none
+		fmt.Fprintf(&b, " #%d", l.Seq)
+	}
+	fmt.Fprintf(&b, " %s", l.Type)
 	add := func(k, v string) {
 		if v != "" {
 			fmt.Fprintf(&b, " %s=%s", k, printable(v))
@@ -291,7 +299,7 @@ func lastMatches(file string, n int, match func(*audit.Line) bool) ([][]byte, er
 	ring := make([][]byte, n) // the last n matches; seen counts all of them
 	seen := 0
 	for sc.Scan() {
-		if l, err := audit.ParseLine(sc.Bytes(), nil); err == nil && match(l) {
+		if l, err := audit.ParseAnyLine(sc.Bytes()); err == nil && match(l) {
 			ring[seen%n] = bytes.Clone(sc.Bytes())
 			seen++
 		}
@@ -304,4 +312,19 @@ func lastMatches(file string, n int, match func(*audit.Line) bool) ([][]byte, er
 		out = append(out, ring[k%n])
 	}
 	return out, nil
+}
+
+// inProcessLog reports whether the first line of a log set is one of the in-process log's.
+func inProcessLog(set []string) bool {
+	if len(set) == 0 {
+		return false
+	}
+	f, err := os.Open(set[0])
+	if err != nil {
+		return false
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	sc.Buffer(make([]byte, 64<<10), 1<<20+1)
+	return sc.Scan() && audit.IsPlainEvent(sc.Bytes())
 }

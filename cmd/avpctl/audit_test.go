@@ -123,3 +123,28 @@ func TestAuditCommandsOnAHugeLine(t *testing.T) {
 		t.Fatalf("verify: %d %q %q", code, out, errs)
 	}
 }
+
+// The in-process log (audit.path, the by-hand setup) has plain events: tail shows them, and
+// verify says it cannot verify them rather than calling the log broken.
+func TestAuditCommandsOnTheInProcessLog(t *testing.T) {
+	log := filepath.Join(t.TempDir(), "audit.jsonl")
+	w, err := audit.OpenFile(log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	w.Record(context.Background(),
+		audit.Event{Type: audit.TypeProxyStart, Detail: "avpd started"},
+		audit.Event{Type: audit.TypeDecision, Decision: audit.DecisionInject, Reason: "binding_matched", Secret: "OPENAI", SNI: "api.openai.com", Method: "POST", Path: "/v1/chat"},
+		audit.Event{Type: audit.TypeDecision, Decision: audit.DecisionForwardVerbatim, Reason: "method_not_allowed", Secret: "OPENAI", SNI: "api.openai.com", Method: "GET", Path: "/v1/models"})
+	w.Close()
+	code, out, errs := runCmd("audit", "tail", log)
+	if code != 0 || strings.Count(out, "\n") != 3 || !strings.Contains(out, "decision inject reason=binding_matched secret=OPENAI") || errs != "" {
+		t.Fatalf("tail: %d %q %q", code, out, errs)
+	}
+	if _, out, _ := runCmd("audit", "tail", "--decision", "forward_verbatim", log); strings.Count(out, "\n") != 1 {
+		t.Fatalf("tail --decision: %q", out)
+	}
+	if code, out, _ := runCmd("audit", "verify", log); code != 2 || !strings.Contains(out, "in-process audit log") || strings.Contains(out, "BROKEN") {
+		t.Fatalf("verify: %d %q", code, out)
+	}
+}

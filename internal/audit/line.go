@@ -144,6 +144,38 @@ func parseLine(raw []byte, key []byte) (*Line, error) {
 // checks its MAC. It does not check the chain: Verify does.
 func ParseLine(raw []byte, key []byte) (*Line, error) { return parseLine(raw, key) }
 
+// ParseAnyLine reads a journal line, or a line of the in-process log (audit.path), which
+// is one event with no seq, chain or MAC: it comes back as a Line with Seq 0.
+func ParseAnyLine(raw []byte) (*Line, error) {
+	l, err := parseLine(raw, nil)
+	if err == nil {
+		return l, nil
+	}
+	if e, ok := plainEvent(raw); ok {
+		return &Line{TS: e.TS, Event: *e}, nil
+	}
+	return nil, err
+}
+
+// IsPlainEvent reports whether raw is a line of the in-process log.
+func IsPlainEvent(raw []byte) bool {
+	_, ok := plainEvent(raw)
+	return ok
+}
+
+func plainEvent(raw []byte) (*Event, bool) {
+	if len(raw) > maxLineLen || bytes.Contains(raw, []byte(`"mac":`)) {
+		return nil, false
+	}
+	var e Event
+	dec := json.NewDecoder(bytes.NewReader(raw))
+	dec.DisallowUnknownFields()
+	if dec.Decode(&e) != nil || e.TS.IsZero() || e.Validate() != nil {
+		return nil, false
+	}
+	return &e, true
+}
+
 func isLowerHex(b []byte) bool {
 	for _, c := range b {
 		if !(c >= '0' && c <= '9' || c >= 'a' && c <= 'f') {
