@@ -26,7 +26,8 @@ func (d *Daemon) openBackend(cfg *config.Config) error {
 		if err != nil {
 			return err
 		}
-		backend = fb
+		d.file, backend = fb, fb
+		_ = d.checkFileNames(cfg) // NewFileBackend has checked the file; this logs missing names
 	case "bws":
 		w := cfg.Backend.BWS
 		b, err := bws.New(bws.Options{
@@ -74,6 +75,32 @@ func (d *Daemon) closeBackend() {
 	if d.cache != nil {
 		d.cache.Flush("")
 	}
+}
+
+// checkFileNames checks the secrets file as a fetch would and logs the names the config
+// fetches that it does not hold: each would get 503 secret_unavailable on first use, and a
+// misspelt name is better found at start than by the first agent. The error is the file's.
+func (d *Daemon) checkFileNames(cfg *config.Config) error {
+	if d.file == nil {
+		return nil
+	}
+	have, err := d.file.Check()
+	if err != nil {
+		return err
+	}
+	var missing []string
+	for _, s := range cfg.Secrets {
+		for _, n := range s.FetchNames() {
+			if !slices.Contains(have, n) && !slices.Contains(missing, n) {
+				missing = append(missing, n)
+			}
+		}
+	}
+	if len(missing) > 0 {
+		slices.Sort(missing)
+		d.logf("secrets file %s has no value for %s: requests that inject them get 503 secret_unavailable until it does", cfg.Backend.File.Path, strings.Join(missing, ", "))
+	}
+	return nil
 }
 
 func (d *Daemon) secretNames() []string {

@@ -60,7 +60,8 @@ type Daemon struct {
 	fw        *redirect.Firewall
 	ca        *intercept.CA
 	cache     *store.Cache
-	bws       *bws.Backend // nil unless backend type bws
+	bws       *bws.Backend       // nil unless backend type bws
+	file      *store.FileBackend // nil unless backend type file
 	auditor   auditCloser
 	srv       *intercept.Server
 	listeners []net.Listener
@@ -319,11 +320,20 @@ func (d *Daemon) reload() error {
 	cfg, sum, err := loadConfig(d.opts.ConfigPath)
 	if err != nil {
 		d.audit(audit.Event{Type: audit.TypeConfigRejected, Detail: "config file failed validation; the running config is unchanged"})
+		d.logf("reload refused, the running config is unchanged: %v", err)
 		return err
 	}
 	if cfg.Backend != d.cfg.Backend || cfg.Proxy != d.cfg.Proxy || cfg.Audit != d.cfg.Audit || cfg.Cache != d.cfg.Cache {
 		d.audit(audit.Event{Type: audit.TypeConfigRejected, Detail: "backend, cache, proxy and audit sections change only on restart"})
+		d.logf("reload refused, the running config is unchanged: backend, cache, proxy and audit sections change only on restart")
 		return errors.New("backend, cache, proxy and audit sections change only on restart; only secrets can be reloaded")
+	}
+	// The secrets file is checked as at start: a reload that flushed the cache and then
+	// found the file unreadable (its mode loosened, its YAML broken) would fail every request.
+	if err := d.checkFileNames(cfg); err != nil {
+		d.audit(audit.Event{Type: audit.TypeConfigRejected, Detail: "secrets file failed its check; the running config is unchanged"})
+		d.logf("reload refused, the running config is unchanged: %v", err)
+		return err
 	}
 	d.policy = inject.NewPolicy(cfg)
 	d.srv.SetPolicy(d.policy)

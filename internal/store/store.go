@@ -109,11 +109,40 @@ func (f *FileBackend) load() (map[string][]byte, error) {
 	for i := 0; i+1 < len(doc.Content); i += 2 {
 		k, v := doc.Content[i], doc.Content[i+1]
 		if v.Kind != yaml.ScalarNode {
+			wipeAll(out)
 			return nil, fmt.Errorf("parse secrets file %s:%d: value of %q must be a string", f.path, v.Line, k.Value)
+		}
+		if _, dup := out[k.Value]; dup {
+			// The last would win silently: which value is meant is the operator's call.
+			wipeAll(out)
+			return nil, fmt.Errorf("parse secrets file %s:%d: %s is given twice; keep one", f.path, k.Line, k.Value)
 		}
 		out[k.Value] = []byte(v.Value)
 	}
 	return out, nil
+}
+
+func wipeAll(m map[string][]byte) {
+	for _, v := range m {
+		Wipe(v)
+	}
+}
+
+// Check reads the file as a fetch would (its mode, its owner, its YAML) and returns the
+// names it holds, values wiped: a reload checks it as a start does.
+func (f *FileBackend) Check() ([]string, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	m, err := f.load()
+	if err != nil {
+		return nil, err
+	}
+	names := make([]string, 0, len(m))
+	for k, v := range m {
+		names = append(names, k)
+		Wipe(v)
+	}
+	return names, nil
 }
 
 // Fetch returns a copy of the named value.

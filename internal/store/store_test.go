@@ -5,6 +5,7 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -132,5 +133,33 @@ func TestFileBackendErrorsNeverQuoteValues(t *testing.T) {
 	_, err := NewFileBackend(p)
 	if err == nil || strings.Contains(err.Error(), "sk-real") {
 		t.Fatalf("err = %v", err)
+	}
+}
+
+// A name given twice would have its last value win silently; the file is refused, naming
+// the line, and no value is quoted.
+func TestFileBackendRefusesADuplicateName(t *testing.T) {
+	p := writeFile(t, 0o600, "OPENAI: sk-real-1234\nOTHER: x\nOPENAI: sk-real-5678\n")
+	_, err := NewFileBackend(p)
+	if err == nil || !strings.Contains(err.Error(), p+":3: OPENAI is given twice") || strings.Contains(err.Error(), "sk-real") {
+		t.Fatalf("err = %v", err)
+	}
+}
+
+// Check reads the file as a fetch does and lists its names; a mode loosened since the start
+// is an error.
+func TestFileBackendCheck(t *testing.T) {
+	p := writeFile(t, 0o600, "OPENAI: sk-real-1234\nOTHER: x\n")
+	b, err := NewFileBackend(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	names, err := b.Check()
+	if slices.Sort(names); err != nil || strings.Join(names, ",") != "OPENAI,OTHER" {
+		t.Fatalf("names %v, %v", names, err)
+	}
+	os.Chmod(p, 0o644)
+	if _, err := b.Check(); err == nil || !strings.Contains(err.Error(), "chmod 600") {
+		t.Fatalf("a readable file: %v", err)
 	}
 }
