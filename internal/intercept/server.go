@@ -413,6 +413,9 @@ func (s *Server) handleConn(ctx context.Context, c *net.TCPConn) {
 	s.terminate(c, peeked, facts)
 }
 
+// passthroughAuditTimeout bounds the wait for a spliced connection's audit event.
+const passthroughAuditTimeout = 10 * time.Second
+
 // lookupPeerUID is peerUID; a test replaces it.
 var lookupPeerUID = peerUID
 
@@ -428,12 +431,22 @@ func (s *Server) logUnknownUID(orig netip.AddrPort) {
 // bytes, so the agent talks to the real server and sees its real certificate.
 func (s *Server) passthrough(ctx context.Context, c *net.TCPConn, peeked []byte, f inject.Facts, reason string) {
 	s.stats.passthrough.Add(1)
+	// Passthrough carries no secret, so its audit event does not hold the splice up; but the
+	// connection keeps its slot of the user's budget until the event is recorded (the wait
+	// runs after the close below): an agent that opened and closed connections in a loop
+	// would otherwise pile up records without bound, ahead of every other user's.
+	recorded := make(chan struct{})
+	defer func() { <-recorded }()
 	defer c.Close()
-	// Passthrough carries no secret, so its audit event does not hold the connection up.
-	go s.record(context.Background(), audit.Event{
-		Type: audit.TypeDecision, Decision: audit.DecisionPassthrough, Reason: reason,
-		UID: uidPtr(f.UID), Dst: f.OrigDst.String(), SNI: f.SNI,
-	})
+	go func() {
+		defer close(recorded)
+		ctx, cancel := context.WithTimeout(context.Background(), passthroughAuditTimeout)
+		defer cancel()
+		s.record(ctx, audit.Event{
+			Type: audit.TypeDecision, Decision: audit.DecisionPassthrough, Reason: reason,
+			UID: uidPtr(f.UID), Dst: f.OrigDst.String(), SNI: f.SNI,
+		})
+	}()
 	dctx, cancel := context.WithTimeout(ctx, dialTimeout)
 	up, err := s.dial(dctx, "tcp", f.OrigDst.String())
 	cancel()
