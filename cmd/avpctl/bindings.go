@@ -4,6 +4,8 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"os/user"
+	"strconv"
 	"strings"
 
 	"github.com/agent-vault-proxy/agent-vault-proxy/internal/config"
@@ -69,7 +71,7 @@ func (h *headerFlags) Set(v string) error { *h = append(*h, v); return nil }
 func runExplain(g globals, args []string, stdout, stderr io.Writer) int {
 	fs := flag.NewFlagSet("avpctl explain", flag.ContinueOnError)
 	fs.SetOutput(io.Discard)
-	uid := fs.Int64("uid", -1, "")
+	uidArg := fs.String("uid", "", "")
 	cfgPath := fs.String("config", "", "")
 	var headers headerFlags
 	fs.Var(&headers, "H", "")
@@ -89,8 +91,12 @@ func runExplain(g globals, args []string, stdout, stderr io.Writer) int {
 	if len(pos) != 2 {
 		return usageErr(stderr, "explain [--uid U] [--config FILE] METHOD URL [-H 'Header: value']...")
 	}
+	uid, err := explainUID(*uidArg)
+	if err != nil {
+		return fail(stderr, err)
+	}
 	if *cfgPath == "" {
-		req := append([]string{fmt.Sprint(*uid), pos[0], pos[1]}, headers...)
+		req := append([]string{fmt.Sprint(uid), pos[0], pos[1]}, headers...)
 		var out struct {
 			Text string `json:"text"`
 		}
@@ -105,10 +111,26 @@ func runExplain(g globals, args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintln(stderr, err)
 		return 1
 	}
-	f, r, err := inject.ExplainInput(*uid, pos[0], pos[1], headers)
+	f, r, err := inject.ExplainInput(uid, pos[0], pos[1], headers)
 	if err != nil {
 		return fail(stderr, err)
 	}
 	fmt.Fprint(stdout, inject.NewPolicy(cfg).Explain(f, r))
 	return 0
+}
+
+// explainUID reads --uid: a user name or a number, as enroll-uid and doctor take it; -1
+// (no user) when it is not given.
+func explainUID(s string) (int64, error) {
+	if s == "" {
+		return -1, nil
+	}
+	if n, err := strconv.ParseInt(s, 10, 64); err == nil {
+		return n, nil
+	}
+	u, err := user.Lookup(s)
+	if err != nil {
+		return 0, fmt.Errorf("--uid %q: no such user; give a user name from /etc/passwd or a numeric UID", s)
+	}
+	return strconv.ParseInt(u.Uid, 10, 64)
 }

@@ -41,3 +41,15 @@ func TestSubordinateWarning(t *testing.T) {
 		t.Fatalf("a user with none: %q", msg)
 	}
 }
+
+// explain --uid takes a user name as enroll-uid and doctor do.
+func TestExplainUID(t *testing.T) {
+	for in, want := range map[string]int64{"": -1, "0": 0, "4242": 4242, "root": 0} {
+		if got, err := explainUID(in); err != nil || got != want {
+			t.Errorf("explainUID(%q) = %d, %v; want %d", in, got, err, want)
+		}
+	}
+	if _, err := explainUID("no-such-user-avp"); err == nil || !strings.Contains(err.Error(), "no such user") {
+		t.Errorf("unknown user: %v", err)
+	}
+}

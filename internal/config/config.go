@@ -293,7 +293,20 @@ func (d *decoder) str(n *yaml.Node, what string, dst *string) {
 
 func (d *decoder) strList(n *yaml.Node, what string) []string {
 	if n.Kind != yaml.SequenceNode {
-		d.errf(n, "%s must be a list, for example [GET, POST]", what)
+		example := "[GET, POST]"
+		switch {
+		case strings.HasSuffix(what, ".paths"):
+			example = `["/v1/**"]`
+		case strings.HasSuffix(what, ".compose"):
+			example = "[USER, PASSWORD]"
+		}
+		if n.Kind == yaml.ScalarNode && n.Value != "" {
+			example = fmt.Sprintf("[%s]", n.Value) // what was given, as a list
+			if strings.HasSuffix(what, ".paths") {
+				example = fmt.Sprintf("[%q]", n.Value)
+			}
+		}
+		d.errf(n, "%s must be a list, for example %s", what, example)
 		return nil
 	}
 	out := make([]string, 0, len(n.Content))
@@ -955,7 +968,7 @@ func ValidateHostPattern(h string) error {
 		return fmt.Errorf("remove the trailing dot")
 	}
 	if name != strings.ToLower(name) {
-		return fmt.Errorf("write the host in lowercase: %q", strings.ToLower(name))
+		return fmt.Errorf("write the host in lowercase: %q", strings.ToLower(h)) // the wildcard kept
 	}
 	if _, err := netip.ParseAddr(name); err == nil {
 		return fmt.Errorf("IP literals never get injection (there is no name to verify); bind a DNS name")
