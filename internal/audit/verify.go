@@ -364,10 +364,17 @@ func Verify(paths []string, key []byte) (*VerifyReport, error) {
 					rep.Notes = append(rep.Notes, fmt.Sprintf("the set starts at seq %d: the files before it were not given, so its first link is not checked", l.Seq))
 				}
 			} else if err := chain(l, prevSeq, prevHash); err != nil {
-				if n == 1 {
-					return bad(err.Error() + fmt.Sprintf(" (the previous file is %s)", files[fi-1].path))
+				reason := err.Error()
+				if key == nil && l.Seq == prevSeq+1 && l.Prev != prevHash && prevSeq > 0 {
+					// Without the key an edit of the line before shows only here, in its
+					// hash: either line may be the one changed.
+					reason += fmt.Sprintf("; without --key it cannot be told whether seq %d or this line was changed", prevSeq)
+					prevSeq--
 				}
-				return bad(err.Error())
+				if n == 1 {
+					reason += fmt.Sprintf(" (the previous file is %s)", files[fi-1].path)
+				}
+				return bad(reason)
 			}
 			sum := sha256.Sum256(raw)
 			prevSeq, prevHash = l.Seq, hex.EncodeToString(sum[:])
