@@ -632,12 +632,14 @@ func (d *doctor) checkAgent() {
 	}
 	host := d.host
 	if host == "" && d.cfg != nil {
-	find:
+		// The first bound host in the file, as the operator reads it (Secrets is sorted by
+		// name), without a wildcard.
+		line := 0
 		for _, s := range d.cfg.Secrets {
 			for _, b := range s.Bindings {
-				if !strings.HasPrefix(b.Host, "*.") {
-					host = b.Host
-					break find
+				if !strings.HasPrefix(b.Host, "*.") && (host == "" || s.Pos.Line < line) {
+					host, line = b.Host, s.Pos.Line
+					break
 				}
 			}
 		}
@@ -652,6 +654,9 @@ func (d *doctor) checkAgent() {
 		return
 	}
 	name := fmt.Sprintf("TLS to %s:443 as uid %d", host, uid)
+	if d.host == "" {
+		name += " (the first bound host in the config; --host NAME tries another)"
+	}
 	if res.DialError != "" {
 		fix := "systemctl status avpd.socket avpd.service"
 		if strings.Contains(res.DialError, "no such host") || strings.Contains(res.DialError, "lookup") {
