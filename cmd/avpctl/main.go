@@ -25,6 +25,41 @@ type command struct {
 	run      func(g globals, args []string, stdout, stderr io.Writer) int
 }
 
+// details of the commands whose forms and flags the one-line synopsis cannot hold.
+var commandDetails = map[string]string{
+	"ca": `Forms:
+  ca cert                      print avpd's CA certificate (PEM), from the running avpd
+  ca install [--cert FILE]     add it (or FILE) to the system trust store and rebuild the bundle
+  ca uninstall                 take it out again and rebuild the bundle (this can take a minute)
+  ca env [--format shell|systemd|environment.d] [--ca FILE] [--bundle FILE]
+                               print the variables for runtimes that ignore the system store
+                               (Node, Python requests, ...); --ca FILE and --bundle FILE name the
+                               CA and the bundle to point at (default: found in the system store)`,
+	"doctor": `Flags:
+  --uid USER          also check that this user is enrolled and its HTTPS reaches avpd
+                      (a TLS probe run as that user; needs root)
+  --host NAME         the host that probe tries (default: the first bound host in the config)
+  --config FILE       the bindings file (default /etc/agent-vault-proxy/bindings.yaml)
+  --state-dir DIR     avpd's state directory, for the offline checks
+  --daemon-user USER  the user avpd runs as, for the permission checks
+  --json              one JSON object instead of lines
+Exit 0 when no check failed, 1 when one did.`,
+	"audit": `Forms:
+  audit verify [--key FILE] [PATH...]
+      check the journal's log set (default /var/log/agent-vault-proxy/audit.jsonl and its
+      rotated files): seq, chain, schema, and with --key every MAC. Exit 0 intact,
+      1 broken (the first bad line is named), 2 for the in-process log, which has no chain.
+  audit tail [-f] [-n N] [--secret NAME] [--decision D] [--json] [PATH]
+      the last N (default 10) events, filtered by secret and decision (inject,
+      forward_verbatim, refuse, passthrough, backend_error, host_mismatch, ...);
+      -f follows the log across rotation.`,
+	"bindings": `Forms:
+  bindings check [FILE]    validate a bindings file (default /etc/agent-vault-proxy/bindings.yaml):
+                           every error with file:line:column and a fix; exit 0 ok, 1 errors
+  bindings diff OLD NEW    what NEW allows that OLD did not, per secret; exit 0 no change
+                           or narrower, 3 when access widens, 1 on an error`,
+}
+
 // commands lists every subcommand. Each lives in its own file.
 func commands() map[string]command {
 	return map[string]command{
@@ -33,7 +68,7 @@ func commands() map[string]command {
 		"unenroll-uid": {"USER|UID", "stop redirecting this user", runUnenroll},
 		"status":       {"[--json]", "listeners, enrolled UIDs, secret names (never values), counters", runStatus},
 		"ca":           {"cert | install | uninstall | env [--format F]", "print avpd's CA, add it to (or remove it from) the system trust store, or print the variables for runtimes that ignore the store", runCA},
-		"doctor":       {"[--uid USER] [--host NAME] [--json]", "check the kernel, firewall, daemon, config, permissions and CA trust; print a fix for each failure (exit 1)", runDoctor},
+		"doctor":       {"[--uid USER] [--host NAME] [--config FILE] [--state-dir DIR] [--daemon-user USER] [--json]", "check the kernel, firewall, daemon, config, permissions and CA trust; print a fix for each failure (exit 1)", runDoctor},
 		"reload":       {"", "re-read the bindings file; an invalid file changes nothing", runReload},
 		"bindings":     {"check [FILE] | diff OLD NEW", "validate a bindings file offline, or show what a change widens (exit 3)", runBindings},
 		"explain":      {"[--uid U] [--config FILE] METHOD URL [-H 'H: v']", "show the decision for a request and why", runExplain},
@@ -93,6 +128,9 @@ func run(args []string, stdout, stderr io.Writer) int {
 	for _, a := range rest[1:] {
 		if a == "-h" || a == "--help" {
 			fmt.Fprintf(stdout, "usage: avpctl [--runtime-dir DIR] %s\n\n%s\n", strings.TrimSpace(rest[0]+" "+c.synopsis), c.summary)
+			if d := commandDetails[rest[0]]; d != "" {
+				fmt.Fprintf(stdout, "\n%s\n", d)
+			}
 			return 0
 		}
 	}
