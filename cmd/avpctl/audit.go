@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -17,6 +18,10 @@ import (
 )
 
 // The audit commands are offline: they read the journal's files and need no daemon.
+
+// auditDecisions are the values of a decision event's decision field.
+var auditDecisions = []string{audit.DecisionInject, audit.DecisionForwardVerbatim, audit.DecisionRefuse,
+	audit.DecisionPassthrough, audit.DecisionBackendError, audit.DecisionHostMismatch}
 
 const (
 	auditVerifyUsage = "audit verify [--key FILE] [PATH...]"
@@ -121,6 +126,10 @@ func auditTail(args []string, stdout, stderr io.Writer) int {
 		if err != nil {
 			fmt.Fprintf(stderr, "avpctl: %v\n", err)
 		}
+		return usageErr(stderr, auditTailUsage)
+	}
+	if d := *decision; d != "" && !slices.Contains(auditDecisions, d) {
+		fmt.Fprintf(stderr, "avpctl: --decision %q is not one: %s\n", d, strings.Join(auditDecisions, ", "))
 		return usageErr(stderr, auditTailUsage)
 	}
 	live := config.DefaultAuditLog

@@ -148,3 +148,11 @@ func TestAuditCommandsOnTheInProcessLog(t *testing.T) {
 		t.Fatalf("verify: %d %q", code, out)
 	}
 }
+
+// A --decision that no event has is a usage error, not an empty answer.
+func TestAuditTailRefusesAnUnknownDecision(t *testing.T) {
+	log, _ := auditLog(t)
+	if code, _, errs := runCmd("audit", "tail", "--decision", "injected", log); code != 2 || !strings.Contains(errs, "forward_verbatim") {
+		t.Fatalf("%d %q", code, errs)
+	}
+}

@@ -214,6 +214,8 @@ func runCAUninstall(stdout, stderr io.Writer) int {
 		}
 		return fail(stderr, err)
 	}
+	// A full rebuild (Debian's --fresh) can take a minute on a loaded host: say so first.
+	fmt.Fprintf(stderr, "rebuilding %s with %s (this can take a minute)\n", st.Bundle, strings.Join(st.Remove, " "))
 	if err := runUpdate(st.Remove); err != nil {
 		return fail(stderr, err)
 	}
