@@ -30,7 +30,24 @@ func peerUID(c *net.TCPConn, orig netip.AddrPort) int64 {
 	if !ok {
 		return -1
 	}
-	return diag.lookup(netip.AddrPortFrom(sa, uint16(src.Port)), orig)
+	remote := netip.AddrPortFrom(sa, uint16(src.Port))
+	if uid := diag.lookup(remote, orig); uid >= 0 {
+		return uid
+	}
+	// The NAT may have moved the source port (ctsource_linux.go): ask conntrack for the
+	// agent socket's own, and look that up.
+	local, ok := c.LocalAddr().(*net.TCPAddr)
+	if !ok {
+		return -1
+	}
+	la, ok := netip.AddrFromSlice(local.IP)
+	if !ok {
+		return -1
+	}
+	if osrc, err := conntrackSource(netip.AddrPortFrom(la, uint16(local.Port)), remote); err == nil && osrc != remote {
+		return diag.lookup(osrc, orig)
+	}
+	return -1
 }
 
 // diagSocket is one NETLINK_SOCK_DIAG socket shared by all lookups. The kernel answers a
