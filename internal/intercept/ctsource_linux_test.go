@@ -18,21 +18,7 @@ import (
 // port), and it was served as nobody's, or refused; conntrack gives the port back.
 func TestPeerUIDWhenTheNATMovedTheSourcePort(t *testing.T) {
 	requireNetnsPrivileges(t)
-	ns := newTestNetns(t)
-	var ln *net.TCPListener
-	ns.do(t, func() error {
-		var err error
-		ln, err = net.ListenTCP("tcp4", &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)})
-		return err
-	})
-	t.Cleanup(func() { ln.Close() })
-	ns.nft(t, fmt.Sprintf(`table inet avp_test {
-	chain output {
-		type nat hook output priority -100; policy accept;
-		tcp dport 443 redirect to :%d
-	}
-}
-`, ln.Addr().(*net.TCPAddr).Port))
+	ns, ln := redirectedListener(t)
 	reuse := func(_, _ string, c syscall.RawConn) error {
 		var serr error
 		c.Control(func(fd uintptr) { serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_REUSEADDR, 1) })
@@ -83,4 +69,26 @@ func TestPeerUIDWhenTheNATMovedTheSourcePort(t *testing.T) {
 	if got != int64(os.Geteuid()) {
 		t.Fatalf("peerUID of the moved connection (%v, agent socket %v) = %d, want %d", moved.RemoteAddr(), b.LocalAddr(), got, os.Geteuid())
 	}
+}
+
+// redirectedListener makes a namespace in which TCP to port 443 goes to the returned
+// listener on 127.0.0.1, as avpd's rule sends an enrolled user's.
+func redirectedListener(t *testing.T) (*testNetns, *net.TCPListener) {
+	t.Helper()
+	ns := newTestNetns(t)
+	var ln *net.TCPListener
+	ns.do(t, func() error {
+		var err error
+		ln, err = net.ListenTCP("tcp4", &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)})
+		return err
+	})
+	t.Cleanup(func() { ln.Close() })
+	ns.nft(t, fmt.Sprintf(`table inet avp_test {
+	chain output {
+		type nat hook output priority -100; policy accept;
+		tcp dport 443 redirect to :%d
+	}
+}
+`, ln.Addr().(*net.TCPAddr).Port))
+	return ns, ln
 }

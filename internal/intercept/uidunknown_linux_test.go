@@ -4,7 +4,6 @@ import (
 	"bufio"
 	"context"
 	"crypto/tls"
-	"fmt"
 	"net"
 	"net/netip"
 	"sync/atomic"
@@ -25,21 +24,7 @@ func TestUnknownPeerUIDIsRefused(t *testing.T) {
 	lookupPeerUID = func(*net.TCPConn, netip.AddrPort) int64 { return -1 }
 	t.Cleanup(func() { lookupPeerUID = peerUID })
 
-	ns := newTestNetns(t)
-	var ln *net.TCPListener
-	ns.do(t, func() error {
-		var err error
-		ln, err = net.ListenTCP("tcp4", &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)})
-		return err
-	})
-	t.Cleanup(func() { ln.Close() })
-	ns.nft(t, fmt.Sprintf(`table inet avp_test {
-	chain output {
-		type nat hook output priority -100; policy accept;
-		tcp dport 443 redirect to :%d
-	}
-}
-`, ln.Addr().(*net.TCPAddr).Port))
+	ns, ln := redirectedListener(t)
 	var client net.Conn
 	ns.do(t, func() error {
 		var err error

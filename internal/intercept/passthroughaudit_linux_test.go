@@ -4,7 +4,6 @@ import (
 	"context"
 	"crypto/tls"
 	"errors"
-	"fmt"
 	"net"
 	"net/netip"
 	"path/filepath"
@@ -70,20 +69,7 @@ func TestPassthroughAuditIsBoundedByTheUIDLimit(t *testing.T) {
 	lookupPeerUID = func(*net.TCPConn, netip.AddrPort) int64 { return 1000 }
 	t.Cleanup(func() { lookupPeerUID = peerUID })
 
-	ns := newTestNetns(t)
-	var ln *net.TCPListener
-	ns.do(t, func() error {
-		var err error
-		ln, err = net.ListenTCP("tcp4", &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)})
-		return err
-	})
-	ns.nft(t, fmt.Sprintf(`table inet avp_test {
-	chain output {
-		type nat hook output priority -100; policy accept;
-		tcp dport 443 redirect to :%d
-	}
-}
-`, ln.Addr().(*net.TCPAddr).Port))
+	ns, ln := redirectedListener(t)
 	ctx, cancel := context.WithCancel(context.Background())
 	t.Cleanup(cancel)
 	go s.Serve(ctx, ln)
