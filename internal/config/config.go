@@ -6,11 +6,14 @@
 package config
 
 import (
+	"cmp"
 	"fmt"
+	"math"
 	"net/netip"
 	"net/url"
 	"os"
 	"os/user"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -216,9 +219,36 @@ func Parse(file string, data []byte) (*Config, error) {
 	d := &decoder{file: file}
 	cfg := d.config(&root)
 	if len(d.errs) > 0 {
+		// In the order of the file, as an operator fixes them.
+		slices.SortStableFunc(d.errs, func(a, b string) int { return cmpPos(file, a, b) })
 		return nil, &Error{Problems: d.errs}
 	}
 	return cfg, nil
+}
+
+// cmpPos orders two problems "FILE:LINE:COL: ..." by line and column; one without a
+// position of file sorts last.
+func cmpPos(file, a, b string) int {
+	pos := func(s string) (int, int) {
+		rest, ok := strings.CutPrefix(s, file+":")
+		if !ok {
+			return math.MaxInt, 0
+		}
+		ls, rest, _ := strings.Cut(rest, ":")
+		cs, _, _ := strings.Cut(rest, ":")
+		l, err1 := strconv.Atoi(ls)
+		c, err2 := strconv.Atoi(cs)
+		if err1 != nil || err2 != nil {
+			return math.MaxInt, 0
+		}
+		return l, c
+	}
+	al, ac := pos(a)
+	bl, bc := pos(b)
+	if al != bl {
+		return cmp.Compare(al, bl)
+	}
+	return cmp.Compare(ac, bc)
 }
 
 // Error carries every problem found in a file; each names its position and the fix.
@@ -873,6 +903,8 @@ func (d *decoder) bindings(n *yaml.Node, what string) []Binding {
 				for j, m := range b.Methods {
 					if !validMethod(m) {
 						d.errf(v.Content[j], "%s.methods entry %q must be an upper-case HTTP method such as GET or POST; remove the key to allow any method", bwhat, m)
+					} else if slices.Contains(b.Methods[:j], m) {
+						d.errf(v.Content[j], "%s.methods lists %s twice; keep one", bwhat, m)
 					}
 				}
 			},

@@ -1,6 +1,8 @@
 package config
 
 import (
+	"errors"
+	"fmt"
 	"os"
 	"strings"
 	"testing"
@@ -50,6 +52,7 @@ func TestBadConfigs(t *testing.T) {
 		{"upper-case wildcard host", strings.Replace(good, "api.example.com", `"*.Example.com"`, 1), `write the host in lowercase: "*.example.com"`},
 		{"paths not a list", strings.Replace(good, `["/v1/**"]`, `"/v1/**"`, 1), `paths must be a list, for example ["/v1/**"]`},
 		{"methods not a list", strings.Replace(good, "[GET]", "GET", 1), `methods must be a list, for example [GET]`},
+		{"method twice", strings.Replace(good, "[GET]", "[GET, POST, GET]", 1), `bindings.yaml:9:30: secret A.bindings[0].methods lists GET twice; keep one`},
 		{"trailing dot", strings.Replace(good, "api.example.com", "api.example.com.", 1), `remove the trailing dot`},
 		{"ip literal", strings.Replace(good, "api.example.com", "10.0.0.1", 1), `IP literals never get injection`},
 		{"format without secret", strings.Replace(good, `"Bearer {secret}"`, `"Bearer"`, 1), `must contain {secret} exactly once`},
@@ -279,5 +282,24 @@ func TestDiffAlso(t *testing.T) {
 	want := `injected as "Bearer {secret}" into Authorization or "{secret}" into X-Api-Key (was "Bearer {secret}" into Authorization)`
 	if changes[0].Text != want {
 		t.Fatalf("change text %q, want %q", changes[0].Text, want)
+	}
+}
+
+// Several problems come in the order of the file, whichever check found them first.
+func TestProblemsInFileOrder(t *testing.T) {
+	src := strings.Replace(strings.Replace(good, "[GET]", "[get]", 1), "api.example.com", "API.example.com", 1) + "extra: 1\n"
+	_, err := Parse("bindings.yaml", []byte(src))
+	var ce *Error
+	if !errors.As(err, &ce) || len(ce.Problems) < 3 {
+		t.Fatalf("err %v", err)
+	}
+	last := 0
+	for _, p := range ce.Problems {
+		var line int
+		fmt.Sscanf(strings.TrimPrefix(p, "bindings.yaml:"), "%d:", &line)
+		if line < last {
+			t.Fatalf("problems out of order: %q", ce.Problems)
+		}
+		last = line
 	}
 }
