@@ -102,23 +102,9 @@ func (t *frameTracker) feed(b []byte) (atEnd, ok bool, err error) {
 		t.hdr[t.nhdr] = b[0]
 		t.nhdr++
 		b = b[1:]
-		need, size, valid := t.header()
-		if !valid {
-			return false, false, nil
-		}
-		if t.nhdr == need {
-			t.nhdr, t.left = 0, size
+		if t.nhdr == len(t.hdr) { // the flag byte and a 32-bit big-endian length
+			t.nhdr, t.left = 0, uint64(binary.BigEndian.Uint32(t.hdr[1:]))
 		}
 	}
 	return t.nhdr == 0 && t.left == 0, true, nil
-}
-
-// header returns the length of the frame header (as far as it is known yet) and, once it
-// is whole, its payload's size; valid is false for a header no sender writes.
-func (t *frameTracker) header() (need int, size uint64, valid bool) {
-	h := t.hdr[:t.nhdr]
-	if len(h) < 5 {
-		return 5, 0, true
-	}
-	return 5, uint64(binary.BigEndian.Uint32(h[1:5])), true
 }

@@ -7,18 +7,9 @@ import (
 	"testing"
 )
 
-// pathsOnlyConfig binds KEY to /v1/models/** on rawHost with any method (methods omitted,
-// as bindings.example.yaml allows).
-const pathsOnlyConfig = `version: 1
-backend: {type: file, file: {path: /etc/avp/secrets.yaml}}
-secrets:
-  KEY:
-    placeholder: ` + rawPlaceholder + `
-    inject: {header: Authorization, format: "Bearer {secret}"}
-    bindings:
-      - host: ` + rawHost + `
-        paths: ["/v1/models/**"]
-`
+// pathsOnlyConfig is rawConfig with KEY bound to /v1/models/** only, and any method
+// (methods omitted, as bindings.example.yaml allows).
+var pathsOnlyConfig = strings.Replace(rawConfig, `paths: ["/**"]`, `paths: ["/v1/models/**"]`, 1)
 
 // TestH2RequestLineCannotBeSmuggled: net/http's HTTP/2 server does not check that :method is
 // a token, nor that :path holds no space. ":method: DELETE /v1/admin/users/1?" with ":path:

@@ -785,17 +785,7 @@ func (p *upstreamPool) dialH2(ctx context.Context, k upstreamKey) (*tls.Conn, er
 
 // h2Config is the TLS config of k's HTTP/2 connections.
 func (p *upstreamPool) h2Config(k upstreamKey) *tls.Config {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	if tc, ok := p.h2Configs[k]; ok {
-		return tc
-	}
-	if len(p.h2Configs) >= maxTransports {
-		clear(p.h2Configs)
-	}
-	tc := p.clientTLS(k, []string{"h2", "http/1.1"})
-	p.h2Configs[k] = tc
-	return tc
+	return p.cachedTLS(p.h2Configs, k, "h2", "http/1.1")
 }
 
 // noH2TTL is how long an upstream that did not choose HTTP/2 is taken not to speak it.

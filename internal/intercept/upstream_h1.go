@@ -57,19 +57,25 @@ const (
 // tlsConfig returns the client TLS config of one upstream key. One per key keeps its session
 // cache, so a new upstream connection resumes instead of doing a full handshake.
 func (p *upstreamPool) tlsConfig(k upstreamKey) *tls.Config {
+	return p.cachedTLS(p.configs, k, "http/1.1")
+}
+
+// cachedTLS returns k's client config from m (one per upstream, so its session cache
+// lets a new connection resume), making it with protos when there is none.
+func (p *upstreamPool) cachedTLS(m map[upstreamKey]*tls.Config, k upstreamKey, protos ...string) *tls.Config {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	if tc, ok := p.configs[k]; ok {
+	if tc, ok := m[k]; ok {
 		return tc
 	}
-	if len(p.configs) >= maxTransports {
-		for old := range p.configs {
-			delete(p.configs, old)
+	if len(m) >= maxTransports {
+		for old := range m {
+			delete(m, old)
 			break
 		}
 	}
-	tc := p.clientTLS(k, []string{"http/1.1"})
-	p.configs[k] = tc
+	tc := p.clientTLS(k, protos)
+	m[k] = tc
 	return tc
 }
 
