@@ -54,7 +54,7 @@ type BodyScanner struct {
 	stopped  bool
 	reported bool // an unreadable body was reported, once
 
-	form formScan
+	form formScans
 	json jsonScan
 	mp   *multipartScan
 }
@@ -302,18 +302,41 @@ func overrideValue(v []byte, overflow bool) string {
 	return strings.ToUpper(t)
 }
 
+// formScans reads a form both ways servers split it: on '&' and ';' (older Rack), and on '&'
+// alone (PHP, whose names and values keep a ';'). The second reports only pairs that held a
+// ';', so a pair read alike both ways is reported once: ".method\x00;=DELETE" is no
+// _method to the first and _method=DELETE to PHP.
+type formScans struct {
+	rack formScan
+	php  formScan
+}
+
+func (f *formScans) scan(p []byte, found func(string)) {
+	f.php.phpOnly = true
+	f.rack.scan(p, found)
+	f.php.scan(p, found)
+}
+
+func (f *formScans) end(found func(string)) {
+	f.php.phpOnly = true
+	f.rack.end(found)
+	f.php.end(found)
+}
+
 // formScan reads application/x-www-form-urlencoded: name=value pairs split by '&' (and ';',
-// which older Rack split on too), '+' and %XX decoded.
+// which older Rack split on too, unless phpOnly), '+' and %XX decoded.
 type formScan struct {
-	inValue      bool
-	name, value  []byte
-	valueOver    bool
-	pct          int // 0, or 1-2 after '%' and that many hex digits
-	pctHi        byte
-	pctRaw       [2]byte
-	nameStarted  bool // a byte other than a leading space was seen
-	matchedArray bool
-	matched      bool
+	// phpOnly splits on '&' alone and reports only a pair that held a ';' (sawSemi).
+	phpOnly, sawSemi bool
+	inValue          bool
+	name, value      []byte
+	valueOver        bool
+	pct              int // 0, or 1-2 after '%' and that many hex digits
+	pctHi            byte
+	pctRaw           [2]byte
+	nameStarted      bool // a byte other than a leading space was seen
+	matchedArray     bool
+	matched          bool
 }
 
 func (f *formScan) scan(p []byte, found func(string)) {
@@ -321,6 +344,9 @@ func (f *formScan) scan(p []byte, found func(string)) {
 		if f.inValue && !f.matched {
 			// A value nobody reads: skip to the next separator.
 			k := indexEither(p[i:], '&', ';')
+			if f.phpOnly {
+				k = bytes.IndexByte(p[i:], '&')
+			}
 			if k < 0 {
 				return
 			}
@@ -328,8 +354,11 @@ func (f *formScan) scan(p []byte, found func(string)) {
 			f.pct = 0
 		}
 		c := p[i]
+		if c == ';' && f.phpOnly {
+			f.sawSemi = true
+		}
 		switch {
-		case c == '&' || c == ';':
+		case c == '&' || c == ';' && !f.phpOnly:
 			f.flushPct()
 			f.endPair(found)
 		case c == '=' && !f.inValue:
@@ -408,6 +437,8 @@ func (f *formScan) endPair(found func(string)) {
 		}
 	}
 	switch {
+	case f.phpOnly && !f.sawSemi:
+		// Read alike on '&' and ';': the other scan has reported it.
 	case f.matched && f.matchedArray:
 		found(UnparsableBodyOverride)
 	case f.matched:
@@ -415,7 +446,7 @@ func (f *formScan) endPair(found func(string)) {
 			found(m)
 		}
 	}
-	*f = formScan{name: f.name[:0], value: f.value[:0]}
+	*f = formScan{name: f.name[:0], value: f.value[:0], phpOnly: f.phpOnly}
 }
 
 func (f *formScan) end(found func(string)) {

@@ -78,6 +78,9 @@ func TestBodyScannerForm(t *testing.T) {
 		{"%20method=PUT", nil},                   // "method" to PHP
 		{"_METHOD=put", []string{"PUT"}},         // names compared without case
 		{"a=1;_method=PATCH", []string{"PATCH"}}, // older Rack splits on ';'
+		// PHP splits on '&' alone: to it the name is ".method\x00;", cut at the NUL.
+		{".method\x00;=DELETE", []string{"DELETE"}},
+		{"_method=PUT;x=1", []string{"PUT", "PUT;X=1"}},
 		{"[method=DELETE", []string{"DELETE"}},   // PHP: an unmatched '[' is '_'
 		{"[method]=DELETE", nil},
 		{"_method%00x=DELETE", []string{"DELETE"}},                          // PHP ends a name at NUL

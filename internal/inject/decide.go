@@ -336,7 +336,7 @@ func readOverrides(r Request) *overrides {
 		}
 		// Read as a form body is (formScan): PHP and Spring decode the query's names as
 		// they do a form's, so "?.method=", "?+_method=" and "?_m%65thod=" name _method.
-		var f formScan
+		var f formScans
 		found := func(m string) { methods = append(methods, m) }
 		f.scan([]byte(q), found)
 		f.end(found)

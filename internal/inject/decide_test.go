@@ -150,6 +150,8 @@ func TestDecide(t *testing.T) {
 		{"_method in the query is read as PHP reads names: an unmatched '[' for '_'", "api.github.com", req("GET", "api.github.com", "/user?[method=DELETE", "Authorization", "token "+phGitHub), ForwardVerbatim, 0, ReasonMethodOverride, nil},
 		{"_method in the query is read as PHP reads names: cut at NUL", "api.github.com", req("GET", "api.github.com", "/user?_method%00x=DELETE", "Authorization", "token "+phGitHub), ForwardVerbatim, 0, ReasonMethodOverride, nil},
 		{"_method in the query with an escaped letter is an override", "api.github.com", req("GET", "api.github.com", "/user?_m%65thod=DELETE", "Authorization", "token "+phGitHub), ForwardVerbatim, 0, ReasonMethodOverride, nil},
+		// PHP's $_GET splits on '&' alone: the name is ".method\x00;", cut at the NUL.
+		{"_method in the query with a ';' PHP keeps is an override", "api.github.com", req("GET", "api.github.com", "/user?.method%00;=DELETE", "Authorization", "token "+phGitHub), ForwardVerbatim, 0, ReasonMethodOverride, nil},
 		{"_method in the query after a ';' is an override", "api.github.com", req("GET", "api.github.com", "/user?a=1;_method=DELETE", "Authorization", "token "+phGitHub), ForwardVerbatim, 0, ReasonMethodOverride, nil},
 		{"an allowed _method in the query injects", "api.github.com", req("GET", "api.github.com", "/user?_method=get&a=%zz", "Authorization", "token "+phGitHub), Inject, 0, ReasonAllowed, []string{"GITHUB"}},
 		{"_method in the query of X-Original-URL is an override", "api.github.com", req("GET", "api.github.com", "/user", "Authorization", "token "+phGitHub, "X-Original-URL", "/user?_method=DELETE"), ForwardVerbatim, 0, ReasonMethodOverride, nil},
