@@ -81,7 +81,7 @@ func TestBodyScannerForm(t *testing.T) {
 		// PHP splits on '&' alone: to it the name is ".method\x00;", cut at the NUL.
 		{".method\x00;=DELETE", []string{"DELETE"}},
 		{"_method=PUT;x=1", []string{"PUT", "PUT;X=1"}},
-		{"[method=DELETE", []string{"DELETE"}},   // PHP: an unmatched '[' is '_'
+		{"[method=DELETE", []string{"DELETE"}}, // PHP: an unmatched '[' is '_'
 		{"[method]=DELETE", nil},
 		{"_method%00x=DELETE", []string{"DELETE"}},                          // PHP ends a name at NUL
 		{"_method%00" + strings.Repeat("x", 100) + "=PUT", []string{"PUT"}}, // however long
