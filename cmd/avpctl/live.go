@@ -36,10 +36,15 @@ func enrollment(g globals, cmd, verb string, args []string, stdout, stderr io.Wr
 		return usageErr(stderr, cmd+" USER|UID")
 	}
 	var out struct {
-		UID uint32 `json:"uid"`
+		UID         uint32 `json:"uid"`
+		WasEnrolled *bool  `json:"was_enrolled"`
 	}
 	if err := call(g, cmd, args, &out); err != nil {
 		return fail(stderr, err)
+	}
+	if out.WasEnrolled != nil && !*out.WasEnrolled {
+		fmt.Fprintf(stdout, "uid %d was not enrolled; nothing changed\n", out.UID)
+		return 0
 	}
 	fmt.Fprintf(stdout, "%s uid %d\n", verb, out.UID)
 	if cmd == "enroll-uid" {

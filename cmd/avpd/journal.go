@@ -175,7 +175,11 @@ func journalCmd(args []string, stdout, stderr io.Writer) int {
 	if fromSystemd {
 		where = "the socket from systemd"
 	}
-	logger.Printf("journal: ready on %s, writing %s (allowed uids: root %v)", where, *logPath, []uint32(allow))
+	uids := "root only"
+	if len(allow) > 0 {
+		uids = fmt.Sprintf("root and %v", []uint32(allow))
+	}
+	logger.Printf("journal: ready on %s, writing %s (events accepted from %s)", where, *logPath, uids)
 	sddaemon.SdNotify(false, sddaemon.SdNotifyReady)
 	if err := j.Serve(ctx, ln); err != nil {
 		logger.Printf("journal: %v", err)

@@ -115,6 +115,7 @@ func (d *Daemon) cmdUnenroll(ctx context.Context, peer uint32, args []string) (a
 	if err != nil {
 		return nil, err
 	}
+	was := slices.Contains(uids, uid)
 	uids = slices.DeleteFunc(uids, func(u uint32) bool { return u == uid })
 	// Kernel first here: the UID stops being redirected only once the set says so.
 	if err := d.fw.Unenroll(uid); err != nil {
@@ -124,9 +125,14 @@ func (d *Daemon) cmdUnenroll(ctx context.Context, peer uint32, args []string) (a
 	if err := saveEnrollment(d.opts.StateDir, uids); err != nil {
 		return nil, err
 	}
+	if !was {
+		// Removed from the kernel's set all the same, in case state and kernel disagreed.
+		d.logf("unenroll uid %d: it was not enrolled", uid)
+		return map[string]any{"uid": uid, "enrolled": false, "was_enrolled": false}, nil
+	}
 	d.audit(audit.Event{Type: audit.TypeUnenroll, UID: audit.Int64(int64(uid)), Detail: fmt.Sprintf("unenrolled by uid %d", peer)})
 	d.logf("unenrolled uid %d", uid)
-	return map[string]any{"uid": uid, "enrolled": false}, nil
+	return map[string]any{"uid": uid, "enrolled": false, "was_enrolled": true}, nil
 }
 
 func (d *Daemon) cmdStatus(ctx context.Context, _ uint32, _ []string) (any, error) {

@@ -467,6 +467,10 @@ time.sleep(60)
 			t.Fatalf("after unenroll the request was still injected")
 		}
 		e.waitAudit("type", "unenroll", "uid", strconv.Itoa(agentUID))
+		// A second unenroll changes nothing and says so, instead of claiming it unenrolled.
+		if out := string(e.avpctl("unenroll-uid", strconv.Itoa(agentUID))); !strings.Contains(out, "was not enrolled") {
+			t.Errorf("unenroll of a uid not enrolled said %q, want \"was not enrolled\"", out)
+		}
 	})
 
 	t.Run("I12_not_enrolled_uid_reaching_avpd_is_spliced", func(t *testing.T) {
