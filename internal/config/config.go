@@ -34,7 +34,8 @@ const (
 	DefaultAuditLog = "/var/log/agent-vault-proxy/audit.jsonl"
 	// DefaultMaxConnsPerUID is far above what an API client keeps open (a pool of tens of
 	// connections), and above the 10,000 idle connections avpd's memory budget is measured
-	// with, yet bounds one user's share (about 36 KB each when idle: under 600 MB).
+	// with, yet bounds one user's share: about 36 KB each when idle (under 600 MB), and a
+	// request head of at most 64 KiB each while one waits for its body (about 1 GiB).
 	DefaultMaxConnsPerUID = 16384
 	// MinPlaceholderLen keeps placeholders long enough that they never occur by accident in
 	// ordinary header values.

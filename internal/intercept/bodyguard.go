@@ -7,6 +7,7 @@ import (
 	"net/http"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/agent-vault-proxy/agent-vault-proxy/internal/audit"
 	"github.com/agent-vault-proxy/agent-vault-proxy/internal/inject"
@@ -114,14 +115,27 @@ func prereadBody(body io.Reader, declared int64, h http.Header) (buf []byte, who
 	return buf, false, nil
 }
 
+// readAheadTimeout bounds the read of a short body ahead: the request's head waits in
+// memory meanwhile, and an agent that announces a body and never sends it would otherwise
+// keep it there for as long as it keeps the connection. A variable for tests.
+var readAheadTimeout = h1HeaderTimeout
+
 // readAhead reads a short body ahead and checks it (prereadBody, wholeBodyAllowed) for p's
 // request, for the HTTP/1.1 loop and the HTTP/2 handler alike. The agent may take its time
 // to send the body, so the reload gate is let go meanwhile and taken again only while the
-// policy that decided is in force. A non-zero status is the refusal the agent gets.
-func (s *Server) readAhead(ctx context.Context, p *prepared, h http.Header, body io.Reader, declared int64) (pre []byte, whole bool, status int, reason string) {
+// policy that decided is in force; setDeadline bounds the read (readAheadTimeout) and is
+// cleared after it. A non-zero status is the refusal the agent gets.
+func (s *Server) readAhead(ctx context.Context, p *prepared, h http.Header, body io.Reader, declared int64, setDeadline func(time.Time) error) (pre []byte, whole bool, status int, reason string) {
 	p.release()
+	if err := setDeadline(time.Now().Add(readAheadTimeout)); err != nil {
+		return nil, false, http.StatusInternalServerError, "internal_error"
+	}
 	pre, whole, err := prereadBody(body, declared, h)
+	setDeadline(time.Time{})
 	switch {
+	case isTimeout(err):
+		s.countRefused("request_body_timeout")
+		return nil, false, http.StatusRequestTimeout, "request_body_timeout"
 	case err != nil:
 		return nil, false, http.StatusBadRequest, "bad_request_body"
 	case whole && !s.wholeBodyAllowed(ctx, p.inj, h, pre):

@@ -33,7 +33,12 @@ import (
 // use the same upstream pool (upstream_h2agent.go).
 
 const (
-	h1MaxHeaderBytes = 1 << 20
+	// maxRequestHeaderBytes bounds a request head (HTTP/1.1) or header list (HTTP/2). An
+	// API request's head is a few KiB; each open connection or stream may hold this much
+	// while it waits, so 1 MiB (net/http's default) let one user's connections hold tens
+	// of GiB within its limit. nginx, Envoy and HAProxy allow 8-64 KiB.
+	maxRequestHeaderBytes = 64 << 10
+	h1MaxHeaderBytes      = maxRequestHeaderBytes
 	// An upstream's response head may be larger (cookies, CSP); net/http's Transport allows
 	// 10 MB by default.
 	h1MaxResponseHeaderBytes = 10 << 20
@@ -240,7 +245,7 @@ func (hc *h1conn) serve(req *http.Request) (keep bool) {
 		}
 		var status int
 		var reason string
-		if pre, whole, status, reason = s.readAhead(hc.ctx, &p, req.Header, req.Body, req.ContentLength); status != 0 {
+		if pre, whole, status, reason = s.readAhead(hc.ctx, &p, req.Header, req.Body, req.ContentLength, hc.agent.SetReadDeadline); status != 0 {
 			hc.writeRefusal(status, reason, true)
 			return false
 		}
@@ -520,7 +525,14 @@ func (hc *h1conn) roundTrip(out *http.Request, p *prepared) (*http.Response, err
 		}
 		reused := hc.up != nil
 		if hc.up == nil {
-			up, r, err := hc.s.upstream.getH1(hc.ctx, hc.f, scope, probe)
+			var g *heldGate
+			if p.inj != nil {
+				g = &heldGate{policy: p.policy, release: p.release}
+			}
+			up, r, err := hc.s.upstream.getH1(hc.ctx, hc.f, scope, probe, g)
+			if g != nil {
+				p.release = g.release
+			}
 			if err != nil {
 				p.release()
 				return nil, err

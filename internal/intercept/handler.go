@@ -75,7 +75,31 @@ func (s *Server) serveHTTP(w http.ResponseWriter, r *http.Request) {
 		refuse(w, http.StatusBadRequest, reason)
 		return
 	}
+	// Each stream counts against its user's connection budget for as long as it runs, as a
+	// connection does: a stream holds its head in memory, waits for a body, dials and holds
+	// an upstream connection, and 100 of them on each of many connections must not multiply
+	// the user's share.
+	done, over := s.streamSlot(cf.UID)
+	if over {
+		refuse(w, http.StatusServiceUnavailable, "connection_limit")
+		return
+	}
+	defer done()
 	stripH2CUpgrade(r.Header)
+	if needsH2Upstream(r) {
+		// Whether the upstream speaks HTTP/2 is found out before the decision, which holds
+		// the reload gate until the request is sent: how long the handshake takes is up to
+		// the original destination, which the agent chose, and a reload (and every request
+		// behind it) would wait for it. The answer is remembered for RoundTrip.
+		k := upstreamKey{sni: cf.SNI, addr: cf.OrigDst}
+		if _, err := s.upstream.speaksH2(r.Context(), k); err != nil {
+			if r.Context().Err() == nil {
+				s.logf("upstream %s (sni %q): %v", cf.OrigDst, cf.SNI, err)
+				refuse(w, http.StatusBadGateway, "upstream_unreachable")
+			}
+			return
+		}
+	}
 	p := s.prepare(r.Context(), cf.Facts, r.Method, r.Host, r.URL, r.Header)
 	defer p.finish()
 	if p.status != 0 {
@@ -94,7 +118,7 @@ func (s *Server) serveHTTP(w http.ResponseWriter, r *http.Request) {
 			var pre []byte
 			var status int
 			var reason string
-			if pre, whole, status, reason = s.readAhead(r.Context(), &p, r.Header, r.Body, r.ContentLength); status != 0 {
+			if pre, whole, status, reason = s.readAhead(r.Context(), &p, r.Header, r.Body, r.ContentLength, http.NewResponseController(w).SetReadDeadline); status != 0 {
 				refuse(w, status, reason)
 				return
 			}
@@ -575,11 +599,6 @@ func newReverseProxy(up *upstreamPool, logf Logf) *httputil.ReverseProxy {
 			if errors.Is(err, context.Canceled) {
 				return
 			}
-			if errors.Is(err, errUIDLimit) {
-				// Logged and counted where the limit is checked.
-				refuse(w, http.StatusServiceUnavailable, "connection_limit")
-				return
-			}
 			inj, _ := r.Context().Value(injectedKey{}).(*injected)
 			if inj.refusedBody() {
 				// Recorded and counted by the guard, which cut the request off.
@@ -629,10 +648,6 @@ type upstreamPool struct {
 	// without a server has none, and its HTTP/2 path then does not check). Both retry
 	// paths call it through here, so a test can put a reload just before it.
 	regate func(policy *inject.Policy) (release func(), ok bool)
-	// overLimit, when set, takes a slot of the user's connection budget for an HTTP/2
-	// stream's upstream connection, or reports the user at its limit; its release gives it
-	// back.
-	overLimit func(uid int64) (release func(), over bool)
 
 	mu         sync.Mutex
 	transports map[upstreamKey]*http.Transport
@@ -693,30 +708,8 @@ func (p *upstreamPool) RoundTrip(r *http.Request) (*http.Response, error) {
 			},
 		}))
 	}
-	// A stream over HTTP/2 draws on its user's budget too, as one over HTTP/1.1 does.
-	done, err := p.slot(f.UID)
-	if err != nil {
-		return nil, err
-	}
-	resp, err := p.transport(k).RoundTrip(r)
-	if err != nil {
-		done()
-		return nil, err
-	}
-	resp.Body = &releasingBody{ReadCloser: resp.Body, done: sync.OnceFunc(done)}
-	return resp, nil
-}
-
-// releasingBody gives a stream's slot of its user's budget back when it is closed.
-type releasingBody struct {
-	io.ReadCloser
-	done func()
-}
-
-func (b *releasingBody) Close() error {
-	err := b.ReadCloser.Close()
-	b.done()
-	return err
+	// The stream's slot of its user's budget is held by serveHTTP.
+	return p.transport(k).RoundTrip(r)
 }
 
 func (p *upstreamPool) transport(k upstreamKey) *http.Transport {
@@ -814,6 +807,7 @@ func (p *upstreamPool) speaksH2(ctx context.Context, k upstreamKey) (bool, error
 		return false, err
 	}
 	tc.Close()
+	p.transport(k) // remembered: its Transport is what an HTTP/2 upstream is known by
 	return true, nil
 }
 

@@ -196,14 +196,13 @@ func NewServer(opts Options) (*Server, error) {
 	s.agentTLS = s.newAgentTLS()
 	s.upstream = newUpstreamPool(opts.UpstreamTLS, s.dial)
 	s.upstream.onConn = s.trackUpstream
-	s.upstream.overLimit = s.streamSlot
 	s.upstream.regate = s.regate
 	s.proxy = newReverseProxy(s.upstream, s.logf)
 	s.httpSrv = &http.Server{
 		Handler:           http.HandlerFunc(s.serveHTTP),
 		ReadHeaderTimeout: 30 * time.Second,
 		IdleTimeout:       2 * time.Minute,
-		MaxHeaderBytes:    1 << 20,
+		MaxHeaderBytes:    maxRequestHeaderBytes,
 		ConnContext:       s.tlsConns.connContext,
 		ConnState:         s.tlsConns.connState,
 		ErrorLog:          log.New(logfWriter(opts.Logf), "agent side: ", 0),

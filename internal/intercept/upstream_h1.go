@@ -79,10 +79,21 @@ func (p *upstreamPool) cachedTLS(m map[upstreamKey]*tls.Config, k upstreamKey, p
 	return tc
 }
 
+// heldGate is the reload gate as an injecting request holds it, from its decision until its
+// headers are written upstream: release lets it go, and policy is what decided the request.
+type heldGate struct {
+	policy  *inject.Policy
+	release func()
+}
+
 // getH1 returns an idle connection for f's name and original destination, or dials one.
 // reused tells the caller that the server may have closed it meanwhile; probe makes sure
-// an idle one is still open however briefly it was idle.
-func (p *upstreamPool) getH1(ctx context.Context, f inject.Facts, scope connScope, probe bool) (up *upConn, reused bool, err error) {
+// an idle one is still open however briefly it was idle. A request that holds the reload
+// gate (g, nil for one that does not) dials without it: how long a dial takes is up to the
+// original destination, which the agent chose, and a reload, and every request behind it,
+// would wait that long. It takes the gate again after the dial, only under the policy that
+// decided it (else errPolicyChanged), and g.release is then the new hold's.
+func (p *upstreamPool) getH1(ctx context.Context, f inject.Facts, scope connScope, probe bool, g *heldGate) (up *upConn, reused bool, err error) {
 	k := upstreamKey{sni: f.SNI, addr: f.OrigDst}
 	ik := idleKey{k, scope}
 	now := time.Now()
@@ -102,6 +113,20 @@ func (p *upstreamPool) getH1(ctx context.Context, f inject.Facts, scope connScop
 			return up, true, nil
 		}
 		p.closeConn(up)
+	}
+	if g != nil && p.regate != nil {
+		g.release()
+		defer func() {
+			rel, ok := p.regate(g.policy)
+			if !ok {
+				if up != nil {
+					p.closeConn(up)
+				}
+				up, err = nil, errPolicyChanged
+				return
+			}
+			g.release = rel
+		}()
 	}
 	if up, err = p.dialH1(ctx, k); up != nil {
 		up.scope = scope

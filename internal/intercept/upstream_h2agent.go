@@ -61,39 +61,9 @@ func needsH2Upstream(r *http.Request) bool {
 // its end and closed; one closed early, or whose framing ends with the connection, is
 // closed. The request's context ending (the agent reset the stream) cuts the connection,
 // so a blocked read returns.
+// Each stream holds an upstream connection of its own while it runs; its slot of its user's
+// connection budget (proxy.max_connections_per_uid) is held by serveHTTP.
 func (p *upstreamPool) roundTripH1(r *http.Request, f inject.Facts) (*http.Response, error) {
-	// Each stream holds an upstream connection of its own while it runs, so an agent's
-	// streams draw on its connection budget (proxy.max_connections_per_uid) like its
-	// connections do: 100 streams on each of many connections cannot multiply its share.
-	done, err := p.slot(f.UID)
-	if err != nil {
-		return nil, err
-	}
-	resp, err := p.roundTripH1Slot(r, f)
-	if err != nil {
-		done()
-		return resp, err
-	}
-	resp.Body.(*h1RespBody).done = done
-	return resp, nil
-}
-
-// slot takes a slot of uid's connection budget for one stream; done gives it back.
-func (p *upstreamPool) slot(uid int64) (done func(), err error) {
-	if p.overLimit == nil {
-		return func() {}, nil
-	}
-	rel, over := p.overLimit(uid)
-	if over {
-		return nil, errUIDLimit
-	}
-	return rel, nil
-}
-
-// errUIDLimit refuses an HTTP/2 stream whose user is at proxy.max_connections_per_uid.
-var errUIDLimit = errors.New("the user is at its connection limit")
-
-func (p *upstreamPool) roundTripH1Slot(r *http.Request, f inject.Facts) (*http.Response, error) {
 	ctx := r.Context()
 	var wroteHeaders func()
 	if trace := httptrace.ContextClientTrace(ctx); trace != nil {
@@ -114,7 +84,22 @@ func (p *upstreamPool) roundTripH1Slot(r *http.Request, f inject.Facts) (*http.R
 			}
 			release = rel
 		}
-		up, reused, err := p.getH1(ctx, f, scope, probe)
+		var g *heldGate
+		if inj != nil {
+			// The gate is held by the request (released by the WroteHeaders hook) and, on
+			// a retry, by release.
+			held := release
+			g = &heldGate{policy: inj.policy, release: func() {
+				if wroteHeaders != nil {
+					wroteHeaders()
+				}
+				held()
+			}}
+		}
+		up, reused, err := p.getH1(ctx, f, scope, probe, g)
+		if g != nil {
+			release = g.release
+		}
 		if err != nil {
 			release()
 			if noHTTP1(err) && attempt == 0 {
@@ -175,8 +160,6 @@ type h1RespBody struct {
 	// pending is the request body's write when it went on while the answer came; the
 	// connection is in step only if it finished.
 	pending *pendingWrite
-	// done gives the stream's slot of its user's connection budget back.
-	done func()
 }
 
 func (b *h1RespBody) Read(q []byte) (int, error) {
@@ -195,9 +178,6 @@ func (b *h1RespBody) Close() error {
 		return nil
 	}
 	b.closed = true
-	if b.done != nil {
-		defer b.done()
-	}
 	wrote := b.pending == nil || b.pending.finish()
 	// stop fails when the agent's stream ended meanwhile: the connection is being closed.
 	if b.stop() && wrote && b.sawEOF && b.reuse {
