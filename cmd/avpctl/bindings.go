@@ -1,18 +1,26 @@
 package main
 
 import (
+	"errors"
 	"flag"
 	"fmt"
 	"io"
+	"io/fs"
+	"os"
 	"os/user"
+	"slices"
 	"strconv"
 	"strings"
 
 	"github.com/agent-vault-proxy/agent-vault-proxy/internal/config"
 	"github.com/agent-vault-proxy/agent-vault-proxy/internal/inject"
+	"github.com/agent-vault-proxy/agent-vault-proxy/internal/store"
 )
 
 const defaultConfig = "/etc/agent-vault-proxy/bindings.yaml"
+
+// daemonUser is the system user the production install runs avpd as (sysusers.d).
+const daemonUser = "avp"
 
 func runBindings(g globals, args []string, stdout, stderr io.Writer) int {
 	if len(args) == 0 {
@@ -30,6 +38,10 @@ func runBindings(g globals, args []string, stdout, stderr io.Writer) int {
 		cfg, err := config.Load(path)
 		if err != nil {
 			fmt.Fprintln(stderr, err)
+			return 1
+		}
+		if err := checkBackendFiles(cfg, stderr); err != nil {
+			fmt.Fprintf(stderr, "%s: %v\n", path, err)
 			return 1
 		}
 		n := 0
@@ -61,6 +73,71 @@ func runBindings(g globals, args []string, stdout, stderr io.Writer) int {
 		return 0
 	}
 	return usageErr(stderr, "bindings check [FILE] | bindings diff OLD NEW")
+}
+
+// checkBackendFiles checks the files the backend reads as avpd checks them when it starts
+// (mode, owner, and for the file backend its YAML), so that what passes here starts. The
+// owner may be root, the user running this, or avpd's system user. A file this user may not
+// read is left unchecked, with a warning; names the config fetches that the secrets file
+// lacks are a warning too (avpd starts, and those requests get 503).
+func checkBackendFiles(cfg *config.Config, warn io.Writer) error {
+	owners := []int{os.Geteuid()}
+	if u, err := user.Lookup(daemonUser); err == nil {
+		if id, err := strconv.Atoi(u.Uid); err == nil {
+			owners = append(owners, id)
+		}
+	}
+	unreadable := func(path string, err error) bool {
+		if errors.Is(err, fs.ErrPermission) {
+			fmt.Fprintf(warn, "warning: %s not checked: uid %d may not read it (run as root to check it)\n", path, os.Geteuid())
+			return true
+		}
+		return false
+	}
+	switch cfg.Backend.Type {
+	case "file":
+		path := cfg.Backend.File.Path
+		have, err := store.SecretsFileNames(path, owners...)
+		if unreadable(path, err) {
+			return nil
+		}
+		if err != nil {
+			return err
+		}
+		var missing []string
+		for _, s := range cfg.Secrets {
+			for _, n := range s.FetchNames() {
+				if !slices.Contains(have, n) && !slices.Contains(missing, n) {
+					missing = append(missing, n)
+				}
+			}
+		}
+		if len(missing) > 0 {
+			slices.Sort(missing)
+			fmt.Fprintf(warn, "warning: secrets file %s has no value for %s: requests that inject them will get 503 secret_unavailable; add a line NAME: value for each\n", path, strings.Join(missing, ", "))
+		}
+	case "bws":
+		path := cfg.Backend.BWS.AccessTokenFile
+		f, err := os.Open(path)
+		if unreadable(path, err) {
+			return nil
+		}
+		if err != nil {
+			return fmt.Errorf("open BWS access token file: %w", err)
+		}
+		defer f.Close()
+		fi, err := f.Stat()
+		if err != nil {
+			return fmt.Errorf("stat BWS access token file %s: %w", path, err)
+		}
+		if err := store.CheckPrivateOwners(fi, path, "BWS access token file", owners...); err != nil {
+			return err
+		}
+		if fi.Size() == 0 {
+			return fmt.Errorf("BWS access token file %s is empty; paste the machine account's access token into it", path)
+		}
+	}
+	return nil
 }
 
 type headerFlags []string

@@ -236,9 +236,9 @@ func (d *doctor) daemonOwner() (int, string) {
 			return int(uid), d.userFlag
 		}
 	}
-	if u, err := user.Lookup("avp"); err == nil {
+	if u, err := user.Lookup(daemonUser); err == nil {
 		n, _ := strconv.Atoi(u.Uid)
-		return n, "avp"
+		return n, daemonUser
 	}
 	return 0, "root"
 }

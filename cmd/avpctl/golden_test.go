@@ -3,10 +3,13 @@ package main
 import (
 	"bytes"
 	"flag"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/agent-vault-proxy/agent-vault-proxy/internal/config"
 )
 
 var update = flag.Bool("update", false, "rewrite the golden files")
@@ -54,12 +57,86 @@ func TestGoldenBadConfigs(t *testing.T) {
 	}
 }
 
-func TestBindingsCheckExample(t *testing.T) {
-	code, out, errs := avpctl("bindings", "check", "../../bindings.example.yaml")
-	if code != 0 {
-		t.Fatalf("bindings.example.yaml does not pass: %s", errs)
+// exampleWithSecrets is bindings.example.yaml with its secrets file at secrets, in a
+// temporary directory; it returns the config's path.
+func exampleWithSecrets(t *testing.T, secrets string) string {
+	t.Helper()
+	data, err := os.ReadFile("../../bindings.example.yaml")
+	if err != nil {
+		t.Fatal(err)
 	}
-	golden(t, "check-example", out)
+	const orig = "path: /etc/agent-vault-proxy/secrets.yaml"
+	if !bytes.Contains(data, []byte(orig)) {
+		t.Fatalf("bindings.example.yaml no longer has %q", orig)
+	}
+	cfg := filepath.Join(t.TempDir(), "bindings.yaml")
+	if err := os.WriteFile(cfg, bytes.Replace(data, []byte(orig), []byte("path: "+secrets), 1), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return cfg
+}
+
+func TestBindingsCheckExample(t *testing.T) {
+	secrets := filepath.Join(t.TempDir(), "secrets.yaml")
+	cfg := exampleWithSecrets(t, secrets)
+	parsed, err := config.Load(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var all strings.Builder
+	seen := map[string]bool{}
+	for _, s := range parsed.Secrets {
+		for _, n := range s.FetchNames() {
+			if !seen[n] {
+				seen[n] = true
+				fmt.Fprintf(&all, "%s: value-of-%s-0123456789\n", n, strings.ToLower(n))
+			}
+		}
+	}
+	if err := os.WriteFile(secrets, []byte(all.String()), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	code, out, errs := avpctl("bindings", "check", cfg)
+	if code != 0 || errs != "" {
+		t.Fatalf("bindings.example.yaml does not pass: exit %d: %s", code, errs)
+	}
+	golden(t, "check-example", strings.ReplaceAll(out, cfg, "../../bindings.example.yaml"))
+}
+
+// TestBindingsCheckSecretsFile: check refuses a secrets file avpd would refuse to start with
+// (it said ok to each of these, and the install's next step failed), and warns about names
+// the file lacks.
+func TestBindingsCheckSecretsFile(t *testing.T) {
+	secrets := filepath.Join(t.TempDir(), "secrets.yaml")
+	cfg := exampleWithSecrets(t, secrets)
+	for _, tc := range []struct {
+		name, content string
+		mode          os.FileMode
+		code          int
+		want          string
+	}{
+		{"missing", "", 0, 1, "no such file or directory"},
+		{"readable by others", "OPENAI_API_KEY: sk-0123456789abcdef\n", 0o644, 1, "chmod 600"},
+		{"env syntax", "OPENAI_API_KEY=sk-0123456789abcdef\n", 0o600, 1, "must be a map of NAME: value"},
+		{"names missing", "OPENAI_API_KEY: sk-0123456789abcdef\n", 0o600, 0, "has no value for ANTHROPIC_API_KEY"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			os.Remove(secrets)
+			if tc.mode != 0 {
+				if err := os.WriteFile(secrets, []byte(tc.content), tc.mode); err != nil {
+					t.Fatal(err)
+				}
+				os.Chmod(secrets, tc.mode)
+			}
+			code, _, errs := avpctl("bindings", "check", cfg)
+			if code != tc.code || !strings.Contains(errs, tc.want) {
+				t.Fatalf("exit %d, stderr %q; want exit %d and %q", code, errs, tc.code, tc.want)
+			}
+			if strings.Contains(errs, "sk-0123456789abcdef") {
+				t.Fatalf("a value reached the output: %q", errs)
+			}
+		})
+	}
 }
 
 func TestGoldenDiff(t *testing.T) {

@@ -10,6 +10,9 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"slices"
+	"strconv"
+	"strings"
 	"sync"
 	"syscall"
 
@@ -37,7 +40,10 @@ func Wipe(b []byte) {
 // within the cache TTL.
 type FileBackend struct {
 	path string
-	mu   sync.Mutex
+	// owners are the users besides root the file may belong to; none means the process's
+	// own effective user (the daemon's).
+	owners []int
+	mu     sync.Mutex
 }
 
 var _ SecretsBackend = (*FileBackend)(nil)
@@ -59,6 +65,12 @@ func NewFileBackend(path string) (*FileBackend, error) {
 // CheckPrivate refuses a file that anyone but its owner can read or write, or that another
 // unprivileged user owns. what names the file's role in the message.
 func CheckPrivate(fi os.FileInfo, path, what string) error {
+	return CheckPrivateOwners(fi, path, what, os.Geteuid())
+}
+
+// CheckPrivateOwners is CheckPrivate for a file that may belong to root or to one of
+// owners: avpctl checks, as root, a file the daemon reads as its own user.
+func CheckPrivateOwners(fi os.FileInfo, path, what string, owners ...int) error {
 	if !fi.Mode().IsRegular() {
 		return fmt.Errorf("%s %s is not a regular file", what, path)
 	}
@@ -66,8 +78,12 @@ func CheckPrivate(fi os.FileInfo, path, what string) error {
 		return fmt.Errorf("%s %s has mode %04o: group and others must not read it; run: chmod 600 %s", what, path, fi.Mode().Perm(), path)
 	}
 	if st, ok := fi.Sys().(*syscall.Stat_t); ok {
-		if st.Uid != 0 && int(st.Uid) != os.Geteuid() {
-			return fmt.Errorf("%s %s is owned by uid %d; it must be owned by root or by the daemon's user (uid %d); run: chown root %s", what, path, st.Uid, os.Geteuid(), path)
+		if st.Uid != 0 && !slices.Contains(owners, int(st.Uid)) {
+			ids := make([]string, len(owners))
+			for i, o := range owners {
+				ids[i] = strconv.Itoa(o)
+			}
+			return fmt.Errorf("%s %s is owned by uid %d; it must be owned by root or by the daemon's user (uid %s); run: chown root %s", what, path, st.Uid, strings.Join(ids, " or "), path)
 		}
 	}
 	return nil
@@ -83,7 +99,11 @@ func (f *FileBackend) load() (map[string][]byte, error) {
 	if err != nil {
 		return nil, fmt.Errorf("stat secrets file %s: %w", f.path, err)
 	}
-	if err := CheckPrivate(fi, f.path, "secrets file"); err != nil {
+	owners := f.owners
+	if len(owners) == 0 {
+		owners = []int{os.Geteuid()}
+	}
+	if err := CheckPrivateOwners(fi, f.path, "secrets file", owners...); err != nil {
 		return nil, err
 	}
 	if fi.Size() > 1<<20 {
@@ -143,6 +163,13 @@ func (f *FileBackend) Check() ([]string, error) {
 		Wipe(v)
 	}
 	return names, nil
+}
+
+// SecretsFileNames reads a secrets file as the daemon would (its mode, its owner, which may
+// be root or one of owners, its YAML) and returns the names it holds: avpctl bindings check
+// refuses what avpd would refuse to start with.
+func SecretsFileNames(path string, owners ...int) ([]string, error) {
+	return (&FileBackend{path: path, owners: owners}).Check()
 }
 
 // Fetch returns a copy of the named value.
