@@ -582,10 +582,18 @@ func (d *doctor) checkPlaceholders() {
 		return
 	}
 	v := d.st.Stats.VerbatimByReason
-	wrong, shape := v[inject.ReasonWrongHeader], v[inject.ReasonFormatMismatch]
-	if wrong+shape == 0 {
+	wrong, shape, url := v[inject.ReasonWrongHeader], v[inject.ReasonFormatMismatch], v[inject.ReasonPlaceholderInURL]
+	if wrong+shape+url == 0 {
 		d.add("placeholders", statusOK, "every placeholder since avpd started arrived in a header and shape the config replaces", "")
 		return
+	}
+	if url > 0 {
+		d.add("placeholders", statusWarn,
+			fmt.Sprintf("%d request(s) carried a placeholder in the URL (%s), where avpd never injects; they went upstream with the placeholder", url, inject.ReasonPlaceholderInURL),
+			"configure the agent's client to send the key in a header instead of the query (Google's APIs take x-goog-api-key) and list that header under inject or inject.also; avpctl audit tail --decision forward_verbatim names the secret and host")
+		if wrong+shape == 0 {
+			return
+		}
 	}
 	d.add("placeholders", statusWarn,
 		fmt.Sprintf("%d request(s) carried a placeholder where the config does not replace it (%s %d, %s %d); they went upstream with the placeholder",

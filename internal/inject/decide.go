@@ -49,6 +49,9 @@ const (
 	ReasonPathUnsafe          = "path_unsafe"
 	ReasonFormatMismatch      = "format_mismatch"
 	ReasonWrongHeader         = "placeholder_in_wrong_header"
+	// ReasonPlaceholderInURL: the placeholder is in the query or path (?key=..., as
+	// Google's REST APIs take a key), where avpd never injects.
+	ReasonPlaceholderInURL = "placeholder_in_url"
 	ReasonMultiplePlaceholder = "multiple_placeholders_in_header"
 	ReasonRepeatedHeader      = "repeated_inject_header"
 	ReasonMethodOverride      = "method_override_not_allowed"
@@ -189,8 +192,8 @@ func (p *Policy) Decide(f Facts, r Request) Decision {
 			formatOK = formatOK && matchesAnyFormat(s, h, value)
 		}
 		if !held {
-			if p.placeholderElsewhere(s, r) {
-				d.Denials = append(d.Denials, Denial{Secret: s, Reason: ReasonWrongHeader})
+			if reason := p.placeholderElsewhere(s, r); reason != "" {
+				d.Denials = append(d.Denials, Denial{Secret: s, Reason: reason})
 			}
 			continue
 		}
@@ -250,9 +253,9 @@ func (p *Policy) AllowsBodyOverride(f Facts, r Request, d *Decision) bool {
 
 // placeholderElsewhere reports a placeholder outside its configured header, so the audit
 // shows an agent trying to move a key somewhere it was not configured to go (I11).
-func (p *Policy) placeholderElsewhere(s *config.Secret, r Request) bool {
+func (p *Policy) placeholderElsewhere(s *config.Secret, r Request) string {
 	if strings.Contains(r.RawQuery, s.Placeholder) || strings.Contains(r.RawPath, s.Placeholder) {
-		return true
+		return ReasonPlaceholderInURL
 	}
 	for k, vs := range r.Header {
 		if isTarget(s, k) {
@@ -260,11 +263,11 @@ func (p *Policy) placeholderElsewhere(s *config.Secret, r Request) bool {
 		}
 		for _, v := range vs {
 			if strings.Contains(v, s.Placeholder) {
-				return true
+				return ReasonWrongHeader
 			}
 		}
 	}
-	return false
+	return ""
 }
 
 // firstTarget is the index of header's first target in s, or -1.

@@ -85,6 +85,8 @@ func denialText(reason, header string) string {
 		return "the " + header + " value does not have the configured format around the placeholder"
 	case ReasonWrongHeader:
 		return "the placeholder is outside its configured header " + header + " and is never replaced there"
+	case ReasonPlaceholderInURL:
+		return "the placeholder is in the URL (query or path), where avpd never injects: the client must send the key in a header (Google's APIs take it as x-goog-api-key), listed under inject or inject.also"
 	}
 	return reason
 }
