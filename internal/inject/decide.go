@@ -39,19 +39,19 @@ func (a Action) String() string {
 
 // Reasons, stable strings that appear in audit events and refusals.
 const (
-	ReasonAllowed             = "binding_matched"
-	ReasonNoPlaceholder       = "no_placeholder"
-	ReasonHostMismatch        = "host_mismatch"
-	ReasonHostNotBound        = "host_not_bound"
-	ReasonMethodNotAllowed    = "method_not_allowed"
-	ReasonUIDNotAllowed       = "uid_not_allowed"
-	ReasonPathNotAllowed      = "path_not_allowed"
-	ReasonPathUnsafe          = "path_unsafe"
-	ReasonFormatMismatch      = "format_mismatch"
-	ReasonWrongHeader         = "placeholder_in_wrong_header"
+	ReasonAllowed          = "binding_matched"
+	ReasonNoPlaceholder    = "no_placeholder"
+	ReasonHostMismatch     = "host_mismatch"
+	ReasonHostNotBound     = "host_not_bound"
+	ReasonMethodNotAllowed = "method_not_allowed"
+	ReasonUIDNotAllowed    = "uid_not_allowed"
+	ReasonPathNotAllowed   = "path_not_allowed"
+	ReasonPathUnsafe       = "path_unsafe"
+	ReasonFormatMismatch   = "format_mismatch"
+	ReasonWrongHeader      = "placeholder_in_wrong_header"
 	// ReasonPlaceholderInURL: the placeholder is in the query or path (?key=..., as
 	// Google's REST APIs take a key), where avpd never injects.
-	ReasonPlaceholderInURL = "placeholder_in_url"
+	ReasonPlaceholderInURL    = "placeholder_in_url"
 	ReasonMultiplePlaceholder = "multiple_placeholders_in_header"
 	ReasonRepeatedHeader      = "repeated_inject_header"
 	ReasonMethodOverride      = "method_override_not_allowed"
