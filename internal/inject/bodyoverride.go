@@ -27,9 +27,15 @@ import (
 // name it misses is an override a binding never allowed.
 
 // UnparsableBodyOverride stands for what a body names when the scanner finds a _method it
-// cannot read as one method (an array, a number, an over-long value), or a body it cannot
-// read at all (compressed, or multipart it cannot parse); no binding allows it.
+// cannot read as one method (an array, a number, an over-long value), or multipart it
+// cannot parse; no binding that lists methods allows it.
 const UnparsableBodyOverride = "(unreadable body override)"
+
+// UncheckableBody stands for a body the scanner cannot read at all: compressed, two
+// Content-Types, a charset other than UTF-8, or a form some servers read as JSON. It names
+// no override, but could: no binding that lists methods allows it, and the refusal says
+// which it was (ReasonBodyNotCheckable).
+const UncheckableBody = "(body that cannot be checked)"
 
 const (
 	maxOverrideName  = 64 // a longer name cannot be _method once normalized
@@ -246,7 +252,7 @@ func (s *BodyScanner) Abort() {
 func (s *BodyScanner) unreadable() {
 	if !s.reported {
 		s.reported = true
-		s.found(UnparsableBodyOverride)
+		s.found(UncheckableBody)
 	}
 }
 

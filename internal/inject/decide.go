@@ -55,7 +55,10 @@ const (
 	ReasonMultiplePlaceholder = "multiple_placeholders_in_header"
 	ReasonRepeatedHeader      = "repeated_inject_header"
 	ReasonMethodOverride      = "method_override_not_allowed"
-	ReasonPathOverride        = "path_override_not_allowed"
+	// ReasonBodyNotCheckable: the body could not be read for a method override at all
+	// (inject.UncheckableBody), and the bindings allow only some methods.
+	ReasonBodyNotCheckable = "body_not_checkable"
+	ReasonPathOverride     = "path_override_not_allowed"
 )
 
 // Facts are what the proxy knows about the connection, independent of any request on it.

@@ -23,8 +23,18 @@ type bodyCheck struct {
 	d      inject.Decision
 	base   audit.Event
 	// refused is set once the body named an override the bindings do not allow; the
-	// request's error paths answer 403 for it.
-	refused atomic.Bool
+	// request's error paths answer 403 for it. uncheckable says the body could not be
+	// read at all (inject.UncheckableBody), which the refusal names instead.
+	refused     atomic.Bool
+	uncheckable atomic.Bool
+}
+
+// reason is the refusal's reason and the audit's detail.
+func (c *bodyCheck) reason() (string, string) {
+	if c.uncheckable.Load() {
+		return inject.ReasonBodyNotCheckable, "the body cannot be checked for a method override (it has a Content-Encoding, two Content-Types, a charset other than UTF-8, or is a form some servers read as JSON) and the bindings allow only some methods; the request was cut off before its end"
+	}
+	return inject.ReasonMethodOverride, "the body names a method override the bindings do not allow; the request was cut off before its end"
 }
 
 // checksBody reports whether inj's request, with header h, has its body checked for
@@ -38,6 +48,12 @@ func (inj *injected) refusedBody() bool {
 	return inj != nil && inj.check != nil && inj.check.refused.Load()
 }
 
+// bodyRefusal is the reason the agent gets for a request refusedBody reports.
+func (inj *injected) bodyRefusal() string {
+	r, _ := inj.check.reason()
+	return r
+}
+
 // newBodyGuard returns a guard over src when inj's request injects and a body of type h
 // could name an override that matters; nil otherwise.
 func (s *Server) newBodyGuard(ctx context.Context, inj *injected, h http.Header, src io.ReadCloser) *bodyGuard {
@@ -47,6 +63,9 @@ func (s *Server) newBodyGuard(ctx context.Context, inj *injected, h http.Header,
 	c := inj.check
 	g := &bodyGuard{src: src}
 	g.scan = inject.NewBodyScanner(h, func(m string) bool {
+		if m == inject.UncheckableBody {
+			c.uncheckable.Store(true)
+		}
 		c.req.BodyMethods = append(c.req.BodyMethods, m)
 		return c.policy.AllowsBodyOverride(c.facts, c.req, &c.d)
 	})
@@ -57,10 +76,10 @@ func (s *Server) newBodyGuard(ctx context.Context, inj *injected, h http.Header,
 		if c.refused.Swap(true) {
 			return // recorded once
 		}
-		s.countRefused(inject.ReasonMethodOverride)
+		reason, detail := c.reason()
+		s.countRefused(reason)
 		e := c.base
-		e.Decision, e.Reason, e.Status = audit.DecisionRefuse, inject.ReasonMethodOverride, http.StatusForbidden
-		e.Detail = "the body names a method override the bindings do not allow; the request was cut off before its end"
+		e.Decision, e.Reason, e.Status, e.Detail = audit.DecisionRefuse, reason, http.StatusForbidden, detail
 		_ = s.record(ctx, e)
 	}
 	return g
@@ -139,7 +158,7 @@ func (s *Server) readAhead(ctx context.Context, p *prepared, h http.Header, body
 	case err != nil:
 		return nil, false, http.StatusBadRequest, "bad_request_body"
 	case whole && !s.wholeBodyAllowed(ctx, p.inj, h, pre):
-		return nil, false, http.StatusForbidden, inject.ReasonMethodOverride
+		return nil, false, http.StatusForbidden, p.inj.bodyRefusal()
 	}
 	rel, ok := s.regate(p.policy)
 	if !ok {

@@ -280,7 +280,7 @@ func (hc *h1conn) serve(req *http.Request) (keep bool) {
 		case p.inj.refusedBody():
 			// Recorded and counted by the guard; the upstream has part of a body at most.
 			hc.dropUpstream()
-			hc.writeRefusal(http.StatusForbidden, inject.ReasonMethodOverride, true)
+			hc.writeRefusal(http.StatusForbidden, p.inj.bodyRefusal(), true)
 			hc.lingerClose() // the agent may still be sending the rest
 			return false
 		case hc.body != nil && hc.body.err != nil:

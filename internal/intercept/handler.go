@@ -602,7 +602,7 @@ func newReverseProxy(up *upstreamPool, logf Logf) *httputil.ReverseProxy {
 			inj, _ := r.Context().Value(injectedKey{}).(*injected)
 			if inj.refusedBody() {
 				// Recorded and counted by the guard, which cut the request off.
-				refuse(w, http.StatusForbidden, inject.ReasonMethodOverride)
+				refuse(w, http.StatusForbidden, inj.bodyRefusal())
 				return
 			}
 			f := factsFrom(r.Context())
