@@ -122,6 +122,9 @@ func (d *Daemon) cmdUnenroll(ctx context.Context, peer uint32, args []string) (a
 		return nil, fmt.Errorf("unenroll uid %d: %w", uid, err)
 	}
 	d.setEnrolled(uids)
+	// Requests on connections accepted before now go verbatim (the proxy checks each one);
+	// this waits out those already decided, so nothing is injected for uid once this returns.
+	d.srv.Revoke()
 	if err := saveEnrollment(d.opts.StateDir, uids); err != nil {
 		return nil, err
 	}

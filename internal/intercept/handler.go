@@ -211,6 +211,11 @@ func (s *Server) prepare(ctx context.Context, f inject.Facts, method, authority 
 		Method: method, Authority: authority, RawPath: rawPath, RawQuery: u.RawQuery, Header: h,
 	}
 	d := policy.Decide(f, ir)
+	if d.Action == inject.Inject && f.UID >= 0 && s.isEnrolled != nil && !s.isEnrolled(uint32(f.UID)) {
+		// Unenrolled since its connection was accepted: a new connection of this user is
+		// spliced and nothing is injected into it, and neither is anything on an old one.
+		d = inject.Decision{Action: inject.ForwardVerbatim, Reason: ReasonNotEnrolled, Path: d.Path}
+	}
 	base := audit.Event{
 		Type: audit.TypeDecision, UID: uidPtr(f.UID), Dst: f.OrigDst.String(), SNI: f.SNI,
 		Method: auditMethod(method), Path: audit.CutPath(d.Path),
@@ -512,6 +517,10 @@ func tooShort(name string, v []byte) error {
 
 // denialEvents records every placeholder that was found but forwarded verbatim (I5), or
 // one no_placeholder event.
+// ReasonNotEnrolled is why a request of a user no longer enrolled goes verbatim (and why a
+// connection of one is spliced).
+const ReasonNotEnrolled = "uid_not_enrolled"
+
 func denialEvents(base audit.Event, d inject.Decision) []audit.Event {
 	var out []audit.Event
 	for _, dn := range d.Denials {

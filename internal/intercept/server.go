@@ -221,6 +221,16 @@ func NewServer(opts Options) (*Server, error) {
 // maxStreamsPerConn bounds an HTTP/2 agent connection's concurrent requests.
 const maxStreamsPerConn = 100
 
+// Revoke is for an unenroll: a request decided before it does not inject once it returns.
+// Requests that already hold the gate finish first; one decided before and not yet sent
+// (dialling its upstream) finds the policy replaced, as after a reload, and fails; requests
+// decided after it see the user unenrolled (prepare) and go verbatim.
+func (s *Server) Revoke() {
+	s.gate.Lock()
+	s.policy.Store(s.policy.Load().Reissued())
+	s.gate.Unlock()
+}
+
 // SetPolicy swaps the policy atomically. Requests already deciding finish under the old one;
 // SetPolicy returns only after each of them that injects has written its headers upstream.
 func (s *Server) SetPolicy(p *inject.Policy) {
@@ -395,7 +405,7 @@ func (s *Server) handleConn(ctx context.Context, c *net.TCPConn) {
 	facts := inject.Facts{UID: uid, SNI: info.ServerName, OrigDst: orig}
 	policy := s.policy.Load()
 	if uid >= 0 && s.isEnrolled != nil && !s.isEnrolled(uint32(uid)) {
-		s.passthrough(ctx, c, peeked, facts, "uid_not_enrolled")
+		s.passthrough(ctx, c, peeked, facts, ReasonNotEnrolled)
 		return
 	}
 	if err != nil || info.ServerName == "" || !policy.Bound(info.ServerName) {
