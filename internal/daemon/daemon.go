@@ -22,6 +22,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -75,6 +76,8 @@ type Daemon struct {
 	// enrolledSet is a snapshot of enrolled for the connection path.
 	enrolledSet atomic.Pointer[map[uint32]bool]
 	fwWatch     fwWatch
+	// fwInstalled says start put the redirect in place (failClosed has nothing to do).
+	fwInstalled bool
 	// listenersDown counts listeners whose Serve returned while avpd was still serving.
 	listenersDown atomic.Int32
 }
@@ -100,6 +103,7 @@ func start(opts Options) (_ *Daemon, err error) {
 	defer func() {
 		if err != nil {
 			d.closeAll()
+			d.failClosed()
 		}
 	}()
 	// No core dumps and no same-UID ptrace: the cache holds real secrets.
@@ -157,6 +161,10 @@ func start(opts Options) (_ *Daemon, err error) {
 			return nil, fmt.Errorf("%w; avpd needs CAP_NET_ADMIN: run it as root or under systemd with AmbientCapabilities=CAP_NET_ADMIN", err)
 		}
 		return nil, err
+	}
+	d.fwInstalled = true
+	if err := writeStateFile(opts.StateDir, redirectPortFile, []byte(strconv.Itoa(int(d.addrs[0].Port()))+"\n")); err != nil {
+		d.logf("save %s in %s: %v (a start that fails before it listens redirects to the default port)", redirectPortFile, opts.StateDir, err)
 	}
 	d.setEnrolled(uids)
 	d.fwWatch.ok(time.Now())
@@ -401,30 +409,83 @@ func loadEnrollment(dir string) ([]uint32, error) {
 
 // saveEnrollment writes atomically: a crash leaves the old or the new list, never half.
 func saveEnrollment(dir string, uids []uint32) error {
-	p := filepath.Join(dir, enrollmentFile)
 	data, _ := json.Marshal(enrollment{UIDs: uids})
-	tmp, err := os.CreateTemp(dir, ".enrolled-*")
-	if err != nil {
+	if err := writeStateFile(dir, enrollmentFile, append(data, '\n')); err != nil {
 		return fmt.Errorf("save enrollment: %w", err)
 	}
+	return nil
+}
+
+// redirectPortFile holds the port the redirect last pointed at, for a start that fails
+// before it knows its listener (failClosed).
+const redirectPortFile = "redirect-port"
+
+func loadRedirectPort(dir string) (uint16, bool) {
+	data, err := os.ReadFile(filepath.Join(dir, redirectPortFile))
+	if err != nil {
+		return 0, false
+	}
+	n, err := strconv.ParseUint(strings.TrimSpace(string(data)), 10, 16)
+	return uint16(n), err == nil && n != 0
+}
+
+// writeStateFile replaces dir/name with data atomically (a temporary file, fsync, rename,
+// fsync of the directory): a crash leaves the old or the new content, never half.
+func writeStateFile(dir, name string, data []byte) error {
+	tmp, err := os.CreateTemp(dir, "."+name+"-*")
+	if err != nil {
+		return err
+	}
 	defer os.Remove(tmp.Name())
-	if _, err := tmp.Write(append(data, '\n')); err != nil {
+	if _, err := tmp.Write(data); err != nil {
 		tmp.Close()
-		return fmt.Errorf("save enrollment: %w", err)
+		return err
 	}
 	if err := tmp.Sync(); err != nil {
 		tmp.Close()
-		return fmt.Errorf("save enrollment: %w", err)
+		return err
 	}
 	if err := tmp.Close(); err != nil {
-		return fmt.Errorf("save enrollment: %w", err)
+		return err
 	}
-	if err := os.Rename(tmp.Name(), p); err != nil {
-		return fmt.Errorf("save enrollment: %w", err)
+	if err := os.Rename(tmp.Name(), filepath.Join(dir, name)); err != nil {
+		return err
 	}
 	if dh, err := os.Open(dir); err == nil {
 		dh.Sync()
 		dh.Close()
 	}
 	return nil
+}
+
+// failClosed runs when avpd fails to start before its redirect is in place (an invalid
+// config at boot, an unreadable secrets file): the enrolled users' HTTPS is redirected all
+// the same, to the port avpd last listened on (or the default), where nothing answers
+// until avpd does. Without it their traffic would go straight out for as long as avpd keeps
+// failing (the kernel forgets the table at boot). Best effort: the start's own error is
+// what is reported.
+func (d *Daemon) failClosed() {
+	if d.fwInstalled {
+		return
+	}
+	uids, err := loadEnrollment(d.opts.StateDir)
+	if err != nil || len(uids) == 0 {
+		return
+	}
+	uids = slices.DeleteFunc(uids, func(u uint32) bool { return checkEnrollable(u) != nil })
+	port, ok := loadRedirectPort(d.opts.StateDir)
+	if !ok {
+		port = netip.MustParseAddrPort(config.DefaultListen).Port()
+	}
+	fw, err := redirect.New(port)
+	if err != nil {
+		d.logf("start failed, and the redirect could not be put back either: %v", err)
+		return
+	}
+	defer fw.Close()
+	if err := fw.Install(uids); err != nil {
+		d.logf("start failed, and the redirect could not be put back either: %v", err)
+		return
+	}
+	d.logf("start failed; the %d enrolled user(s) stay redirected to port %d, where nothing answers until avpd starts: their HTTPS fails instead of going out directly", len(uids), port)
 }
