@@ -118,6 +118,9 @@ func start(opts Options) (_ *Daemon, err error) {
 	if err := os.MkdirAll(opts.StateDir, 0o700); err != nil {
 		return nil, fmt.Errorf("create state directory %s: %w", opts.StateDir, err)
 	}
+	if err := d.ownDir(opts.StateDir, "state directory"); err != nil {
+		return nil, err
+	}
 	d.ca, err = intercept.LoadOrCreateCA(opts.StateDir)
 	if err != nil {
 		return nil, err
@@ -168,6 +171,12 @@ func start(opts Options) (_ *Daemon, err error) {
 	}
 	d.setEnrolled(uids)
 	d.fwWatch.ok(time.Now())
+	if err := os.MkdirAll(opts.RuntimeDir, 0o755); err != nil {
+		return nil, fmt.Errorf("create runtime directory %s: %w", opts.RuntimeDir, err)
+	}
+	if err := d.ownDir(opts.RuntimeDir, "runtime directory"); err != nil {
+		return nil, err
+	}
 	d.admin, err = admin.Listen(filepath.Join(opts.RuntimeDir, admin.SocketName), d.handlers(), d.logf)
 	if err != nil {
 		return nil, err
@@ -414,6 +423,39 @@ func saveEnrollment(dir string, uids []uint32) error {
 		return fmt.Errorf("save enrollment: %w", err)
 	}
 	return nil
+}
+
+// ownDir makes sure nobody but avpd (or root) can write dir: whoever can replaces the
+// files in it, such as enrolled.json (which users are redirected) or the admin socket
+// avpctl talks to. A directory avpd owns that group or others may write (a mkdir under
+// umask 000) loses those bits, and says so; one another user owns, or that avpd may not
+// fix, refuses the start.
+func (d *Daemon) ownDir(dir, what string) error {
+	fi, err := os.Stat(dir)
+	if err != nil {
+		return fmt.Errorf("%s %s: %w", what, dir, err)
+	}
+	if !fi.IsDir() {
+		return fmt.Errorf("%s %s is not a directory", what, dir)
+	}
+	owner := -1
+	if st, ok := fi.Sys().(*syscall.Stat_t); ok {
+		owner = int(st.Uid)
+	}
+	if owner != 0 && owner != os.Geteuid() {
+		return fmt.Errorf("%s %s is owned by uid %d, who could replace what avpd keeps in it; run: chown %d %s (or give avpd a directory of its own)", what, dir, owner, os.Geteuid(), dir)
+	}
+	perm := fi.Mode().Perm()
+	if perm&0o022 == 0 {
+		return nil
+	}
+	if owner == os.Geteuid() {
+		if err := os.Chmod(dir, perm&^0o022); err == nil {
+			d.logf("%s %s had mode %04o, writable by others; made it %04o", what, dir, perm, perm&^0o022)
+			return nil
+		}
+	}
+	return fmt.Errorf("%s %s has mode %04o: group and others must not write it; run: chmod go-w %s", what, dir, perm, dir)
 }
 
 // redirectPortFile holds the port the redirect last pointed at, for a start that fails
