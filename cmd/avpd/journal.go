@@ -137,6 +137,11 @@ func journalCmd(args []string, stdout, stderr io.Writer) int {
 		}
 	}
 
+	// Taken before the log is opened and recovered: a SIGHUP (logrotate's) during that
+	// would otherwise end the process. The handler below acts on what came meanwhile.
+	sigs := make(chan os.Signal, 4)
+	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP)
+	defer signal.Stop(sigs)
 	ln, fromSystemd, err := journalListener(*socket)
 	if err != nil {
 		fmt.Fprintf(stderr, "avpd journal: %v\n", err)
@@ -156,8 +161,6 @@ func journalCmd(args []string, stdout, stderr io.Writer) int {
 
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	sigs := make(chan os.Signal, 4)
-	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP)
 	go func() {
 		for s := range sigs {
 			if s == syscall.SIGHUP {

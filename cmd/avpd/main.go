@@ -9,6 +9,8 @@ import (
 	"io"
 	"log"
 	"os"
+	"os/signal"
+	"syscall"
 
 	"github.com/agent-vault-proxy/agent-vault-proxy/internal/daemon"
 )
@@ -24,6 +26,12 @@ Run "avpd COMMAND --help" for a command's flags.
 `
 
 func main() {
+	if len(os.Args) > 1 && (os.Args[1] == "serve" || os.Args[1] == "journal") {
+		// SIGHUP (reload, reopen) must never end the daemon, but its handler is installed
+		// only once the command has parsed its flags. Ignored until then: nothing is loaded
+		// yet that a reload would reload.
+		signal.Ignore(syscall.SIGHUP)
+	}
 	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))
 }
 

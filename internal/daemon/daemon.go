@@ -91,11 +91,17 @@ type auditCloser interface {
 
 // Run starts avpd and blocks until SIGTERM/SIGINT or ctx ends, then drains.
 func Run(ctx context.Context, opts Options) error {
+	// Taken before anything else: a SIGHUP's default action ends the process, and one sent
+	// while avpd starts (a reload right after systemctl start) would kill it. Signals that
+	// come during start wait in the channel, and serve acts on them.
+	sigs := make(chan os.Signal, 4)
+	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP)
+	defer signal.Stop(sigs)
 	d, err := start(opts)
 	if err != nil {
 		return err
 	}
-	return d.serve(ctx)
+	return d.serve(ctx, sigs)
 }
 
 func start(opts Options) (_ *Daemon, err error) {
@@ -264,12 +270,9 @@ func (d *Daemon) listen(addr netip.AddrPort) error {
 	return nil
 }
 
-func (d *Daemon) serve(ctx context.Context) error {
+func (d *Daemon) serve(ctx context.Context, sigs <-chan os.Signal) error {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	sigs := make(chan os.Signal, 4)
-	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP)
-	defer signal.Stop(sigs)
 
 	// READY=1 waits for this event's acknowledgement: by now the rules, the CA, the config
 	// and the listeners are in place, and the ack proves the audit log or journal works.
