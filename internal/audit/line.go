@@ -219,10 +219,14 @@ func LoadOrCreateKey(path string) (key []byte, created bool, err error) {
 		if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
 			return nil, false, fmt.Errorf("create key directory: %w", err)
 		}
-		nf, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL|syscall.O_NOFOLLOW, 0o600)
+		// Written whole to a temporary file and then linked into place, so a crash leaves
+		// no key or the whole key, never an empty one that every later start refuses. A
+		// link fails if the name exists: of two journals starting at once, one key wins.
+		nf, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+"-*")
 		if err != nil {
 			return nil, false, fmt.Errorf("create journal key %s: %w", path, err)
 		}
+		defer os.Remove(nf.Name())
 		_, werr := nf.WriteString(hex.EncodeToString(key) + "\n")
 		if werr == nil {
 			werr = nf.Sync()
@@ -230,8 +234,13 @@ func LoadOrCreateKey(path string) (key []byte, created bool, err error) {
 		if cerr := nf.Close(); werr == nil {
 			werr = cerr
 		}
+		if werr == nil {
+			werr = os.Link(nf.Name(), path)
+		}
+		if errors.Is(werr, os.ErrExist) {
+			return LoadOrCreateKey(path)
+		}
 		if werr != nil {
-			os.Remove(path)
 			return nil, false, fmt.Errorf("write journal key %s: %w", path, werr)
 		}
 		syncDir(filepath.Dir(path))
@@ -269,6 +278,9 @@ func readKey(r io.Reader, path string) ([]byte, error) {
 	data, err := io.ReadAll(io.LimitReader(r, 1024))
 	if err != nil {
 		return nil, fmt.Errorf("read key %s: %w", path, err)
+	}
+	if len(data) == 0 {
+		return nil, fmt.Errorf("key %s is empty: it was never written whole (a crash while the journal first started, before avpd wrote keys whole). If the log holds no line yet, remove the key and start again; else restore it from a backup, since the log's lines were signed with it", path)
 	}
 	key, err := hex.DecodeString(strings.TrimSpace(string(data)))
 	if err != nil || len(key) < 32 {
