@@ -164,6 +164,10 @@ func start(opts Options) (_ *Daemon, err error) {
 	if err != nil {
 		return nil, err
 	}
+	uids, err = d.reconcileAtStart(uids)
+	if err != nil {
+		return nil, err
+	}
 	uids = slices.DeleteFunc(uids, func(u uint32) bool { return checkEnrollable(u) != nil })
 	if err := d.fw.Install(uids); err != nil {
 		if errors.Is(err, syscall.EPERM) || errors.Is(err, syscall.EACCES) {
@@ -459,6 +463,40 @@ func (d *Daemon) ownDir(dir, what string) error {
 		}
 	}
 	return fmt.Errorf("%s %s has mode %04o: group and others must not write it; run: chmod go-w %s", what, dir, perm, dir)
+}
+
+// reconcileAtStart compares the enrollment file with the set the kernel still holds (avpd
+// restarted; the table outlives it). Without the file (a state directory restored without
+// it, a wrong --state-dir), the kernel's users are kept and the file written: dropping them
+// would send their HTTPS straight out. With it, the file wins, and every user it drops or
+// adds is logged and audited, as the reconcile does while avpd runs.
+func (d *Daemon) reconcileAtStart(uids []uint32) ([]uint32, error) {
+	kernel, err := d.fw.Enrolled()
+	if err != nil {
+		return uids, nil // no table yet (first start, or after a boot)
+	}
+	if _, err := os.Stat(filepath.Join(d.opts.StateDir, enrollmentFile)); errors.Is(err, os.ErrNotExist) {
+		if len(kernel) == 0 {
+			return uids, nil
+		}
+		if err := saveEnrollment(d.opts.StateDir, kernel); err != nil {
+			return nil, err
+		}
+		d.logf("no %s in %s: kept the %d uid(s) the kernel still redirects (%v) and wrote the file", enrollmentFile, d.opts.StateDir, len(kernel), kernel)
+		return kernel, nil
+	}
+	for _, u := range kernel {
+		if !slices.Contains(uids, u) {
+			d.logf("uid %d was redirected by the kernel but is not in %s: no longer redirected", u, enrollmentFile)
+			d.audit(audit.Event{Type: audit.TypeUnenroll, UID: audit.Int64(int64(u)), Detail: "at start: not in " + enrollmentFile})
+		}
+	}
+	for _, u := range uids {
+		if !slices.Contains(kernel, u) {
+			d.logf("uid %d is in %s but was not redirected by the kernel: redirected again", u, enrollmentFile)
+		}
+	}
+	return uids, nil
 }
 
 // redirectPortFile holds the port the redirect last pointed at, for a start that fails
