@@ -6,9 +6,11 @@
 package audit
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 	"sync"
@@ -81,6 +83,8 @@ type FileWriter struct {
 	mu  sync.Mutex
 	f   *os.File
 	now func() time.Time
+	// TornFile is where OpenFile moved a torn last line (a crash during a write), or "".
+	TornFile string
 }
 
 var _ Auditor = (*FileWriter)(nil)
@@ -90,11 +94,46 @@ func OpenFile(path string) (*FileWriter, error) {
 	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
 		return nil, fmt.Errorf("create audit directory for %s: %w", path, err)
 	}
-	f, err := os.OpenFile(path, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o600)
+	f, err := os.OpenFile(path, os.O_RDWR|os.O_APPEND|os.O_CREATE, 0o600)
 	if err != nil {
 		return nil, fmt.Errorf("open audit log %s: %w", path, err)
 	}
-	return &FileWriter{f: f, now: time.Now}, nil
+	w := &FileWriter{f: f, now: time.Now}
+	// A last line without its newline is the write a crash cut short (never acknowledged):
+	// the next event would be appended to it and both lost to a reader. It is moved aside,
+	// as the journal does with its torn tail.
+	if from, to, err := tornTail(f); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("check audit log %s: %w", path, err)
+	} else if to > from {
+		if w.TornFile, err = moveAside(f, path, from, to); err != nil {
+			f.Close()
+			return nil, fmt.Errorf("audit log %s: %w", path, err)
+		}
+	}
+	return w, nil
+}
+
+// tornTail finds the bytes after f's last newline: [from, to), empty when f ends with one.
+func tornTail(f *os.File) (from, to int64, err error) {
+	st, err := f.Stat()
+	if err != nil || st.Size() == 0 {
+		return 0, 0, err
+	}
+	to = st.Size()
+	buf := make([]byte, 64<<10)
+	for end := to; end > 0; {
+		start := max(end-int64(len(buf)), 0)
+		n, err := f.ReadAt(buf[:end-start], start)
+		if err != nil && err != io.EOF {
+			return 0, 0, err
+		}
+		if i := bytes.LastIndexByte(buf[:n], '\n'); i >= 0 {
+			return start + int64(i) + 1, to, nil
+		}
+		end = start
+	}
+	return 0, to, nil
 }
 
 // Record writes all events in one write and one fdatasync.

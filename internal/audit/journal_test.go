@@ -412,3 +412,41 @@ func TestJournalMirrorsDurableEvents(t *testing.T) {
 		t.Fatalf("mirrored %v", seqs)
 	}
 }
+
+// TestOpenFileMovesTornLineAside: the in-process writer appended after a last line a crash
+// cut short, so the next acknowledged event became part of an unreadable line. The torn
+// bytes are now moved to a file beside the log, as the journal does.
+func TestOpenFileMovesTornLineAside(t *testing.T) {
+	for _, tc := range []struct{ content, keep, torn string }{
+		{"{\"a\":1}\n{\"b\":", "{\"a\":1}\n", "{\"b\":"},
+		{"{\"b\":", "", "{\"b\":"},
+		{"{\"a\":1}\n", "{\"a\":1}\n", ""},
+		{"", "", ""},
+	} {
+		path := filepath.Join(t.TempDir(), "audit.jsonl")
+		if err := os.WriteFile(path, []byte(tc.content), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		w, err := OpenFile(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := w.Record(context.Background(), Event{Type: TypeProxyStart, ConfigSHA256: "x"}); err != nil {
+			t.Fatal(err)
+		}
+		w.Close()
+		got, _ := os.ReadFile(path)
+		if !strings.HasPrefix(string(got), tc.keep) || strings.Count(string(got), "\n") != strings.Count(tc.keep, "\n")+1 || !strings.Contains(string(got[len(tc.keep):]), `"type":"proxy_start"`) {
+			t.Errorf("%q: the log is now %q", tc.content, got)
+		}
+		if tc.torn == "" {
+			if w.TornFile != "" {
+				t.Errorf("%q: moved %s aside", tc.content, w.TornFile)
+			}
+			continue
+		}
+		if torn, err := os.ReadFile(w.TornFile); err != nil || string(torn) != tc.torn {
+			t.Errorf("%q: torn file %q: %q %v", tc.content, w.TornFile, torn, err)
+		}
+	}
+}

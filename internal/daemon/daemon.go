@@ -138,6 +138,9 @@ func start(opts Options) (_ *Daemon, err error) {
 	if err != nil {
 		return nil, err
 	}
+	if fw, ok := d.auditor.(*audit.FileWriter); ok && fw.TornFile != "" {
+		d.logf("audit log %s ended in a line a crash cut short (never acknowledged); moved it to %s", cfg.Audit.Path, fw.TornFile)
+	}
 	upstreamTLS, err := upstreamTLSConfig(cfg.Proxy.UpstreamCAFile)
 	if err != nil {
 		return nil, err
