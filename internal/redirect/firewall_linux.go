@@ -1,6 +1,7 @@
 package redirect
 
 import (
+	"bytes"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -491,8 +492,16 @@ func (f *Firewall) contentsHealthy() (bool, error) {
 	if err != nil {
 		return false, err
 	}
-	wantRules := map[string]int{natChainName: 1, filterChainName: 2}
-	for _, want := range []*nftables.Chain{natChain(t), filterChain(t)} {
+	// The rules are compared expression by expression with what Install writes: counting
+	// them missed another tool's edit that kept the count (a redirect replaced by a rule
+	// that does nothing).
+	set := &nftables.Set{Table: t, Name: SetName}
+	nc, fc := natChain(t), filterChain(t)
+	wantRules := map[string][]*nftables.Rule{
+		natChainName:    {f.natRule(nc, set)},
+		filterChainName: {bypassRule(fc, set), filterRule(fc, set)}, // as install adds them
+	}
+	for _, want := range []*nftables.Chain{nc, fc} {
 		var got *nftables.Chain
 		for _, c := range chains {
 			if c.Table != nil && c.Table.Name == TableName && c.Name == want.Name {
@@ -508,11 +517,54 @@ func (f *Firewall) contentsHealthy() (bool, error) {
 		if err != nil {
 			return false, err
 		}
-		if len(rules) != wantRules[want.Name] {
+		if !sameRules(rules, wantRules[want.Name]) {
 			return false, nil
 		}
 	}
 	return true, nil
+}
+
+// sameRules reports whether got (as the kernel lists a chain) holds exactly the rules of
+// want, in order: the same expressions, as netlink encodes them. A set lookup is compared
+// by the set's name (its ID is only a handle within the batch that made it).
+func sameRules(got, want []*nftables.Rule) bool {
+	if len(got) != len(want) {
+		return false
+	}
+	for i := range got {
+		if len(got[i].Exprs) != len(want[i].Exprs) {
+			return false
+		}
+		for j := range got[i].Exprs {
+			a, errA := marshalExpr(got[i].Exprs[j])
+			b, errB := marshalExpr(want[i].Exprs[j])
+			if errA != nil || errB != nil || !bytes.Equal(a, b) {
+				return false
+			}
+		}
+	}
+	return true
+}
+
+func marshalExpr(e expr.Any) ([]byte, error) {
+	switch x := e.(type) {
+	case *expr.Lookup:
+		c := *x
+		c.SetID = 0
+		e = &c
+	case *expr.Redir:
+		// The kernel lists a redirect to one port as the range [port, port], flagged as
+		// specified.
+		c := *x
+		if c.RegisterProtoMin != 0 {
+			if c.RegisterProtoMax == 0 {
+				c.RegisterProtoMax = c.RegisterProtoMin
+			}
+			c.Flags |= unix.NF_NAT_RANGE_PROTO_SPECIFIED
+		}
+		e = &c
+	}
+	return expr.Marshal(byte(nftables.TableFamilyINet), e)
 }
 
 // Remove deletes the table, ending all redirection. It is not an error if the

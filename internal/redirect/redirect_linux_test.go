@@ -573,3 +573,29 @@ func TestConsistentList(t *testing.T) {
 		t.Fatalf("err = %v, want the listing's error", err)
 	}
 }
+
+// TestHealthyReadsTheRules: the check counted each chain's rules and never read them, so
+// another tool that replaced the redirect with a rule that does nothing (keeping the count)
+// left avpd saying "firewall: ok" and the enrolled user going straight out. Each rule is
+// now compared with what Install writes.
+func TestHealthyReadsTheRules(t *testing.T) {
+	for _, tc := range []struct{ name, edit string }{
+		{"nat rule replaced by a counter", "flush chain inet " + TableName + " " + natChainName + "\nadd rule inet " + TableName + " " + natChainName + " counter\n"},
+		{"redirect to another port", "flush chain inet " + TableName + " " + natChainName + "\nadd rule inet " + TableName + " " + natChainName + " meta skuid @" + SetName + " tcp dport 443 redirect to :1\n"},
+		{"filter rules replaced by counters", "flush chain inet " + TableName + " " + filterChainName + "\nadd rule inet " + TableName + " " + filterChainName + " counter\nadd rule inet " + TableName + " " + filterChainName + " counter\n"},
+		{"bypass rule made to accept", "flush chain inet " + TableName + " " + filterChainName + "\nadd rule inet " + TableName + " " + filterChainName + " meta skuid @" + SetName + " tcp dport 443 accept\nadd rule inet " + TableName + " " + filterChainName + " meta skuid @" + SetName + " udp dport 443 reject\n"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			ns := newNetns(t)
+			fw := ns.newFirewall(testPort)
+			mustInstall(t, fw, enrolledUID)
+			wantHealthy(t, fw, true)
+			if _, err := ns.nft(tc.edit, "-f", "-"); err != nil {
+				t.Fatal(err)
+			}
+			wantHealthy(t, fw, false)
+			mustInstall(t, fw, enrolledUID)
+			wantHealthy(t, fw, true)
+		})
+	}
+}
