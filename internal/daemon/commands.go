@@ -109,23 +109,13 @@ func (d *Daemon) cmdUnenroll(ctx context.Context, peer uint32, args []string) (a
 	if err != nil {
 		return nil, err
 	}
-	d.enrollMu.Lock()
-	defer d.enrollMu.Unlock()
-	uids, err := loadEnrollment(d.opts.StateDir)
-	if err != nil {
-		return nil, err
-	}
-	was := slices.Contains(uids, uid)
-	uids = slices.DeleteFunc(uids, func(u uint32) bool { return u == uid })
-	// Kernel first here: the UID stops being redirected only once the set says so.
-	if err := d.fw.Unenroll(uid); err != nil {
-		return nil, fmt.Errorf("unenroll uid %d: %w", uid, err)
-	}
-	d.setEnrolled(uids)
+	was, err := d.unenroll(uid)
 	// Requests on connections accepted before now go verbatim (the proxy checks each one);
-	// this waits out those already decided, so nothing is injected for uid once this returns.
+	// this waits out those already decided, so nothing is injected for uid once this
+	// returns. Outside enrollMu: the firewall check, which takes it every second on the
+	// main loop, must not wait for in-flight requests.
 	d.srv.Revoke()
-	if err := saveEnrollment(d.opts.StateDir, uids); err != nil {
+	if err != nil {
 		return nil, err
 	}
 	if !was {
@@ -136,6 +126,28 @@ func (d *Daemon) cmdUnenroll(ctx context.Context, peer uint32, args []string) (a
 	d.audit(audit.Event{Type: audit.TypeUnenroll, UID: audit.Int64(int64(uid)), Detail: fmt.Sprintf("unenrolled by uid %d", peer)})
 	d.logf("unenrolled uid %d", uid)
 	return map[string]any{"uid": uid, "enrolled": false, "was_enrolled": true}, nil
+}
+
+// unenroll takes uid out of the kernel's set, the proxy's snapshot and the state file, and
+// reports whether it was enrolled.
+func (d *Daemon) unenroll(uid uint32) (bool, error) {
+	d.enrollMu.Lock()
+	defer d.enrollMu.Unlock()
+	uids, err := loadEnrollment(d.opts.StateDir)
+	if err != nil {
+		return false, err
+	}
+	was := slices.Contains(uids, uid)
+	uids = slices.DeleteFunc(uids, func(u uint32) bool { return u == uid })
+	// Kernel first here: the UID stops being redirected only once the set says so.
+	if err := d.fw.Unenroll(uid); err != nil {
+		return false, fmt.Errorf("unenroll uid %d: %w", uid, err)
+	}
+	d.setEnrolled(uids)
+	if err := saveEnrollment(d.opts.StateDir, uids); err != nil {
+		return false, err
+	}
+	return was, nil
 }
 
 func (d *Daemon) cmdStatus(ctx context.Context, _ uint32, _ []string) (any, error) {

@@ -76,6 +76,10 @@ type Daemon struct {
 	// enrolledSet is a snapshot of enrolled for the connection path.
 	enrolledSet atomic.Pointer[map[uint32]bool]
 	fwWatch     fwWatch
+	// nSecrets is len(cfg.Secrets), for the status line, which must not wait on mu: a
+	// reload holds it while in-flight requests finish, and the line goes out with the
+	// watchdog's ping.
+	nSecrets atomic.Int32
 	// fwInstalled says start put the redirect in place (failClosed has nothing to do).
 	fwInstalled bool
 	// listenersDown counts listeners whose Serve returned while avpd was still serving.
@@ -121,6 +125,7 @@ func start(opts Options) (_ *Daemon, err error) {
 		return nil, err
 	}
 	d.cfg, d.cfgSHA = cfg, sum
+	d.nSecrets.Store(int32(len(cfg.Secrets)))
 	if err := os.MkdirAll(opts.StateDir, 0o700); err != nil {
 		return nil, fmt.Errorf("create state directory %s: %w", opts.StateDir, err)
 	}
@@ -365,6 +370,7 @@ func (d *Daemon) reload() error {
 	d.policy = inject.NewPolicy(cfg)
 	d.srv.SetPolicy(d.policy)
 	d.cfg, d.cfgSHA = cfg, sum
+	d.nSecrets.Store(int32(len(cfg.Secrets)))
 	d.cache.Flush("")
 	d.audit(audit.Event{Type: audit.TypeConfigLoaded, ConfigSHA256: sum, Detail: "config reloaded"})
 	d.logf("config reloaded (sha256 %s)", sum)

@@ -146,12 +146,13 @@ func (d *Daemon) notifyReloading() {
 // statusLine is the one-line STATUS= summary that systemctl status shows: counts only, never
 // a secret, a placeholder or a host an agent asked for.
 func (d *Daemon) statusLine() string {
-	d.mu.Lock()
-	nSecrets := len(d.cfg.Secrets)
-	d.mu.Unlock()
-	d.enrollMu.Lock()
-	nUIDs := len(d.enrolled)
-	d.enrollMu.Unlock()
+	// No lock: a reload (mu) and an unenroll (enrollMu) may wait for in-flight requests, and
+	// this line goes out with the watchdog's ping.
+	nSecrets := int(d.nSecrets.Load())
+	nUIDs := 0
+	if set := d.enrolledSet.Load(); set != nil {
+		nUIDs = len(*set)
+	}
 	s := d.srv.Stats()
 	w := d.fwWatch.snapshot()
 	var b strings.Builder
