@@ -7,10 +7,12 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"math"
 	"net/http"
 	"net/textproto"
 	"runtime/debug"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -639,6 +641,11 @@ func (hc *h1conn) writeResponse(req *http.Request, resp *http.Response, keepAliv
 			keepAlive = false
 		}
 	}
+	if chunked && len(resp.Trailer) > 0 {
+		// Announced as the upstream announced them (Trailer is hop-by-hop); they follow the
+		// last chunk. Only a chunked answer can carry them.
+		h["Trailer"] = []string{strings.Join(slices.Sorted(maps.Keys(resp.Trailer)), ", ")}
+	}
 	if !keepAlive {
 		h["Connection"] = []string{"close"}
 	} else if req.ProtoMinor == 0 {
@@ -703,9 +710,48 @@ func (hc *h1conn) writeResponse(req *http.Request, resp *http.Response, keepAliv
 		}
 	}
 	if chunked {
-		bw.WriteString("0\r\n\r\n")
+		bw.WriteString("0\r\n")
+		if len(resp.Trailer) > 0 {
+			// Filled in by the body's end, and scrubbed there too for an injected request
+			// (scrubResponse); again here, so that no path can skip it.
+			if inj != nil {
+				scrubHeaders(resp.Trailer, inj.scrub)
+			}
+			writeTrailers(bw, resp.Trailer)
+		}
+		bw.WriteString("\r\n")
 	}
 	return bw.Flush() == nil, true
+}
+
+// writeTrailers writes the trailer fields that may stand in a trailer section and are well
+// formed; the rest are dropped.
+func writeTrailers(bw *bufio.Writer, tr http.Header) {
+	for _, k := range slices.Sorted(maps.Keys(tr)) {
+		if !validHeaderFieldName(k) || badTrailer(k) {
+			continue
+		}
+		for _, v := range tr[k] {
+			if validHeaderFieldValue(v) {
+				bw.WriteString(k)
+				bw.WriteString(": ")
+				bw.WriteString(v)
+				bw.WriteString("\r\n")
+			}
+		}
+	}
+}
+
+// badTrailer reports fields a trailer must not carry (RFC 9110 section 6.5.1): framing,
+// routing and the like, which a recipient might act on as if they were headers.
+func badTrailer(k string) bool {
+	switch http.CanonicalHeaderKey(k) {
+	case "Content-Length", "Transfer-Encoding", "Trailer", "Host", "Connection", "Keep-Alive",
+		"Te", "Upgrade", "Content-Encoding", "Content-Type", "Content-Range", "Authorization",
+		"Set-Cookie", "Cache-Control", "Expires", "Location", "Www-Authenticate", "Proxy-Authenticate":
+		return true
+	}
+	return false
 }
 
 // reusableAfter reports whether resp's framing leaves its upstream connection able to carry

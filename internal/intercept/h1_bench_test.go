@@ -1088,3 +1088,28 @@ func TestOverridesAreDecided(t *testing.T) {
 		}
 	}
 }
+
+// TestH1TrailersAreRelayedAndScrubbed: an HTTP/1.1 agent got the upstream's chunked body
+// without its trailers (and without the Trailer header that announces them), which an
+// HTTP/2 agent gets; a trailer that quotes the credential must reach it with the
+// placeholder, as a header would.
+func TestH1TrailersAreRelayedAndScrubbed(t *testing.T) {
+	p := newH1Pair(t)
+	for _, auth := range []string{"Bearer sk-avp-PLACEHOLDER-openai-000000000000"} {
+		resp, body := p.doResp(t, "GET /v1/trailer-echo HTTP/1.1\r\nHost: api.openai.com\r\nTE: trailers\r\nAuthorization: "+auth+"\r\n\r\n")
+		if resp.StatusCode != 200 || body != `{"ok":true}` {
+			t.Fatalf("%s: got %d %q", auth, resp.StatusCode, body)
+		}
+		// ReadResponse takes the Trailer header's names as resp.Trailer's keys.
+		if _, ok := resp.Trailer["X-Echo"]; !ok {
+			t.Errorf("%s: no trailer announced: %v", auth, resp.Trailer)
+		}
+		echo := resp.Trailer.Get("X-Echo")
+		if echo != "you sent "+auth {
+			t.Errorf("%s: trailer %q, want %q", auth, echo, "you sent "+auth)
+		}
+		if strings.Contains(echo, h1BenchReal) {
+			t.Fatalf("the real secret reached the agent in a trailer: %q", echo)
+		}
+	}
+}
