@@ -109,6 +109,9 @@ func printStatus(w io.Writer, st daemon.Status) {
 	if s.OverUIDLimit > 0 {
 		fmt.Fprintf(w, ", %d of them over proxy.max_connections_per_uid", s.OverUIDLimit)
 	}
+	if s.Direct > 0 {
+		fmt.Fprintf(w, "; %d made to the listener directly, such as avpctl doctor's probe", s.Direct)
+	}
 	fmt.Fprintln(w, ")")
 	fmt.Fprintf(w, "requests:       %d (injected %d, verbatim %d, refused %d, backend errors %d, audit errors %d)\n",
 		s.Requests, s.Injected, s.Verbatim, s.Refused, s.BackendErrors, s.AuditErrors)

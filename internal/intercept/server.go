@@ -74,6 +74,10 @@ type Stats struct {
 	BackendErrors uint64 `json:"backend_errors"`
 	AuditErrors   uint64 `json:"audit_errors"`
 	Rejected      uint64 `json:"rejected_connections"`
+	// Direct counts connections made to the listener itself rather than redirected to it
+	// (avpctl doctor's probe, a curious user): closed at once, and not counted as rejected,
+	// which is what an agent's refused connection is.
+	Direct uint64 `json:"direct_to_listener,omitempty"`
 	// OverUIDLimit counts the rejected connections that were over
 	// proxy.max_connections_per_uid.
 	OverUIDLimit uint64 `json:"connections_over_uid_limit"`
@@ -155,7 +159,7 @@ type Server struct {
 
 	stats struct {
 		connections, passthrough, terminated, requests, injected, verbatim,
-		refused, backendErrors, auditErrors, rejected, overUIDLimit, lateDropped atomic.Uint64
+		refused, backendErrors, auditErrors, rejected, overUIDLimit, lateDropped, direct atomic.Uint64
 		verbatimReasons, refusedReasons reasonCounts
 	}
 }
@@ -246,7 +250,7 @@ func (s *Server) Stats() Stats {
 		Terminated: s.stats.terminated.Load(), Requests: s.stats.requests.Load(),
 		Injected: s.stats.injected.Load(), Verbatim: s.stats.verbatim.Load(),
 		Refused: s.stats.refused.Load(), BackendErrors: s.stats.backendErrors.Load(),
-		AuditErrors: s.stats.auditErrors.Load(), Rejected: s.stats.rejected.Load(), OverUIDLimit: s.stats.overUIDLimit.Load(), LateDropped: s.stats.lateDropped.Load(),
+		AuditErrors: s.stats.auditErrors.Load(), Rejected: s.stats.rejected.Load(), OverUIDLimit: s.stats.overUIDLimit.Load(), LateDropped: s.stats.lateDropped.Load(), Direct: s.stats.direct.Load(),
 		VerbatimByReason: s.stats.verbatimReasons.snapshot(), RefusedByReason: s.stats.refusedReasons.snapshot(),
 	}
 }
@@ -377,7 +381,7 @@ func (s *Server) handleConn(ctx context.Context, c *net.TCPConn) {
 	if IsSelf(orig, s.listeners) {
 		// Someone dialled the listener directly instead of being redirected: there is no
 		// original destination to forward to.
-		s.stats.rejected.Add(1)
+		s.stats.direct.Add(1)
 		c.Close()
 		return
 	}

@@ -1,0 +1,60 @@
+package e2e
+
+// What status and doctor tell an operator, checked against what actually happened.
+
+import (
+	"encoding/json"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+)
+
+// TestDoctorDoesNotInflateRejected: doctor's listener probe dials avpd's listener
+// directly, and each run added 2 to status's rejected connections, which has no breakdown
+// and reads as agents being refused. Such connections are counted on their own now.
+func TestDoctorDoesNotInflateRejected(t *testing.T) {
+	e := newEnv(t)
+	e.startAvpd()
+	stats := func() map[string]any {
+		var st struct {
+			Stats map[string]any `json:"stats"`
+		}
+		if err := json.Unmarshal(e.avpctl("status", "--json"), &st); err != nil || st.Stats == nil {
+			t.Fatalf("status --json: %v %v", st, err)
+		}
+		return st.Stats
+	}
+	before := stats()
+	exec.Command("ip", "netns", "exec", e.ns, filepath.Join(binDir, "avpctl"), "--runtime-dir", e.runtime,
+		"doctor", "--config", e.config, "--state-dir", e.state).Run()
+	after := stats()
+	if after["rejected_connections"] != before["rejected_connections"] {
+		t.Errorf("avpctl doctor alone raised status's rejected connections from %v to %v", before["rejected_connections"], after["rejected_connections"])
+	}
+	if d, _ := after["direct_to_listener"].(float64); d == 0 {
+		t.Errorf("doctor's probe was not counted as a direct connection: %v", after)
+	}
+}
+
+// TestDoctorQueryPlaceholder: a placeholder sent in the query (?key=, as Google's REST APIs
+// take a key) was counted as placeholder_in_wrong_header, and doctor's fix was to list "the
+// header" under inject.also: there is no header to list, and avpd never injects into a URL.
+func TestDoctorQueryPlaceholder(t *testing.T) {
+	e := newEnv(t)
+	e.startAvpd()
+	e.avpctl("enroll-uid", strconv.Itoa(agentUID))
+	if _, _, err := e.curl(agentUID, "GET", "https://"+hostOpenAI+"/v1/models?key="+phOpenAI); err != nil {
+		t.Fatal(err)
+	}
+	e.waitAudit("decision", "forward_verbatim", "reason", "placeholder_in_url")
+	out, _ := exec.Command("ip", "netns", "exec", e.ns, filepath.Join(binDir, "avpctl"), "--runtime-dir", e.runtime,
+		"doctor", "--config", e.config, "--state-dir", e.state).CombinedOutput()
+	if !strings.Contains(string(out), "placeholder_in_url") || !strings.Contains(string(out), "header instead of the query") {
+		t.Errorf("doctor after a placeholder in the query:\n%s", out)
+	}
+	if strings.Contains(string(out), "placeholder_in_wrong_header 1") {
+		t.Errorf("a placeholder in the query is diagnosed as a wrong header:\n%s", out)
+	}
+}
