@@ -215,7 +215,7 @@ func Load(path string) (*Config, error) {
 func Parse(file string, data []byte) (*Config, error) {
 	var root yaml.Node
 	if err := yaml.Unmarshal(data, &root); err != nil {
-		return nil, &Error{Problems: []string{syntaxError(file, err)}}
+		return nil, &Error{Problems: []string{syntaxError(file, data, err)}}
 	}
 	d := &decoder{file: file}
 	cfg := d.config(&root)
@@ -259,12 +259,19 @@ type Error struct {
 
 func (e *Error) Error() string { return strings.Join(e.Problems, "\n") }
 
-// syntaxError puts yaml.v3's "yaml: line N: msg" into the file:line:column form.
-func syntaxError(file string, err error) string {
+// syntaxError puts yaml.v3's "yaml: line N: msg" into the file:line:column form. A tab in
+// the indentation, YAML's most common trap, is named with its own fix.
+func syntaxError(file string, data []byte, err error) string {
 	msg := strings.TrimPrefix(err.Error(), "yaml: ")
 	line := 1
 	if n, _ := fmt.Sscanf(msg, "line %d:", &line); n == 1 {
 		msg = strings.TrimSpace(msg[strings.IndexByte(msg, ':')+1:])
+	}
+	if lines := strings.Split(string(data), "\n"); line >= 1 && line <= len(lines) {
+		l := lines[line-1]
+		if indent := l[:len(l)-len(strings.TrimLeft(l, " \t"))]; strings.Contains(indent, "\t") {
+			return fmt.Sprintf("%s:%d:%d: a tab in the indentation; YAML indents with spaces only: replace the tab with spaces", file, line, strings.IndexByte(indent, '\t')+1)
+		}
 	}
 	return fmt.Sprintf("%s:%d:1: %s; fix the YAML syntax", file, line, msg)
 }
@@ -984,6 +991,17 @@ func validMethod(m string) bool {
 // ValidateHostPattern accepts a lowercase DNS name or "*.domain" with at least two labels
 // after the wildcard, so a wildcard can never cover a whole top-level domain.
 func ValidateHostPattern(h string) error {
+	if rest, ok := strings.CutPrefix(h, "https://"); ok || strings.HasPrefix(h, "http://") {
+		if !ok {
+			rest = strings.TrimPrefix(h, "http://")
+		}
+		host, _, _ := strings.Cut(rest, "/")
+		host, _, _ = strings.Cut(host, ":")
+		return fmt.Errorf("a host is a name, not a URL: write %q (paths go under paths:)", strings.ToLower(host))
+	}
+	if host, port, ok := strings.Cut(h, ":"); ok && !strings.Contains(port, ":") {
+		return fmt.Errorf("a host takes no port (avpd intercepts port 443 only): write %q", strings.ToLower(host))
+	}
 	name := h
 	if strings.HasPrefix(h, "*.") {
 		name = h[2:]

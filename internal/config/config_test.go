@@ -55,6 +55,8 @@ func TestBadConfigs(t *testing.T) {
 		{"method twice", strings.Replace(good, "[GET]", "[GET, POST, GET]", 1), `bindings.yaml:9:30: secret A.bindings[0].methods lists GET twice; keep one`},
 		{"trailing dot", strings.Replace(good, "api.example.com", "api.example.com.", 1), `remove the trailing dot`},
 		{"ip literal", strings.Replace(good, "api.example.com", "10.0.0.1", 1), `IP literals never get injection`},
+		{"host as a URL", strings.Replace(good, "api.example.com", `"https://API.example.com/v1"`, 1), `a host is a name, not a URL: write "api.example.com" (paths go under paths:)`},
+		{"host with a port", strings.Replace(good, "api.example.com", `"api.example.com:443"`, 1), `a host takes no port (avpd intercepts port 443 only): write "api.example.com"`},
 		{"format without secret", strings.Replace(good, `"Bearer {secret}"`, `"Bearer"`, 1), `must contain {secret} exactly once`},
 		{"bad version", strings.Replace(good, "version: 1", "version: 2", 1), `bindings.yaml:1:10: unsupported version "2"`},
 		{"missing backend", strings.Replace(good, "backend: {type: file, file: {path: /etc/s.yaml}}\n", "", 1), `missing backend: section`},
@@ -63,6 +65,7 @@ func TestBadConfigs(t *testing.T) {
 		{"proxy-connection header", strings.Replace(good, "header: Authorization", "header: Proxy-Connection", 1), `is a hop-by-hop or framing header`},
 		{"zero connections per uid", good + "proxy: {max_connections_per_uid: 0}\n", `bindings.yaml:11:34: proxy.max_connections_per_uid "0" is not a number between 1 and 1000000; write for example "max_connections_per_uid: 16384"`},
 		{"yaml syntax", "version: 1\nsecrets: [\n", `bindings.yaml:2:1: did not find expected node content; fix the YAML syntax`},
+		{"tab indentation", "version: 1\nsecrets:\n\tA:\n    placeholder: x\n", `bindings.yaml:3:1: a tab in the indentation; YAML indents with spaces only: replace the tab with spaces`},
 		{"placeholder substring", good + `  B:
     placeholder: sk-avp-PLACEHOLDER-aaaaaaaaaaaaaa-longer
     bindings: [{host: b.example.com}]
