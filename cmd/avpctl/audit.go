@@ -57,6 +57,13 @@ func parseInterleaved(fs *flag.FlagSet, args []string) ([]string, error) {
 	}
 }
 
+// unverifiable reports a log that could not be read at all (missing, unreadable, or its key
+// is): exit 2, so that a script tells it from a broken chain (1).
+func unverifiable(stderr io.Writer, err error) int {
+	fmt.Fprintf(stderr, "avpctl: not verified: %v\n", err)
+	return 2
+}
+
 func auditVerify(args []string, stdout, stderr io.Writer) int {
 	fs := flag.NewFlagSet("audit verify", flag.ContinueOnError)
 	fs.SetOutput(io.Discard)
@@ -72,12 +79,12 @@ func auditVerify(args []string, stdout, stderr io.Writer) int {
 	var key []byte
 	if *keyPath != "" {
 		if key, err = audit.ReadKey(*keyPath); err != nil {
-			return fail(stderr, err)
+			return unverifiable(stderr, err)
 		}
 	}
 	set, err := audit.ExpandLogSet(paths)
 	if err != nil {
-		return fail(stderr, err)
+		return unverifiable(stderr, err)
 	}
 	if inProcessLog(set) {
 		fmt.Fprintf(stdout, "not verifiable: %s is the in-process audit log (audit.path): its lines have no seq, chain or MAC. Only the journal's log (audit.socket, avpd journal) can be verified; avpctl audit tail reads both.\n", set[0])
@@ -85,7 +92,7 @@ func auditVerify(args []string, stdout, stderr io.Writer) int {
 	}
 	rep, err := audit.Verify(set, key)
 	if err != nil {
-		return fail(stderr, err)
+		return unverifiable(stderr, err)
 	}
 	for _, n := range rep.Notes {
 		fmt.Fprintf(stdout, "note: %s\n", n)

@@ -75,6 +75,10 @@ func TestAuditVerifyCommand(t *testing.T) {
 	if code != 1 || !strings.Contains(out, "BROKEN: ") || !strings.Contains(out, "MAC mismatch") || !strings.Contains(out, "audit.jsonl:") {
 		t.Fatalf("edited: %d %q", code, out)
 	}
+	// A log that cannot be read is not a broken chain: a script must tell the two apart.
+	if code, _, errs := runCmd("audit", "verify", filepath.Join(t.TempDir(), "missing.jsonl")); code != 2 || !strings.Contains(errs, "not verified") {
+		t.Errorf("verify of a missing log: exit %d, %q; want 2", code, errs)
+	}
 	if code, _, errs := runCmd("audit", "verify", "--nope"); code != 2 || !strings.Contains(errs, "usage: avpctl audit verify") {
 		t.Fatalf("usage: %d %q", code, errs)
 	}
