@@ -119,6 +119,7 @@ uninstall:
 		echo "keeping $(DESTDIR)$(CONFDIR)/bindings.yaml: it was edited"; \
 	fi
 	-rmdir $(DESTDIR)$(CONFDIR) 2>/dev/null
+	@echo "uninstalled the files. If avpd ran here: its redirect (nft table inet agent_vault_proxy) and its CA in the system trust store stay until removed; README, Uninstalling"
 
 clean:
 	rm -rf bin
