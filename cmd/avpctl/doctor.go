@@ -104,6 +104,7 @@ func runDoctor(g globals, args []string, stdout, stderr io.Writer) int {
 	d.checkListeners()
 	d.checkFirewall()
 	d.checkEnrolled()
+	d.checkState()
 	d.checkCA()
 	d.checkCATrust()
 	d.checkAudit()
@@ -461,6 +462,47 @@ func (d *doctor) checkEnrolled() {
 			d.add("subordinate ids", status, msg, fix)
 		}
 	}
+}
+
+// checkState: the state directory is avpd's alone (who can write it can replace the
+// enrollment or the CA), and the enrollment file parses (avpd refuses to start otherwise,
+// which doctor would only see as "avpd does not answer").
+func (d *doctor) checkState() {
+	dir := d.stateDir()
+	fi, err := os.Stat(dir)
+	if err != nil {
+		if d.st == nil {
+			d.add("state", statusSkip, "no state directory "+dir+": avpd has not run", "")
+		} else {
+			d.add("state", statusFail, err.Error(), "start avpd with --state-dir pointing at its state directory")
+		}
+		return
+	}
+	if perm := fi.Mode().Perm(); perm&0o022 != 0 {
+		d.add("state", statusFail, fmt.Sprintf("state directory %s has mode %04o: others can replace the enrollment or the CA in it", dir, perm), "chmod go-w "+dir)
+		return
+	}
+	p := filepath.Join(dir, "enrolled.json")
+	data, err := os.ReadFile(p)
+	switch {
+	case errors.Is(err, os.ErrNotExist):
+		d.add("state", statusOK, "state directory "+dir+" is avpd's alone; nobody enrolled yet", "")
+		return
+	case errors.Is(err, os.ErrPermission):
+		d.add("state", statusSkip, p+" not readable by this user", "run avpctl doctor as root")
+		return
+	case err != nil:
+		d.add("state", statusFail, err.Error(), "")
+		return
+	}
+	var e struct {
+		UIDs []uint32 `json:"uids"`
+	}
+	if err := json.Unmarshal(data, &e); err != nil {
+		d.add("state", statusFail, fmt.Sprintf("%s is damaged (%v): avpd refuses to start with it", p, err), "restore it from a backup, or remove it and enroll the users again (avpctl enroll-uid); while avpd is down the redirect stays in place")
+		return
+	}
+	d.add("state", statusOK, fmt.Sprintf("state directory %s is avpd's alone; %s lists %d uid(s)", dir, "enrolled.json", len(e.UIDs)), "")
 }
 
 func (d *doctor) stateDir() string {

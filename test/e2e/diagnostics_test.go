@@ -58,3 +58,18 @@ func TestDoctorQueryPlaceholder(t *testing.T) {
 		t.Errorf("a placeholder in the query is diagnosed as a wrong header:\n%s", out)
 	}
 }
+
+// TestDoctorDamagedEnrollment: a damaged enrolled.json makes avpd refuse to start, and
+// doctor said only that avpd does not answer.
+func TestDoctorDamagedEnrollment(t *testing.T) {
+	e := newEnv(t)
+	e.startAvpd()
+	e.avpctl("enroll-uid", strconv.Itoa(agentUID))
+	e.stopAvpd()
+	writeFile(t, filepath.Join(e.state, "enrolled.json"), []byte(`{"uids":[4242`), 0o600)
+	out, err := exec.Command("ip", "netns", "exec", e.ns, filepath.Join(binDir, "avpctl"), "--runtime-dir", e.runtime,
+		"doctor", "--config", e.config, "--state-dir", e.state).CombinedOutput()
+	if err == nil || !strings.Contains(string(out), "enrolled.json is damaged") {
+		t.Errorf("doctor with a damaged enrolled.json: %v\n%s", err, out)
+	}
+}
