@@ -120,10 +120,6 @@ func NewPolicy(cfg *config.Config) *Policy {
 	return &Policy{secrets: cfg.Secrets}
 }
 
-// Reissued is a policy that decides as p does but is not p: a request decided under p and
-// checked against the policy in force before it injects (a retry, after a dial) fails.
-func (p *Policy) Reissued() *Policy { return &Policy{secrets: p.secrets} }
-
 // Secrets returns the secrets in name order.
 func (p *Policy) Secrets() []*config.Secret { return p.secrets }
 

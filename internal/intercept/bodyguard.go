@@ -160,7 +160,7 @@ func (s *Server) readAhead(ctx context.Context, p *prepared, h http.Header, body
 	case whole && !s.wholeBodyAllowed(ctx, p.inj, h, pre):
 		return nil, false, http.StatusForbidden, p.inj.bodyRefusal()
 	}
-	rel, ok := s.regate(p.policy)
+	rel, ok := s.regate(p.inj)
 	if !ok {
 		return nil, false, http.StatusBadGateway, "upstream_unreachable"
 	}

@@ -446,7 +446,9 @@ func TestDoSH2OversizedHeadersRefused(t *testing.T) {
 // stream's upstream slot) and waited as long as the agent kept the connection.
 func TestDoSH2StreamsWaitingForBodyAreBounded(t *testing.T) {
 	old := readAheadTimeout
-	readAheadTimeout = 1500 * time.Millisecond
+	// Long enough that all 100 streams are waiting at once on a loaded machine (1.5 s was
+	// not, under -race), short enough for a test.
+	readAheadTimeout = 5 * time.Second
 	t.Cleanup(func() { readAheadTimeout = old })
 	e := newRTEnv(t)
 	addr := e.agentListener(t, inject.Facts{UID: 1001, SNI: rawHost, OrigDst: netip.MustParseAddrPort("127.0.0.1:443")})
@@ -465,7 +467,7 @@ func TestDoSH2StreamsWaitingForBodyAreBounded(t *testing.T) {
 	if slots := e.openSlots(1001); slots != streams {
 		t.Errorf("%d streams wait for a body, %d slots of their user's budget are counted", streams, slots)
 	}
-	for deadline := time.Now().Add(5 * time.Second); e.openSlots(1001) > 0 && time.Now().Before(deadline); {
+	for deadline := time.Now().Add(10 * time.Second); e.openSlots(1001) > 0 && time.Now().Before(deadline); {
 		time.Sleep(50 * time.Millisecond)
 	}
 	if slots := e.openSlots(1001); slots != 0 {

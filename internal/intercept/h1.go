@@ -240,8 +240,7 @@ func (hc *h1conn) serve(req *http.Request) (keep bool) {
 		if hc.expectContinue {
 			// The agent waits for this before it sends the body read ahead.
 			hc.expectContinue = false
-			hc.bw.WriteString("HTTP/1.1 100 Continue\r\n\r\n")
-			if hc.bw.Flush() != nil {
+			if !hc.writeContinue() {
 				return false
 			}
 		}
@@ -488,13 +487,13 @@ func removeHopByHop(h http.Header) {
 
 var errPolicyChanged = errors.New("policy reloaded before the request could be retried")
 
-// regate is what a retry of an injecting request takes before it injects again: the first
-// attempt released the reload gate once its headers were written, so the gate is taken
-// again, and only while the policy that decided the request is still in force. release
-// gives it back (once).
-func (s *Server) regate(policy *inject.Policy) (release func(), ok bool) {
+// regate is what an injecting request takes again before it injects after letting the
+// reload gate go (a retry, after a dial, after reading a body ahead): the gate, and only
+// while the policy that decided inj's request is still in force and its user is still
+// enrolled (an unenroll waits for the gate's holders, Revoke). release gives it back (once).
+func (s *Server) regate(inj *injected) (release func(), ok bool) {
 	s.gate.RLock()
-	if s.policy.Load() != policy {
+	if s.policy.Load() != inj.policy || inj.uid >= 0 && s.isEnrolled != nil && !s.isEnrolled(uint32(inj.uid)) {
 		s.gate.RUnlock()
 		return nil, false
 	}
@@ -508,7 +507,7 @@ func (s *Server) regate(policy *inject.Policy) (release func(), ok bool) {
 func (hc *h1conn) roundTrip(out *http.Request, p *prepared) (*http.Response, error) {
 	for attempt := 0; ; attempt++ {
 		if attempt > 0 && p.inj != nil {
-			rel, ok := hc.s.upstream.regate(p.policy)
+			rel, ok := hc.s.upstream.regate(p.inj)
 			if !ok {
 				return nil, errPolicyChanged
 			}
@@ -529,7 +528,7 @@ func (hc *h1conn) roundTrip(out *http.Request, p *prepared) (*http.Response, err
 		if hc.up == nil {
 			var g *heldGate
 			if p.inj != nil {
-				g = &heldGate{policy: p.policy, release: p.release}
+				g = &heldGate{inj: p.inj, release: p.release}
 			}
 			up, r, err := hc.s.upstream.getH1(hc.ctx, hc.f, scope, probe, g)
 			if g != nil {
@@ -546,10 +545,9 @@ func (hc *h1conn) roundTrip(out *http.Request, p *prepared) (*http.Response, err
 			// Sent here, before the body's writer starts: from then on the answer may be
 			// written to the agent at any time, and one writer at a time uses hc.bw.
 			hc.expectContinue = false
-			hc.bw.WriteString("HTTP/1.1 100 Continue\r\n\r\n")
-			if err := hc.bw.Flush(); err != nil {
+			if !hc.writeContinue() {
 				p.release()
-				return nil, err
+				return nil, errors.New("write 100 Continue to the agent")
 			}
 		}
 		streamed := out.Body != nil && out.Body != http.NoBody && hc.replay == nil
@@ -566,6 +564,16 @@ func (hc *h1conn) roundTrip(out *http.Request, p *prepared) (*http.Response, err
 			return nil, err
 		}
 	}
+}
+
+// writeContinue tells the agent to send its body. It may hold the reload gate meanwhile, so
+// an agent that does not read (its receive buffer full) cannot hold it for longer than the
+// header timeout.
+func (hc *h1conn) writeContinue() bool {
+	hc.agent.SetWriteDeadline(time.Now().Add(h1HeaderTimeout))
+	defer hc.agent.SetWriteDeadline(time.Time{})
+	hc.bw.WriteString("HTTP/1.1 100 Continue\r\n\r\n")
+	return hc.bw.Flush() == nil
 }
 
 // idempotent reports whether out may be sent again after a connection failed with no

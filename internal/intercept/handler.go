@@ -50,8 +50,10 @@ type injected struct {
 	scrub []replacement
 	// wipe holds the raw fetched values until the request is done.
 	wipe [][]byte
-	// policy decided the request; a retry injects again only while it is in force.
+	// policy decided the request, for uid; a retry injects again only while it is in force
+	// and uid is enrolled (regate).
 	policy *inject.Policy
+	uid    int64
 	// check is set when a method override in the body could change the decision. It is a
 	// pointer (512 bytes apart) so that the requests that have none, a GET, allocate and
 	// clear only the rest (about 100 bytes).
@@ -254,7 +256,7 @@ func (s *Server) prepare(ctx context.Context, f inject.Facts, method, authority 
 	}
 
 	// Inject: fetch every value first, so nothing is audited as injected that was not.
-	inj := &injected{secrets: d.Injections, policy: policy}
+	inj := &injected{secrets: d.Injections, policy: policy, uid: f.UID}
 	for _, in := range d.Injections {
 		v, raw, reason, err := s.value(ctx, in)
 		inj.wipe = append(inj.wipe, raw...)
@@ -656,7 +658,7 @@ type upstreamPool struct {
 	// reports that another policy is in force: Server.regate, set by NewServer (a pool
 	// without a server has none, and its HTTP/2 path then does not check). Both retry
 	// paths call it through here, so a test can put a reload just before it.
-	regate func(policy *inject.Policy) (release func(), ok bool)
+	regate func(inj *injected) (release func(), ok bool)
 
 	mu         sync.Mutex
 	transports map[upstreamKey]*http.Transport
@@ -700,13 +702,25 @@ func (p *upstreamPool) RoundTrip(r *http.Request) (*http.Response, error) {
 		}
 		viaH1 = !h2
 	}
+	inj, _ := r.Context().Value(injectedKey{}).(*injected)
 	if viaH1 && !p.isH2Only(k) {
 		resp, err := p.roundTripH1(r, f.Facts)
 		if !errors.Is(err, errNeedsH2) {
 			return resp, err
 		}
+		if inj != nil && p.regate != nil {
+			// The HTTP/1.1 attempt let the reload gate go. The request goes over HTTP/2
+			// only under the policy that decided it, holding the gate again until its
+			// headers are written (or this returns).
+			rel, ok := p.regate(inj)
+			if !ok {
+				return nil, errPolicyChanged
+			}
+			defer rel()
+			r = r.WithContext(httptrace.WithClientTrace(r.Context(), &httptrace.ClientTrace{WroteHeaders: rel}))
+		}
 	}
-	if inj, ok := r.Context().Value(injectedKey{}).(*injected); ok && len(inj.scrub) > 0 {
+	if inj != nil && len(inj.scrub) > 0 {
 		// ReverseProxy relays interim (1xx) responses to the agent from a trace hook, before
 		// ModifyResponse sees anything. A hook added here runs before it, on the same header
 		// map, so what it relays is scrubbed.

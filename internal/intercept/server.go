@@ -225,13 +225,13 @@ func NewServer(opts Options) (*Server, error) {
 // maxStreamsPerConn bounds an HTTP/2 agent connection's concurrent requests.
 const maxStreamsPerConn = 100
 
-// Revoke is for an unenroll: a request decided before it does not inject once it returns.
-// Requests that already hold the gate finish first; one decided before and not yet sent
-// (dialling its upstream) finds the policy replaced, as after a reload, and fails; requests
-// decided after it see the user unenrolled (prepare) and go verbatim.
+// Revoke is for an unenroll, once the user's enrollment is gone from IsEnrolled: a request
+// of it decided before does not inject once Revoke returns. Requests that hold the gate
+// finish first; one that let it go (dialling its upstream) finds its user unenrolled when it
+// takes it again (regate) and fails; requests decided after see the user unenrolled
+// (prepare) and go verbatim. Other users' requests are not touched.
 func (s *Server) Revoke() {
 	s.gate.Lock()
-	s.policy.Store(s.policy.Load().Reissued())
 	s.gate.Unlock()
 }
 

@@ -80,9 +80,9 @@ func (p *upstreamPool) cachedTLS(m map[upstreamKey]*tls.Config, k upstreamKey, p
 }
 
 // heldGate is the reload gate as an injecting request holds it, from its decision until its
-// headers are written upstream: release lets it go, and policy is what decided the request.
+// headers are written upstream: release lets it go, and inj is what was decided.
 type heldGate struct {
-	policy  *inject.Policy
+	inj     *injected
 	release func()
 }
 
@@ -117,7 +117,7 @@ func (p *upstreamPool) getH1(ctx context.Context, f inject.Facts, scope connScop
 	if g != nil && p.regate != nil {
 		g.release()
 		defer func() {
-			rel, ok := p.regate(g.policy)
+			rel, ok := p.regate(g.inj)
 			if !ok {
 				if up != nil {
 					p.closeConn(up)

@@ -78,7 +78,7 @@ func (p *upstreamPool) roundTripH1(r *http.Request, f inject.Facts) (*http.Respo
 		release := func() {}
 		if attempt > 0 && p.regate != nil && inj != nil {
 			// A retry injects again: as in the HTTP/1.1 loop, only under the same policy.
-			rel, ok := p.regate(inj.policy)
+			rel, ok := p.regate(inj)
 			if !ok {
 				return nil, errPolicyChanged
 			}
@@ -89,7 +89,7 @@ func (p *upstreamPool) roundTripH1(r *http.Request, f inject.Facts) (*http.Respo
 			// The gate is held by the request (released by the WroteHeaders hook) and, on
 			// a retry, by release.
 			held := release
-			g = &heldGate{policy: inj.policy, release: func() {
+			g = &heldGate{inj: inj, release: func() {
 				if wroteHeaders != nil {
 					wroteHeaders()
 				}

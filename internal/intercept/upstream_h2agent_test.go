@@ -175,7 +175,7 @@ func TestH2AgentRetryAfterReload(t *testing.T) {
 // a new policy) just before it takes the reload gate again; the count is of retries.
 func reloadBeforeRetry(t *testing.T, p *h1Pair) *int {
 	reloads := new(int)
-	p.srv.upstream.regate = func(pol *inject.Policy) (func(), bool) {
+	p.srv.upstream.regate = func(inj *injected) (func(), bool) {
 		*reloads++
 		cfg, err := config.Parse("bindings.yaml", []byte(h1BenchConfig))
 		if err != nil {
@@ -183,7 +183,7 @@ func reloadBeforeRetry(t *testing.T, p *h1Pair) *int {
 			return nil, false
 		}
 		p.srv.SetPolicy(inject.NewPolicy(cfg))
-		return p.srv.regate(pol)
+		return p.srv.regate(inj)
 	}
 	return reloads
 }
