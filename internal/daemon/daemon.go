@@ -422,6 +422,11 @@ func loadEnrollment(dir string) ([]uint32, error) {
 	if errors.Is(err, os.ErrNotExist) {
 		return nil, nil
 	}
+	if err == nil {
+		if terr := trustedStateFile(p); terr != nil {
+			return nil, fmt.Errorf("enrollment %s is not avpd's: %w; check who changed it, then chown root %s && chmod 600 %s", p, terr, p, p)
+		}
+	}
 	if err != nil {
 		return nil, fmt.Errorf("read enrollment %s: %w", p, err)
 	}
@@ -458,20 +463,56 @@ func (d *Daemon) ownDir(dir, what string) error {
 	if st, ok := fi.Sys().(*syscall.Stat_t); ok {
 		owner = int(st.Uid)
 	}
-	if owner != 0 && owner != os.Geteuid() {
+	if !avpdOwner(owner) {
 		return fmt.Errorf("%s %s is owned by uid %d, who could replace what avpd keeps in it; run: chown %d %s (or give avpd a directory of its own)", what, dir, owner, os.Geteuid(), dir)
 	}
 	perm := fi.Mode().Perm()
 	if perm&0o022 == 0 {
 		return nil
 	}
+	if fi.Mode()&os.ModeSticky != 0 {
+		// /tmp and the like: shared on purpose, and never avpd's to change.
+		return fmt.Errorf("%s %s is a shared directory (mode %v) others can write; give avpd a directory of its own", what, dir, fi.Mode())
+	}
 	if owner == os.Geteuid() {
-		if err := os.Chmod(dir, perm&^0o022); err == nil {
-			d.logf("%s %s had mode %04o, writable by others; made it %04o", what, dir, perm, perm&^0o022)
+		// Keeps setgid: only the write bits of group and others go.
+		mode := fi.Mode() & (os.ModePerm | os.ModeSetgid) &^ 0o022
+		if err := os.Chmod(dir, mode); err == nil {
+			d.logf("%s %s had mode %04o, writable by others; made it %04o", what, dir, perm, mode.Perm())
 			return nil
 		}
 	}
 	return fmt.Errorf("%s %s has mode %04o: group and others must not write it; run: chmod go-w %s", what, dir, perm, dir)
+}
+
+// avpdOwner reports whether uid may own avpd's state and runtime files: root, the user avpd
+// runs as, or the system user the production install runs it as (avp), whose files root's
+// avpd, started by hand on such a host, takes over.
+func avpdOwner(uid int) bool {
+	if uid == 0 || uid == os.Geteuid() {
+		return true
+	}
+	u, err := user.Lookup("avp")
+	return err == nil && u.Uid == strconv.Itoa(uid)
+}
+
+// trustedStateFile reports whether path (in the state directory) may be believed: it and
+// its directory belong to root or to avpd's user, and no one else can write them. A file
+// another user placed or could replace is not read.
+func trustedStateFile(path string) error {
+	for _, p := range []string{filepath.Dir(path), path} {
+		fi, err := os.Lstat(p)
+		if err != nil {
+			return err
+		}
+		if st, ok := fi.Sys().(*syscall.Stat_t); ok && !avpdOwner(int(st.Uid)) {
+			return fmt.Errorf("%s is owned by uid %d, not by root or avpd's user", p, st.Uid)
+		}
+		if fi.Mode().Perm()&0o022 != 0 || fi.Mode()&os.ModeSymlink != 0 {
+			return fmt.Errorf("%s can be written by others (mode %v)", p, fi.Mode())
+		}
+	}
+	return nil
 }
 
 // reconcileAtStart compares the enrollment file with the set the kernel still holds (avpd
@@ -513,7 +554,11 @@ func (d *Daemon) reconcileAtStart(uids []uint32) ([]uint32, error) {
 const redirectPortFile = "redirect-port"
 
 func loadRedirectPort(dir string) (uint16, bool) {
-	data, err := os.ReadFile(filepath.Join(dir, redirectPortFile))
+	p := filepath.Join(dir, redirectPortFile)
+	if trustedStateFile(p) != nil {
+		return 0, false
+	}
+	data, err := os.ReadFile(p)
 	if err != nil {
 		return 0, false
 	}
@@ -558,6 +603,14 @@ func writeStateFile(dir, name string, data []byte) error {
 // what is reported.
 func (d *Daemon) failClosed() {
 	if d.fwInstalled {
+		return
+	}
+	// Only from a state directory avpd can believe: one another user owns (start refuses it)
+	// would let that user choose whose HTTPS is redirected, and where to.
+	if err := trustedStateFile(filepath.Join(d.opts.StateDir, enrollmentFile)); err != nil {
+		if !errors.Is(err, os.ErrNotExist) {
+			d.logf("start failed; the redirect is not put back from %s: %v", d.opts.StateDir, err)
+		}
 		return
 	}
 	uids, err := loadEnrollment(d.opts.StateDir)
