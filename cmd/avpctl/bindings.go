@@ -77,11 +77,13 @@ func runBindings(g globals, args []string, stdout, stderr io.Writer) int {
 
 // checkBackendFiles checks the files the backend reads as avpd checks them when it starts
 // (mode, owner, and for the file backend its YAML), so that what passes here starts. The
-// owner may be root, the user running this, or avpd's system user. A file this user may not
+// owner may be root or avpd's system user. A file this user may not
 // read is left unchecked, with a warning; names the config fetches that the secrets file
 // lacks are a warning too (avpd starts, and those requests get 503).
 func checkBackendFiles(cfg *config.Config, warn io.Writer) error {
-	owners := []int{os.Geteuid()}
+	// avpd runs as root (by hand) or as avp (the production install), and refuses a file
+	// owned by anyone else; the user running this is not one of them unless it is root.
+	var owners []int
 	if u, err := user.Lookup(daemonUser); err == nil {
 		if id, err := strconv.Atoi(u.Uid); err == nil {
 			owners = append(owners, id)

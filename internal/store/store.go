@@ -83,7 +83,11 @@ func CheckPrivateOwners(fi os.FileInfo, path, what string, owners ...int) error 
 			for i, o := range owners {
 				ids[i] = strconv.Itoa(o)
 			}
-			return fmt.Errorf("%s %s is owned by uid %d; it must be owned by root or by the daemon's user (uid %s); run: chown root %s", what, path, st.Uid, strings.Join(ids, " or "), path)
+			who := "root"
+			if len(ids) > 0 {
+				who = "root or by the daemon's user (uid " + strings.Join(ids, " or ") + ")"
+			}
+			return fmt.Errorf("%s %s is owned by uid %d; it must be owned by %s; run: chown root %s", what, path, st.Uid, who, path)
 		}
 	}
 	return nil
