@@ -8,7 +8,6 @@ import (
 	"io/fs"
 	"os"
 	"os/user"
-	"slices"
 	"strconv"
 	"strings"
 
@@ -106,16 +105,7 @@ func checkBackendFiles(cfg *config.Config, warn io.Writer) error {
 		if err != nil {
 			return err
 		}
-		var missing []string
-		for _, s := range cfg.Secrets {
-			for _, n := range s.FetchNames() {
-				if !slices.Contains(have, n) && !slices.Contains(missing, n) {
-					missing = append(missing, n)
-				}
-			}
-		}
-		if len(missing) > 0 {
-			slices.Sort(missing)
+		if missing := cfg.MissingNames(have); len(missing) > 0 {
 			fmt.Fprintf(warn, "warning: secrets file %s has no value for %s: requests that inject them will get 503 secret_unavailable; add a line NAME: value for each\n", path, strings.Join(missing, ", "))
 		}
 	case "bws":

@@ -194,6 +194,21 @@ func (s *Secret) FetchNames() []string {
 	return []string{s.Name}
 }
 
+// MissingNames lists, sorted, the backend names the config fetches that have does not hold:
+// what a secrets file lacks.
+func (c *Config) MissingNames(have []string) []string {
+	var missing []string
+	for _, s := range c.Secrets {
+		for _, n := range s.FetchNames() {
+			if !slices.Contains(have, n) && !slices.Contains(missing, n) {
+				missing = append(missing, n)
+			}
+		}
+	}
+	slices.Sort(missing)
+	return missing
+}
+
 // Pos is a position in the bindings file.
 type Pos struct {
 	File         string

@@ -88,16 +88,7 @@ func (d *Daemon) checkFileNames(cfg *config.Config) error {
 	if err != nil {
 		return err
 	}
-	var missing []string
-	for _, s := range cfg.Secrets {
-		for _, n := range s.FetchNames() {
-			if !slices.Contains(have, n) && !slices.Contains(missing, n) {
-				missing = append(missing, n)
-			}
-		}
-	}
-	if len(missing) > 0 {
-		slices.Sort(missing)
+	if missing := cfg.MissingNames(have); len(missing) > 0 {
 		d.logf("secrets file %s has no value for %s: requests that inject them get 503 secret_unavailable until it does", cfg.Backend.File.Path, strings.Join(missing, ", "))
 	}
 	return nil
