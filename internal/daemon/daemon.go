@@ -500,8 +500,14 @@ func avpdOwner(uid int) bool {
 // its directory belong to root or to avpd's user, and no one else can write them. A file
 // another user placed or could replace is not read.
 func trustedStateFile(path string) error {
-	for _, p := range []string{filepath.Dir(path), path} {
-		fi, err := os.Lstat(p)
+	for i, p := range []string{filepath.Dir(path), path} {
+		// The directory may be a link (a state directory moved to another disk); the file
+		// itself may not: a link could point anywhere.
+		stat := os.Stat
+		if i == 1 {
+			stat = os.Lstat
+		}
+		fi, err := stat(p)
 		if err != nil {
 			return err
 		}

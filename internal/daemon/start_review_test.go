@@ -133,3 +133,32 @@ func skipOutsideCI(t *testing.T, why string) {
 	}
 	t.Skip(why)
 }
+
+// TestStartTrustsLinkedStateDir: a state directory that is a symbolic link (moved to
+// another disk) is avpd's as much as the directory it points to; only the files in it must
+// not be links.
+func TestStartTrustsLinkedStateDir(t *testing.T) {
+	real := filepath.Join(t.TempDir(), "real")
+	if err := os.Mkdir(real, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	link := filepath.Join(t.TempDir(), "state")
+	if err := os.Symlink(real, link); err != nil {
+		t.Fatal(err)
+	}
+	if err := saveEnrollment(link, []uint32{4242}); err != nil {
+		t.Fatal(err)
+	}
+	if uids, err := loadEnrollment(link); err != nil || len(uids) != 1 || uids[0] != 4242 {
+		t.Fatalf("enrollment in a linked state directory: %v %v", uids, err)
+	}
+	target := filepath.Join(t.TempDir(), "elsewhere.json")
+	os.WriteFile(target, []byte(`{"uids":[]}`), 0o600)
+	os.Remove(filepath.Join(real, enrollmentFile))
+	if err := os.Symlink(target, filepath.Join(real, enrollmentFile)); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := loadEnrollment(link); err == nil {
+		t.Fatal("an enrollment file that is a link was believed")
+	}
+}
