@@ -485,15 +485,12 @@ func (d *Daemon) ownDir(dir, what string) error {
 	return fmt.Errorf("%s %s has mode %04o: group and others must not write it; run: chmod go-w %s", what, dir, perm, dir)
 }
 
-// avpdOwner reports whether uid may own avpd's state and runtime files: root, the user avpd
-// runs as, or the system user the production install runs it as (avp), whose files root's
-// avpd, started by hand on such a host, takes over.
+// avpdOwner reports whether uid may own avpd's state and runtime files: root or the user
+// avpd runs as. Not the production install's avp when root runs avpd by hand: root's
+// avpd would write root-owned files there that the service, as avp, then cannot read; it
+// refuses with the chown to make instead.
 func avpdOwner(uid int) bool {
-	if uid == 0 || uid == os.Geteuid() {
-		return true
-	}
-	u, err := user.Lookup("avp")
-	return err == nil && u.Uid == strconv.Itoa(uid)
+	return uid == 0 || uid == os.Geteuid()
 }
 
 // trustedStateFile reports whether path (in the state directory) may be believed: it and

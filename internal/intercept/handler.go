@@ -708,18 +708,40 @@ func (p *upstreamPool) RoundTrip(r *http.Request) (*http.Response, error) {
 		if !errors.Is(err, errNeedsH2) {
 			return resp, err
 		}
-		if inj != nil && p.regate != nil {
-			// The HTTP/1.1 attempt let the reload gate go. The request goes over HTTP/2
-			// only under the policy that decided it, holding the gate again until its
-			// headers are written (or this returns).
-			rel, ok := p.regate(inj)
-			if !ok {
-				return nil, errPolicyChanged
-			}
-			defer rel()
-			r = r.WithContext(httptrace.WithClientTrace(r.Context(), &httptrace.ClientTrace{WroteHeaders: rel}))
-		}
 	}
+	if inj != nil && p.regate != nil {
+		// The Transport dials by itself (for as long as the original destination, which the
+		// agent chose, takes) and retries by itself: the real values go in only while the
+		// reload gate is held, from each attempt's connection to its headers' write.
+		g := &h2Gate{p: p, inj: inj, h: r.Header}
+		// Cancelled when a refused attempt must stop, or once the answer's body is done
+		// with (not when this returns: the body streams on after).
+		ctx, cancel := context.WithCancel(r.Context())
+		g.cancel = cancel
+		g.letGo(httptrace.ContextClientTrace(r.Context()))
+		r = r.WithContext(httptrace.WithClientTrace(ctx, &httptrace.ClientTrace{GotConn: g.gotConn, WroteHeaders: g.wrote}))
+		defer g.wrote()
+		resp, err := p.h2RoundTrip(k, r)
+		if g.refused() {
+			if resp != nil {
+				resp.Body.Close()
+			}
+			cancel()
+			return nil, errPolicyChanged
+		}
+		if err != nil {
+			cancel()
+			return nil, err
+		}
+		resp.Body = &cancelOnClose{ReadCloser: resp.Body, cancel: cancel}
+		return resp, nil
+	}
+	return p.h2RoundTrip(k, r)
+}
+
+// h2RoundTrip sends r over k's HTTP/2 Transport, relaying interim responses scrubbed.
+func (p *upstreamPool) h2RoundTrip(k upstreamKey, r *http.Request) (*http.Response, error) {
+	inj, _ := r.Context().Value(injectedKey{}).(*injected)
 	if inj != nil && len(inj.scrub) > 0 {
 		// ReverseProxy relays interim (1xx) responses to the agent from a trace hook, before
 		// ModifyResponse sees anything. A hook added here runs before it, on the same header
@@ -733,6 +755,96 @@ func (p *upstreamPool) RoundTrip(r *http.Request) (*http.Response, error) {
 	}
 	// The stream's slot of its user's budget is held by serveHTTP.
 	return p.transport(k).RoundTrip(r)
+}
+
+// cancelOnClose ends a request's context once its answer's body is closed.
+type cancelOnClose struct {
+	io.ReadCloser
+	cancel func()
+}
+
+func (b *cancelOnClose) Close() error {
+	err := b.ReadCloser.Close()
+	b.cancel()
+	return err
+}
+
+// h2Gate injects an HTTP/2 Transport request's real values only while it holds the reload
+// gate: from an attempt's connection (GotConn, called before the headers are encoded) to
+// its headers' write (WroteHeaders). Between attempts, and before the first, the request
+// holds the agent's placeholders, so a retry the Transport makes by itself after a reload
+// or an unenroll returned (REFUSED_STREAM, a graceful GOAWAY) carries no secret.
+type h2Gate struct {
+	p      *upstreamPool
+	inj    *injected
+	h      http.Header // the outgoing request's
+	cancel func()
+
+	mu     sync.Mutex
+	rel    func() // the hold, while the gate is held
+	refuse bool
+}
+
+// letGo takes the real values out of the request (the agent's header values back) and lets
+// go of the gate the decision took (trace's WroteHeaders is that hold's release).
+func (g *h2Gate) letGo(trace *httptrace.ClientTrace) {
+	g.unInject()
+	if trace != nil && trace.WroteHeaders != nil {
+		trace.WroteHeaders()
+	}
+}
+
+// unInject puts the placeholders back where the real values were.
+func (g *h2Gate) unInject() {
+	for _, in := range g.inj.secrets {
+		for _, t := range in.Secret.Targets() {
+			vs := g.h[t.Header]
+			for i, v := range vs {
+				for j, val := range g.inj.values {
+					if len(val) > 0 {
+						v = strings.ReplaceAll(v, string(val), g.inj.secrets[j].Secret.Placeholder)
+					}
+				}
+				vs[i] = v
+			}
+		}
+	}
+}
+
+func (g *h2Gate) gotConn(httptrace.GotConnInfo) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if g.rel != nil { // an attempt that wrote nothing
+		g.rel()
+		g.rel = nil
+		g.unInject()
+	}
+	rel, ok := g.p.regate(g.inj)
+	if !ok {
+		// A reload or an unenroll returned since the decision: nothing is injected, and
+		// the request is stopped.
+		g.refuse = true
+		g.cancel()
+		return
+	}
+	g.rel = rel
+	g.inj.injectHeaders(g.h)
+}
+
+func (g *h2Gate) wrote() {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if g.rel != nil {
+		g.rel()
+		g.rel = nil
+		g.unInject()
+	}
+}
+
+func (g *h2Gate) refused() bool {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return g.refuse
 }
 
 func (p *upstreamPool) transport(k upstreamKey) *http.Transport {

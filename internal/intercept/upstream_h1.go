@@ -117,6 +117,11 @@ func (p *upstreamPool) getH1(ctx context.Context, f inject.Facts, scope connScop
 	if g != nil && p.regate != nil {
 		g.release()
 		defer func() {
+			if v := recover(); v != nil {
+				// A panic in the dial: the gate is not taken again (nothing would release
+				// it); serveH1 recovers and the request fails.
+				panic(v)
+			}
 			rel, ok := p.regate(g.inj)
 			if !ok {
 				if up != nil {
