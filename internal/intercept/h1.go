@@ -151,6 +151,9 @@ func (s *Server) serveH1(tc *tls.Conn, f inject.Facts) {
 		if err != nil {
 			if tooLarge {
 				hc.writeRefusal(http.StatusRequestHeaderFieldsTooLarge, "request_header_too_large", true)
+				// The agent may still be sending the rest of its head: closing with it
+				// unread would reset the connection before the agent read the 431.
+				hc.lingerClose()
 			} else if !errors.Is(err, io.EOF) && !isTimeout(err) {
 				hc.writeRefusal(http.StatusBadRequest, "bad_request", true)
 			}

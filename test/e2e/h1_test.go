@@ -207,7 +207,7 @@ func TestHTTP1Framing(t *testing.T) {
 
 	t.Run("refused: oversized head", func(t *testing.T) {
 		n := since()
-		out := e.raw(t, hostOpenAI, "GET /v1/models HTTP/1.1\r\n"+host+auth, "PAD1100000", "\r\n")
+		out := e.raw(t, hostOpenAI, "GET /v1/models HTTP/1.1\r\n"+host+auth, "PAD200000", "\r\n")
 		if !strings.HasPrefix(out, "HTTP/1.1 431 ") || !strings.Contains(out, "request_header_too_large") {
 			t.Fatalf("want 431, got:\n%.300s", out)
 		}
