@@ -537,6 +537,17 @@ func TestDoSH1ConnectionsWaitingForBodyAreBounded(t *testing.T) {
 	}
 }
 
+// injectingTrailersStream sends, on c, an injecting request that wants HTTP/2 upstream (it
+// asks for trailers), until ctx ends.
+func injectingTrailersStream(ctx context.Context, c *http.Client) {
+	req, _ := http.NewRequestWithContext(ctx, "GET", "https://"+rawHost+"/v1/x", nil)
+	req.Header.Set("Te", "trailers")
+	req.Header.Set("Authorization", "Bearer "+rawPlaceholder)
+	if resp, err := c.Do(req); err == nil {
+		resp.Body.Close()
+	}
+}
+
 // TestDoSReloadNotStalledByH2Probe: an injecting HTTP/2 stream that wants HTTP/2 upstream
 // (trailers, gRPC) first finds out whether the upstream speaks it, with a handshake to the
 // original destination, which the agent chooses. That handshake ran under the reload gate;
@@ -548,14 +559,7 @@ func TestDoSReloadNotStalledByH2Probe(t *testing.T) {
 	c := e.h2Client(t, addr)
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	go func() {
-		req, _ := http.NewRequestWithContext(ctx, "GET", "https://"+rawHost+"/v1/x", nil)
-		req.Header.Set("Te", "trailers")
-		req.Header.Set("Authorization", "Bearer "+rawPlaceholder)
-		if resp, err := c.Do(req); err == nil {
-			resp.Body.Close()
-		}
-	}()
+	go injectingTrailersStream(ctx, c)
 	for deadline := time.Now().Add(2 * time.Second); e.tarpits.Load() == 0; {
 		if time.Now().After(deadline) {
 			t.Fatal("the stream never reached the tarpit")

@@ -198,14 +198,7 @@ func TestGate2H2TransportDialHoldsReload(t *testing.T) {
 	c := e.h2Client(t, addr)
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	go func() {
-		req, _ := http.NewRequestWithContext(ctx, "GET", "https://"+rawHost+"/v1/x", nil)
-		req.Header.Set("Te", "trailers")
-		req.Header.Set("Authorization", "Bearer "+rawPlaceholder)
-		if resp, err := c.Do(req); err == nil {
-			resp.Body.Close()
-		}
-	}()
+	go injectingTrailersStream(ctx, c)
 	for deadline := time.Now().Add(5 * time.Second); e.tarpits.Load() == 0; {
 		if time.Now().After(deadline) {
 			t.Fatalf("the stream never reached the tarpit (%d dials)", dials.Load())
