@@ -17,6 +17,7 @@ import (
 	"net/netip"
 	"net/textproto"
 	"net/url"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -54,6 +55,10 @@ type injected struct {
 	// and uid is enrolled (regate).
 	policy *inject.Policy
 	uid    int64
+	// agentTargets are the inject headers' values as the agent sent them (placeholders),
+	// kept by the HTTP/2 proxy path so the HTTP/2 Transport path can put them back
+	// (h2Gate).
+	agentTargets http.Header
 	// check is set when a method override in the body could change the decision. It is a
 	// pointer (512 bytes apart) so that the requests that have none, a GET, allocate and
 	// clear only the rest (about 100 bytes).
@@ -596,6 +601,7 @@ func newReverseProxy(up *upstreamPool, logf Logf) *httputil.ReverseProxy {
 			}
 			pr.Out.Host = pr.In.Host
 			if inj, ok := pr.In.Context().Value(injectedKey{}).(*injected); ok {
+				inj.agentTargets = targetValues(pr.Out.Header, inj.secrets)
 				inj.injectHeaders(pr.Out.Header)
 			}
 		},
@@ -794,21 +800,31 @@ func (g *h2Gate) letGo(trace *httptrace.ClientTrace) {
 	}
 }
 
-// unInject puts the placeholders back where the real values were.
+// unInject puts the agent's values (the placeholders) back in the inject headers. They are
+// restored, not derived: one secret's value may hold another's.
 func (g *h2Gate) unInject() {
 	for _, in := range g.inj.secrets {
 		for _, t := range in.Secret.Targets() {
-			vs := g.h[t.Header]
-			for i, v := range vs {
-				for j, val := range g.inj.values {
-					if len(val) > 0 {
-						v = strings.ReplaceAll(v, string(val), g.inj.secrets[j].Secret.Placeholder)
-					}
-				}
-				vs[i] = v
+			if vs, ok := g.inj.agentTargets[t.Header]; ok {
+				g.h[t.Header] = slices.Clone(vs)
+			} else {
+				delete(g.h, t.Header)
 			}
 		}
 	}
+}
+
+// targetValues copies h's values of the headers secrets inject into.
+func targetValues(h http.Header, secrets []inject.Injection) http.Header {
+	out := http.Header{}
+	for _, in := range secrets {
+		for _, t := range in.Secret.Targets() {
+			if vs, ok := h[t.Header]; ok {
+				out[t.Header] = slices.Clone(vs)
+			}
+		}
+	}
+	return out
 }
 
 func (g *h2Gate) gotConn(httptrace.GotConnInfo) {
@@ -874,13 +890,21 @@ func (p *upstreamPool) transport(k upstreamKey) *http.Transport {
 		IdleConnTimeout:     90 * time.Second,
 		TLSHandshakeTimeout: 10 * time.Second,
 		// The agent's Accept-Encoding goes through as sent and the body comes back as is.
-		DisableCompression:    true,
+		DisableCompression: true,
+		// A connection is shared by every user's streams, and a request holds the reload
+		// gate while it waits to write its headers (h2Gate): an upstream that stops reading
+		// may stall that write for no longer than this, and a dead one is found by pings.
+		HTTP2:                 &http.HTTP2Config{WriteByteTimeout: h2UpstreamWriteTimeout, SendPingTimeout: 30 * time.Second, PingTimeout: 15 * time.Second},
 		ExpectContinueTimeout: time.Second,
 		Proxy:                 nil,
 	}
 	p.transports[k] = t
 	return t
 }
+
+// h2UpstreamWriteTimeout bounds a write to an HTTP/2 upstream connection that makes no
+// progress. A variable for tests.
+var h2UpstreamWriteTimeout = 10 * time.Second
 
 // errNoH2 is the dial's refusal of an upstream that did not choose HTTP/2.
 var errNoH2 = errors.New("the upstream does not speak HTTP/2")
