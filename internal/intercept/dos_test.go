@@ -29,18 +29,9 @@ import (
 	"github.com/agent-vault-proxy/agent-vault-proxy/internal/inject"
 )
 
-// rtConfig binds KEY to rawHost for POST and GET only: a binding with methods, as most
-// real ones have, so an injected request's form body is checked for _method.
-const rtConfig = `version: 1
-backend: {type: file, file: {path: /etc/avp/secrets.yaml}}
-secrets:
-  KEY:
-    placeholder: ` + rawPlaceholder + `
-    inject: {header: Authorization, format: "Bearer {secret}"}
-    bindings:
-      - host: ` + rawHost + `
-        methods: [POST, GET]
-`
+// rtConfig is rawConfig with a binding that lists methods (POST and GET) instead of paths,
+// as most real ones do, so an injected request's form body is checked for _method.
+var rtConfig = strings.Replace(rawConfig, `paths: ["/**"]`, "methods: [POST, GET]", 1)
 
 // tarpitAddr is the original destination a hostile agent dials: an address on port 443 that
 // accepts TCP and then never says anything (a host of its own, anywhere on the internet).
@@ -148,15 +139,7 @@ func (e *rtEnv) agentListener(t *testing.T, f inject.Facts) string {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { ln.Close() })
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go e.srv.terminate(c.(*net.TCPConn), nil, f)
-		}
-	}()
+	go acceptTerminating(ln, e.srv, func() inject.Facts { return f })
 	return ln.Addr().String()
 }
 
@@ -170,17 +153,37 @@ func (e *rtEnv) dialAgent(t *testing.T, addr string, proto string) *tls.Conn {
 	return c
 }
 
-func (e *rtEnv) h2Client(t *testing.T, addr string) *http.Client {
-	tr := &http.Transport{
-		TLSClientConfig:   &tls.Config{ServerName: rawHost, RootCAs: e.roots},
-		ForceAttemptHTTP2: true,
-		DialContext: func(ctx context.Context, network, _ string) (net.Conn, error) {
-			var d net.Dialer
-			return d.DialContext(ctx, network, addr)
-		},
+// h2UpstreamListener is a TLS listener for rawHost (the test CA's leaf) that offers h2 only,
+// for an upstream written frame by frame (acceptRawH2, writeH2Frame).
+func (e *rtEnv) h2UpstreamListener(t *testing.T) net.Listener {
+	t.Helper()
+	leaf, err := e.srv.ca.Leaf(rawHost)
+	if err != nil {
+		t.Fatal(err)
 	}
-	t.Cleanup(tr.CloseIdleConnections)
-	return &http.Client{Transport: tr}
+	ln, err := tls.Listen("tcp", "127.0.0.1:0", &tls.Config{Certificates: []tls.Certificate{*leaf}, NextProtos: []string{"h2"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	return ln
+}
+
+// acceptRawH2 accepts one connection on ln and reads the client's preface off it.
+func acceptRawH2(ln net.Listener) (net.Conn, error) {
+	c, err := ln.Accept()
+	if err != nil {
+		return nil, err
+	}
+	if _, err := io.ReadFull(c, make([]byte, 24)); err != nil {
+		c.Close()
+		return nil, err
+	}
+	return c, nil
+}
+
+func (e *rtEnv) h2Client(t *testing.T, addr string) *http.Client {
+	return h2ClientTo(t, addr, rawHost, e.roots)
 }
 
 func (e *rtEnv) setUIDLimit(n int) {

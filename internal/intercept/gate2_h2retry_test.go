@@ -3,7 +3,6 @@ package intercept
 import (
 	"bytes"
 	"context"
-	"crypto/tls"
 	"encoding/binary"
 	"io"
 	"net"
@@ -42,37 +41,19 @@ func review2H2Retry(t *testing.T, revoke bool) {
 	e := newRTEnv(t)
 	var unenrolled atomic.Bool
 	e.srv.isEnrolled = func(uint32) bool { return !unenrolled.Load() }
-	leaf, err := e.srv.ca.Leaf(rawHost)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ln, err := tls.Listen("tcp", "127.0.0.1:0", &tls.Config{Certificates: []tls.Certificate{*leaf}, NextProtos: []string{"h2"}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ln.Close() })
+	ln := e.h2UpstreamListener(t)
 
 	const real = "real-secret-value-0123456789"
 	gotFirst := make(chan struct{})
 	reloaded := make(chan struct{})
 	var withSecretAfterReload atomic.Int32
 	go func() {
-		c, err := ln.Accept()
+		c, err := acceptRawH2(ln)
 		if err != nil {
 			return
 		}
 		defer c.Close()
-		pre := make([]byte, 24)
-		if _, err := io.ReadFull(c, pre); err != nil {
-			return
-		}
-		wf := func(typ, flags byte, id uint32, payload []byte) {
-			var h [9]byte
-			h[0], h[1], h[2] = byte(len(payload)>>16), byte(len(payload)>>8), byte(len(payload))
-			h[3], h[4] = typ, flags
-			binary.BigEndian.PutUint32(h[5:], id)
-			c.Write(append(h[:], payload...))
-		}
+		wf := func(typ, flags byte, id uint32, payload []byte) { writeH2Frame(c, typ, flags, id, payload) }
 		wf(frSettings, 0, 0, nil)
 		dec := hpack.NewDecoder(65536, nil)
 		var hb bytes.Buffer

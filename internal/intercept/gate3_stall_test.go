@@ -2,7 +2,6 @@ package intercept
 
 import (
 	"context"
-	"crypto/tls"
 	"encoding/binary"
 	"io"
 	"net"
@@ -32,36 +31,19 @@ func TestGate3H2SharedConnWriteHoldsGate(t *testing.T) {
 	h2UpstreamWriteTimeout = time.Second // the bound on the hold, shortened for the test
 	t.Cleanup(func() { h2UpstreamWriteTimeout = old })
 	e := newRTEnv(t)
-	leaf, err := e.srv.ca.Leaf(rawHost)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ln, err := tls.Listen("tcp", "127.0.0.1:0", &tls.Config{Certificates: []tls.Certificate{*leaf}, NextProtos: []string{"h2"}})
-	if err != nil {
-		t.Fatal(err)
-	}
+	ln := e.h2UpstreamListener(t)
 	stop := make(chan struct{})
 	var stopOnce sync.Once
 	release := func() { stopOnce.Do(func() { close(stop) }) }
-	t.Cleanup(func() { release(); ln.Close() })
+	t.Cleanup(release)
 	var headers atomic.Int32
 	go func() {
-		c, err := ln.Accept()
+		c, err := acceptRawH2(ln)
 		if err != nil {
 			return
 		}
 		defer c.Close()
-		pre := make([]byte, 24)
-		if _, err := io.ReadFull(c, pre); err != nil {
-			return
-		}
-		wf := func(typ, flags byte, id uint32, payload []byte) {
-			var h [9]byte
-			h[0], h[1], h[2] = byte(len(payload)>>16), byte(len(payload)>>8), byte(len(payload))
-			h[3], h[4] = typ, flags
-			binary.BigEndian.PutUint32(h[5:], id)
-			c.Write(append(h[:], payload...))
-		}
+		wf := func(typ, flags byte, id uint32, payload []byte) { writeH2Frame(c, typ, flags, id, payload) }
 		// Large windows: flow control does not stop the client, TCP does.
 		var st [6]byte
 		binary.BigEndian.PutUint16(st[:], 0x4)

@@ -660,25 +660,8 @@ func (p *h1Pair) h2Client(t *testing.T) *http.Client {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { ln.Close() })
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go p.srv.terminate(c.(*net.TCPConn), nil, p.facts)
-		}
-	}()
-	tr := &http.Transport{
-		TLSClientConfig:   &tls.Config{ServerName: "api.openai.com", RootCAs: p.roots},
-		ForceAttemptHTTP2: true,
-		DialContext: func(ctx context.Context, network, _ string) (net.Conn, error) {
-			var d net.Dialer
-			return d.DialContext(ctx, network, ln.Addr().String())
-		},
-	}
-	t.Cleanup(tr.CloseIdleConnections)
-	return &http.Client{Transport: tr}
+	go acceptTerminating(ln, p.srv, func() inject.Facts { return p.facts })
+	return h2ClientTo(t, ln.Addr().String(), "api.openai.com", p.roots)
 }
 
 // TestH2TrailersAreScrubbed: a response trailer that quotes the credential reaches an

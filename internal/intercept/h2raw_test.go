@@ -54,13 +54,19 @@ func (e *rawEnv) rawH2(t *testing.T) *rawH2Conn {
 }
 
 func (h *rawH2Conn) frame(typ, flags byte, stream uint32, payload []byte) {
+	if err := writeH2Frame(h.c, typ, flags, stream, payload); err != nil {
+		h.t.Fatal(err)
+	}
+}
+
+// writeH2Frame writes one HTTP/2 frame, header and payload in one write.
+func writeH2Frame(w io.Writer, typ, flags byte, stream uint32, payload []byte) error {
 	var hdr [9]byte
 	hdr[0], hdr[1], hdr[2] = byte(len(payload)>>16), byte(len(payload)>>8), byte(len(payload))
 	hdr[3], hdr[4] = typ, flags
 	binary.BigEndian.PutUint32(hdr[5:], stream)
-	if _, err := h.c.Write(append(hdr[:], payload...)); err != nil {
-		h.t.Fatal(err)
-	}
+	_, err := w.Write(append(hdr[:], payload...))
+	return err
 }
 
 type h2Field struct{ k, v string }

@@ -99,16 +99,35 @@ func newRawEnvSecrets(t *testing.T, cfgYAML string, secrets mapSecrets, upProtos
 	t.Cleanup(func() { ln.Close() })
 	e := &rawEnv{srv: s, roots: roots, agent: ln, logs: logs,
 		facts: inject.Facts{UID: 1000, SNI: rawHost, OrigDst: netip.MustParseAddrPort("127.0.0.1:443")}}
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go s.terminate(c.(*net.TCPConn), nil, e.facts)
-		}
-	}()
+	go acceptTerminating(ln, s, func() inject.Facts { return e.facts })
 	return e
+}
+
+// acceptTerminating accepts on ln until it is closed and terminates each connection as a
+// redirected one would be, with the facts facts gives at that moment.
+func acceptTerminating(ln net.Listener, s *Server, facts func() inject.Facts) {
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		go s.terminate(c.(*net.TCPConn), nil, facts())
+	}
+}
+
+// h2ClientTo returns a client that speaks HTTP/2 to addr, whatever a URL's host, and
+// verifies serverName with roots.
+func h2ClientTo(t *testing.T, addr, serverName string, roots *x509.CertPool) *http.Client {
+	tr := &http.Transport{
+		TLSClientConfig:   &tls.Config{ServerName: serverName, RootCAs: roots},
+		ForceAttemptHTTP2: true,
+		DialContext: func(ctx context.Context, network, _ string) (net.Conn, error) {
+			var d net.Dialer
+			return d.DialContext(ctx, network, addr)
+		},
+	}
+	t.Cleanup(tr.CloseIdleConnections)
+	return &http.Client{Transport: tr}
 }
 
 // serveHandler serves h on the upstream listener (HTTP/2 too when offered in ALPN).
