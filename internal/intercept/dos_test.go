@@ -169,6 +169,21 @@ func (e *rtEnv) h2UpstreamListener(t *testing.T) net.Listener {
 	return ln
 }
 
+// dialProbeThen sends the server's first upstream dial (speaksH2's probe) to the real h2
+// upstream and every later one to addr, and counts them.
+func (e *rtEnv) dialProbeThen(addr string) *atomic.Int32 {
+	inner := e.srv.upstream.dial
+	dials := new(atomic.Int32)
+	e.srv.upstream.dial = func(ctx context.Context, network, _ string) (net.Conn, error) {
+		if dials.Add(1) == 1 {
+			return inner(ctx, network, "127.0.0.1:443")
+		}
+		var d net.Dialer
+		return d.DialContext(ctx, network, addr)
+	}
+	return dials
+}
+
 // acceptRawH2 accepts one connection on ln and reads the client's preface off it.
 func acceptRawH2(ln net.Listener) (net.Conn, error) {
 	c, err := ln.Accept()

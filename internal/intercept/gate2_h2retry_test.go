@@ -2,10 +2,8 @@ package intercept
 
 import (
 	"bytes"
-	"context"
 	"encoding/binary"
 	"io"
-	"net"
 	"net/http"
 	"net/netip"
 	"strings"
@@ -117,15 +115,7 @@ func review2H2Retry(t *testing.T, revoke bool) {
 
 	origDst := netip.MustParseAddrPort("192.0.2.78:443")
 	addr := e.agentListener(t, inject.Facts{UID: 1001, SNI: rawHost, OrigDst: origDst})
-	inner := e.srv.upstream.dial
-	var dials atomic.Int32
-	e.srv.upstream.dial = func(ctx context.Context, network, a string) (net.Conn, error) {
-		if dials.Add(1) == 1 {
-			return inner(ctx, network, "127.0.0.1:443") // speaksH2's probe: the real h2 upstream
-		}
-		var d net.Dialer
-		return d.DialContext(ctx, network, ln.Addr().String())
-	}
+	dials := e.dialProbeThen(ln.Addr().String())
 	c := e.h2Client(t, addr)
 	done := make(chan int, 1)
 	go func() {

@@ -4,7 +4,6 @@ import (
 	"context"
 	"encoding/binary"
 	"io"
-	"net"
 	"net/http"
 	"net/netip"
 	"runtime"
@@ -77,15 +76,7 @@ func TestGate3H2SharedConnWriteHoldsGate(t *testing.T) {
 
 	origDst := netip.MustParseAddrPort("192.0.2.79:443")
 	addr := e.agentListener(t, inject.Facts{UID: 1001, SNI: rawHost, OrigDst: origDst})
-	inner := e.srv.upstream.dial
-	var dials atomic.Int32
-	e.srv.upstream.dial = func(ctx context.Context, network, a string) (net.Conn, error) {
-		if dials.Add(1) == 1 {
-			return inner(ctx, network, "127.0.0.1:443") // speaksH2's probe: the real h2 upstream
-		}
-		var d net.Dialer
-		return d.DialContext(ctx, network, ln.Addr().String())
-	}
+	dials := e.dialProbeThen(ln.Addr().String())
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	var regates, held atomic.Int32
