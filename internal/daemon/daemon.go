@@ -459,10 +459,7 @@ func (d *Daemon) ownDir(dir, what string) error {
 	if !fi.IsDir() {
 		return fmt.Errorf("%s %s is not a directory", what, dir)
 	}
-	owner := -1
-	if st, ok := fi.Sys().(*syscall.Stat_t); ok {
-		owner = int(st.Uid)
-	}
+	owner := ownerOf(fi)
 	if !avpdOwner(owner) {
 		return fmt.Errorf("%s %s is owned by uid %d, who could replace what avpd keeps in it; run: chown %d %s (or give avpd a directory of its own)", what, dir, owner, os.Geteuid(), dir)
 	}
@@ -493,6 +490,14 @@ func avpdOwner(uid int) bool {
 	return uid == 0 || uid == os.Geteuid()
 }
 
+// ownerOf is fi's owner, or -1 where the platform does not say.
+func ownerOf(fi os.FileInfo) int {
+	if st, ok := fi.Sys().(*syscall.Stat_t); ok {
+		return int(st.Uid)
+	}
+	return -1
+}
+
 // trustedStateFile reports whether path (in the state directory) may be believed: it and
 // its directory belong to root or to avpd's user, and no one else can write them. A file
 // another user placed or could replace is not read.
@@ -508,8 +513,8 @@ func trustedStateFile(path string) error {
 		if err != nil {
 			return err
 		}
-		if st, ok := fi.Sys().(*syscall.Stat_t); ok && !avpdOwner(int(st.Uid)) {
-			return fmt.Errorf("%s is owned by uid %d, not by root or avpd's user", p, st.Uid)
+		if owner := ownerOf(fi); !avpdOwner(owner) {
+			return fmt.Errorf("%s is owned by uid %d, not by root or avpd's user", p, owner)
 		}
 		if fi.Mode().Perm()&0o022 != 0 || fi.Mode()&os.ModeSymlink != 0 {
 			return fmt.Errorf("%s can be written by others (mode %v)", p, fi.Mode())
@@ -608,16 +613,15 @@ func (d *Daemon) failClosed() {
 	if d.fwInstalled {
 		return
 	}
-	// Only from a state directory avpd can believe: one another user owns (start refuses it)
-	// would let that user choose whose HTTPS is redirected, and where to.
-	if err := trustedStateFile(filepath.Join(d.opts.StateDir, enrollmentFile)); err != nil {
-		if !errors.Is(err, os.ErrNotExist) {
-			d.logf("start failed; the redirect is not put back from %s: %v", d.opts.StateDir, err)
-		}
+	// Only from a state directory avpd can believe (loadEnrollment checks the file and its
+	// directory): one another user owns would let that user choose whose HTTPS is
+	// redirected, and where to.
+	uids, err := loadEnrollment(d.opts.StateDir)
+	if err != nil {
+		d.logf("start failed; the redirect is not put back from %s: %v", d.opts.StateDir, err)
 		return
 	}
-	uids, err := loadEnrollment(d.opts.StateDir)
-	if err != nil || len(uids) == 0 {
+	if len(uids) == 0 {
 		return
 	}
 	uids = slices.DeleteFunc(uids, func(u uint32) bool { return checkEnrollable(u) != nil })

@@ -496,7 +496,7 @@ var errPolicyChanged = errors.New("policy reloaded before the request could be r
 // enrolled (an unenroll waits for the gate's holders, Revoke). release gives it back (once).
 func (s *Server) regate(inj *injected) (release func(), ok bool) {
 	s.gate.RLock()
-	if s.policy.Load() != inj.policy || inj.uid >= 0 && s.isEnrolled != nil && !s.isEnrolled(uint32(inj.uid)) {
+	if s.policy.Load() != inj.policy || s.unenrolled(inj.uid) {
 		s.gate.RUnlock()
 		return nil, false
 	}

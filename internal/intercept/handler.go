@@ -218,7 +218,7 @@ func (s *Server) prepare(ctx context.Context, f inject.Facts, method, authority 
 		Method: method, Authority: authority, RawPath: rawPath, RawQuery: u.RawQuery, Header: h,
 	}
 	d := policy.Decide(f, ir)
-	if d.Action == inject.Inject && f.UID >= 0 && s.isEnrolled != nil && !s.isEnrolled(uint32(f.UID)) {
+	if d.Action == inject.Inject && s.unenrolled(f.UID) {
 		// Unenrolled since its connection was accepted: a new connection of this user is
 		// spliced and nothing is injected into it, and neither is anything on an old one.
 		d = inject.Decision{Action: inject.ForwardVerbatim, Reason: ReasonNotEnrolled, Path: d.Path}

@@ -408,7 +408,7 @@ func (s *Server) handleConn(ctx context.Context, c *net.TCPConn) {
 	info, peeked, err := PeekClientHello(c, helloTimeout, helloMax)
 	facts := inject.Facts{UID: uid, SNI: info.ServerName, OrigDst: orig}
 	policy := s.policy.Load()
-	if uid >= 0 && s.isEnrolled != nil && !s.isEnrolled(uint32(uid)) {
+	if s.unenrolled(uid) {
 		s.passthrough(ctx, c, peeked, facts, ReasonNotEnrolled)
 		return
 	}
@@ -424,6 +424,12 @@ func (s *Server) handleConn(ctx context.Context, c *net.TCPConn) {
 		return
 	}
 	s.terminate(c, peeked, facts)
+}
+
+// unenrolled reports whether uid is known and not enrolled (IsEnrolled says no); a server
+// without IsEnrolled takes every user as enrolled.
+func (s *Server) unenrolled(uid int64) bool {
+	return uid >= 0 && s.isEnrolled != nil && !s.isEnrolled(uint32(uid))
 }
 
 // passthroughAuditTimeout bounds the wait for a spliced connection's audit event.
