@@ -24,7 +24,7 @@ var auditDecisions = []string{audit.DecisionInject, audit.DecisionForwardVerbati
 	audit.DecisionPassthrough, audit.DecisionBackendError, audit.DecisionHostMismatch}
 
 const (
-	auditVerifyUsage = "audit verify [--key FILE] [PATH...]"
+	auditVerifyUsage = "audit verify [--key FILE] [--partial] [PATH...]"
 	auditTailUsage   = "audit tail [-f] [-n N] [--secret NAME] [--decision D] [--json] [PATH]"
 )
 
@@ -68,6 +68,7 @@ func auditVerify(args []string, stdout, stderr io.Writer) int {
 	fs := flag.NewFlagSet("audit verify", flag.ContinueOnError)
 	fs.SetOutput(io.Discard)
 	keyPath := fs.String("key", "", "")
+	partial := fs.Bool("partial", false, "")
 	paths, err := parseInterleaved(fs, args)
 	if err != nil {
 		fmt.Fprintf(stderr, "avpctl: %v\n", err)
@@ -90,7 +91,11 @@ func auditVerify(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stdout, "not verifiable: %s is the in-process audit log (audit.path): its lines have no seq, chain or MAC. Only the journal's log (audit.socket, avpd journal) can be verified; avpctl audit tail reads both.\n", set[0])
 		return 2
 	}
-	rep, err := audit.Verify(set, key)
+	verify := audit.Verify
+	if *partial {
+		verify = audit.VerifyPartial
+	}
+	rep, err := verify(set, key)
 	if err != nil {
 		return unverifiable(stderr, err)
 	}

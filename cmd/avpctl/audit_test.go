@@ -68,6 +68,20 @@ func TestAuditVerifyCommand(t *testing.T) {
 	if code, out, _ := runCmd("audit", "verify", log); code != 0 || !strings.Contains(out, "MACs NOT checked") {
 		t.Fatalf("no key: %d %q", code, out)
 	}
+	// The oldest rotated file deleted: the journal deletes none, so the set is broken,
+	// unless --partial says the earlier files were left out on purpose.
+	log2, key2 := auditLog(t)
+	rotated, _ := filepath.Glob(log2 + ".0*")
+	if len(rotated) == 0 {
+		t.Fatal("setup: no rotated file")
+	}
+	os.Remove(rotated[0])
+	if code, out, _ := runCmd("audit", "verify", "--key", key2, log2); code != 1 || !strings.Contains(out, "BROKEN: ") || !strings.Contains(out, "--partial") {
+		t.Fatalf("a set without its first file: %d %q", code, out)
+	}
+	if code, out, _ := runCmd("audit", "verify", "--partial", "--key", key2, log2); code != 0 || !strings.Contains(out, "note: the set starts at seq") {
+		t.Fatalf("--partial: %d %q", code, out)
+	}
 	// Edit the last line: only the MAC can tell.
 	data, _ := os.ReadFile(log)
 	os.WriteFile(log, bytes.Replace(data, []byte("/v1/embeddings"), []byte("/v1/embeddingz"), 1), 0o640)

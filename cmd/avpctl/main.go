@@ -45,10 +45,13 @@ var commandDetails = map[string]string{
   --json              one JSON object instead of lines
 Exit 0 when no check failed, 1 when one did.`,
 	"audit": `Forms:
-  audit verify [--key FILE] [PATH...]
+  audit verify [--key FILE] [--partial] [PATH...]
       check the journal's log set (default /var/log/agent-vault-proxy/audit.jsonl and its
-      rotated files): seq, chain, schema, and with --key every MAC. Exit 0 intact,
-      1 broken (the first bad line is named), 2 for the in-process log, which has no chain.
+      rotated files): seq, chain, schema, and with --key every MAC. A set that does not
+      start at seq 1 is broken (the journal deletes no file) unless --partial says that
+      the earlier files were left out on purpose. Exit 0 intact, 1 broken (the first bad
+      line is named), 2 not verified (the in-process log, which has no chain, or a file
+      that cannot be read).
   audit tail [-f] [-n N] [--secret NAME] [--decision D] [--json] [PATH]
       the last N (default 10) events, filtered by secret and decision (inject,
       forward_verbatim, refuse, passthrough, backend_error, host_mismatch, ...);
@@ -63,7 +66,7 @@ Exit 0 when no check failed, 1 when one did.`,
 // commands lists every subcommand. Each lives in its own file.
 func commands() map[string]command {
 	return map[string]command{
-		"audit":        {"verify [--key FILE] [PATH...] | tail [-f] [PATH]", "check the audit log's chain, seq and MACs (exit 1: broken), or show its events; tail also takes -n N, --secret NAME, --decision D, --json", runAudit},
+		"audit":        {"verify [--key FILE] [--partial] [PATH...] | tail [-f] [PATH]", "check the audit log's chain, seq and MACs (exit 1: broken), or show its events; tail also takes -n N, --secret NAME, --decision D, --json", runAudit},
 		"enroll-uid":   {"USER|UID", "redirect this user's outbound HTTPS through avpd", runEnroll},
 		"unenroll-uid": {"USER|UID", "stop redirecting this user", runUnenroll},
 		"status":       {"[--json]", "listeners, enrolled UIDs, secret names (never values), counters", runStatus},

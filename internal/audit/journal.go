@@ -213,20 +213,44 @@ func OpenJournal(opts JournalOptions) (*Journal, error) {
 // recover reads the live log, resumes the chain and returns the journal_start event.
 func (j *Journal) recover() (Event, error) {
 	log := j.opts.Log
+	dir := filepath.Dir(log)
 	var notes []string
 	var warnings []string
 	start := Event{Type: TypeJournalStart}
 
+	if err := checkLogDir(dir); err != nil {
+		return start, err
+	}
 	f, err := os.OpenFile(log, os.O_RDWR|os.O_APPEND|os.O_CREATE|syscall.O_NOFOLLOW, 0o640)
 	if err != nil {
 		return start, fmt.Errorf("open log %s: %w", log, err)
 	}
 	j.f = f
-	syncDir(filepath.Dir(log))
+	if err := checkOwnFile(f, log); err != nil {
+		return start, err
+	}
+	if err := syncDir(dir); err != nil {
+		return start, fmt.Errorf("sync log directory %s (makes the log's name durable): %w", dir, err)
+	}
+	hf, err := os.OpenFile(HeadName(log), os.O_RDWR|os.O_CREATE|syscall.O_NOFOLLOW, 0o640)
+	if err != nil {
+		return start, fmt.Errorf("open head file: %w", err)
+	}
+	j.headF = hf
+	if err := checkOwnFile(hf, HeadName(log)); err != nil {
+		return start, err
+	}
+	// The head says how far the previous run got: every line up to its seq was acknowledged.
+	var h *head
+	if hh, err := readHeadFile(hf, HeadName(log), j.key); err == nil {
+		h = hh
+	} else if !errors.Is(err, errEmptyHead) {
+		warnings = append(warnings, err.Error())
+	}
 
 	// Scan the live file: the longest prefix of complete, valid, chained lines.
 	lr := newLineReader(f)
-	var valid int64
+	var valid, headEnd int64
 	var lines int
 	var first, last uint64
 	var lastHash, badReason string
@@ -258,35 +282,17 @@ func (j *Journal) recover() (Event, error) {
 		last, lastHash = l.Seq, hex.EncodeToString(sum[:])
 		lines++
 		valid = off + int64(len(raw)) + 1
+		if h != nil && l.Seq == h.Seq {
+			headEnd = valid
+		}
 	}
 	st, err := f.Stat()
 	if err != nil {
 		return start, err
 	}
-	if torn := st.Size() - valid; torn > 0 {
-		if torn > maxTornBytes {
-			return start, fmt.Errorf("log %s is damaged: %s, and %d bytes follow, more than a crash can leave unsynced: "+
-				"this is not a torn tail, refusing to start; inspect it with \"avpctl audit verify --key %s %s\", then move the damaged part aside by hand",
-				log, badReason, torn, j.opts.Key, log)
-		}
-		tornPath, err := moveAside(f, log, valid, st.Size())
-		if err != nil {
-			return start, err
-		}
-		start.TornBytes, start.TornFile = torn, tornPath
-		warnings = append(warnings, fmt.Sprintf("torn tail: %s; moved %d bytes to %s", badReason, torn, tornPath))
-		j.opts.Logf("journal: WARNING: torn tail in %s: %s; moved %d bytes to %s", log, badReason, torn, tornPath)
-	}
-	j.size = valid
 
 	// Where does the chain resume? The live file's last line; else the newest rotated file;
-	// the head file says how far the previous run got.
-	var h *head
-	if hh, err := readHead(HeadName(log), j.key); err == nil {
-		h = hh
-	} else if !errors.Is(err, os.ErrNotExist) {
-		warnings = append(warnings, err.Error())
-	}
+	// else the head file.
 	var rotLast uint64
 	var rotHash, rotName string
 	if rot, err := rotatedFiles(log); err == nil && len(rot) > 0 {
@@ -314,20 +320,47 @@ func (j *Journal) recover() (Event, error) {
 		j.seq, j.prev = 0, GenesisPrev
 		notes = append(notes, "new log: no earlier events")
 	}
+
+	if torn := st.Size() - valid; torn > 0 {
+		inspect := fmt.Sprintf("inspect it with \"avpctl audit verify --key %s %s\", then move the damaged part aside by hand", j.opts.Key, log)
+		if torn > maxTornBytes {
+			return start, fmt.Errorf("log %s is damaged: %s, and %d bytes follow, more than a crash can leave unsynced: "+
+				"this is not a torn tail, refusing to start; %s", log, badReason, torn, inspect)
+		}
+		if h != nil && h.Seq > j.seq {
+			// A crash tears only what was never synced, so never an acknowledged line.
+			return start, fmt.Errorf("log %s is damaged: %s, but the head file records seq %d as acknowledged: "+
+				"a crash cannot damage acknowledged lines, so this is not a torn tail; refusing to start; %s "+
+				"(the journal then goes on after seq %d, and verify shows the gap)", log, badReason, h.Seq, inspect, h.Seq)
+		}
+		tornPath, err := moveAside(f, log, valid, st.Size())
+		if err != nil {
+			return start, err
+		}
+		start.TornBytes, start.TornFile = torn, tornPath
+		warnings = append(warnings, fmt.Sprintf("torn tail: %s; moved %d bytes to %s", badReason, torn, tornPath))
+		j.opts.Logf("journal: WARNING: torn tail in %s: %s; moved %d bytes to %s", log, badReason, torn, tornPath)
+	}
+	j.size = valid
+	if h != nil && h.Seq > j.seq {
+		warnings = append(warnings, fmt.Sprintf("the head file records seq %d but the log ends at seq %d: %d acknowledged event(s) are missing", h.Seq, j.seq, h.Seq-j.seq))
+		// An acknowledged seq is never given to another line: the chain goes on after the
+		// head, so the gap stays where verify sees it.
+		j.seq, j.prev = h.Seq, h.Hash
+	}
 	if lines == 0 {
 		j.firstSeq = j.seq + 1
 	}
-	if h != nil && h.Seq > j.seq {
-		warnings = append(warnings, fmt.Sprintf("the head file records seq %d but the log ends at seq %d: %d acknowledged event(s) are missing", h.Seq, j.seq, h.Seq-j.seq))
+	// The lines after the head's may never have reached the disk: after a failed writeback
+	// (the previous run died of it) Linux keeps them in the page cache marked clean, so they
+	// read back whole here and no later fdatasync writes them. Written again and synced, they
+	// are durable before anything is acknowledged after them.
+	if err := resync(f, log, headEnd, valid); err != nil {
+		return start, err
 	}
 	if _, err := f.Seek(0, io.SeekEnd); err != nil {
 		return start, err
 	}
-	hf, err := os.OpenFile(HeadName(log), os.O_RDWR|os.O_CREATE|syscall.O_NOFOLLOW, 0o640)
-	if err != nil {
-		return start, fmt.Errorf("open head file: %w", err)
-	}
-	j.headF = hf
 
 	detail := "journal started: " + strings.Join(notes, "; ")
 	if len(warnings) > 0 {
@@ -337,6 +370,79 @@ func (j *Journal) recover() (Event, error) {
 	}
 	start.Detail = cutField(detail)
 	return start, nil
+}
+
+// resync writes the bytes [from, to) of the log again, as they are, and fdatasyncs them.
+// The write goes through a second descriptor without O_APPEND (with it, Linux appends a
+// pwrite wherever it is aimed).
+func resync(f *os.File, log string, from, to int64) error {
+	if from >= to {
+		return nil
+	}
+	w, err := os.OpenFile(log, os.O_WRONLY|syscall.O_NOFOLLOW, 0)
+	if err != nil {
+		return fmt.Errorf("reopen log %s to sync its tail: %w", log, err)
+	}
+	defer w.Close()
+	if a, err1 := f.Stat(); err1 != nil {
+		return err1
+	} else if b, err2 := w.Stat(); err2 != nil || !os.SameFile(a, b) {
+		return fmt.Errorf("log %s was replaced while the journal started", log)
+	}
+	buf := make([]byte, min(to-from, 1<<20))
+	for off := from; off < to; {
+		n := min(int64(len(buf)), to-off)
+		if _, err := f.ReadAt(buf[:n], off); err != nil {
+			return fmt.Errorf("read log %s: %w", log, err)
+		}
+		if _, err := w.WriteAt(buf[:n], off); err != nil {
+			return fmt.Errorf("%w: write the unacknowledged tail of %s again: %v", ErrFsync, log, err)
+		}
+		off += n
+	}
+	if err := unix.Fdatasync(int(w.Fd())); err != nil {
+		return fmt.Errorf("%w: fdatasync the unacknowledged tail of %s: %v (the disk still fails: fix it, then start again)", ErrFsync, log, err)
+	}
+	return nil
+}
+
+// checkLogDir refuses a log directory that someone other than the journal's user (or root)
+// could change: they could replace the log or its head between runs.
+func checkLogDir(dir string) error {
+	st, err := os.Stat(dir)
+	if err != nil {
+		return fmt.Errorf("log directory %s: %w", dir, err)
+	}
+	sys, ok := st.Sys().(*syscall.Stat_t)
+	if !ok {
+		return nil
+	}
+	if int(sys.Uid) != os.Geteuid() && sys.Uid != 0 {
+		return fmt.Errorf("log directory %s belongs to uid %d, not to the journal's user (uid %d) or root: chown it", dir, sys.Uid, os.Geteuid())
+	}
+	if st.Mode().Perm()&0o022 != 0 {
+		return fmt.Errorf("log directory %s has mode %04o: others could replace the log; chmod go-w %s", dir, st.Mode().Perm(), dir)
+	}
+	return nil
+}
+
+// checkOwnFile refuses a log or head file that is not the journal user's own, or that
+// others may write.
+func checkOwnFile(f *os.File, path string) error {
+	st, err := f.Stat()
+	if err != nil {
+		return err
+	}
+	if !st.Mode().IsRegular() {
+		return fmt.Errorf("%s is not a regular file", path)
+	}
+	if sys, ok := st.Sys().(*syscall.Stat_t); ok && int(sys.Uid) != os.Geteuid() {
+		return fmt.Errorf("%s belongs to uid %d, not to the journal's user (uid %d): chown it (and check how it got there)", path, sys.Uid, os.Geteuid())
+	}
+	if st.Mode().Perm()&0o022 != 0 {
+		return fmt.Errorf("%s has mode %04o: others could rewrite it; chmod go-w %s", path, st.Mode().Perm(), path)
+	}
+	return nil
 }
 
 // cutField cuts s to maxField bytes on a character's start. A cut through a UTF-8
@@ -509,7 +615,14 @@ func (j *Journal) reopenLog() error {
 	if err != nil {
 		return fmt.Errorf("reopen %s: %w", log, err)
 	}
-	syncDir(filepath.Dir(log))
+	if err := checkOwnFile(f, log); err != nil {
+		f.Close()
+		return fmt.Errorf("reopen: %w", err)
+	}
+	if err := syncDir(filepath.Dir(log)); err != nil {
+		f.Close()
+		return fmt.Errorf("reopen %s: sync directory: %w", log, err)
+	}
 	st, err := f.Stat()
 	if err != nil {
 		f.Close()

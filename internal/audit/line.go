@@ -243,7 +243,11 @@ func LoadOrCreateKey(path string) (key []byte, created bool, err error) {
 		if werr != nil {
 			return nil, false, fmt.Errorf("write journal key %s: %w", path, werr)
 		}
-		syncDir(filepath.Dir(path))
+		if err := syncDir(filepath.Dir(path)); err != nil {
+			// The key's name may not survive a power loss, and the log's MACs with it.
+			os.Remove(path)
+			return nil, false, fmt.Errorf("sync the directory of journal key %s: %w", path, err)
+		}
 		return key, true, nil
 	}
 	if err != nil {

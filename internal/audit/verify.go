@@ -174,6 +174,25 @@ func readHead(path string, key []byte) (*head, error) {
 	if err != nil {
 		return nil, err
 	}
+	return parseHead(data, path, key)
+}
+
+// errEmptyHead is a head file with nothing in it yet (created, never written).
+var errEmptyHead = errors.New("the head file is empty")
+
+// readHeadFile reads the head file the journal holds open.
+func readHeadFile(f *os.File, path string, key []byte) (*head, error) {
+	data, err := io.ReadAll(io.LimitReader(io.NewSectionReader(f, 0, 1<<20), 1<<20))
+	if err != nil {
+		return nil, fmt.Errorf("read head file %s: %w", path, err)
+	}
+	if len(data) == 0 {
+		return nil, errEmptyHead
+	}
+	return parseHead(data, path, key)
+}
+
+func parseHead(data []byte, path string, key []byte) (*head, error) {
 	var h head
 	dec := json.NewDecoder(bytes.NewReader(data))
 	dec.DisallowUnknownFields()
@@ -262,7 +281,20 @@ type VerifyReport struct {
 // Verify checks a log set: every line is a journal line of the closed schema, seq increases
 // by one, prev is the hash of the line before (across files), with a key every MAC, and the
 // head file of a live log matches. It returns an error only when a file cannot be read.
+//
+// The journal never deletes a file, so a set that does not start at seq 1 is missing lines:
+// that is a Problem, unless partial says that the caller gave a later part on purpose.
 func Verify(paths []string, key []byte) (*VerifyReport, error) {
+	return verify(paths, key, false)
+}
+
+// VerifyPartial is Verify for a set that may start after seq 1: its first link is not
+// checked, and a note says so.
+func VerifyPartial(paths []string, key []byte) (*VerifyReport, error) {
+	return verify(paths, key, true)
+}
+
+func verify(paths []string, key []byte, partial bool) (*VerifyReport, error) {
 	rep := &VerifyReport{MACsChecked: key != nil}
 	type file struct {
 		path  string
@@ -360,8 +392,10 @@ func Verify(paths []string, key []byte) (*VerifyReport, error) {
 					if err := chain(l, 0, GenesisPrev); err != nil {
 						return bad(err.Error())
 					}
-				} else {
+				} else if partial {
 					rep.Notes = append(rep.Notes, fmt.Sprintf("the set starts at seq %d: the files before it were not given, so its first link is not checked", l.Seq))
+				} else {
+					return bad(fmt.Sprintf("the set starts at seq %d: seq 1..%d are in none of the files given (the journal deletes none: they were deleted, or moved away by another tool); give those files too, or --partial to check from seq %d on", l.Seq, l.Seq-1, l.Seq))
 				}
 			} else if err := chain(l, prevSeq, prevHash); err != nil {
 				reason := err.Error()
