@@ -111,9 +111,15 @@ func Run(ctx context.Context, opts Options) error {
 func start(opts Options) (_ *Daemon, err error) {
 	d := &Daemon{opts: opts, logf: opts.Logf, started: time.Now()}
 	defer func() {
-		if err != nil {
-			d.closeAll()
+		// The redirect goes back first, before any cleanup that could fail, and also when
+		// start panics: the panic goes on once the enrolled users are redirected.
+		if v := recover(); v != nil {
 			d.failClosed()
+			panic(v)
+		}
+		if err != nil {
+			d.failClosed()
+			d.closeAll()
 		}
 	}()
 	// No core dumps and no same-UID ptrace: the cache holds real secrets.
@@ -222,7 +228,13 @@ func openAuditor(cfg *config.Config) (auditCloser, error) {
 	if cfg.Audit.Socket != "" {
 		return audit.NewJournalClient(cfg.Audit.Socket, cfg.Audit.AckTimeout()), nil
 	}
-	return audit.OpenFile(cfg.Audit.Path)
+	w, err := audit.OpenFile(cfg.Audit.Path)
+	if err != nil {
+		// Not w: a nil *FileWriter in the interface is not a nil interface, and closing it
+		// panics.
+		return nil, err
+	}
+	return w, nil
 }
 
 func upstreamTLSConfig(caFile string) (*tls.Config, error) {

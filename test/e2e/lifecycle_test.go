@@ -141,6 +141,39 @@ func TestLifecycleRedirectBackAtBootWithInvalidConfig(t *testing.T) {
 	}
 }
 
+// TestLifecycleRedirectBackAtBootWhenAuditLogCannotOpen: an in-process audit log avpd cannot
+// open at boot (under the unit, ProtectSystem=strict and a directory of another user do
+// that) made start panic while it cleaned up, before it put the redirect back: the enrolled
+// user's HTTPS went straight out.
+func TestLifecycleRedirectBackAtBootWhenAuditLogCannotOpen(t *testing.T) {
+	e := newEnv(t)
+	e.startAvpd()
+	e.avpctl("enroll-uid", strconv.Itoa(agentUID))
+	e.stopAvpd()
+	run(t, "ip", "netns", "exec", e.ns, "nft", "delete", "table", "inet", "agent_vault_proxy") // a reboot
+	// An audit.path avpd cannot open: its parent is a regular file (root opens anything else).
+	notDir := filepath.Join(e.private, "not-a-dir")
+	writeFile(t, notDir, []byte("x"), 0o600)
+	cfg := strings.Replace(mustRead(t, e.config), "audit: {path: "+e.audit+"}", "audit: {path: "+filepath.Join(notDir, "audit.jsonl")+"}", 1)
+	if cfg == mustRead(t, e.config) {
+		t.Fatal("setup: the config has no audit.path to replace")
+	}
+	writeFile(t, e.config, []byte(cfg), 0o600)
+	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
+	defer cancel()
+	out, err := exec.CommandContext(ctx, "ip", "netns", "exec", e.ns, filepath.Join(binDir, "avpd"), "serve",
+		"--config", e.config, "--state-dir", e.state, "--runtime-dir", e.runtime).CombinedOutput()
+	if err == nil {
+		t.Fatalf("avpd started with an audit log it cannot open:\n%s", out)
+	}
+	if strings.Contains(string(out), "panic:") || !strings.Contains(string(out), "not-a-dir") {
+		t.Errorf("avpd did not name the audit log it cannot open:\n%.1500s", out)
+	}
+	if err := exec.Command("ip", "netns", "exec", e.ns, "nft", "list", "table", "inet", "agent_vault_proxy").Run(); err != nil {
+		t.Errorf("after the failed start the redirect is not back (nft list table: %v): enrolled uid %d's HTTPS goes out directly", err, agentUID)
+	}
+}
+
 // TestLifecycleStateDirWritableByAgent: avpd refuses a CA key readable by others, but not a state
 // directory writable by them (an operator's `mkdir` under umask 000, or a --state-dir that
 // already existed). avpd then trusts enrolled.json as "the truth" for what the kernel must
