@@ -69,7 +69,28 @@ const (
 	// rqueue, wqueue (12), then uid.
 	diagMsgUIDOffset = 64
 	tcpTimeWait      = 6 // TCP_TIME_WAIT, in inet_diag_msg's idiag_state
+	tcpClose         = 7 // TCP_CLOSE
+	tcpListen        = 10
 )
+
+// sameTuple reports whether the socket an inet_diag_msg describes runs from src to dst:
+// its ports and addresses, the IPv4 ones of a dual-stack socket as IPv4-mapped IPv6.
+func sameTuple(msg []byte, src, dst netip.AddrPort) bool {
+	id := msg[4:]
+	if binary.BigEndian.Uint16(id[0:]) != src.Port() || binary.BigEndian.Uint16(id[2:]) != dst.Port() {
+		return false
+	}
+	var a, b netip.Addr
+	switch msg[0] {
+	case unix.AF_INET:
+		a, b = netip.AddrFrom4([4]byte(id[4:8])), netip.AddrFrom4([4]byte(id[20:24]))
+	case unix.AF_INET6:
+		a, b = netip.AddrFrom16([16]byte(id[4:20])), netip.AddrFrom16([16]byte(id[20:36]))
+	default:
+		return false
+	}
+	return a.Unmap() == src.Addr().Unmap() && b.Unmap() == dst.Addr().Unmap()
+}
 
 func (d *diagSocket) lookup(src, dst netip.AddrPort) int64 {
 	s, t := src.Addr().Unmap(), dst.Addr().Unmap()
@@ -136,12 +157,22 @@ func (d *diagSocket) lookup(src, dst netip.AddrPort) int64 {
 			if n < unix.SizeofNlMsghdr+diagMsgUIDOffset+4 {
 				return -1
 			}
-			if m[unix.SizeofNlMsghdr+1] == tcpTimeWait {
+			msg := m[unix.SizeofNlMsghdr:]
+			switch msg[1] {
+			case tcpTimeWait, tcpClose:
 				// Closed on both sides: what is left has no owner, and the kernel reports
 				// UID 0 for it. An agent that sends and closes at once is not root.
 				return -1
+			case tcpListen:
+				// The kernel's exact lookup falls back to the listener on the source port
+				// when no connection has the tuple (a NAT-moved port): that listener's
+				// owner, any user, is not the agent.
+				return -1
 			}
-			return int64(ne.Uint32(m[unix.SizeofNlMsghdr+diagMsgUIDOffset:]))
+			if !sameTuple(msg, src, dst) {
+				return -1
+			}
+			return int64(ne.Uint32(msg[diagMsgUIDOffset:]))
 		default: // NLMSG_ERROR: ENOENT when the socket is gone
 			return -1
 		}

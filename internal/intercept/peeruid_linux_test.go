@@ -7,6 +7,8 @@ import (
 	"os"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // TestPeerUIDOwnSocket looks up the client end of a loopback connection, as avpd looks up
@@ -102,5 +104,35 @@ func BenchmarkPeerUID(b *testing.B) {
 		if peerUID(s.(*net.TCPConn), dst) < 0 {
 			b.Fatal("not found")
 		}
+	}
+}
+
+// TestPeerUIDOfDualStackSocket: a client on an IPv6 socket that connects to an IPv4 address
+// (Java's default, and any dual-stack socket) is reported by the kernel as AF_INET6 with
+// IPv4-mapped addresses; it is the same tuple, and its owner is found.
+func TestPeerUIDOfDualStackSocket(t *testing.T) {
+	ln, err := net.Listen("tcp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	fd, err := unix.Socket(unix.AF_INET6, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		t.Skipf("no IPv6 sockets: %v", err)
+	}
+	defer unix.Close(fd)
+	unix.SetsockoptInt(fd, unix.IPPROTO_IPV6, unix.IPV6_V6ONLY, 0)
+	dst := netip.MustParseAddrPort(ln.Addr().String())
+	sa := &unix.SockaddrInet6{Port: int(dst.Port()), Addr: netip.AddrFrom16(dst.Addr().As16()).As16()}
+	if err := unix.Connect(fd, sa); err != nil {
+		t.Fatal(err)
+	}
+	s, err := ln.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	if got := peerUID(s.(*net.TCPConn), dst); got != int64(os.Geteuid()) {
+		t.Fatalf("peerUID of a dual-stack client = %d, want %d", got, os.Geteuid())
 	}
 }
