@@ -550,6 +550,11 @@ func NormalizeHost(h string) string {
 		if rest := h[end+1:]; rest != "" && (rest[0] != ':' || !port(rest[1:])) {
 			return ""
 		}
+		// Brackets hold an IPv6 address and nothing else (RFC 3986 IP-literal): a name in
+		// them is read as another host by some servers and as this one by others.
+		if a, err := netip.ParseAddr(h[1:end]); err != nil || !a.Is6() || a.Zone() != "" {
+			return ""
+		}
 		h = h[1:end]
 	} else if i := strings.LastIndexByte(h, ':'); i >= 0 {
 		if strings.IndexByte(h[:i], ':') >= 0 {

@@ -413,9 +413,13 @@ func (hc *h1conn) outbound(req *http.Request, inj *injected, upgrade string, tra
 	}
 	u := *req.URL
 	u.Scheme, u.Host = "", ""
+	host := req.Host
+	if inj != nil {
+		host = upstreamAuthority(hc.f)
+	}
 	return &http.Request{
 		Method: req.Method, URL: &u, Proto: "HTTP/1.1", ProtoMajor: 1, ProtoMinor: 1,
-		Header: h, Body: body, ContentLength: req.ContentLength, Host: req.Host,
+		Header: h, Body: body, ContentLength: req.ContentLength, Host: host,
 	}
 }
 

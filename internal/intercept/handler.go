@@ -18,6 +18,7 @@ import (
 	"net/textproto"
 	"net/url"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -587,6 +588,17 @@ func scrubError(err error) string {
 	return msg
 }
 
+// upstreamAuthority is the Host an injected request carries upstream: the bound name the
+// TLS connection was verified for, not the agent's spelling of it. The decision compared
+// the two normalized (case, port, a trailing dot); an upstream that routes by Host could
+// read another spelling as another virtual host and serve the real key from there.
+func upstreamAuthority(f inject.Facts) string {
+	if f.OrigDst.Port() != 443 {
+		return net.JoinHostPort(f.SNI, strconv.Itoa(int(f.OrigDst.Port())))
+	}
+	return f.SNI
+}
+
 func newReverseProxy(up *upstreamPool, logf Logf) *httputil.ReverseProxy {
 	return &httputil.ReverseProxy{
 		// Rewrite, not Director: hop-by-hop headers (including any the agent lists in
@@ -595,12 +607,10 @@ func newReverseProxy(up *upstreamPool, logf Logf) *httputil.ReverseProxy {
 		Rewrite: func(pr *httputil.ProxyRequest) {
 			f := factsFrom(pr.In.Context())
 			pr.Out.URL.Scheme = "https"
-			pr.Out.URL.Host = f.SNI
-			if f.OrigDst.Port() != 443 {
-				pr.Out.URL.Host = net.JoinHostPort(f.SNI, fmt.Sprint(f.OrigDst.Port()))
-			}
+			pr.Out.URL.Host = upstreamAuthority(f.Facts)
 			pr.Out.Host = pr.In.Host
 			if inj, ok := pr.In.Context().Value(injectedKey{}).(*injected); ok {
+				pr.Out.Host = pr.Out.URL.Host
 				inj.agentTargets = targetValues(pr.Out.Header, inj.secrets)
 				inj.injectHeaders(pr.Out.Header)
 			}
