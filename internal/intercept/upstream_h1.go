@@ -4,7 +4,9 @@ import (
 	"bufio"
 	"context"
 	"crypto/tls"
+	"encoding/binary"
 	"errors"
+	"hash/maphash"
 	"math"
 	"net/http"
 	"sync"
@@ -146,10 +148,18 @@ func (p *upstreamPool) getH1(ctx context.Context, f inject.Facts, scope connScop
 // every later answer onto the next request. Within one scope that answer is scrubbed of
 // the same secrets; across scopes an echo of one secret would reach a request that is not
 // scrubbed of it, or another user.
+//
+// The values count as well as the names: after a rotation (or a reload that changes a
+// template) the same names inject other bytes, and a request scrubbed of the new value only
+// must not read an answer left over from one that carried the old.
 type connScope struct {
 	uid     int64
 	secrets string // the injected secrets' names, NUL-separated
+	values  uint64 // a seeded hash of every real byte string the request injects
 }
+
+// scopeSeed keys the values' hash: random per process, so the hash says nothing outside it.
+var scopeSeed = maphash.MakeSeed()
 
 // scopeOf is the scope of a request from f that injects inj (nil: verbatim).
 func scopeOf(f inject.Facts, inj *injected) connScope {
@@ -164,6 +174,15 @@ func scopeOf(f inject.Facts, inj *injected) connScope {
 			sc.secrets += "\x00" + in.Secret.Name
 		}
 	}
+	var h maphash.Hash
+	h.SetSeed(scopeSeed)
+	for _, r := range inj.scrub {
+		var n [8]byte
+		binary.LittleEndian.PutUint64(n[:], uint64(len(r.from)))
+		h.Write(n[:])
+		h.Write(r.from)
+	}
+	sc.values = h.Sum64()
 	return sc
 }
 
