@@ -540,8 +540,11 @@ func (d *doctor) checkCA() {
 		d.add("ca", statusFail, fmt.Sprintf("%s is %s but avpd serves %s", certPath, fp, d.st.CAFingerprint), "pass doctor the --state-dir avpd runs with")
 		return
 	}
-	if time.Until(cert.NotAfter) < 30*24*time.Hour {
-		d.add("ca", statusWarn, fmt.Sprintf("CA %s expires %s", fp, cert.NotAfter.Format(time.DateOnly)), "")
+	renew := "move " + dir + "/ca.pem and ca-key.pem aside and restart avpd to create a new CA (then avpctl ca install)"
+	if !time.Now().Before(cert.NotAfter) {
+		d.add("ca", statusFail, fmt.Sprintf("CA %s expired on %s: agents reject every leaf it signs", fp, cert.NotAfter.Format(time.DateOnly)), renew)
+	} else if time.Until(cert.NotAfter) < 30*24*time.Hour {
+		d.add("ca", statusWarn, fmt.Sprintf("CA %s expires %s", fp, cert.NotAfter.Format(time.DateOnly)), renew)
 	}
 	fi, err := os.Stat(keyPath)
 	if err != nil {

@@ -142,6 +142,14 @@ func start(opts Options) (_ *Daemon, err error) {
 	if err != nil {
 		return nil, err
 	}
+	// An expired CA still lets avpd splice what it does not terminate; say so loudly,
+	// since every terminated handshake will fail.
+	switch end := d.ca.Certificate().NotAfter; {
+	case !time.Now().Before(end):
+		d.logf("WARNING: the local CA in %s expired on %s: agents reject every leaf it signs, so bound hosts fail; move ca.pem and ca-key.pem aside and restart avpd to create a new CA, then have agents trust it", opts.StateDir, end.UTC().Format(time.DateOnly))
+	case time.Until(end) < 30*24*time.Hour:
+		d.logf("WARNING: the local CA in %s expires on %s; before then, move ca.pem and ca-key.pem aside and restart avpd to create a new CA, and have agents trust it", opts.StateDir, end.UTC().Format(time.DateOnly))
+	}
 	if err := d.openBackend(cfg); err != nil {
 		return nil, err
 	}

@@ -43,9 +43,10 @@ const (
 // a week. Leaves are cached because minting costs an ECDSA key generation and
 // a signature per new host.
 type CA struct {
-	cert    *x509.Certificate
-	certPEM []byte
-	key     *ecdsa.PrivateKey
+	cert     *x509.Certificate
+	certPEM  []byte
+	key      *ecdsa.PrivateKey
+	certPath string // where it was loaded from, for the errors that tell what to do
 
 	now      func() time.Time // replaced in tests
 	maxLeafs int
@@ -234,6 +235,7 @@ func newCA(certPEM []byte, key *ecdsa.PrivateKey, certPath string) (*CA, error) 
 	}
 	return &CA{
 		cert:     cert,
+		certPath: certPath,
 		certPEM:  pem.EncodeToMemory(block),
 		key:      key,
 		now:      time.Now,
@@ -268,7 +270,9 @@ func (ca *CA) Leaf(name string) (*tls.Certificate, error) {
 	ca.mu.Lock()
 	if el, ok := ca.leaves[key]; ok {
 		e := el.Value.(*leafEntry)
-		if ca.now().Before(e.renewAt) {
+		// Not yet valid (the clock was stepped back past its backdating): a client rejects
+		// it, a new one is minted.
+		if now := ca.now(); now.Before(e.renewAt) && !now.Before(e.cert.Leaf.NotBefore) {
 			ca.order.MoveToFront(el)
 			ca.mu.Unlock()
 			return e.cert, nil
@@ -318,6 +322,10 @@ func checkLeafName(orig, key string) error {
 // beyond the bound. ca.mu must be held.
 func (ca *CA) store(name string, cert *tls.Certificate) {
 	e := &leafEntry{name: name, cert: cert, notAfter: cert.Leaf.NotAfter, renewAt: cert.Leaf.NotAfter.Add(-leafRenewal)}
+	if !cert.Leaf.NotAfter.Before(ca.cert.NotAfter) {
+		// It ends with the CA: a new one would too, so it serves until then.
+		e.renewAt = cert.Leaf.NotAfter
+	}
 	if el, ok := ca.leaves[name]; ok {
 		el.Value = e
 		ca.order.MoveToFront(el)
@@ -342,6 +350,12 @@ func (ca *CA) mint(name string) (*tls.Certificate, error) {
 		return nil, fmt.Errorf("mint leaf for %s: %w", name, err)
 	}
 	now := ca.now()
+	if !now.Before(ca.cert.NotAfter) {
+		// Every leaf it signs would be rejected ("certificate has expired") with nothing in
+		// avpd's log to say why.
+		return nil, fmt.Errorf("mint leaf for %s: the local CA expired on %s: move %s and %s aside and restart avpd to create a new CA, then have agents trust it (avpctl ca install, avpctl ca env)",
+			name, ca.cert.NotAfter.UTC().Format(time.DateOnly), ca.certPath, filepath.Join(filepath.Dir(ca.certPath), caKeyFile))
+	}
 	notBefore := now.Add(-leafBackdate)
 	notAfter := notBefore.Add(leafValidity)
 	if notAfter.After(ca.cert.NotAfter) {
