@@ -143,4 +143,3 @@ func TestRotatedValueEchoDoesNotReachTheAgent(t *testing.T) {
 		})
 	}
 }
-
