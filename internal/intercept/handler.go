@@ -228,6 +228,9 @@ func (s *Server) prepare(ctx context.Context, f inject.Facts, method, authority 
 		Type: audit.TypeDecision, UID: uidPtr(f.UID), Dst: f.OrigDst.String(), SNI: f.SNI,
 		Method: auditMethod(method), Path: audit.CutPath(d.Path),
 	}
+	if d.Action == inject.Inject && base.Method != method {
+		d = inject.Decision{Action: inject.Refuse, Status: http.StatusBadRequest, Reason: ReasonMethodNotRecordable, Path: d.Path}
+	}
 	deny := func(status int, reason string) prepared {
 		release()
 		return prepared{status: status, reason: reason, release: release, policy: policy}
@@ -529,6 +532,10 @@ func tooShort(name string, v []byte) error {
 // connection of one is spliced).
 const ReasonNotEnrolled = "uid_not_enrolled"
 
+// ReasonMethodNotRecordable refuses an injecting request whose method token is too long
+// for the audit line to name it.
+const ReasonMethodNotRecordable = "method_not_recordable"
+
 func denialEvents(base audit.Event, d inject.Decision) []audit.Event {
 	var out []audit.Event
 	for _, dn := range d.Denials {
@@ -547,17 +554,20 @@ func denialEvents(base audit.Event, d inject.Decision) []audit.Event {
 // auditMethod keeps the audit schema closed: a method is a short token, anything else is
 // recorded as such.
 func auditMethod(m string) string {
-	if len(m) > 16 {
+	if m == "" || len(m) > maxAuditMethod {
 		return "INVALID"
 	}
 	for i := 0; i < len(m); i++ {
-		c := m[i]
-		if !(c >= 'A' && c <= 'Z' || c >= 'a' && c <= 'z' || c == '-' || c == '_') {
+		if !isTokenByte(m[i]) {
 			return "INVALID"
 		}
 	}
 	return m
 }
+
+// maxAuditMethod bounds a method the audit records as sent. A request with a longer one is
+// not injected: its line would not say what the key was used for.
+const maxAuditMethod = 64
 
 // stripH2CUpgrade removes an h2c upgrade: after it the connection would speak HTTP/2 that the
 // proxy never parses, so per-request checks would stop.
