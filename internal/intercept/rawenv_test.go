@@ -57,7 +57,7 @@ func newRawEnvConfig(t *testing.T, cfgYAML, real string, upProtos []string, serv
 }
 
 // newRawEnvSecrets is newRawEnvConfig with the backend's secrets of the test's own.
-func newRawEnvSecrets(t *testing.T, cfgYAML string, secrets mapSecrets, upProtos []string, serve func(ln net.Listener)) *rawEnv {
+func newRawEnvSecrets(t *testing.T, cfgYAML string, secrets Secrets, upProtos []string, serve func(ln net.Listener)) *rawEnv {
 	t.Helper()
 	ca := newTestCA(t)
 	cfg, err := config.Parse("bindings.yaml", []byte(cfgYAML))

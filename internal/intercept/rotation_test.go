@@ -6,19 +6,14 @@ import (
 	"bufio"
 	"context"
 	"crypto/tls"
-	"crypto/x509"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
-	"net/netip"
 	"strings"
 	"sync"
 	"testing"
 	"time"
 
-	"github.com/agent-vault-proxy/agent-vault-proxy/internal/config"
-	"github.com/agent-vault-proxy/agent-vault-proxy/internal/inject"
 	"github.com/agent-vault-proxy/agent-vault-proxy/internal/store"
 )
 
@@ -40,52 +35,6 @@ func (r *rotSecrets) Get(_ context.Context, name string) ([]byte, error) {
 
 func (r *rotSecrets) set(name, v string) { r.mu.Lock(); r.v[name] = v; r.mu.Unlock() }
 
-// newRotEnv is newRawEnvSecrets with a rotatable backend.
-func newRotEnv(t *testing.T, secrets *rotSecrets, serve func(ln net.Listener)) *rawEnv {
-	t.Helper()
-	ca := newTestCA(t)
-	cfg, err := config.Parse("bindings.yaml", []byte(rawConfig))
-	if err != nil {
-		t.Fatal(err)
-	}
-	leaf, err := ca.Leaf(rawHost)
-	if err != nil {
-		t.Fatal(err)
-	}
-	upLn, err := tls.Listen("tcp", "127.0.0.1:0", &tls.Config{Certificates: []tls.Certificate{*leaf}, NextProtos: []string{"http/1.1"}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { upLn.Close() })
-	go serve(upLn)
-	roots := x509.NewCertPool()
-	roots.AddCert(ca.Certificate())
-	upAddr := upLn.Addr().String()
-	logs := &logBuffer{}
-	s, err := NewServer(Options{
-		Logf:   logs.logf,
-		Policy: inject.NewPolicy(cfg), CA: ca, Secrets: secrets, Auditor: &eventLog{},
-		UpstreamTLS: &tls.Config{RootCAs: roots},
-		UpstreamDial: func(ctx context.Context, network, _ string) (net.Conn, error) {
-			var d net.Dialer
-			return d.DialContext(ctx, network, upAddr)
-		},
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { s.Shutdown(context.Background()) })
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ln.Close() })
-	e := &rawEnv{srv: s, roots: roots, agent: ln, logs: logs,
-		facts: inject.Facts{UID: 1000, SNI: rawHost, OrigDst: netip.MustParseAddrPort("127.0.0.1:443")}}
-	go acceptTerminating(ln, s, func() inject.Facts { return e.facts })
-	return e
-}
-
 // TestRotatedValueEchoDoesNotReachTheAgent: the scoped HTTP/1.1 pool keeps one
 // upstream connection to one (uid, secret names). It exists so that an upstream that answers
 // once too often cannot hand an echo of one request's value to a request not scrubbed of it.
@@ -99,7 +48,7 @@ func TestRotatedValueEchoDoesNotReachTheAgent(t *testing.T) {
 	for _, rotate := range []bool{false, true} {
 		t.Run(fmt.Sprintf("rotate=%v", rotate), func(t *testing.T) {
 			sec := &rotSecrets{v: map[string]string{"KEY": v0}}
-			e := newRotEnv(t, sec, serveRaw(func(c *tls.Conn, br *bufio.Reader) {
+			e := newRawEnvSecrets(t, rawConfig, sec, []string{"http/1.1"}, serveRaw(func(c *tls.Conn, br *bufio.Reader) {
 				for {
 					req, err := http.ReadRequest(br)
 					if err != nil {
