@@ -26,6 +26,19 @@ func needRootOrCI(t *testing.T, why string) {
 	t.Skipf("SKIP: not root and CI unset: %s", why)
 }
 
+// needStrace is strace's path; a test that needs it must run in CI (.ci/run installs it).
+func needStrace(t *testing.T) string {
+	t.Helper()
+	strace, err := exec.LookPath("strace")
+	if err != nil {
+		if os.Getenv("CI") != "" {
+			t.Fatal("strace is not installed (.ci/run installs it)")
+		}
+		t.Skip("SKIP: strace is not installed")
+	}
+	return strace
+}
+
 // A changed byte in an acknowledged line is not a torn tail: a crash tears only what was
 // never synced. Moving it aside would drop every acknowledged line after it and give their
 // seqs to new lines, and verify would then pass.
@@ -124,13 +137,7 @@ func TestJournalStartFailsWhenItsDirectoryCannotBeSynced(t *testing.T) {
 		t.Logf("CHILD: started and committed seq %d", j.seq)
 		return
 	}
-	strace, err := exec.LookPath("strace")
-	if err != nil {
-		if os.Getenv("CI") != "" {
-			t.Fatal("strace is not installed (.ci/run installs it)")
-		}
-		t.Skip("SKIP: strace is not installed")
-	}
+	strace := needStrace(t)
 	dir := shortDir(t)
 	if _, _, err := LoadOrCreateKey(dir + "/journal.key"); err != nil {
 		t.Fatal(err)
@@ -165,13 +172,7 @@ func TestRestartMakesTheUnacknowledgedTailDurable(t *testing.T) {
 		t.Logf("CHILD: started at seq %d", j.StartSeq)
 		return
 	}
-	strace, err := exec.LookPath("strace")
-	if err != nil {
-		if os.Getenv("CI") != "" {
-			t.Fatal("strace is not installed (.ci/run installs it)")
-		}
-		t.Skip("SKIP: strace is not installed")
-	}
+	strace := needStrace(t)
 	dir := shortDir(t)
 	j := openTestJournal(t, dir, nil)
 	appendEvents(t, j, 5) // acknowledged: seq 2..6
