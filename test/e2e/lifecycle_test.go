@@ -99,6 +99,15 @@ print("second", r.status, flush=True)
 	e.waitAudit("decision", "forward_verbatim", "reason", "uid_not_enrolled", "path", "/v1/after-unenroll")
 }
 
+// startFails runs one avpd start, as the unit would at boot, which the test expects to fail:
+// its output and error (nil if it started after all; it is then stopped by the timeout).
+func (e *env) startFails() ([]byte, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
+	defer cancel()
+	return exec.CommandContext(ctx, "ip", "netns", "exec", e.ns, filepath.Join(binDir, "avpd"), "serve",
+		"--config", e.config, "--state-dir", e.state, "--runtime-dir", e.runtime).CombinedOutput()
+}
+
 // TestLifecycleRedirectBackAtBootWithInvalidConfig: the README promises that after a power cut
 // "the enabled avpd.service puts the rules back at boot: the enrolled user's first request
 // goes to avpd, never straight out", and that enrolled users fail closed while avpd is
@@ -122,10 +131,7 @@ func TestLifecycleRedirectBackAtBootWithInvalidConfig(t *testing.T) {
 	run(t, "ip", "netns", "exec", e.ns, "nft", "delete", "table", "inet", "agent_vault_proxy")
 
 	// Boot: avpd.service starts avpd (and would keep restarting it).
-	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
-	defer cancel()
-	out, err := exec.CommandContext(ctx, "ip", "netns", "exec", e.ns, filepath.Join(binDir, "avpd"), "serve",
-		"--config", e.config, "--state-dir", e.state, "--runtime-dir", e.runtime).CombinedOutput()
+	out, err := e.startFails()
 	if err == nil {
 		t.Fatalf("avpd started with an invalid config:\n%s", out)
 	}
@@ -159,10 +165,7 @@ func TestLifecycleRedirectBackAtBootWhenAuditLogCannotOpen(t *testing.T) {
 		t.Fatal("setup: the config has no audit.path to replace")
 	}
 	writeFile(t, e.config, []byte(cfg), 0o600)
-	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
-	defer cancel()
-	out, err := exec.CommandContext(ctx, "ip", "netns", "exec", e.ns, filepath.Join(binDir, "avpd"), "serve",
-		"--config", e.config, "--state-dir", e.state, "--runtime-dir", e.runtime).CombinedOutput()
+	out, err := e.startFails()
 	if err == nil {
 		t.Fatalf("avpd started with an audit log it cannot open:\n%s", out)
 	}
