@@ -599,7 +599,7 @@ func (d *doctor) checkAudit() {
 			d.add("journal", statusFail, "the audit journal does not answer at "+sock+": "+err.Error()+"; every injection gets 503 audit_unavailable", fix)
 		} else {
 			c.Close()
-			d.add("journal", statusOK, "the audit journal accepts connections at "+sock, "")
+			d.add("journal", statusOK, fmt.Sprintf("the audit journal's socket %s accepts connections from uid %d (avpd's own connection: the audit line)", sock, os.Geteuid()), "")
 		}
 	}
 	if d.st == nil {
@@ -610,12 +610,57 @@ func (d *doctor) checkAudit() {
 	if d.cfg != nil && d.cfg.Audit.Socket != "" {
 		where = "journal at " + d.cfg.Audit.Socket
 	}
+	// What avpd's own connection answered: doctor's probe above runs as this user (root,
+	// usually), which may reach a socket avpd's user may not, or a journal that accepts
+	// and never acknowledges.
+	a := d.st.AuditStatus
+	if !a.Ready || a.Error != "" {
+		detail := "avpd's audit log (" + where + ") "
+		if !a.Ready {
+			detail += "never acknowledged proxy_start: avpd is not ready"
+		} else {
+			detail += "fails"
+			if a.FailingSince != nil {
+				detail += " since " + a.FailingSince.Format(time.RFC3339)
+			}
+		}
+		if a.Error != "" {
+			detail += " (" + a.Error + ")"
+		}
+		detail += "; every injection gets 503 audit_unavailable"
+		d.add("audit", statusFail, detail, d.auditFix(a.Error))
+		return
+	}
 	if n := d.st.Stats.AuditErrors; n > 0 {
-		d.add("audit", statusWarn, fmt.Sprintf("%d request(s) failed because the audit log did not acknowledge them (%s)", n, where),
+		d.add("audit", statusWarn, fmt.Sprintf("%d request(s) failed because the audit log did not acknowledge them (%s); it answers again now", n, where),
 			"check the audit log's disk and, with a journal, systemctl status avp-journal.socket avp-journal.service")
 		return
 	}
-	d.add("audit", statusOK, "no audit failures since avpd started ("+where+")", "")
+	if a.Pending > 0 {
+		d.add("audit", statusWarn, fmt.Sprintf("%d enroll/unenroll event(s) wait to be recorded in the audit log (%s)", a.Pending, where), "journalctl -u avpd says why they were not acknowledged")
+		return
+	}
+	d.add("audit", statusOK, "avpd's audit log acknowledges its events; no audit failures since avpd started ("+where+")", "")
+}
+
+// auditFix says how to repair avpd's own connection to its audit log, from its error.
+func (d *doctor) auditFix(errText string) string {
+	_, user := d.daemonOwner()
+	if d.cfg == nil || d.cfg.Audit.Socket == "" {
+		path := d.st.AuditPath
+		return "avpd (user " + user + ") must be able to append to " + path + " and fsync it: check the disk and that " + user + " may write it; under systemd use audit.socket, since ProtectSystem=strict makes /var/log read-only for avpd"
+	}
+	sock := d.cfg.Audit.Socket
+	switch {
+	case strings.Contains(errText, "permission denied"):
+		return fmt.Sprintf("avpd's user %s may not connect to %s: under systemd avp-journal.socket gives it to %s (SocketUser=avp); a journal run by hand binds it mode 0660 for its own user, so give its group to %s: avpd journal --socket-group %s, or chgrp %s %s (then restart avpd, or wait: it retries every second)",
+			user, sock, user, user, groupFor(user), groupFor(user), sock)
+	case strings.Contains(errText, "no such file") || strings.Contains(errText, "connection refused"):
+		return "systemctl start avp-journal.socket avp-journal.service (or start avpd journal), then journalctl -u avp-journal"
+	case strings.Contains(errText, "refused the event") || strings.Contains(errText, "journal says"):
+		return "the journal refuses avpd's events: journalctl -u avp-journal names why (a uid not allowed: avpd journal --allow-uid " + user + ")"
+	}
+	return "the journal takes avpd's events but does not acknowledge them: systemctl status avp-journal.service and journalctl -u avp-journal (a full or failing disk, a hung journal); systemctl restart avp-journal.service"
 }
 
 // checkPlaceholders: a placeholder that arrived where the config does not replace it (another

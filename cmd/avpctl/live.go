@@ -102,7 +102,7 @@ func printStatus(w io.Writer, st daemon.Status) {
 	fmt.Fprintf(w, "backend:        %s, %d secret(s) cached\n", st.Backend, st.CachedSecrets)
 	printBackendStatus(w, st)
 	fmt.Fprintf(w, "secrets:        %s\n", strings.Join(st.Secrets, ", "))
-	fmt.Fprintf(w, "audit log:      %s\n", st.AuditPath)
+	fmt.Fprintf(w, "audit log:      %s%s\n", st.AuditPath, auditStateLine(st))
 	fmt.Fprintf(w, "CA:             %s\n", st.CAFingerprint)
 	s := st.Stats
 	fmt.Fprintf(w, "connections:    %d (passthrough %d, terminated %d, rejected %d", s.Connections, s.Passthrough, s.Terminated, s.Rejected)
@@ -151,4 +151,27 @@ func joinUIDs(u []uint32) string {
 		parts[i] = fmt.Sprint(x)
 	}
 	return strings.Join(parts, ", ")
+}
+
+// auditStateLine adds to status's audit line what avpd's own audit sink answered it.
+func auditStateLine(st daemon.Status) string {
+	var s string
+	switch {
+	case !st.Ready:
+		s = "; NOT READY: proxy_start was never acknowledged, every injection gets 503 audit_unavailable"
+		if st.Error != "" {
+			s += " (" + st.Error + ")"
+		}
+		s += "; run avpctl doctor"
+	case st.Error != "":
+		s = "; FAILING"
+		if st.FailingSince != nil {
+			s += " since " + st.FailingSince.Format(time.RFC3339)
+		}
+		s += ": " + st.Error + "; injections get 503 audit_unavailable; run avpctl doctor"
+	}
+	if st.Pending > 0 {
+		s += fmt.Sprintf("; %d enroll/unenroll event(s) waiting to be recorded", st.Pending)
+	}
+	return s
 }

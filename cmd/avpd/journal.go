@@ -27,13 +27,14 @@ import (
 // test can show that nothing goes upstream before the ack; the journal says so when set.
 const testAckDelayEnv = "AVP_JOURNAL_TEST_ACK_DELAY"
 
-const journalUsage = `usage: avpd journal --log PATH [--socket PATH] [--allow-uid UID ...] [--key PATH]
-                    [--rotate-size BYTES] [--journald auto|off]
+const journalUsage = `usage: avpd journal --log PATH [--socket PATH] [--socket-group GROUP] [--allow-uid UID ...]
+                    [--key PATH] [--rotate-size BYTES] [--journald auto|off]
 
 Runs the audit journal: receives avpd's events on a SOCK_SEQPACKET Unix socket (the one
 systemd passes, else --socket), appends each as a hash-chained, HMAC-signed JSON line to
 --log, and acknowledges it only after the fdatasync that covers it. Root may always send
-events; --allow-uid adds other users (avpd's). SIGHUP reopens the log file.
+events; --allow-uid adds other users (avpd's), and --socket-group lets them connect to a
+socket the journal binds itself. SIGHUP reopens the log file.
 
 Flags:
 `
@@ -84,6 +85,7 @@ func journalCmd(args []string, stdout, stderr io.Writer) int {
 	socket := fs.String("socket", "/run/avp-journal/journal.sock", "socket to bind when systemd passes none (`PATH`), mode 0660")
 	key := fs.String("key", "", "HMAC key file (`PATH`), created 0600 on first start (default: journal.key beside --log)")
 	rotate := fs.String("rotate-size", "64M", "rotate the log when it reaches this size (`BYTES`, K/M/G suffixes)")
+	sockGroup := fs.String("socket-group", "", "give the socket it binds to this group (`GROUP`, name or number), so avpd's user can connect: avp for a journal run by hand")
 	mirror := fs.String("journald", "auto", "mirror events to systemd-journald: auto (when its socket exists) or off")
 	var allow uidList
 	fs.Var(&allow, "allow-uid", "also accept events from this user (`UID` or name); repeatable; root is always accepted")
@@ -153,6 +155,15 @@ func journalCmd(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "avpd journal: %v\n", err)
 		return 1
 	}
+	if *sockGroup != "" {
+		if fromSystemd {
+			logger.Printf("journal: --socket-group ignored: the socket is systemd's (SocketGroup= in avp-journal.socket)")
+		} else if err := chgrpSocket(*socket, *sockGroup); err != nil {
+			ln.Close()
+			fmt.Fprintf(stderr, "avpd journal: %v\n", err)
+			return 1
+		}
+	}
 	if !fromSystemd {
 		// Remove the socket on exit so a client fails fast instead of waiting on a file
 		// nobody listens on; systemd owns its own socket.
@@ -210,4 +221,20 @@ func journalListener(path string) (*net.UnixListener, bool, error) {
 		f.Close()
 	}
 	return nil, false, fmt.Errorf("systemd passed %d sockets; the journal takes exactly one (ListenSequentialPacket=)", len(files))
+}
+
+// chgrpSocket gives the socket at path to group (a name or a number), keeping mode 0660.
+func chgrpSocket(path, group string) error {
+	gid, err := strconv.Atoi(group)
+	if err != nil {
+		g, lerr := user.LookupGroup(group)
+		if lerr != nil {
+			return fmt.Errorf("--socket-group %q: no such group", group)
+		}
+		gid, _ = strconv.Atoi(g.Gid)
+	}
+	if err := os.Chown(path, -1, gid); err != nil {
+		return fmt.Errorf("--socket-group %s: chgrp %s: %w (the journal's user must be root or in that group)", group, path, err)
+	}
+	return nil
 }

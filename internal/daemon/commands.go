@@ -36,6 +36,8 @@ type Status struct {
 	Stats         intercept.Stats `json:"stats"`
 	// The state directory and what the every-second firewall check found (reconcile.go).
 	OpsStatus
+	// What avpd's own audit sink answered it (audithealth.go).
+	AuditStatus
 	// Cache, Memory and BWS are filled in by backendStatus (backend.go).
 	Cache  store.CacheStats     `json:"cache"`
 	Memory store.ProcessHygiene `json:"memory"`
@@ -165,6 +167,7 @@ func (d *Daemon) cmdStatus(ctx context.Context, _ uint32, _ []string) (any, erro
 		st.Secrets = append(st.Secrets, s.Name)
 	}
 	st.OpsStatus = d.opsStatus()
+	st.AuditStatus = d.auditHealth.status()
 	uids, err := d.fw.Enrolled()
 	if err != nil {
 		return nil, fmt.Errorf("read enrolled uids from nftables: %w", err)

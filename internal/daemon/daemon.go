@@ -84,6 +84,9 @@ type Daemon struct {
 	fwInstalled bool
 	// listenersDown counts listeners whose Serve returned while avpd was still serving.
 	listenersDown atomic.Int32
+
+	// auditHealth is what the auditor answered avpd (audithealth.go).
+	auditHealth auditHealth
 }
 
 // auditCloser is the audit sink the daemon owns: the in-process file writer today, the
@@ -167,6 +170,8 @@ func start(opts Options) (_ *Daemon, err error) {
 	if err := d.listen(cfg.Proxy.Listen); err != nil {
 		return nil, err
 	}
+	// Every Record (requests, lifecycle, enrollment) is noted for status and doctor.
+	d.auditor = trackedAuditor{auditCloser: d.auditor, h: &d.auditHealth}
 	d.policy = inject.NewPolicy(cfg)
 	d.srv, err = intercept.NewServer(intercept.Options{
 		Policy: d.policy, CA: d.ca, Secrets: d.cache, Auditor: d.auditor,

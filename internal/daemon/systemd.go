@@ -32,6 +32,7 @@ func (d *Daemon) recordStart(first bool) bool {
 		d.notify("STATUS=waiting for the audit log or journal to acknowledge proxy_start")
 		return false
 	}
+	d.auditHealth.setReady()
 	d.logf("avpd ready: listening on %v, %d secret(s), CA %s", d.addrs, nSecrets, d.caFingerprint())
 	d.notifyReady()
 	return true

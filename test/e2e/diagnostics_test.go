@@ -4,6 +4,7 @@ package e2e
 
 import (
 	"encoding/json"
+	"net"
 	"os/exec"
 	"path/filepath"
 	"strconv"
@@ -71,5 +72,61 @@ func TestDoctorDamagedEnrollment(t *testing.T) {
 		"doctor", "--config", e.config, "--state-dir", e.state).CombinedOutput()
 	if err == nil || !strings.Contains(string(out), "enrolled.json is damaged") {
 		t.Errorf("doctor with a damaged enrolled.json: %v\n%s", err, out)
+	}
+}
+
+// hungJournal listens on a seqpacket socket in e.private that accepts and reads avpd's
+// events but never acknowledges one: a journal stuck on a dead disk. It rewrites the config
+// to send the audit there.
+func hungJournal(t *testing.T, e *env) string {
+	t.Helper()
+	sock := filepath.Join(e.private, "journal.sock")
+	ln, err := net.ListenUnix("unixpacket", &net.UnixAddr{Name: sock, Net: "unixpacket"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				buf := make([]byte, 65536)
+				for {
+					if _, err := c.Read(buf); err != nil {
+						return
+					}
+				}
+			}()
+		}
+	}()
+	cfg := strings.Replace(mustRead(t, e.config), "audit: {path: "+e.audit+"}", "audit: {socket: "+sock+", timeout: 200ms}", 1)
+	writeFile(t, e.config, []byte(cfg), 0o600)
+	return sock
+}
+
+// TestDoctorJournalNeverAcks: the journal's socket accepts connections (doctor's own probe,
+// as root, succeeds) but acknowledges nothing, so avpd never got proxy_start acknowledged
+// and every injection gets 503 audit_unavailable. doctor said "OK journal", only WARNed
+// about the failed requests and exited 0; status said nothing of it. Found by the operator
+// review (rt1), where the cause was a journal socket avpd's user could not connect to.
+func TestDoctorJournalNeverAcks(t *testing.T) {
+	e := newEnv(t)
+	hungJournal(t, e)
+	e.startAvpd()
+	out, err := exec.Command("ip", "netns", "exec", e.ns, filepath.Join(binDir, "avpctl"), "--runtime-dir", e.runtime,
+		"doctor", "--config", e.config, "--state-dir", e.state).CombinedOutput()
+	if err == nil {
+		t.Errorf("doctor exited 0 while avpd's audit journal acknowledges nothing:\n%s", out)
+	}
+	c := doctorCheck(t, e, "audit", "--config", e.config, "--state-dir", e.state)
+	if c.Status != "fail" || !strings.Contains(c.Detail, "proxy_start") || !strings.Contains(c.Detail, "audit_unavailable") || c.Fix == "" {
+		t.Errorf("doctor's audit check while the journal acknowledges nothing: %+v\n%s", c, out)
+	}
+	st := string(e.avpctl("status"))
+	if !strings.Contains(st, "NOT READY") {
+		t.Errorf("status does not say avpd is not ready:\n%s", st)
 	}
 }

@@ -23,6 +23,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -537,5 +538,23 @@ except Exception as e:
 	}
 	if lines[0]["type"] != "journal_start" || len(lines) != 5 {
 		t.Fatalf("lines %v", lines)
+	}
+}
+
+// TestJournalSocketGroup: a journal run by hand as its own user binds its socket mode 0660
+// with that user's group, so avpd's user (avp) gets "permission denied" and every injection
+// 503 audit_unavailable; the README gave no way to let it in. --socket-group gives the
+// socket to avpd's group. Found by the operator review (rt1).
+func TestJournalSocketGroup(t *testing.T) {
+	dir := t.TempDir()
+	const gid = 4343
+	p := startJournal(t, dir, nil, "--socket-group", strconv.Itoa(gid))
+	fi, err := os.Stat(p.sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	st := fi.Sys().(*syscall.Stat_t)
+	if st.Gid != gid || fi.Mode().Perm() != 0o660 {
+		t.Fatalf("journal socket with --socket-group %d: gid %d, mode %04o; want gid %d, mode 0660", gid, st.Gid, fi.Mode().Perm(), gid)
 	}
 }
