@@ -36,8 +36,10 @@ func enrollment(g globals, cmd, verb string, args []string, stdout, stderr io.Wr
 		return usageErr(stderr, cmd+" USER|UID")
 	}
 	var out struct {
-		UID         uint32 `json:"uid"`
-		WasEnrolled *bool  `json:"was_enrolled"`
+		UID           uint32 `json:"uid"`
+		WasEnrolled   *bool  `json:"was_enrolled"`
+		AuditRecorded *bool  `json:"audit_recorded"`
+		AuditError    string `json:"audit_error"`
 	}
 	if err := call(g, cmd, args, &out); err != nil {
 		return fail(stderr, err)
@@ -51,6 +53,12 @@ func enrollment(g globals, cmd, verb string, args []string, stdout, stderr io.Wr
 		if msg, fix, _ := subordinateWarning(out.UID); msg != "" {
 			fmt.Fprintf(stderr, "warning: %s\n  fix: %s\n", msg, fix)
 		}
+	}
+	if out.AuditRecorded != nil && !*out.AuditRecorded {
+		// Exit 3: done, but not in the audit log yet.
+		fmt.Fprintf(stderr, "warning: %s uid %d took effect but is not recorded in the audit log yet (%s); avpd records it, marked late, once the log answers again\n  fix: avpctl doctor names what is wrong with the audit log\n",
+			verb, out.UID, out.AuditError)
+		return 3
 	}
 	return 0
 }

@@ -97,9 +97,19 @@ func (d *Daemon) cmdEnroll(ctx context.Context, peer uint32, args []string) (any
 	if err := d.fw.Enroll(uid); err != nil {
 		return nil, fmt.Errorf("enroll uid %d: %w", uid, err)
 	}
-	d.audit(audit.Event{Type: audit.TypeEnroll, UID: audit.Int64(int64(uid)), Detail: fmt.Sprintf("enrolled by uid %d", peer)})
 	d.logf("enrolled uid %d", uid)
-	return map[string]any{"uid": uid, "enrolled": true}, nil
+	aerr := d.auditChange(audit.Event{Type: audit.TypeEnroll, UID: audit.Int64(int64(uid)), Detail: fmt.Sprintf("enrolled by uid %d", peer)})
+	return withAudit(map[string]any{"uid": uid, "enrolled": true}, aerr), nil
+}
+
+// withAudit adds to an enrollment reply whether the audit log recorded the change: the
+// change stands either way, and avpctl says when it is not recorded yet.
+func withAudit(reply map[string]any, err error) map[string]any {
+	reply["audit_recorded"] = err == nil
+	if err != nil {
+		reply["audit_error"] = err.Error()
+	}
+	return reply
 }
 
 func (d *Daemon) cmdUnenroll(ctx context.Context, peer uint32, args []string) (any, error) {
@@ -125,9 +135,9 @@ func (d *Daemon) cmdUnenroll(ctx context.Context, peer uint32, args []string) (a
 		d.logf("unenroll uid %d: it was not enrolled", uid)
 		return map[string]any{"uid": uid, "enrolled": false, "was_enrolled": false}, nil
 	}
-	d.audit(audit.Event{Type: audit.TypeUnenroll, UID: audit.Int64(int64(uid)), Detail: fmt.Sprintf("unenrolled by uid %d", peer)})
 	d.logf("unenrolled uid %d", uid)
-	return map[string]any{"uid": uid, "enrolled": false, "was_enrolled": true}, nil
+	aerr := d.auditChange(audit.Event{Type: audit.TypeUnenroll, UID: audit.Int64(int64(uid)), Detail: fmt.Sprintf("unenrolled by uid %d", peer)})
+	return withAudit(map[string]any{"uid": uid, "enrolled": false, "was_enrolled": true}, aerr), nil
 }
 
 // unenroll takes uid out of the kernel's set, the proxy's snapshot and the state file, and
@@ -168,6 +178,7 @@ func (d *Daemon) cmdStatus(ctx context.Context, _ uint32, _ []string) (any, erro
 	}
 	st.OpsStatus = d.opsStatus()
 	st.AuditStatus = d.auditHealth.status()
+	st.AuditStatus.Pending = d.late.pending()
 	uids, err := d.fw.Enrolled()
 	if err != nil {
 		return nil, fmt.Errorf("read enrolled uids from nftables: %w", err)

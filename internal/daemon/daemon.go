@@ -87,6 +87,9 @@ type Daemon struct {
 
 	// auditHealth is what the auditor answered avpd (audithealth.go).
 	auditHealth auditHealth
+	// late holds enroll and unenroll events the audit log did not acknowledge
+	// (latechanges.go).
+	late lateChanges
 }
 
 // auditCloser is the audit sink the daemon owns: the in-process file writer today, the
@@ -329,6 +332,8 @@ func (d *Daemon) serve(ctx context.Context, sigs <-chan os.Signal) error {
 	go func() { defer wg.Done(); d.admin.Serve(ctx) }()
 	wg.Add(1)
 	go func() { defer wg.Done(); d.runBackend(ctx) }()
+	wg.Add(1)
+	go func() { defer wg.Done(); d.recordLateChanges(ctx) }()
 	d.mainLoop(ctx, sigs, started)
 	cancel()
 	d.notify("STOPPING=1\nSTATUS=draining connections (up to 10s)")
@@ -336,6 +341,9 @@ func (d *Daemon) serve(ctx context.Context, sigs <-chan os.Signal) error {
 	defer dcancel()
 	d.srv.Shutdown(dctx)
 	wg.Wait()
+	if !d.flushLateChanges(dctx) {
+		d.dropLateChanges()
+	}
 	d.audit(audit.Event{Type: audit.TypeProxyStop, Detail: "avpd stopped; redirect rules stay in place so enrolled users fail closed"})
 	d.closeAll()
 	return nil

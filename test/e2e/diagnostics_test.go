@@ -4,9 +4,11 @@ package e2e
 
 import (
 	"encoding/json"
+	"errors"
 	"net"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -128,5 +130,38 @@ func TestDoctorJournalNeverAcks(t *testing.T) {
 	st := string(e.avpctl("status"))
 	if !strings.Contains(st, "NOT READY") {
 		t.Errorf("status does not say avpd is not ready:\n%s", st)
+	}
+}
+
+// TestEnrollmentUnrecordedSaysSo: with an audit journal that acknowledges nothing,
+// enroll-uid and unenroll-uid took effect, avpd only logged that the event was not
+// recorded, and avpctl printed plain success with exit 0. The change must still take effect
+// (unenroll above all must never wait on the journal), avpctl must say it is not in the
+// audit log yet and exit 3, and status must count it as waiting to be recorded. Found by the
+// operator review (rt1).
+func TestEnrollmentUnrecordedSaysSo(t *testing.T) {
+	e := newEnv(t)
+	hungJournal(t, e)
+	e.startAvpd()
+	uid := strconv.Itoa(agentUID)
+	for _, cmd := range []string{"enroll-uid", "unenroll-uid"} {
+		out, err := e.avpctlErr(cmd, uid)
+		var ee *exec.ExitError
+		if !errors.As(err, &ee) || ee.ExitCode() != 3 || !strings.Contains(string(out), "not recorded in the audit log") {
+			t.Errorf("avpctl %s while the journal acknowledges nothing: %v, %q; want exit 3 and a warning that the audit log did not record it", cmd, err, out)
+		}
+		var st struct {
+			Enrolled []int `json:"enrolled_uids"`
+			Pending  int   `json:"audit_pending"`
+		}
+		if err := json.Unmarshal(e.avpctl("status", "--json"), &st); err != nil {
+			t.Fatal(err)
+		}
+		if enrolled := slices.Contains(st.Enrolled, agentUID); enrolled != (cmd == "enroll-uid") {
+			t.Errorf("after %s the kernel's set is %v: the change did not take effect", cmd, st.Enrolled)
+		}
+		if want := map[string]int{"enroll-uid": 1, "unenroll-uid": 2}[cmd]; st.Pending != want {
+			t.Errorf("after %s status counts %d event(s) waiting to be recorded, want %d", cmd, st.Pending, want)
+		}
 	}
 }

@@ -1,0 +1,83 @@
+package daemon
+
+import (
+	"context"
+	"errors"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/agent-vault-proxy/agent-vault-proxy/internal/audit"
+)
+
+// flakyAuditor fails every Record while down is set, and keeps what it recorded.
+type flakyAuditor struct {
+	mu   sync.Mutex
+	down bool
+	got  []audit.Event
+}
+
+func (f *flakyAuditor) Record(_ context.Context, events ...audit.Event) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.down {
+		return errors.New("audit journal unavailable: no acknowledgement")
+	}
+	f.got = append(f.got, events...)
+	return nil
+}
+
+func (f *flakyAuditor) Close() error { return nil }
+
+func (f *flakyAuditor) recorded() []audit.Event {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return append([]audit.Event(nil), f.got...)
+}
+
+// TestEnrollmentRecordedLate: an enroll and an unenroll the audit log did not acknowledge
+// were only logged, so the trail never showed them. They wait now, in order, and are
+// recorded (marked late) once the log answers; a change made meanwhile goes after them.
+func TestEnrollmentRecordedLate(t *testing.T) {
+	fa := &flakyAuditor{down: true}
+	d := &Daemon{logf: t.Logf, auditor: fa}
+	uid := audit.Int64(4242)
+	if err := d.auditChange(audit.Event{Type: audit.TypeEnroll, UID: uid, Detail: "enrolled by uid 0"}); err == nil {
+		t.Fatal("auditChange returned nil while the log is down")
+	}
+	if err := d.auditChange(audit.Event{Type: audit.TypeUnenroll, UID: uid, Detail: "unenrolled by uid 0"}); err == nil {
+		t.Fatal("auditChange returned nil while the log is down")
+	}
+	if n := d.late.pending(); n != 2 {
+		t.Fatalf("%d change(s) waiting, want 2", n)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	done := make(chan struct{})
+	go func() { d.recordLateChanges(ctx); close(done) }()
+	time.Sleep(300 * time.Millisecond)
+	fa.mu.Lock()
+	fa.down = false
+	fa.mu.Unlock()
+	if err := d.auditChange(audit.Event{Type: audit.TypeEnroll, UID: uid, Detail: "enrolled by uid 0"}); err != nil {
+		t.Fatalf("auditChange once the log answers: %v", err)
+	}
+	got := fa.recorded()
+	if len(got) != 3 || got[0].Type != audit.TypeEnroll || got[1].Type != audit.TypeUnenroll || got[2].Type != audit.TypeEnroll {
+		t.Fatalf("recorded %+v; want enroll, unenroll (late) then enroll", got)
+	}
+	for _, e := range got[:2] {
+		if !strings.Contains(e.Detail, "recorded late") {
+			t.Errorf("a late event does not say so: %q", e.Detail)
+		}
+	}
+	if strings.Contains(got[2].Detail, "late") {
+		t.Errorf("an event recorded in time says late: %q", got[2].Detail)
+	}
+	if n := d.late.pending(); n != 0 {
+		t.Fatalf("%d change(s) still waiting", n)
+	}
+	cancel()
+	<-done
+}
