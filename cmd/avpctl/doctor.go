@@ -482,6 +482,9 @@ func (d *doctor) checkState() {
 		d.add("state", statusFail, fmt.Sprintf("state directory %s has mode %04o: others can replace the enrollment or the CA in it", dir, perm), "chmod go-w "+dir)
 		return
 	}
+	if d.checkStateOwner(dir, fi) {
+		return
+	}
 	p := filepath.Join(dir, "enrolled.json")
 	data, err := os.ReadFile(p)
 	switch {
@@ -503,6 +506,63 @@ func (d *doctor) checkState() {
 		return
 	}
 	d.add("state", statusOK, fmt.Sprintf("state directory %s is avpd's alone; %s lists %d uid(s)", dir, "enrolled.json", len(e.UIDs)), "")
+}
+
+// checkStateOwner: avpd's user must be able to use the state directory and read every file
+// in it. An avpd run by hand as root leaves root's files there (mode 0600), and the service,
+// as avp, then cannot start, nor put the redirect back for the enrolled users. It reports
+// whether it added a failure.
+func (d *doctor) checkStateOwner(dir string, dirInfo os.FileInfo) bool {
+	uid, name := d.daemonOwner()
+	if uid == 0 {
+		return false
+	}
+	gid := -1
+	if u, err := user.LookupId(strconv.Itoa(uid)); err == nil {
+		gid, _ = strconv.Atoi(u.Gid)
+	}
+	fix := fmt.Sprintf("chown -R %s:%s %s (under the production install: systemd-tmpfiles --create agent-vault-proxy.conf); then systemctl restart avpd",
+		name, groupFor(name), dir)
+	var bad []string
+	if owner := dirInfo.Sys().(*syscall.Stat_t).Uid; int(owner) != uid {
+		bad = append(bad, fmt.Sprintf("the directory itself (uid %d: avpd cannot write its enrollment there)", owner))
+	}
+	entries, err := os.ReadDir(dir)
+	if err != nil && len(bad) == 0 {
+		return false // not root: the checks below say what they can
+	}
+	for _, e := range entries {
+		fi, err := os.Lstat(filepath.Join(dir, e.Name()))
+		if err != nil || fi.Mode()&os.ModeSymlink != 0 {
+			continue
+		}
+		if !readableBy(fi, uid, gid) {
+			bad = append(bad, fmt.Sprintf("%s (uid %d, mode %04o)", e.Name(), fi.Sys().(*syscall.Stat_t).Uid, fi.Mode().Perm()))
+		}
+	}
+	if len(bad) == 0 {
+		return false
+	}
+	d.add("state", statusFail, fmt.Sprintf("avpd's user %s (uid %d) cannot use %s in %s: avpd fails to start, and cannot put the redirect back for the enrolled users (their HTTPS goes out directly after a reboot)",
+		name, uid, strings.Join(bad, ", "), dir), fix)
+	return true
+}
+
+// readableBy says whether uid (primary group gid, -1 when unknown) may read fi by its mode.
+func readableBy(fi os.FileInfo, uid, gid int) bool {
+	st := fi.Sys().(*syscall.Stat_t)
+	perm := fi.Mode().Perm()
+	need := os.FileMode(0o4)
+	if fi.IsDir() {
+		need = 0o5
+	}
+	switch {
+	case int(st.Uid) == uid:
+		return perm>>6&need == need
+	case gid >= 0 && int(st.Gid) == gid:
+		return perm>>3&need == need
+	}
+	return perm&need == need
 }
 
 func (d *doctor) stateDir() string {

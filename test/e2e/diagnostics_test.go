@@ -165,3 +165,22 @@ func TestEnrollmentUnrecordedSaysSo(t *testing.T) {
 		}
 	}
 }
+
+// TestDoctorStateFilesUnreadableByDaemonUser: after "Running it by hand" (avpd as root) the
+// production install runs avpd as avp, and the root-owned ca-key.pem and enrolled.json in the
+// state directory are unreadable to it: the start fails and the redirect is not put back.
+// doctor said "OK state" and flagged only the CA key. It now checks every file in the state
+// directory against the daemon's user and gives the one chown -R that fixes them all. Found
+// by the operator review (rt1).
+func TestDoctorStateFilesUnreadableByDaemonUser(t *testing.T) {
+	e := newEnv(t)
+	e.startAvpd()
+	e.avpctl("enroll-uid", strconv.Itoa(agentUID))
+	e.stopAvpd()
+	// avpd as root left root-owned files; say the service runs as the agent's neighbour.
+	user := strconv.Itoa(otherAgentUID)
+	c := doctorCheck(t, e, "state", "--config", e.config, "--state-dir", e.state, "--daemon-user", user)
+	if c.Status != "fail" || !strings.Contains(c.Detail, "enrolled.json") || !strings.Contains(c.Fix, "chown -R") {
+		t.Errorf("doctor's state check with root's state files and --daemon-user %s: %+v", user, c)
+	}
+}

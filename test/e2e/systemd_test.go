@@ -10,6 +10,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -617,4 +618,53 @@ func TestDoctor(t *testing.T) {
 		"avpd": "systemctl start avpd", "listener": "systemctl status avpd.socket", "firewall": "start it (systemctl start avpd)",
 		"agent-tls": "avpctl enroll-uid 4242",
 	}, "--uid", strconv.Itoa(agentUID), "--config", e.config, "--state-dir", e.state, "--daemon-user", strconv.Itoa(daemonUID))
+}
+
+// TestTmpfilesOwnsStateFiles: moving from "Running it by hand" (avpd as root) to the
+// production install left root-owned ca-key.pem and enrolled.json in
+// /var/lib/agent-vault-proxy: tmpfiles' d line and StateDirectory= chown only the directory
+// (StateDirectory= recurses only when the directory's own owner is wrong, which tmpfiles had
+// just fixed), so avp could not read them after a reboot and enrolled users went direct.
+// systemd-tmpfiles --create (which also runs at every boot) now gives every file in it to avp.
+// Found by the operator review (rt1).
+func TestTmpfilesOwnsStateFiles(t *testing.T) {
+	if _, err := exec.LookPath("systemd-tmpfiles"); err != nil {
+		t.Fatalf("systemd-tmpfiles is missing (apt-get install systemd): %v", err)
+	}
+	root := t.TempDir()
+	const avpUID = 4999
+	state := filepath.Join(root, "var/lib/agent-vault-proxy")
+	for _, d := range []string{filepath.Join(root, "etc"), state} {
+		if err := os.MkdirAll(d, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	writeFile(t, filepath.Join(root, "etc/passwd"), []byte("avp:x:4999:4999::/:/usr/sbin/nologin\navp-audit:x:4998:4998::/:/usr/sbin/nologin\n"), 0o644)
+	writeFile(t, filepath.Join(root, "etc/group"), []byte("avp:x:4999:\navp-audit:x:4998:\navp-admin:x:4997:\n"), 0o644)
+	writeFile(t, filepath.Join(state, "ca-key.pem"), []byte("key"), 0o600)
+	writeFile(t, filepath.Join(state, "enrolled.json"), []byte(`{"uids":[4242]}`), 0o600)
+	// As installed, and as the README runs it.
+	conf, err := os.ReadFile("../../systemd/tmpfiles.conf")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.MkdirAll(filepath.Join(root, "etc/tmpfiles.d"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	writeFile(t, filepath.Join(root, "etc/tmpfiles.d/agent-vault-proxy.conf"), conf, 0o644)
+	out, err := exec.Command("systemd-tmpfiles", "--create", "--root="+root, "agent-vault-proxy.conf").CombinedOutput()
+	t.Logf("systemd-tmpfiles: %v\n%s", err, out)
+	for _, name := range []string{".", "ca-key.pem", "enrolled.json"} {
+		fi, err := os.Stat(filepath.Join(state, name))
+		if err != nil {
+			t.Fatal(err)
+		}
+		st := fi.Sys().(*syscall.Stat_t)
+		if st.Uid != avpUID || st.Gid != avpUID {
+			t.Errorf("%s after systemd-tmpfiles --create: owner %d:%d, want avp (%d:%d)", name, st.Uid, st.Gid, avpUID, avpUID)
+		}
+		if name != "." && fi.Mode().Perm() != 0o600 {
+			t.Errorf("%s after systemd-tmpfiles --create: mode %04o, want 0600 kept", name, fi.Mode().Perm())
+		}
+	}
 }
