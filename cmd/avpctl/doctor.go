@@ -140,7 +140,7 @@ func printReport(w io.Writer, rep doctorReport) {
 	}
 	for _, c := range rep.Checks {
 		fmt.Fprintf(w, "%-4s  %-*s  %s\n", strings.ToUpper(c.Status), width, c.Name, c.Detail)
-		if c.Fix != "" && (c.Status == statusFail || c.Status == statusWarn) {
+		if c.Fix != "" && c.Status != statusOK {
 			fmt.Fprintf(w, "      %*s  fix: %s\n", width, "", c.Fix)
 		}
 	}
@@ -257,7 +257,19 @@ func (d *doctor) configPath() string {
 func (d *doctor) checkConfig() {
 	path := d.configPath()
 	cfg, err := config.Load(path)
-	if err != nil {
+	if errors.Is(err, os.ErrPermission) {
+		// Not the file's fault: this user may not read it (avp-admin members may ask avpd,
+		// but the config is root's and avp's).
+		detail := fmt.Sprintf("not checked: uid %d may not read %s", os.Geteuid(), path)
+		if d.st != nil {
+			detail += fmt.Sprintf("; avpd runs with it (sha256 %s)", d.st.ConfigSHA256)
+		}
+		status := statusSkip
+		if d.root {
+			status = statusFail // root denied: a mandatory access control or a FUSE mount
+		}
+		d.add("config", status, detail, "run avpctl doctor as root (sudo avpctl doctor) to check the config, the secret files, the state directory and the CA key")
+	} else if err != nil {
 		first, _, _ := strings.Cut(err.Error(), "\n")
 		d.add("config", statusFail, "invalid: "+first, "avpctl bindings check "+path+" lists every error with its fix; then avpctl reload")
 	} else {

@@ -184,3 +184,29 @@ func TestDoctorStateFilesUnreadableByDaemonUser(t *testing.T) {
 		t.Errorf("doctor's state check with root's state files and --daemon-user %s: %+v", user, c)
 	}
 }
+
+// TestDoctorAsNonAdmin: doctor run by a user who may not read the config said "FAIL config
+// invalid: read config ...: permission denied" with a fix about bindings check: the file is
+// fine, and the fix is to run doctor as root. Found by the operator review (rt1).
+func TestDoctorAsNonAdmin(t *testing.T) {
+	e := newEnv(t)
+	e.startAvpd()
+	out, _ := e.agent(otherAgentUID, filepath.Join(binDir, "avpctl"), "--runtime-dir", e.runtime, "doctor", "--json", "--config", e.config, "--state-dir", e.state)
+	var r struct{ Checks []doctorEntry }
+	if err := json.Unmarshal([]byte(out), &r); err != nil {
+		t.Fatalf("doctor --json as uid %d: %v\n%s", otherAgentUID, err, out)
+	}
+	found := false
+	for _, c := range r.Checks {
+		if c.Name != "config" {
+			continue
+		}
+		found = true
+		if strings.Contains(c.Detail, "invalid") || strings.Contains(c.Fix, "bindings check") || !strings.Contains(c.Fix, "root") {
+			t.Errorf("doctor as a user who may not read the config: %+v; want it to say the file was not read and to run doctor as root", c)
+		}
+	}
+	if !found {
+		t.Fatalf("no config check:\n%s", out)
+	}
+}
