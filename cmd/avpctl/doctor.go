@@ -108,6 +108,7 @@ func runDoctor(g globals, args []string, stdout, stderr io.Writer) int {
 	d.checkCA()
 	d.checkCATrust()
 	d.checkAudit()
+	d.checkAuditPathUnderSystemd()
 	d.checkPlaceholders()
 	d.checkConnLimit()
 	if d.uidArg != "" {
@@ -733,6 +734,38 @@ func (d *doctor) auditFix(errText string) string {
 		return "the journal refuses avpd's events: journalctl -u avp-journal names why (a uid not allowed: avpd journal --allow-uid " + user + ")"
 	}
 	return "the journal takes avpd's events but does not acknowledge them: systemctl status avp-journal.service and journalctl -u avp-journal (a full or failing disk, a hung journal); systemctl restart avp-journal.service"
+}
+
+// unitDirs are where avpd.service is looked for (systemd's unit search path for
+// installed units).
+var unitDirs = []string{"/etc/systemd/system", "/usr/local/lib/systemd/system", "/usr/lib/systemd/system", "/lib/systemd/system"}
+
+// checkAuditPathUnderSystemd: avpd.service has ProtectSystem=strict, under which avp may
+// write only its StateDirectory and RuntimeDirectory; an in-process audit.path elsewhere (the
+// example config's /var/log/agent-vault-proxy) cannot be opened, and avpd does not start.
+func (d *doctor) checkAuditPathUnderSystemd() {
+	if d.cfg == nil || d.cfg.Audit.Socket != "" || d.cfg.Audit.Path == "" {
+		return
+	}
+	unit := ""
+	for _, dir := range unitDirs {
+		if _, err := os.Stat(filepath.Join(dir, "avpd.service")); err == nil {
+			unit = filepath.Join(dir, "avpd.service")
+			break
+		}
+	}
+	if unit == "" {
+		return
+	}
+	path := filepath.Clean(d.cfg.Audit.Path)
+	for _, w := range []string{"/var/lib/agent-vault-proxy/", "/run/agent-vault-proxy/"} {
+		if strings.HasPrefix(path, w) {
+			return
+		}
+	}
+	d.add("audit-path", statusWarn,
+		fmt.Sprintf("%s is installed, and audit.path %s is outside what it lets avpd write (ProtectSystem=strict): avpd started by systemd cannot open its audit log and does not start", unit, path),
+		"send the audit to the journal: audit: {socket: /run/avp-journal/journal.sock} in the config, systemctl enable --now avp-journal.socket, then systemctl restart avpd")
 }
 
 // checkPlaceholders: a placeholder that arrived where the config does not replace it (another
