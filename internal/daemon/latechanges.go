@@ -2,6 +2,7 @@ package daemon
 
 import (
 	"context"
+	"fmt"
 	"sync"
 	"time"
 
@@ -79,7 +80,13 @@ func lateMark(e audit.Event, at time.Time) audit.Event {
 // does not acknowledge, the event waits for a late record and the error is returned for
 // the operator; the change itself stands.
 func (d *Daemon) auditChange(e audit.Event) error {
-	d.late.order.Lock()
+	// Never wait for the late record in progress: the caller may hold enrollMu, which the
+	// firewall check needs every second. The event goes behind it.
+	if !d.late.order.TryLock() {
+		n := d.late.pending()
+		d.late.push(lateMark(e, time.Now()))
+		return fmt.Errorf("it waits behind %d earlier enroll/unenroll event(s) the audit log has not acknowledged yet", n)
+	}
 	defer d.late.order.Unlock()
 	waiting := d.late.snapshot()
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)

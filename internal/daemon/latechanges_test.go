@@ -60,6 +60,11 @@ func TestEnrollmentRecordedLate(t *testing.T) {
 	fa.mu.Lock()
 	fa.down = false
 	fa.mu.Unlock()
+	for deadline := time.Now().Add(5 * time.Second); d.late.pending() > 0; time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("%d change(s) still waiting 5 s after the log answers again", d.late.pending())
+		}
+	}
 	if err := d.auditChange(audit.Event{Type: audit.TypeEnroll, UID: uid, Detail: "enrolled by uid 0"}); err != nil {
 		t.Fatalf("auditChange once the log answers: %v", err)
 	}
