@@ -3,6 +3,7 @@ package daemon
 import (
 	"context"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/agent-vault-proxy/agent-vault-proxy/internal/audit"
@@ -24,31 +25,40 @@ type AuditStatus struct {
 	Pending int `json:"audit_pending,omitempty"`
 }
 
-// auditHealth follows every Record on avpd's auditor.
+// auditHealth follows every Record on avpd's auditor. Every request records, so a success
+// while nothing is failing touches two atomics and takes no lock.
 type auditHealth struct {
+	lastOK  atomic.Int64 // unix nanoseconds of the latest success, 0 for none
+	failing atomic.Bool  // err is set
+
 	mu           sync.Mutex
 	ready        bool
 	err          string
 	failingSince time.Time
-	lastOK       time.Time
 }
 
 func (h *auditHealth) note(ctx context.Context, err error) {
-	if err != nil && ctx.Err() == context.Canceled {
+	if err == nil {
+		h.lastOK.Store(time.Now().UnixNano())
+		if h.failing.Load() {
+			h.mu.Lock()
+			h.err, h.failingSince = "", time.Time{}
+			h.failing.Store(false)
+			h.mu.Unlock()
+		}
+		return
+	}
+	if ctx.Err() == context.Canceled {
 		// The caller gave up (an agent closed its connection): not the log's answer.
 		return
 	}
-	now := time.Now()
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	if err == nil {
-		h.lastOK, h.err, h.failingSince = now, "", time.Time{}
-		return
-	}
 	if h.err == "" {
-		h.failingSince = now
+		h.failingSince = time.Now()
 	}
 	h.err = err.Error()
+	h.failing.Store(true)
 }
 
 func (h *auditHealth) setReady() {
@@ -65,8 +75,8 @@ func (h *auditHealth) status() AuditStatus {
 		t := h.failingSince.UTC()
 		s.FailingSince = &t
 	}
-	if !h.lastOK.IsZero() {
-		t := h.lastOK.UTC()
+	if ns := h.lastOK.Load(); ns != 0 {
+		t := time.Unix(0, ns).UTC()
 		s.LastOK = &t
 	}
 	return s
