@@ -67,8 +67,11 @@ type Server struct {
 	idFault  Fault
 	apiFault Fault
 	latency  time.Duration
-	closing  chan struct{}
-	srvs     []*http.Server
+	// clock is added to time.Now for every date the server stamps: a BWS whose clock differs
+	// from the host's.
+	clock   time.Duration
+	closing chan struct{}
+	srvs    []*http.Server
 	// ExpiresIn is the expires_in of login responses; keep it above 300 or the SDK logs in
 	// again before every call.
 	expiresIn int
@@ -119,7 +122,7 @@ func ForeignToken() string {
 func (s *Server) Put(key, value string) string {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	now := time.Now().UTC()
+	now := s.nowLocked()
 	for _, sec := range s.secrets {
 		if sec.key == key {
 			sec.value, sec.revised = value, now
@@ -142,8 +145,31 @@ func (s *Server) Delete(key string) {
 			delete(s.secrets, id)
 		}
 	}
-	s.orgRev = time.Now().UTC()
+	s.orgRev = s.nowLocked()
 }
+
+// Revoke withdraws an access token, as revoking it in the Bitwarden web app does: it can no
+// longer log in, and every bearer token issued to it is refused with 401 from now on.
+func (s *Server) Revoke(accessToken string) {
+	id, _, _, err := ParseToken(accessToken)
+	if err != nil {
+		return
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	delete(s.tokens, id)
+	for bearer, tid := range s.jwts {
+		if tid == id {
+			delete(s.jwts, bearer)
+		}
+	}
+}
+
+// SetClock makes the server's clock run d ahead of the host's (behind when d < 0), for the
+// dates it stamps on secrets from now on.
+func (s *Server) SetClock(d time.Duration) { s.mu.Lock(); s.clock = d; s.mu.Unlock() }
+
+func (s *Server) nowLocked() time.Time { return time.Now().Add(s.clock).UTC() }
 
 // SetIdentityFault changes how /connect/token answers from now on.
 func (s *Server) SetIdentityFault(f Fault) { s.mu.Lock(); s.idFault = f; s.mu.Unlock() }
