@@ -60,6 +60,9 @@ type Options struct {
 // MaxBackoff caps the pause between helper restarts.
 const MaxBackoff = 30 * time.Second
 
+// maxStaleGets bounds the Gets of one fetch whose answers a concurrent sync had overtaken.
+const maxStaleGets = 3
+
 // minListInterval rate-limits List on misses for names BWS does not have.
 const minListInterval = time.Second
 
@@ -87,6 +90,10 @@ type Backend struct {
 	idsAt   time.Time
 	listing *flight
 	known   map[string]revision // id -> what the cached value was fetched at
+	// listed is the last sync's list (id -> identity and revision); listGen counts the
+	// lists applied, so a Get that overlapped one can check its answer against it.
+	listed  map[string]Ident
+	listGen uint64
 
 	// syncMu serializes syncs (and guards lastSynced); syncStateMu guards what status reads,
 	// so status never waits for a hung sync.
@@ -275,11 +282,15 @@ func (b *Backend) fetch(ctx context.Context, name string) ([]byte, error) {
 	if err != nil {
 		return nil, err
 	}
+	overtaken := 0
 	for attempt := 0; ; attempt++ {
 		id, err := b.resolve(ctx, h, name, attempt > 0)
 		if err != nil {
 			return nil, err
 		}
+		b.idsMu.Lock()
+		gen := b.listGen
+		b.idsMu.Unlock()
 		r, err := h.call(ctx, &Request{Op: OpGet, SecretID: id})
 		var ce *CallError
 		if errors.As(err, &ce) && ce.Status == 404 && attempt == 0 {
@@ -298,10 +309,34 @@ func (b *Backend) fetch(ctx context.Context, name string) ([]byte, error) {
 			return nil, fmt.Errorf("BWS returned a different secret for %s's id; %w", name, store.ErrNotFound)
 		}
 		b.idsMu.Lock()
-		b.known[id] = revision{name: name, rev: r.Rev}
+		stale := b.overtakenLocked(gen, id, r.Rev)
+		if !stale {
+			b.known[id] = revision{name: name, rev: r.Rev}
+		}
 		b.idsMu.Unlock()
+		if stale {
+			// A sync that ran while this Get was on its way already saw a newer revision
+			// (or no such secret): it could not evict a value not yet fetched, and later
+			// syncs will not report that change again. Fetch again rather than cache it.
+			store.Wipe(r.Value)
+			if overtaken++; overtaken >= maxStaleGets {
+				return nil, fmt.Errorf("BWS changed %s during each of %d fetches; not using a value older than the one it lists", name, maxStaleGets)
+			}
+			attempt--
+			continue
+		}
 		return r.Value, nil
 	}
+}
+
+// overtakenLocked reports whether a Get of id that started when listGen was gen and answered
+// revision rev is older than what a sync listed since; the caller holds idsMu.
+func (b *Backend) overtakenLocked(gen uint64, id string, rev time.Time) bool {
+	if b.listGen == gen {
+		return false
+	}
+	s, ok := b.listed[id]
+	return !ok || s.Rev.After(rev)
 }
 
 // resolve maps name to its one id, listing again on a miss (or always when force).
@@ -433,6 +468,8 @@ func (b *Backend) applySync(secrets []Ident) []string {
 	for _, s := range secrets {
 		now[s.ID] = s
 	}
+	b.listed = now
+	b.listGen++
 	var stale []string
 	for id, k := range b.known {
 		s, ok := now[id]
