@@ -66,9 +66,9 @@ const maxStaleGets = 3
 // minListInterval rate-limits List on misses for names BWS does not have.
 const minListInterval = time.Second
 
-// syncSkew is subtracted from lastSyncedDate so a change stamped by a server clock a little
-// behind ours is still reported.
-const syncSkew = 2 * time.Second
+// syncMargin is how far before the newest revision a sync first asks again from, so a
+// change BWS stamped a little earlier but committed after that list is still reported.
+const syncMargin = 2 * time.Second
 
 // Backend fetches secrets from BWS through the helper.
 type Backend struct {
@@ -95,10 +95,15 @@ type Backend struct {
 	listed  map[string]Ident
 	listGen uint64
 
-	// syncMu serializes syncs (and guards lastSynced); syncStateMu guards what status reads,
-	// so status never waits for a hung sync.
+	// syncMu serializes syncs (and guards syncSince and syncNewest); syncStateMu guards what
+	// status reads, so status never waits for a hung sync.
+	//
+	// BWS compares lastSyncedDate with revision dates stamped by its own clock, so avpd never
+	// sends a time from its own clock: syncSince is zero (ask for everything) until a list
+	// arrives, then derived from the newest revision BWS listed (syncNewest).
 	syncMu      sync.Mutex
-	lastSynced  time.Time
+	syncSince   time.Time
+	syncNewest  time.Time
 	syncStateMu sync.Mutex
 	lastSyncOK  time.Time
 	lastSyncErr string
@@ -155,7 +160,7 @@ func New(opts Options) (*Backend, error) {
 	store.Wipe(tok)
 	return &Backend{
 		opts: opts, logf: opts.Logf, sem: make(chan struct{}, opts.MaxInFlight),
-		known: map[string]revision{}, lastSynced: time.Now().Add(-syncSkew),
+		known: map[string]revision{},
 	}, nil
 }
 
@@ -440,8 +445,12 @@ func (b *Backend) SyncOnce(ctx context.Context, evict func(name string)) {
 		fail(err)
 		return
 	}
-	since, started := b.lastSynced, time.Now()
-	r, err := h.call(ctx, &Request{Op: OpSync, OrgID: b.opts.OrganizationID, LastSynced: &since})
+	req := &Request{Op: OpSync, OrgID: b.opts.OrganizationID}
+	if !b.syncSince.IsZero() {
+		since := b.syncSince
+		req.LastSynced = &since
+	}
+	r, err := h.call(ctx, req)
 	if err != nil {
 		fail(fmt.Errorf("sync: %w", err))
 		return
@@ -451,11 +460,33 @@ func (b *Backend) SyncOnce(ctx context.Context, evict func(name string)) {
 			b.logf("bws: secret %s changed in BWS; evicted from the cache", name)
 			evict(name)
 		}
+		b.nextSinceLocked(r.Secrets)
 	}
-	b.lastSynced = started.Add(-syncSkew)
 	b.syncStateMu.Lock()
 	b.lastSyncOK, b.lastSyncErr = time.Now(), ""
 	b.syncStateMu.Unlock()
+}
+
+// nextSinceLocked picks the next lastSyncedDate from a full list, on BWS's clock: first the
+// newest revision less syncMargin; once a later list shows the same newest revision (a sync
+// interval on, nothing stamped earlier can still be uncommitted), just past it, so a quiet
+// organization costs an answer without a list. An empty list means asking for everything.
+// The caller holds syncMu.
+func (b *Backend) nextSinceLocked(secrets []Ident) {
+	var newest time.Time
+	for _, s := range secrets {
+		if s.Rev.After(newest) {
+			newest = s.Rev
+		}
+	}
+	switch {
+	case newest.IsZero():
+		b.syncSince, b.syncNewest = time.Time{}, time.Time{}
+	case newest.Equal(b.syncNewest):
+		b.syncSince = newest.Add(time.Nanosecond)
+	default:
+		b.syncSince, b.syncNewest = newest.Add(-syncMargin), newest
+	}
 }
 
 // applySync takes a sync's full list: it becomes the name map, and every fetched value whose
