@@ -25,6 +25,7 @@ import (
 	"sort"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/agent-vault-proxy/agent-vault-proxy/internal/store"
@@ -84,6 +85,11 @@ type Backend struct {
 	failures int
 	closed   bool
 	stats    Counters
+	// authErr is BWS's last 401 or 403 while no call has succeeded since; authStreak counts
+	// those sessions, so the backoff keeps growing when every new login is refused again.
+	authErr    error
+	authStreak int
+	unauthed   atomic.Bool
 
 	idsMu   sync.Mutex
 	ids     map[string][]string // name -> ids; more than one is ambiguous
@@ -607,6 +613,38 @@ func (b *Backend) login(h *helper) error {
 	return nil
 }
 
+// refused is called when BWS answers a call of h with 401 or 403: the session was revoked
+// or expired, or the token lost access. The SDK never logs in again by itself, so h is
+// dropped and, after the usual backoff, a new helper logs in with the token file re-read
+// (the operator may have replaced it). Status says unauthorized until a call succeeds.
+func (b *Backend) refused(h *helper, ce *CallError) {
+	b.mu.Lock()
+	b.authErr = ce
+	b.unauthed.Store(true)
+	drop := b.cur == h
+	if drop {
+		b.cur = nil
+		b.authStreak++
+		b.failures = max(b.failures, b.authStreak-1)
+		b.setFailedLocked(fmt.Errorf("%v; logging in again with %s re-read", ce, b.opts.AccessTokenFile))
+	}
+	b.mu.Unlock()
+	if drop {
+		h.kill(fmt.Errorf("BWS refused the session (HTTP %d); logging in again", ce.Status))
+	}
+}
+
+// accepted is called when a call other than login succeeds.
+func (b *Backend) accepted() {
+	if !b.unauthed.Load() {
+		return
+	}
+	b.mu.Lock()
+	b.authErr, b.authStreak = nil, 0
+	b.unauthed.Store(false)
+	b.mu.Unlock()
+}
+
 // helperDied is called once per helper when it exits or is killed.
 func (b *Backend) helperDied(h *helper, err error, crashed bool) {
 	b.mu.Lock()
@@ -645,7 +683,7 @@ func (b *Backend) Close() error {
 
 // Health is the backend's state for avpctl status. It holds no token and no value.
 type Health struct {
-	State          string    `json:"state"` // ready, starting, retrying
+	State          string    `json:"state"` // ready, starting, retrying, unauthorized
 	Error          string    `json:"error,omitempty"`
 	APIURL         string    `json:"api_url"`
 	IdentityURL    string    `json:"identity_url"`
@@ -669,16 +707,28 @@ func (b *Backend) Health(names []string) Health {
 	}
 	b.mu.Lock()
 	switch {
+	case b.authErr != nil:
+		hl.State = "unauthorized"
 	case b.cur != nil:
 		hl.State = "ready"
-		hl.HelperPID = b.cur.cmd.Process.Pid
 	case b.starting != nil:
 		hl.State = "starting"
 	default:
 		hl.State = "retrying"
 	}
+	if b.cur != nil {
+		hl.HelperPID = b.cur.cmd.Process.Pid
+	}
 	if b.lastErr != nil {
 		hl.Error = b.lastErr.Error()
+	}
+	if b.authErr != nil && !strings.HasPrefix(hl.Error, b.authErr.Error()) {
+		// A login since the refusal failed, or is still to be confirmed by a call.
+		if hl.Error == "" {
+			hl.Error = b.authErr.Error() + "; logged in again, no call has succeeded yet"
+		} else {
+			hl.Error = b.authErr.Error() + "; then: " + hl.Error
+		}
 	}
 	hl.Counters = b.stats
 	b.mu.Unlock()

@@ -229,7 +229,14 @@ func (h *helper) call(ctx context.Context, req *Request) (*Response, error) {
 	select {
 	case r := <-p.ch:
 		if r.Err != "" {
-			return nil, &CallError{Msg: r.Err, Status: r.Status}
+			ce := &CallError{Msg: r.Err, Status: r.Status}
+			if req.Op != OpLogin && (ce.Status == 401 || ce.Status == 403) {
+				b.refused(h, ce)
+			}
+			return nil, ce
+		}
+		if req.Op != OpLogin {
+			b.accepted()
 		}
 		return r, nil
 	case <-h.dead:
