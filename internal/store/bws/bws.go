@@ -26,6 +26,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/agent-vault-proxy/agent-vault-proxy/internal/store"
@@ -90,6 +91,8 @@ type Backend struct {
 	authErr    error
 	authStreak int
 	unauthed   atomic.Bool
+	// tokID is the token file the current session logged in with.
+	tokID fileID
 
 	idsMu   sync.Mutex
 	ids     map[string][]string // name -> ids; more than one is ambiguous
@@ -159,7 +162,7 @@ func New(opts Options) (*Backend, error) {
 	if opts.Env == nil {
 		opts.Env = helperEnv(os.Environ())
 	}
-	tok, err := readToken(opts.AccessTokenFile)
+	tok, _, err := readToken(opts.AccessTokenFile)
 	if err != nil {
 		return nil, err
 	}
@@ -187,34 +190,52 @@ func helperEnv(env []string) []string {
 func HelperEnv(env []string) []string { return helperEnv(env) }
 
 // readToken reads the access token file, refusing one that group or others can read, and
-// checks the token's shape without quoting it. The caller wipes the result.
-func readToken(path string) ([]byte, error) {
+// checks the token's shape without quoting it. It also returns the file's identity. The
+// caller wipes the token.
+func readToken(path string) ([]byte, fileID, error) {
 	f, err := os.Open(path)
 	if err != nil {
-		return nil, fmt.Errorf("open BWS access token file %s: %w", path, err)
+		return nil, fileID{}, fmt.Errorf("open BWS access token file %s: %w", path, err)
 	}
 	defer f.Close()
 	fi, err := f.Stat()
 	if err != nil {
-		return nil, fmt.Errorf("stat BWS access token file %s: %w", path, err)
+		return nil, fileID{}, fmt.Errorf("stat BWS access token file %s: %w", path, err)
 	}
 	if err := store.CheckPrivate(fi, path, "BWS access token file"); err != nil {
-		return nil, err
+		return nil, fileID{}, err
 	}
 	raw, err := io.ReadAll(io.LimitReader(f, 4097))
 	defer store.Wipe(raw)
 	if err != nil {
-		return nil, fmt.Errorf("read BWS access token file %s: %w", path, err)
+		return nil, fileID{}, fmt.Errorf("read BWS access token file %s: %w", path, err)
 	}
 	if len(raw) > 4096 {
-		return nil, fmt.Errorf("BWS access token file %s is larger than 4 KiB; it must hold only the token", path)
+		return nil, fileID{}, fmt.Errorf("BWS access token file %s is larger than 4 KiB; it must hold only the token", path)
 	}
 	tok := append([]byte(nil), bytes.TrimSpace(raw)...)
 	if err := checkTokenShape(tok); err != nil {
 		store.Wipe(tok)
-		return nil, fmt.Errorf("BWS access token file %s: %v; paste the machine account's access token exactly as Bitwarden shows it", path, err)
+		return nil, fileID{}, fmt.Errorf("BWS access token file %s: %v; paste the machine account's access token exactly as Bitwarden shows it", path, err)
 	}
-	return tok, nil
+	return tok, idOf(fi), nil
+}
+
+// fileID tells one version of the token file from another: a replaced file has another
+// inode, and a rewritten one another change time.
+type fileID struct {
+	dev, ino     uint64
+	size         int64
+	mtime, ctime int64
+}
+
+func idOf(fi os.FileInfo) fileID {
+	id := fileID{size: fi.Size(), mtime: fi.ModTime().UnixNano()}
+	if st, ok := fi.Sys().(*syscall.Stat_t); ok {
+		id.dev, id.ino = uint64(st.Dev), st.Ino
+		id.ctime = time.Unix(st.Ctim.Unix()).UnixNano()
+	}
+	return id
 }
 
 // checkTokenShape mirrors the SDK's parser: 0.<uuid>.<client secret>:<base64 of 16 bytes>.
@@ -441,6 +462,7 @@ func (b *Backend) SyncOnce(ctx context.Context, evict func(name string)) {
 	defer cancel()
 	b.syncMu.Lock()
 	defer b.syncMu.Unlock()
+	b.checkTokenFile()
 	fail := func(err error) {
 		b.syncStateMu.Lock()
 		b.lastSyncErr = err.Error()
@@ -559,8 +581,9 @@ func (b *Backend) session(ctx context.Context) (*helper, error) {
 
 func (b *Backend) startHelper() {
 	h, err := b.spawn()
+	var tokID fileID
 	if err == nil {
-		err = b.login(h)
+		tokID, err = b.login(h)
 	}
 	b.mu.Lock()
 	if err == nil && b.closed {
@@ -577,7 +600,7 @@ func (b *Backend) startHelper() {
 		b.stats.LoginFailures++
 		b.setFailedLocked(err)
 	} else {
-		b.cur, b.failures, b.lastErr, b.retryAt = h, 0, nil, time.Time{}
+		b.cur, b.failures, b.lastErr, b.retryAt, b.tokID = h, 0, nil, time.Time{}, tokID
 		b.stats.Logins++
 		b.logf("bws: logged in to %s (organization %s)", b.opts.IdentityURL, b.opts.OrganizationID)
 	}
@@ -596,10 +619,10 @@ func (b *Backend) setFailedLocked(err error) {
 	}
 }
 
-func (b *Backend) login(h *helper) error {
-	tok, err := readToken(b.opts.AccessTokenFile)
+func (b *Backend) login(h *helper) (fileID, error) {
+	tok, id, err := readToken(b.opts.AccessTokenFile)
 	if err != nil {
-		return err
+		return id, err
 	}
 	defer store.Wipe(tok)
 	ctx, cancel := context.WithTimeout(context.Background(), b.opts.Timeout)
@@ -608,9 +631,61 @@ func (b *Backend) login(h *helper) error {
 		Op: OpLogin, APIURL: b.opts.APIURL, IdentityURL: b.opts.IdentityURL, Token: tok, StateFile: b.opts.StateFile,
 	})
 	if err != nil {
-		return fmt.Errorf("log in to BWS at %s: %w", b.opts.IdentityURL, err)
+		return id, fmt.Errorf("log in to BWS at %s: %w", b.opts.IdentityURL, err)
 	}
-	return nil
+	return id, nil
+}
+
+// checkTokenFile starts a new session when the token file has changed since the current
+// session logged in, so a token the operator replaced is used while the old one still
+// works. A new file that cannot be used (unreadable, not private, not a token) keeps the
+// working session; the reason is logged once, and the next login reports it too.
+func (b *Backend) checkTokenFile() {
+	fi, err := os.Stat(b.opts.AccessTokenFile)
+	if err != nil {
+		return
+	}
+	id := idOf(fi)
+	b.mu.Lock()
+	h, same := b.cur, id == b.tokID
+	b.mu.Unlock()
+	if h == nil || same {
+		return
+	}
+	tok, _, err := readToken(b.opts.AccessTokenFile)
+	store.Wipe(tok)
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.cur != h {
+		return
+	}
+	if err != nil {
+		b.tokID = idOf(fi)
+		b.logf("bws: %s changed but cannot be used (%v); keeping the current session", b.opts.AccessTokenFile, err)
+		return
+	}
+	b.cur = nil
+	b.logf("bws: %s changed; logging in again with the new token", b.opts.AccessTokenFile)
+	go b.retire(h)
+}
+
+// retire kills a helper that no longer takes calls once those it runs have returned (they
+// are bounded by the timeout; the watchdog kills it at twice that anyway).
+func (b *Backend) retire(h *helper) {
+	for deadline := time.Now().Add(2 * b.opts.Timeout); time.Now().Before(deadline); {
+		h.mu.Lock()
+		n := len(h.pending)
+		h.mu.Unlock()
+		if n == 0 {
+			break
+		}
+		select {
+		case <-h.dead:
+			return
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+	h.kill(errors.New("replaced after the access token file changed"))
 }
 
 // refused is called when BWS answers a call of h with 401 or 403: the session was revoked

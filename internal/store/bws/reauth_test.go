@@ -98,3 +98,53 @@ func TestRefusedSessionsBackOff(t *testing.T) {
 		t.Fatalf("health: %+v", h)
 	}
 }
+
+// A token replaced in the file while the old one still works is used from the next sync on,
+// so revoking the old one afterwards costs nothing. A replacement that is not a usable token
+// keeps the working session.
+func TestReplacedTokenFileIsUsedFromTheNextSync(t *testing.T) {
+	f := newFixture(t)
+	f.fake.Put("A", "a-value-aaaaaaaa")
+	f.fake.Put("B", "b-value-bbbbbbbb")
+	b := f.backend()
+	if err := b.Start(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	evict := func(string) {}
+	b.SyncOnce(context.Background(), evict)
+	if _, err := b.Fetch(context.Background(), "A"); err != nil {
+		t.Fatal(err)
+	}
+
+	f.writeToken("not-a-token", 0o600)
+	b.SyncOnce(context.Background(), evict)
+	if n := f.fake.Count(bwsfake.CountLogin); n != 1 {
+		t.Fatalf("a malformed replacement made %d logins, want the session kept", n)
+	}
+	if _, err := b.Fetch(context.Background(), "A"); err != nil || b.Health(nil).State != "ready" {
+		t.Fatalf("after a malformed replacement: %v, %+v", err, b.Health(nil))
+	}
+	if !strings.Contains(f.log.String(), "changed but cannot be used") || strings.Contains(f.log.String(), "not-a-token") {
+		t.Fatalf("log:\n%s", f.log)
+	}
+
+	old := f.token
+	tok2 := f.fake.NewToken()
+	f.writeToken(tok2, 0o600)
+	b.SyncOnce(context.Background(), evict)
+	if n := f.fake.Count(bwsfake.CountLogin); n != 2 {
+		t.Fatalf("after the token file was replaced, %d logins, want 2", n)
+	}
+	f.fake.Revoke(old)
+	if v, err := b.Fetch(context.Background(), "B"); err != nil || string(v) != "b-value-bbbbbbbb" {
+		t.Fatalf("with the old token revoked after the switch: %v", err)
+	}
+	waitFor(t, 5*time.Second, "the old helper to be retired", func() bool { return b.Health(nil).HelperKills == 1 })
+	if h := b.Health(nil); h.State != "ready" {
+		t.Fatalf("health: %+v", h)
+	}
+	for _, tok := range []string{old, tok2} {
+		f.token = tok
+		f.assertClean("log", f.log.String(), "a-value-aaaaaaaa", "b-value-bbbbbbbb")
+	}
+}
