@@ -112,13 +112,14 @@ uninstall:
 	rm -f $(addprefix $(DESTDIR)$(UNITDIR)/,$(UNITS))
 	rm -f $(DESTDIR)$(SYSUSERSDIR)/agent-vault-proxy.conf $(DESTDIR)$(TMPFILESDIR)/agent-vault-proxy.conf
 	rm -f $(addprefix $(DESTDIR)$(DOCDIR)/,README.md bindings.example.yaml agent-vault-proxy.nft)
-	-rmdir $(DESTDIR)$(DOCDIR) 2>/dev/null
+	@rmdir $(DESTDIR)$(DOCDIR) 2>/dev/null || true
 	@if cmp -s bindings.example.yaml $(DESTDIR)$(CONFDIR)/bindings.yaml; then \
 		rm -f $(DESTDIR)$(CONFDIR)/bindings.yaml; \
 	elif [ -e $(DESTDIR)$(CONFDIR)/bindings.yaml ]; then \
 		echo "keeping $(DESTDIR)$(CONFDIR)/bindings.yaml: it was edited"; \
 	fi
-	-rmdir $(DESTDIR)$(CONFDIR) 2>/dev/null
+	@rmdir $(DESTDIR)$(CONFDIR) 2>/dev/null || \
+		echo "kept $(DESTDIR)$(CONFDIR): it still holds files of yours (the secrets file or the BWS token hold REAL credentials: delete or archive them)"
 	@echo "uninstalled the files. If avpd ran here: its redirect (nft table inet agent_vault_proxy) and its CA in the system trust store stay until removed; README, Uninstalling"
 
 clean:
