@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"encoding/json"
+	"errors"
 	"flag"
 	"fmt"
 	"io"
@@ -64,6 +65,27 @@ func unverifiable(stderr io.Writer, err error) int {
 	return 2
 }
 
+// auditConfigPath is the config whose audit.path audit verify and tail read when given no
+// log (a variable for tests).
+var auditConfigPath = defaultConfig
+
+// defaultAuditLog is the log to read when none is given: the in-process log's audit.path
+// when the config sets one (else an operator with another path would read an old log
+// without a word), otherwise the journal's default.
+func defaultAuditLog(stderr io.Writer) string {
+	cfg, err := config.Load(auditConfigPath)
+	if err != nil {
+		if !errors.Is(err, os.ErrNotExist) {
+			fmt.Fprintf(stderr, "avpctl: note: %s could not be read to find audit.path (%v); reading %s: pass the log's path to read another\n", auditConfigPath, err, config.DefaultAuditLog)
+		}
+		return config.DefaultAuditLog
+	}
+	if cfg.Audit.Socket == "" && cfg.Audit.Path != "" {
+		return cfg.Audit.Path
+	}
+	return config.DefaultAuditLog
+}
+
 func auditVerify(args []string, stdout, stderr io.Writer) int {
 	fs := flag.NewFlagSet("audit verify", flag.ContinueOnError)
 	fs.SetOutput(io.Discard)
@@ -75,7 +97,7 @@ func auditVerify(args []string, stdout, stderr io.Writer) int {
 		return usageErr(stderr, auditVerifyUsage)
 	}
 	if len(paths) == 0 {
-		paths = []string{config.DefaultAuditLog}
+		paths = []string{defaultAuditLog(stderr)}
 	}
 	var key []byte
 	if *keyPath != "" {
@@ -144,9 +166,11 @@ func auditTail(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "avpctl: --decision %q is not one: %s\n", d, strings.Join(auditDecisions, ", "))
 		return usageErr(stderr, auditTailUsage)
 	}
-	live := config.DefaultAuditLog
+	var live string
 	if len(paths) == 1 {
 		live = paths[0]
+	} else {
+		live = defaultAuditLog(stderr)
 	}
 	match := func(l *audit.Line) bool {
 		return (*secret == "" || l.Secret == *secret) && (*decision == "" || l.Decision == *decision)

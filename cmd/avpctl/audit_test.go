@@ -174,3 +174,35 @@ func TestAuditTailRefusesAnUnknownDecision(t *testing.T) {
 		t.Fatalf("%d %q", code, errs)
 	}
 }
+
+// With no log named, audit tail and verify read the config's audit.path (the in-process
+// log): the journal's default path held an older log, shown without a word.
+func TestAuditCommandsReadTheConfiguredLog(t *testing.T) {
+	dir := t.TempDir()
+	inproc := filepath.Join(dir, "inproc.jsonl")
+	w, err := audit.OpenFile(inproc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	w.Record(context.Background(), audit.Event{Type: audit.TypeDecision, Decision: audit.DecisionInject, Secret: "OPENAI", Binding: audit.Int(0), SNI: "api.openai.com", Method: "POST", Path: "/v1/from-the-configured-log"})
+	w.Close()
+	cfg := filepath.Join(dir, "bindings.yaml")
+	os.WriteFile(cfg, []byte(`version: 1
+backend: {type: file, file: {path: `+filepath.Join(dir, "secrets.yaml")+`}}
+audit: {path: `+inproc+`}
+secrets:
+  OPENAI:
+    placeholder: sk-avp-PLACEHOLDER-openai-0000000000000000
+    bindings:
+      - host: api.openai.com
+`), 0o600)
+	prev := auditConfigPath
+	auditConfigPath = cfg
+	defer func() { auditConfigPath = prev }()
+	if code, out, errs := runCmd("audit", "tail"); code != 0 || !strings.Contains(out, "/v1/from-the-configured-log") {
+		t.Fatalf("audit tail with audit.path %s configured: %d %q %q", inproc, code, out, errs)
+	}
+	if code, out, _ := runCmd("audit", "verify"); code != 2 || !strings.Contains(out, inproc) {
+		t.Fatalf("audit verify of the configured in-process log: %d %q (want 2, it has no chain)", code, out)
+	}
+}
