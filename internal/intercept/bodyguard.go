@@ -162,6 +162,7 @@ func (s *Server) readAhead(ctx context.Context, p *prepared, h http.Header, body
 	}
 	rel, ok := s.regate(p.inj)
 	if !ok {
+		p.inj.recordNotSent(ctx)
 		return nil, false, http.StatusBadGateway, "upstream_unreachable"
 	}
 	p.release = rel

@@ -291,6 +291,7 @@ func (hc *h1conn) serve(req *http.Request) (keep bool) {
 			hc.dropUpstream() // it has part of a body
 			hc.writeRefusal(http.StatusBadRequest, "bad_request_body", true)
 		case errors.Is(err, errPolicyChanged):
+			p.inj.recordNotSent(hc.ctx)
 			hc.writeRefusal(http.StatusBadGateway, "upstream_unreachable", true)
 		default:
 			hc.badGateway(p.inj.errText(err))

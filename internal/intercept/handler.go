@@ -60,6 +60,10 @@ type injected struct {
 	// kept by the HTTP/2 proxy path so the HTTP/2 Transport path can put them back
 	// (h2Gate).
 	agentTargets http.Header
+	// srv and base record the request's refusal when its policy is replaced before anything
+	// was sent (recordNotSent): its inject line is already durable.
+	srv  *Server
+	base audit.Event
 	// check is set when a method override in the body could change the decision. It is a
 	// pointer (512 bytes apart) so that the requests that have none, a GET, allocate and
 	// clear only the rest (about 100 bytes).
@@ -265,7 +269,7 @@ func (s *Server) prepare(ctx context.Context, f inject.Facts, method, authority 
 	}
 
 	// Inject: fetch every value first, so nothing is audited as injected that was not.
-	inj := &injected{secrets: d.Injections, policy: policy, uid: f.UID}
+	inj := &injected{secrets: d.Injections, policy: policy, uid: f.UID, srv: s, base: base}
 	for _, in := range d.Injections {
 		v, raw, reason, err := s.value(ctx, in)
 		inj.wipe = append(inj.wipe, raw...)
@@ -306,6 +310,26 @@ func (s *Server) prepare(ctx context.Context, f inject.Facts, method, authority 
 	}
 	s.stats.injected.Add(1)
 	return prepared{inj: inj, release: release, policy: policy}
+}
+
+// ReasonPolicyChanged is the refusal recorded after the inject line of a request whose
+// policy was replaced (a reload, an unenroll) while it waited for its upstream connection:
+// nothing of it was sent.
+const ReasonPolicyChanged = "policy_changed"
+
+// recordNotSent records that an injecting request, whose inject line is durable, was not
+// sent after all: its policy was replaced before it could be. Best effort, like the
+// refusals of late.go: the request already failed closed.
+func (inj *injected) recordNotSent(ctx context.Context) {
+	if inj == nil || inj.srv == nil {
+		return
+	}
+	e := inj.base
+	e.Decision, e.Reason, e.Status = audit.DecisionRefuse, ReasonPolicyChanged, http.StatusBadGateway
+	e.Detail = "the config was reloaded or the user unenrolled while this request waited for its upstream connection; nothing was sent upstream"
+	rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+	defer cancel()
+	_ = inj.srv.record(rctx, e)
 }
 
 // addScrub adds a real value b to what the response is scrubbed of (written as it is, or
@@ -641,6 +665,9 @@ func newReverseProxy(up *upstreamPool, logf Logf) *httputil.ReverseProxy {
 				// Recorded and counted by the guard, which cut the request off.
 				refuse(w, http.StatusForbidden, inj.bodyRefusal())
 				return
+			}
+			if errors.Is(err, errPolicyChanged) {
+				inj.recordNotSent(r.Context())
 			}
 			f := factsFrom(r.Context())
 			logf("upstream %s (sni %q): %s", f.OrigDst, f.SNI, inj.errText(err))
