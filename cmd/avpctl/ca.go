@@ -279,7 +279,18 @@ func runCAEnv(args []string, stdout, stderr io.Writer) int {
 	caFile := fs.String("ca", "", "")
 	bundle := fs.String("bundle", "", "")
 	line := "ca env [--format shell|systemd|environment.d] [--ca FILE] [--bundle FILE]"
-	if err := fs.Parse(args); err != nil || fs.NArg() != 0 {
+	if err := fs.Parse(args); err != nil {
+		fmt.Fprintf(stderr, "avpctl ca env: %v\n", err)
+		return usageErr(stderr, line)
+	}
+	if fs.NArg() != 0 {
+		fmt.Fprintf(stderr, "avpctl ca env: unexpected argument %q\n", fs.Arg(0))
+		return usageErr(stderr, line)
+	}
+	switch *format {
+	case "shell", "systemd", "environment.d":
+	default:
+		fmt.Fprintf(stderr, "avpctl ca env: unknown --format %q; use shell, systemd or environment.d\n", *format)
 		return usageErr(stderr, line)
 	}
 	if *caFile == "" || *bundle == "" {

@@ -168,3 +168,12 @@ func TestCAEnvFormats(t *testing.T) {
 		t.Fatalf("unknown format: exit %d", code)
 	}
 }
+
+// TestCAEnvBadFormatNamesIt: "ca env --format bogus" printed only the usage line, never
+// what was wrong with the command.
+func TestCAEnvBadFormatNamesIt(t *testing.T) {
+	code, out, errs := avpctl("ca", "env", "--format", "bogus", "--ca", "/nonexistent/ca.crt", "--bundle", "/nonexistent/bundle.crt")
+	if code != 2 || out != "" || !strings.Contains(errs, `"bogus"`) || !strings.Contains(errs, "environment.d") {
+		t.Fatalf("exit %d, stdout %q, stderr %q: want exit 2 naming the rejected value and the accepted ones", code, out, errs)
+	}
+}

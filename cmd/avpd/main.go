@@ -64,18 +64,22 @@ func serve(args []string, stdout, stderr io.Writer) int {
 	cfg := fs.String("config", "/etc/agent-vault-proxy/bindings.yaml", "bindings file (`PATH`)")
 	state := fs.String("state-dir", "/var/lib/agent-vault-proxy", "state directory: CA and enrollment (`DIR`)")
 	runtime := fs.String("runtime-dir", "/run/agent-vault-proxy", "runtime directory: admin socket (`DIR`)")
-	fs.Usage = func() {
-		fmt.Fprintf(fs.Output(), "usage: avpd serve [--config PATH] [--state-dir DIR] [--runtime-dir DIR]\n\n"+
+	usage := func(w io.Writer) {
+		fs.SetOutput(w)
+		fmt.Fprintf(w, "usage: avpd serve [--config PATH] [--state-dir DIR] [--runtime-dir DIR]\n\n"+
 			"Runs the proxy: installs the nftables redirect for enrolled UIDs, listens on proxy.listen\n"+
 			"(or the sockets systemd passes), and injects secrets for bound hosts.\n\nFlags:\n")
 		fs.PrintDefaults()
 	}
+	// flag would print the usage itself (to stderr) before returning ErrHelp: printed
+	// below instead, once, to the right stream.
+	fs.Usage = func() {}
 	if err := fs.Parse(args); err != nil {
 		if err == flag.ErrHelp {
-			fs.SetOutput(stdout)
-			fs.Usage()
+			usage(stdout)
 			return 0
 		}
+		usage(stderr) // after flag's own line naming the bad flag
 		return 2
 	}
 	if fs.NArg() > 0 {
