@@ -212,3 +212,31 @@ func TestHelpEverywhere(t *testing.T) {
 		t.Errorf("unknown command exit %d, want 2", code)
 	}
 }
+
+// TestBindingsDiffNarrowingShowsWhatRemains: narrowing a binding from [GET, POST] to [POST]
+// was shown as the whole binding removed, with nothing saying POST is still allowed; a
+// reviewer read it as "this host no longer gets the secret".
+func TestBindingsDiffNarrowingShowsWhatRemains(t *testing.T) {
+	dir := t.TempDir()
+	write := func(name, methods string) string {
+		p := filepath.Join(dir, name)
+		body := "version: 1\nbackend: {type: file, file: {path: /nonexistent/secrets.yaml}}\n" +
+			"secrets:\n  OPENAI_API_KEY:\n    placeholder: sk-avp-PLACEHOLDER-openai-0000000000000000\n" +
+			"    bindings:\n      - host: api.openai.com\n        methods: " + methods + "\n"
+		if err := os.WriteFile(p, []byte(body), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	old, nw := write("old.yaml", "[GET, POST]"), write("new.yaml", "[POST]")
+	code, out, errs := avpctl("bindings", "diff", old, nw)
+	if code != 0 {
+		t.Fatalf("exit %d: %s%s", code, out, errs)
+	}
+	want := "secret OPENAI_API_KEY:\n" +
+		"  - host api.openai.com  methods GET,POST  paths any path  any uid\n" +
+		"      still allowed: host api.openai.com  methods POST  paths any path  any uid\n"
+	if out != want {
+		t.Fatalf("the diff does not show that POST remains allowed:\n%s\nwant:\n%s", out, want)
+	}
+}

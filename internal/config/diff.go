@@ -15,6 +15,9 @@ type Change struct {
 	Kind   string
 	Text   string
 	Widens []string
+	// Remains, for a removed binding, are the new bindings for the same host that still
+	// allow part of what it allowed: a narrowing is not a removal.
+	Remains []string
 }
 
 // Diff compares what two configs allow, per secret: which (uid, host, method, path)
@@ -66,7 +69,7 @@ func Diff(old, new *Config) []Change {
 		}
 		for _, b := range o.Bindings {
 			if !coveredByAny(b, nw.Bindings) {
-				out = append(out, Change{Secret: n, Kind: "-", Text: describe(b)})
+				out = append(out, Change{Secret: n, Kind: "-", Text: describe(b), Remains: remains(b, nw.Bindings)})
 			}
 		}
 	}
@@ -98,6 +101,9 @@ func FormatDiff(changes []Change) string {
 		fmt.Fprintf(&b, "  %s %s\n", c.Kind, c.Text)
 		for _, w := range c.Widens {
 			fmt.Fprintf(&b, "      WIDENS: %s\n", w)
+		}
+		for _, r := range c.Remains {
+			fmt.Fprintf(&b, "      still allowed: %s\n", r)
 		}
 	}
 	return b.String()
@@ -148,6 +154,18 @@ func describe(b Binding) string {
 		uids = "uid " + strings.Join(u, ",")
 	}
 	return fmt.Sprintf("host %s  methods %s  paths %s  %s", b.Host, methods, paths, uids)
+}
+
+// remains describes the bindings of set for the host (or hosts) a removed binding b was for:
+// what is still allowed there.
+func remains(b Binding, set []Binding) []string {
+	var out []string
+	for _, n := range set {
+		if hostCovers(b.Host, n.Host) || hostCovers(n.Host, b.Host) {
+			out = append(out, describe(n))
+		}
+	}
+	return out
 }
 
 // bindingRisks names what makes a binding broad on its own.
