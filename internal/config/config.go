@@ -275,20 +275,61 @@ type Error struct {
 func (e *Error) Error() string { return strings.Join(e.Problems, "\n") }
 
 // syntaxError puts yaml.v3's "yaml: line N: msg" into the file:line:column form. A tab in
-// the indentation, YAML's most common trap, is named with its own fix.
+// the indentation, YAML's most common trap, is named with its own fix, and so is a line
+// indented to no column of the block it is in.
 func syntaxError(file string, data []byte, err error) string {
+	line, msg := syntaxLine(data, err)
+	lines := strings.Split(string(data), "\n")
+	if line >= 1 && line <= len(lines) {
+		l := lines[line-1]
+		indent := l[:len(l)-len(strings.TrimLeft(l, " \t"))]
+		if strings.Contains(indent, "\t") {
+			return fmt.Sprintf("%s:%d:%d: a tab in the indentation; YAML indents with spaces only: replace the tab with spaces", file, line, strings.IndexByte(indent, '\t')+1)
+		}
+		if misindented(msg) {
+			return fmt.Sprintf("%s:%d:%d: this line's indentation matches no key above it (%s); keys of one mapping start in the same column, in a list item the column after \"- \"", file, line, len(indent)+1, msg)
+		}
+	}
+	return fmt.Sprintf("%s:%d:1: %s; fix the YAML syntax", file, line, msg)
+}
+
+// misindented reports whether yaml's message is one of the block-structure errors a line
+// indented one space too few or too many gives.
+func misindented(msg string) bool {
+	return msg == "did not find expected '-' indicator" || msg == "did not find expected key"
+}
+
+// SyntaxLine is the line of data that yaml's syntax error err is about, counted from 1.
+// For a mis-indented line yaml.v3 names the line where the enclosing block starts, often
+// lines above the mistake; the line is then found as the first whose prefix of the file
+// gives the same error. Nothing of data is returned: a secrets file's syntax error is
+// located with it too.
+func SyntaxLine(data []byte, err error) int {
+	line, _ := syntaxLine(data, err)
+	return line
+}
+
+func syntaxLine(data []byte, err error) (int, string) {
 	msg := strings.TrimPrefix(err.Error(), "yaml: ")
 	line := 1
 	if n, _ := fmt.Sscanf(msg, "line %d:", &line); n == 1 {
 		msg = strings.TrimSpace(msg[strings.IndexByte(msg, ':')+1:])
 	}
-	if lines := strings.Split(string(data), "\n"); line >= 1 && line <= len(lines) {
-		l := lines[line-1]
-		if indent := l[:len(l)-len(strings.TrimLeft(l, " \t"))]; strings.Contains(indent, "\t") {
-			return fmt.Sprintf("%s:%d:%d: a tab in the indentation; YAML indents with spaces only: replace the tab with spaces", file, line, strings.IndexByte(indent, '\t')+1)
+	if !misindented(msg) {
+		return line, msg
+	}
+	lines := strings.SplitAfter(string(data), "\n")
+	if len(lines) > 5000 {
+		return line, msg // a bindings file is far shorter; not worth the quadratic search
+	}
+	for n := line; n <= len(lines); n++ {
+		var root yaml.Node
+		perr := yaml.Unmarshal([]byte(strings.Join(lines[:n], "")), &root)
+		if perr != nil && strings.HasSuffix(perr.Error(), ": "+msg) {
+			return n, msg
 		}
 	}
-	return fmt.Sprintf("%s:%d:1: %s; fix the YAML syntax", file, line, msg)
+	return line, msg
 }
 
 type decoder struct {

@@ -306,3 +306,25 @@ func TestProblemsInFileOrder(t *testing.T) {
 		last = line
 	}
 }
+
+// TestSyntaxErrorNamesTheMisindentedLine: a key indented one space short was reported at the
+// line where its block starts (yaml.v3's context), two lines above the mistake, at column 1,
+// with only "fix the YAML syntax".
+func TestSyntaxErrorNamesTheMisindentedLine(t *testing.T) {
+	for _, tc := range []struct{ name, src, want string }{
+		{"list item key one space short", good[:strings.Index(good, "        methods")] + "       methods: [GET]\n        paths: [\"/v1/**\"]\n",
+			"f.yaml:9:8: this line's indentation matches no key above it"},
+		{"after a multi-line flow mapping", "version: 1\nbackend: {type: file,\n  file: {path: /etc/s.yaml}}\nsecrets:\n  A:\n    placeholder: x\n    bindings:\n      - host: a.example.com\n       methods: [GET]\n",
+			"f.yaml:9:8: this line's indentation matches no key above it"},
+		{"mapping key one space short", "version: 1\nsecrets:\n  A:\n    placeholder: x\n   bindings: []\n",
+			"f.yaml:5:4: this line's indentation matches no key above it"},
+		{"unclosed quote", "version: 1\nsecrets: \"x\n", "f.yaml:2:1: found unexpected end of stream; fix the YAML syntax"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := Parse("f.yaml", []byte(tc.src))
+			if err == nil || !strings.HasPrefix(err.Error(), tc.want) {
+				t.Fatalf("got %v\nwant a line starting %q", err, tc.want)
+			}
+		})
+	}
+}
