@@ -34,7 +34,14 @@ func runBindings(g globals, args []string, stdout, stderr io.Writer) int {
 		if len(args) == 2 {
 			path = args[1]
 		}
-		cfg, err := config.Load(path)
+		// As avpd reads it: refused when anyone but root or avpd's user could change it.
+		uid, group := daemonIdentity()
+		data, err := config.ReadFile(path, group, uid...)
+		if err != nil {
+			fmt.Fprintln(stderr, err)
+			return 1
+		}
+		cfg, err := config.Parse(path, data)
 		if err != nil {
 			fmt.Fprintln(stderr, err)
 			return 1
@@ -74,6 +81,24 @@ func runBindings(g globals, args []string, stdout, stderr io.Writer) int {
 	return usageErr(stderr, "bindings check [FILE] | bindings diff OLD NEW")
 }
 
+// daemonIdentity is the user the files avpd reads may belong to besides root (none when
+// this host has no avp user: avpd then runs as root) and the group avpd reads its config
+// through, for the fixes avpctl prints.
+func daemonIdentity() (owners []int, group string) {
+	group = "root"
+	u, err := user.Lookup(daemonUser)
+	if err != nil {
+		return nil, group
+	}
+	if id, err := strconv.Atoi(u.Uid); err == nil {
+		owners = append(owners, id)
+	}
+	if g, err := user.LookupGroupId(u.Gid); err == nil {
+		group = g.Name
+	}
+	return owners, group
+}
+
 // checkBackendFiles checks the files the backend reads as avpd checks them when it starts
 // (mode, owner, and for the file backend its YAML), so that what passes here starts. The
 // owner may be root or avpd's system user. A file this user may not
@@ -82,12 +107,7 @@ func runBindings(g globals, args []string, stdout, stderr io.Writer) int {
 func checkBackendFiles(cfg *config.Config, warn io.Writer) error {
 	// avpd runs as root (by hand) or as avp (the production install), and refuses a file
 	// owned by anyone else; the user running this is not one of them unless it is root.
-	var owners []int
-	if u, err := user.Lookup(daemonUser); err == nil {
-		if id, err := strconv.Atoi(u.Uid); err == nil {
-			owners = append(owners, id)
-		}
-	}
+	owners, _ := daemonIdentity()
 	unreadable := func(path string, err error) bool {
 		if errors.Is(err, fs.ErrPermission) {
 			fmt.Fprintf(warn, "warning: %s not checked: uid %d may not read it (run as root to check it)\n", path, os.Geteuid())

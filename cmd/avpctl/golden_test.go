@@ -41,6 +41,7 @@ func avpctl(args ...string) (int, string, string) {
 }
 
 func TestGoldenBadConfigs(t *testing.T) {
+	needRootOwner(t) // bindings check refuses a config its checkout user owns, as avpd does
 	files, _ := filepath.Glob("testdata/bad/*.yaml")
 	if len(files) < 15 {
 		t.Fatalf("only %d bad configs", len(files))
@@ -76,8 +77,8 @@ func exampleWithSecrets(t *testing.T, secrets string) string {
 	return cfg
 }
 
-// needRootOwner skips a test whose secrets file must be root's (avpd accepts only root's or
-// avp's), outside CI, where tests may run as another user.
+// needRootOwner skips a test whose bindings or secrets file must be root's (avpd accepts
+// only root's or avp's), outside CI, where tests may run as another user.
 func needRootOwner(t *testing.T) {
 	t.Helper()
 	if os.Geteuid() != 0 {
@@ -238,5 +239,57 @@ func TestBindingsDiffNarrowingShowsWhatRemains(t *testing.T) {
 		"      still allowed: host api.openai.com  methods POST  paths any path  any uid\n"
 	if out != want {
 		t.Fatalf("the diff does not show that POST remains allowed:\n%s\nwant:\n%s", out, want)
+	}
+}
+
+// TestBindingsCheckRefusesWritableConfig: a bindings file that group or others may write,
+// or that another user owns, decides which hosts get the real secrets; bindings check said
+// ok (and avpd started with it and reloaded it) while doctor failed it. Group may read it:
+// root:avp 0640 is the documented mode.
+func TestBindingsCheckRefusesWritableConfig(t *testing.T) {
+	needRootOwner(t)
+	secrets := filepath.Join(t.TempDir(), "secrets.yaml")
+	cfg := exampleWithSecrets(t, secrets)
+	parsed, err := config.Load(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var all strings.Builder
+	for _, n := range parsed.MissingNames(nil) {
+		fmt.Fprintf(&all, "%s: value-of-%s-0123456789\n", n, strings.ToLower(n))
+	}
+	if err := os.WriteFile(secrets, []byte(all.String()), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		name  string
+		mode  os.FileMode
+		owner int
+		want  string // "" for ok
+	}{
+		{"root 0640", 0o640, 0, ""},
+		{"root 0600", 0o600, 0, ""},
+		{"world-writable", 0o666, 0, "has mode 0666: group and others must not write it"},
+		{"group-writable", 0o660, 0, "has mode 0660"},
+		{"owned by nobody", 0o640, 65534, "is owned by uid 65534"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if err := os.Chmod(cfg, tc.mode); err != nil {
+				t.Fatal(err)
+			}
+			if err := os.Chown(cfg, tc.owner, 0); err != nil {
+				t.Fatal(err)
+			}
+			code, out, errs := avpctl("bindings", "check", cfg)
+			if tc.want == "" {
+				if code != 0 || errs != "" {
+					t.Fatalf("exit %d, stderr %q: mode %04o owned by %d must pass", code, errs, tc.mode, tc.owner)
+				}
+				return
+			}
+			if code != 1 || out != "" || !strings.Contains(errs, cfg+" "+tc.want) || !strings.Contains(errs, "chmod 640 "+cfg) || !strings.Contains(errs, "chown root:") {
+				t.Fatalf("exit %d, stdout %q, stderr %q: want exit 1 naming the file, %q and the chown/chmod", code, out, errs, tc.want)
+			}
+		})
 	}
 }

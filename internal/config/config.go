@@ -7,7 +7,10 @@ package config
 
 import (
 	"cmp"
+	"errors"
 	"fmt"
+	"io"
+	"io/fs"
 	"math"
 	"net/netip"
 	"net/url"
@@ -17,6 +20,7 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/agent-vault-proxy/agent-vault-proxy/internal/template"
@@ -217,13 +221,76 @@ type Pos struct {
 
 func (p Pos) String() string { return fmt.Sprintf("%s:%d:%d", p.File, p.Line, p.Column) }
 
-// Load reads and validates path. The error lists every problem found, one per line.
+// Load reads and validates path. The error lists every problem found, one per line. It
+// does not check who may change the file (a diff or an explanation reads any copy); avpd
+// and avpctl bindings check read the file it runs with through ReadFile.
 func Load(path string) (*Config, error) {
 	data, err := os.ReadFile(path)
 	if err != nil {
-		return nil, fmt.Errorf("read config %s: %w", path, err)
+		return nil, openError(path, err)
 	}
 	return Parse(path, data)
+}
+
+// ReadFile reads the bindings file avpd runs with, refusing one that anyone but root or
+// one of owners could change: whoever can write it decides which hosts get the real
+// secrets. group is avpd's group, which may read the file (root:avp 0640), for the fix.
+func ReadFile(path, group string, owners ...int) ([]byte, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, openError(path, err)
+	}
+	defer f.Close()
+	fi, err := f.Stat()
+	if err != nil {
+		return nil, openError(path, err)
+	}
+	if err := CheckPermissions(fi, path, group, owners...); err != nil {
+		return nil, err
+	}
+	data, err := io.ReadAll(f)
+	if err != nil {
+		return nil, openError(path, err)
+	}
+	return data, nil
+}
+
+// CheckPermissions refuses a bindings file that is not a regular file, that group or
+// others may write, or that a user other than root or one of owners owns; the error names
+// the file and the chown and chmod that fix it.
+func CheckPermissions(fi os.FileInfo, path, group string, owners ...int) error {
+	fix := fmt.Sprintf("run: chown root:%s %s && chmod 640 %s", group, path, path)
+	if !fi.Mode().IsRegular() {
+		return fmt.Errorf("bindings file %s is not a regular file", path)
+	}
+	if fi.Mode().Perm()&0o022 != 0 {
+		return fmt.Errorf("bindings file %s has mode %04o: group and others must not write it, since it decides which hosts get the real secrets; %s", path, fi.Mode().Perm(), fix)
+	}
+	if st, ok := fi.Sys().(*syscall.Stat_t); ok && st.Uid != 0 && !slices.Contains(owners, int(st.Uid)) {
+		who := "root"
+		for _, o := range owners {
+			if o != 0 {
+				who += fmt.Sprintf(" or avpd's user (uid %d)", o)
+			}
+		}
+		return fmt.Errorf("bindings file %s is owned by uid %d: only %s may own it, since it decides which hosts get the real secrets; %s", path, st.Uid, who, fix)
+	}
+	return nil
+}
+
+// openError says what went wrong opening the bindings file, naming it once.
+func openError(path string, err error) error {
+	var pe *fs.PathError
+	if errors.As(err, &pe) {
+		err = pe.Err
+	}
+	switch {
+	case errors.Is(err, fs.ErrNotExist):
+		return fmt.Errorf("bindings file %s: %v; create it (bindings.example.yaml is a start) or give the path of yours", path, err)
+	case errors.Is(err, fs.ErrPermission):
+		return fmt.Errorf("bindings file %s: %v; run as root (or as avpd's user)", path, err)
+	}
+	return fmt.Errorf("bindings file %s: %v", path, err)
 }
 
 // Parse validates data as the bindings file named file.

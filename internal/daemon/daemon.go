@@ -224,10 +224,17 @@ func start(opts Options) (_ *Daemon, err error) {
 	return d, nil
 }
 
+// loadConfig reads and validates the bindings file, at start and at reload. A file that
+// anyone but root or avpd's own user could change is refused: whoever writes it decides
+// which hosts get the real secrets.
 func loadConfig(path string) (*config.Config, string, error) {
-	data, err := os.ReadFile(path)
+	group := "root"
+	if g, err := user.LookupGroupId(strconv.Itoa(os.Getegid())); err == nil {
+		group = g.Name
+	}
+	data, err := config.ReadFile(path, group, os.Geteuid())
 	if err != nil {
-		return nil, "", fmt.Errorf("read config %s: %w", path, err)
+		return nil, "", err
 	}
 	cfg, err := config.Parse(path, data)
 	if err != nil {

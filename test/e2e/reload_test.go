@@ -3,6 +3,8 @@ package e2e
 import (
 	"bufio"
 	"fmt"
+	"os"
+	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -116,4 +118,52 @@ print("end", flush=True)
 		t.Fatalf("want one config_loaded and one config_rejected event")
 	}
 	t.Logf("%d requests: %d injected before the reload, %d verbatim after (%d after the rejected reload)", len(lines)-1, before, verbatimAfter, afterRejected)
+}
+
+// TestReloadRefusesWritableConfig: avpd refused a secrets file others can read, yet reloaded
+// (and started with) a bindings.yaml every local user could write, even one another user
+// owned: whoever can write it chooses which hosts get the real secrets. Both are refused
+// now, the running config stays, and the error says how to fix the file.
+func TestReloadRefusesWritableConfig(t *testing.T) {
+	e := newEnv(t)
+	e.startAvpd()
+	if err := os.Chmod(e.config, 0o640); err != nil { // the documented mode passes
+		t.Fatal(err)
+	}
+	e.avpctl("reload")
+	for _, tc := range []struct {
+		mode  os.FileMode
+		owner int
+		want  string
+	}{
+		{0o666, 0, "has mode 0666"},
+		{0o620, 0, "has mode 0620"},
+		{0o640, 65534, "is owned by uid 65534"}, // nobody
+	} {
+		if err := os.Chmod(e.config, tc.mode); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Chown(e.config, tc.owner, 0); err != nil {
+			t.Fatal(err)
+		}
+		out, err := e.avpctlErr("reload")
+		if err == nil || !strings.Contains(string(out), e.config+" "+tc.want) || !strings.Contains(string(out), "chmod 640 "+e.config) {
+			t.Fatalf("reload of a bindings file of mode %04o owned by uid %d: err %v, %q", tc.mode, tc.owner, err, strings.TrimSpace(string(out)))
+		}
+	}
+	// The running config is unchanged: the agent still gets the secret.
+	e.avpctl("enroll-uid", strconv.Itoa(agentUID))
+	if code, body, err := e.curl(agentUID, "GET", "https://"+hostOpenAI+"/v1/models", "Authorization: Bearer "+phOpenAI); err != nil || code != 200 {
+		t.Fatalf("after the refused reloads: %d %q %v", code, body, err)
+	}
+	if got := e.upstream.last(t).Header.Get("Authorization"); got != "Bearer "+realOpenAI {
+		t.Fatalf("after the refused reloads the upstream got Authorization %q, want the real key", got)
+	}
+	// A start with that file fails, naming it.
+	e.stopAvpd()
+	out, err := exec.Command("ip", "netns", "exec", e.ns, filepath.Join(binDir, "avpd"), "serve",
+		"--config", e.config, "--state-dir", e.state, "--runtime-dir", e.runtime).CombinedOutput()
+	if err == nil || !strings.Contains(string(out), e.config+" is owned by uid 65534") {
+		t.Fatalf("avpd started with a bindings file uid 65534 owns: %v\n%s", err, out)
+	}
 }
