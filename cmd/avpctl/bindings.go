@@ -1,6 +1,8 @@
 package main
 
 import (
+	"bytes"
+	"context"
 	"errors"
 	"flag"
 	"fmt"
@@ -8,12 +10,17 @@ import (
 	"io/fs"
 	"os"
 	"os/user"
+	"slices"
 	"strconv"
 	"strings"
+
+	"golang.org/x/sys/unix"
+	"gopkg.in/yaml.v3"
 
 	"github.com/agent-vault-proxy/agent-vault-proxy/internal/config"
 	"github.com/agent-vault-proxy/agent-vault-proxy/internal/inject"
 	"github.com/agent-vault-proxy/agent-vault-proxy/internal/store"
+	"github.com/agent-vault-proxy/agent-vault-proxy/internal/store/bws"
 )
 
 const defaultConfig = "/etc/agent-vault-proxy/bindings.yaml"
@@ -47,7 +54,7 @@ func runBindings(g globals, args []string, stdout, stderr io.Writer) int {
 			return 1
 		}
 		if err := checkBackendFiles(cfg, stderr); err != nil {
-			fmt.Fprintf(stderr, "%s: %v\n", path, err)
+			fmt.Fprintln(stderr, err) // it names the file that fails
 			return 1
 		}
 		n := 0
@@ -100,10 +107,11 @@ func daemonIdentity() (owners []int, group string) {
 }
 
 // checkBackendFiles checks the files the backend reads as avpd checks them when it starts
-// (mode, owner, and for the file backend its YAML), so that what passes here starts. The
-// owner may be root or avpd's system user. A file this user may not
+// (mode, owner, and for the file backend its YAML; for bws the token's shape), so that what
+// passes here starts. The owner may be root or avpd's system user. A file this user may not
 // read is left unchecked, with a warning; names the config fetches that the secrets file
-// lacks are a warning too (avpd starts, and those requests get 503).
+// lacks are a warning too (avpd starts, and those requests get 503), and so are values
+// avpd would refuse to inject. A value equal to its placeholder is an error.
 func checkBackendFiles(cfg *config.Config, warn io.Writer) error {
 	// avpd runs as root (by hand) or as avp (the production install), and refuses a file
 	// owned by anyone else; the user running this is not one of them unless it is root.
@@ -123,11 +131,12 @@ func checkBackendFiles(cfg *config.Config, warn io.Writer) error {
 			return nil
 		}
 		if err != nil {
-			return err
+			return secretsFileError(path, owners, err)
 		}
 		if missing := cfg.MissingNames(have); len(missing) > 0 {
 			fmt.Fprintf(warn, "warning: secrets file %s has no value for %s: requests that inject them will get 503 secret_unavailable; add a line NAME: value for each\n", path, strings.Join(missing, ", "))
 		}
+		return checkValues(cfg, path, have, warn)
 	case "bws":
 		path := cfg.Backend.BWS.AccessTokenFile
 		f, err := os.Open(path)
@@ -135,12 +144,12 @@ func checkBackendFiles(cfg *config.Config, warn io.Writer) error {
 			return nil
 		}
 		if err != nil {
-			return fmt.Errorf("open BWS access token file: %w", err)
+			return fmt.Errorf("BWS access token file %s: %v", path, pathErr(err))
 		}
 		defer f.Close()
 		fi, err := f.Stat()
 		if err != nil {
-			return fmt.Errorf("stat BWS access token file %s: %w", path, err)
+			return fmt.Errorf("BWS access token file %s: %v", path, pathErr(err))
 		}
 		if err := store.CheckPrivateOwners(fi, path, "BWS access token file", owners...); err != nil {
 			return err
@@ -148,6 +157,146 @@ func checkBackendFiles(cfg *config.Config, warn io.Writer) error {
 		if fi.Size() == 0 {
 			return fmt.Errorf("BWS access token file %s is empty; paste the machine account's access token into it", path)
 		}
+		// The token's size and shape, by avpd's own check (bws.New reads the file and
+		// starts nothing), on a copy this user owns: avpd's user may own the file.
+		return withPrivateCopy(f, path, func(copyPath string) error {
+			w := cfg.Backend.BWS
+			_, err := bws.New(bws.Options{
+				OrganizationID: w.OrganizationID, AccessTokenFile: copyPath,
+				APIURL: w.APIURL, IdentityURL: w.IdentityURL, StateFile: w.StateFile,
+				Timeout: w.Timeout, SyncInterval: cfg.Cache.SyncInterval, Helper: []string{"unused"},
+			})
+			return err
+		})
+	}
+	return nil
+}
+
+// pathErr is err without the *fs.PathError's repetition of the path the caller names.
+func pathErr(err error) error {
+	var pe *fs.PathError
+	if errors.As(err, &pe) {
+		return pe.Err
+	}
+	return err
+}
+
+// secretsFileError rewords the secrets file's error for the operator: the path once, the
+// line of a YAML syntax error (its text is not shown: yaml quotes an unknown alias, which
+// may be part of a value), and a fix.
+func secretsFileError(path string, owners []int, err error) error {
+	var pe *fs.PathError
+	if errors.As(err, &pe) {
+		if errors.Is(err, fs.ErrNotExist) {
+			return fmt.Errorf("secrets file %s: %v; create it, chmod 600, with a line NAME: value for each secret", path, pe.Err)
+		}
+		return fmt.Errorf("secrets file %s: %v", path, pe.Err)
+	}
+	// The store said no: when the file's mode and owner pass and its YAML does not, the
+	// error was the syntax, and the line is found here.
+	f, oerr := os.Open(path)
+	if oerr != nil {
+		return err
+	}
+	defer f.Close()
+	fi, serr := f.Stat()
+	if serr != nil || store.CheckPrivateOwners(fi, path, "secrets file", owners...) != nil || fi.Size() > 1<<20 {
+		return err
+	}
+	data, rerr := io.ReadAll(f)
+	defer store.Wipe(data)
+	if rerr != nil {
+		return err
+	}
+	var root yaml.Node
+	if yerr := yaml.Unmarshal(data, &root); yerr != nil {
+		return fmt.Errorf("secrets file %s:%d: not a YAML map of NAME: value (the line's text is not shown); "+
+			"put a value in quotes when it holds \": \" or \" #\" or starts with one of & * ! | > ' \" { [ %% @ `, and close every quote", path, config.SyntaxLine(data, yerr))
+	}
+	return err
+}
+
+// checkValues computes each secret's value from the secrets file at path as a request
+// would (inject.CheckValue) and warns, naming the secret, about those avpd would refuse to
+// inject; a value that is its placeholder is an error. Values are read by avpd's own
+// file backend, from a copy this user owns, and wiped.
+func checkValues(cfg *config.Config, path string, have []string, warn io.Writer) error {
+	f, err := os.Open(path)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	return withPrivateCopy(f, path, func(copyPath string) error {
+		fb, err := store.NewFileBackend(copyPath)
+		if err != nil {
+			return err
+		}
+		var bad []string
+		for _, s := range cfg.Secrets {
+			vals := map[string][]byte{}
+			for _, n := range s.FetchNames() {
+				if !slices.Contains(have, n) {
+					continue
+				}
+				v, err := fb.Fetch(context.Background(), n)
+				if err != nil {
+					return err
+				}
+				vals[n] = v
+				if bytes.Contains(v, []byte(s.Placeholder)) {
+					bad = append(bad, s.Name)
+				}
+			}
+			if len(vals) == len(s.FetchNames()) && !slices.Contains(bad, s.Name) {
+				if err := inject.CheckValue(s, vals); err != nil {
+					fix := "write the value exactly as the API issued it"
+					var short *inject.ShortValueError
+					if errors.As(err, &short) {
+						fix = "if the value in the file is longer, put it in quotes: YAML reads a leading & * ! as an anchor, alias or tag, and \" #\" as a comment"
+					}
+					fmt.Fprintf(warn, "warning: secrets file %s: %v; every request that injects it gets 503: %s\n", path, err, fix)
+				}
+			}
+			for _, v := range vals {
+				store.Wipe(v)
+			}
+		}
+		if len(bad) > 0 {
+			return fmt.Errorf("secrets file %s: the value of %s holds its own placeholder: the real key was pasted as the placeholder, "+
+				"so agents hold it; give each a new placeholder in the bindings file and rotate the key", path, strings.Join(bad, ", "))
+		}
+		return nil
+	})
+}
+
+// withPrivateCopy runs check on a copy of f's content in memory (a memfd, mode 0600, owned
+// by this user) named by a /proc/self/fd path: avpd's own readers (the file backend, the
+// BWS token check) refuse a file another user owns, and as root avpctl checks files that
+// avpd's user owns. The error names path, not the copy; the copy is wiped.
+func withPrivateCopy(f *os.File, path string, check func(copyPath string) error) error {
+	if _, err := f.Seek(0, io.SeekStart); err != nil {
+		return err
+	}
+	data, err := io.ReadAll(io.LimitReader(f, 1<<20+1))
+	defer store.Wipe(data)
+	if err != nil {
+		return fmt.Errorf("read %s: %v", path, pathErr(err))
+	}
+	fd, err := unix.MemfdCreate("avpctl-check", unix.MFD_CLOEXEC)
+	if err != nil {
+		return fmt.Errorf("check %s: memfd_create: %w", path, err)
+	}
+	m := os.NewFile(uintptr(fd), "memfd")
+	defer func() { m.Truncate(0); m.Close() }()
+	if err := m.Chmod(0o600); err != nil {
+		return fmt.Errorf("check %s: %w", path, err)
+	}
+	if _, err := m.Write(data); err != nil {
+		return fmt.Errorf("check %s: %w", path, err)
+	}
+	copyPath := fmt.Sprintf("/proc/self/fd/%d", fd)
+	if err := check(copyPath); err != nil {
+		return errors.New(strings.ReplaceAll(err.Error(), copyPath, path))
 	}
 	return nil
 }

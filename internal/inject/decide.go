@@ -597,6 +597,39 @@ func matchesFormat(format, placeholder, value string) bool {
 		value[len(prefix)+len(placeholder):] == suffix
 }
 
+// MinValueLen is the shortest value avpd injects: a shorter one could not be told from
+// ordinary text when responses are scrubbed for an echo of it, so such a request gets 503
+// secret_too_short (the proxy's minScrubLen is this number).
+const MinValueLen = 8
+
+// CheckValue computes s's value from vals as a request would and says why avpd would refuse
+// to inject it: a byte that cannot go in a header, a template that fails, or a value
+// shorter than MinValueLen. The error names the secret, never the value.
+func CheckValue(s *config.Secret, vals map[string][]byte) error {
+	v, err := Value(s, vals)
+	defer clear(v)
+	switch {
+	case err != nil:
+		return err
+	case len(v) < MinValueLen:
+		return &ShortValueError{Secret: s.Name, Len: len(v)}
+	}
+	return nil
+}
+
+// ShortValueError is CheckValue's error for a value shorter than MinValueLen.
+type ShortValueError struct {
+	Secret string
+	Len    int
+}
+
+func (e *ShortValueError) Error() string {
+	if e.Len == 0 {
+		return fmt.Sprintf("the value of %s is empty", e.Secret)
+	}
+	return fmt.Sprintf("the value of %s is %d bytes, shorter than %d: too short to scrub from a response that echoes it, so it is never injected", e.Secret, e.Len, MinValueLen)
+}
+
 // Value computes what replaces the placeholder: the fetched secret itself, or the rendered
 // template over the compose secrets. vals maps each of s.FetchNames() to its value. The
 // caller wipes the result.

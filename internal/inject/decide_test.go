@@ -385,3 +385,25 @@ func TestNormalizeHost(t *testing.T) {
 		}
 	}
 }
+
+// TestCheckValue: the refusals avpd makes at request time, said ahead of time for bindings
+// check, naming the secret and never the value.
+func TestCheckValue(t *testing.T) {
+	s := &config.Secret{Name: "K", Header: "Authorization", Format: "{secret}"}
+	for _, tc := range []struct{ v, want string }{
+		{"sk-proj-0123456789", ""},
+		{"12345678", ""},
+		{"", "the value of K is empty"},
+		{"sk-...", "the value of K is 6 bytes, shorter than 8"},
+		{"sk-proj-01\r\nX: 1", "holds a control character"},
+		{"sk-proj-ü-0123", "not ASCII"},
+	} {
+		err := CheckValue(s, map[string][]byte{"K": []byte(tc.v)})
+		if tc.want == "" && err != nil || tc.want != "" && (err == nil || !strings.Contains(err.Error(), tc.want)) {
+			t.Errorf("%q: %v, want %q", tc.v, err, tc.want)
+		}
+		if err != nil && tc.v != "" && strings.Contains(err.Error(), tc.v) {
+			t.Errorf("%q: the value is in the error %v", tc.v, err)
+		}
+	}
+}
