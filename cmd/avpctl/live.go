@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"maps"
+	"os/user"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -27,6 +28,59 @@ func runEnroll(g globals, args []string, stdout, stderr io.Writer) int {
 	return enrollment(g, "enroll-uid", "enrolled", args, stdout, stderr)
 }
 
+// privilegedGroups are the groups of agent-vault-proxy's own users (sysusers.d): a member
+// of avp-admin may use the admin socket (and unenroll itself), avp is avpd's group, which
+// reads the config, and avp-audit the journal's.
+var privilegedGroups = []string{"avp-admin", "avp", "avp-audit"}
+
+// userGroups looks up the user named by arg (a name or a UID) and the names of its groups,
+// the primary one first; a test replaces it.
+var userGroups = func(arg string) (name string, primary string, groups []string, err error) {
+	u, err := user.Lookup(arg)
+	if err != nil {
+		if u, err = user.LookupId(arg); err != nil {
+			return "", "", nil, err
+		}
+	}
+	gids, err := u.GroupIds()
+	if err != nil {
+		return "", "", nil, err
+	}
+	for _, gid := range gids {
+		if g, err := user.LookupGroupId(gid); err == nil {
+			groups = append(groups, g.Name)
+			if gid == u.Gid {
+				primary = g.Name
+			}
+		}
+	}
+	return u.Username, primary, groups, nil
+}
+
+// checkNotPrivileged refuses to enroll a member of privilegedGroups: an agent in avp-admin
+// could unenroll itself and send its HTTPS past avpd. A user this host does not know (a
+// bare UID) has no groups to check.
+func checkNotPrivileged(arg string) error {
+	name, primary, groups, err := userGroups(arg)
+	if err != nil {
+		return nil
+	}
+	for _, g := range groups {
+		if !slices.Contains(privilegedGroups, g) {
+			continue
+		}
+		fix := fmt.Sprintf("gpasswd -d %s %s", name, g)
+		if g == primary {
+			fix = fmt.Sprintf("usermod -g <another group> %s", name)
+		}
+		return fmt.Errorf("user %s is a member of group %s, and an agent's user must be in none of %s: "+
+			"avp-admin may use avpctl's live commands (it could unenroll itself and send its HTTPS past avpd), "+
+			"avp and avp-audit are avpd's and the audit journal's own; run: %s, then enroll it again",
+			name, g, strings.Join(privilegedGroups, ", "), fix)
+	}
+	return nil
+}
+
 func runUnenroll(g globals, args []string, stdout, stderr io.Writer) int {
 	return enrollment(g, "unenroll-uid", "unenrolled", args, stdout, stderr)
 }
@@ -34,6 +88,11 @@ func runUnenroll(g globals, args []string, stdout, stderr io.Writer) int {
 func enrollment(g globals, cmd, verb string, args []string, stdout, stderr io.Writer) int {
 	if len(args) != 1 {
 		return usageErr(stderr, cmd+" USER|UID")
+	}
+	if cmd == "enroll-uid" {
+		if err := checkNotPrivileged(args[0]); err != nil {
+			return fail(stderr, err)
+		}
 	}
 	var out struct {
 		UID           uint32 `json:"uid"`
