@@ -15,7 +15,6 @@ import (
 	"strings"
 
 	"golang.org/x/sys/unix"
-	"gopkg.in/yaml.v3"
 
 	"github.com/agent-vault-proxy/agent-vault-proxy/internal/config"
 	"github.com/agent-vault-proxy/agent-vault-proxy/internal/inject"
@@ -208,10 +207,8 @@ func secretsFileError(path string, owners []int, err error) error {
 	if rerr != nil {
 		return err
 	}
-	var root yaml.Node
-	if yerr := yaml.Unmarshal(data, &root); yerr != nil {
-		return fmt.Errorf("secrets file %s:%d: not a YAML map of NAME: value (the line's text is not shown); "+
-			"put a value in quotes when it holds \": \" or \" #\" or starts with one of & * ! | > ' \" { [ %% @ `, and close every quote", path, config.SyntaxLine(data, yerr))
+	if serr := config.SecretsSyntaxError(path, data); serr != nil {
+		return serr
 	}
 	return err
 }

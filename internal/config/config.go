@@ -376,6 +376,19 @@ func SyntaxLine(data []byte, err error) int {
 	return line
 }
 
+// SecretsSyntaxError says where a secrets file (a YAML map of NAME: value) whose data does
+// not parse goes wrong: path:line and a fix, never the line's text (yaml.v3 quotes an
+// unknown alias, which may be part of a value). It is nil when data parses.
+func SecretsSyntaxError(path string, data []byte) error {
+	var root yaml.Node
+	err := yaml.Unmarshal(data, &root)
+	if err == nil {
+		return nil
+	}
+	return fmt.Errorf("secrets file %s:%d: not a YAML map of NAME: value (the line's text is not shown); "+
+		"put a value in quotes when it holds \": \" or \" #\" or starts with one of & * ! | > ' \" { [ %% @ `, and close every quote", path, SyntaxLine(data, err))
+}
+
 func syntaxLine(data []byte, err error) (int, string) {
 	msg := strings.TrimPrefix(err.Error(), "yaml: ")
 	line := 1
