@@ -12,6 +12,8 @@ import (
 	"strconv"
 	"strings"
 	"testing"
+
+	"github.com/agent-vault-proxy/agent-vault-proxy/internal/inject"
 )
 
 // TestDoctorDoesNotInflateRejected: doctor's listener probe dials avpd's listener
@@ -208,5 +210,30 @@ func TestDoctorAsNonAdmin(t *testing.T) {
 	}
 	if !found {
 		t.Fatalf("no config check:\n%s", out)
+	}
+}
+
+// TestBindingsCheckShortValueAsAvpdRefusesIt: bindings check warns about a value shorter
+// than inject.MinValueLen; avpd refuses to inject exactly those (503 secret_too_short), so
+// the two agree: a 7-byte value gets the warning and the 503, an 8-byte one neither.
+func TestBindingsCheckShortValueAsAvpdRefusesIt(t *testing.T) {
+	e := newEnv(t)
+	e.startAvpd()
+	e.avpctl("enroll-uid", strconv.Itoa(agentUID))
+	secrets := mustRead(t, e.secrets)
+	for _, n := range []int{inject.MinValueLen - 1, inject.MinValueLen} {
+		value := strings.Repeat("k", n)
+		writeFile(t, e.secrets, []byte(strings.Replace(secrets, "OPENAI: "+realOpenAI, "OPENAI: "+value, 1)), 0o600)
+		e.avpctl("cache", "flush", "OPENAI")
+		out, err := e.avpctlErr("bindings", "check", e.config)
+		warned := strings.Contains(string(out), "the value of OPENAI is")
+		code, body, cerr := e.curl(agentUID, "GET", "https://"+hostOpenAI+"/v1/models", "Authorization: Bearer "+phOpenAI)
+		if cerr != nil {
+			t.Fatal(cerr)
+		}
+		refused := code == 503 && strings.Contains(body, "secret_too_short")
+		if err != nil || warned != refused || warned != (n < inject.MinValueLen) {
+			t.Errorf("a %d-byte value: bindings check (%v) warned %v, avpd answered %d %q", n, err, warned, code, strings.TrimSpace(body))
+		}
 	}
 }
