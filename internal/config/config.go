@@ -399,7 +399,7 @@ func syntaxLine(data []byte, err error) (int, string) {
 		return line, msg
 	}
 	lines := strings.SplitAfter(string(data), "\n")
-	if len(lines) > 5000 {
+	if len(lines) > 1000 {
 		return line, msg // a bindings file is far shorter; not worth the quadratic search
 	}
 	for n := line; n <= len(lines); n++ {
