@@ -278,7 +278,8 @@ func CheckPermissions(fi os.FileInfo, path, group string, owners ...int) error {
 	return nil
 }
 
-// openError says what went wrong opening the bindings file, naming it once.
+// openError says what went wrong opening the bindings file, naming it once; it wraps the
+// cause, so errors.Is(err, fs.ErrPermission) still tells an unreadable file.
 func openError(path string, err error) error {
 	var pe *fs.PathError
 	if errors.As(err, &pe) {
@@ -286,11 +287,11 @@ func openError(path string, err error) error {
 	}
 	switch {
 	case errors.Is(err, fs.ErrNotExist):
-		return fmt.Errorf("bindings file %s: %v; create it (bindings.example.yaml is a start) or give the path of yours", path, err)
+		return fmt.Errorf("bindings file %s: %w; create it (bindings.example.yaml is a start) or give the path of yours", path, err)
 	case errors.Is(err, fs.ErrPermission):
-		return fmt.Errorf("bindings file %s: %v; run as root (or as avpd's user)", path, err)
+		return fmt.Errorf("bindings file %s: %w; run as root (or as avpd's user)", path, err)
 	}
-	return fmt.Errorf("bindings file %s: %v", path, err)
+	return fmt.Errorf("bindings file %s: %w", path, err)
 }
 
 // Parse validates data as the bindings file named file.

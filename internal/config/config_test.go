@@ -328,3 +328,14 @@ func TestSyntaxErrorNamesTheMisindentedLine(t *testing.T) {
 		})
 	}
 }
+
+// TestLoadErrorNamesTheFileOnce: "read config X: open X: no such file or directory" named
+// the file twice and gave no fix; the cause stays wrapped (doctor tells an unreadable file
+// from an invalid one by it).
+func TestLoadErrorNamesTheFileOnce(t *testing.T) {
+	p := t.TempDir() + "/missing.yaml"
+	_, err := Load(p)
+	if err == nil || strings.Count(err.Error(), p) != 1 || !strings.Contains(err.Error(), "bindings.example.yaml") || !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("%v", err)
+	}
+}
