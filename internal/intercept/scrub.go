@@ -3,6 +3,7 @@ package intercept
 import (
 	"bytes"
 	"errors"
+	"github.com/agent-vault-proxy/agent-vault-proxy/internal/inject"
 	"io"
 	"net/http"
 	"strconv"
@@ -10,7 +11,9 @@ import (
 )
 
 // minScrubLen keeps very short values (which would match ordinary text) out of scrubbing.
-const minScrubLen = 8
+// It is the shortest value injected at all, so every injected value is scrubbed; avpctl
+// bindings check warns below the same bound.
+const minScrubLen = inject.MinValueLen
 
 // replacement is one real value and what the agent sees instead.
 type replacement struct {
