@@ -3,11 +3,12 @@ package intercept
 import (
 	"bytes"
 	"errors"
-	"github.com/agent-vault-proxy/agent-vault-proxy/internal/inject"
 	"io"
 	"net/http"
 	"strconv"
 	"sync"
+
+	"github.com/agent-vault-proxy/agent-vault-proxy/internal/inject"
 )
 
 // minScrubLen keeps very short values (which would match ordinary text) out of scrubbing.
