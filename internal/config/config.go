@@ -674,7 +674,7 @@ func (d *decoder) cache(n *yaml.Node, c *Cache) {
 	d.fields(n, "cache", map[string]func(*yaml.Node){
 		"ttl": func(v *yaml.Node) {
 			dur, err := time.ParseDuration(v.Value)
-			if v.Kind != yaml.ScalarNode || err != nil || dur <= 0 || dur > 24*time.Hour {
+			if v.Kind != yaml.ScalarNode || err != nil || dur < time.Second || dur > 24*time.Hour {
 				d.errf(v, "cache.ttl %q is not a duration between 1s and 24h; write for example \"ttl: 5m\"", v.Value)
 				return
 			}
