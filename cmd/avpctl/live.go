@@ -103,11 +103,15 @@ func enrollment(g globals, cmd, verb string, args []string, stdout, stderr io.Wr
 	if err := call(g, cmd, args, &out); err != nil {
 		return fail(stderr, err)
 	}
-	if out.WasEnrolled != nil && !*out.WasEnrolled {
+	switch {
+	case cmd == "unenroll-uid" && out.WasEnrolled != nil && !*out.WasEnrolled:
 		fmt.Fprintf(stdout, "uid %d was not enrolled; nothing changed\n", out.UID)
 		return 0
+	case cmd == "enroll-uid" && out.WasEnrolled != nil && *out.WasEnrolled:
+		fmt.Fprintf(stdout, "uid %d was already enrolled (its redirect is checked in place)\n", out.UID)
+	default:
+		fmt.Fprintf(stdout, "%s uid %d\n", verb, out.UID)
 	}
-	fmt.Fprintf(stdout, "%s uid %d\n", verb, out.UID)
 	if cmd == "enroll-uid" {
 		if msg, fix, _ := subordinateWarning(out.UID); msg != "" {
 			fmt.Fprintf(stderr, "warning: %s\n  fix: %s\n", msg, fix)

@@ -84,7 +84,8 @@ func (d *Daemon) cmdEnroll(ctx context.Context, peer uint32, args []string) (any
 	if err != nil {
 		return nil, err
 	}
-	if !slices.Contains(uids, uid) {
+	already := slices.Contains(uids, uid)
+	if !already {
 		uids = append(uids, uid)
 		slices.Sort(uids)
 	}
@@ -99,7 +100,7 @@ func (d *Daemon) cmdEnroll(ctx context.Context, peer uint32, args []string) (any
 	}
 	d.logf("enrolled uid %d", uid)
 	aerr := d.auditChange(audit.Event{Type: audit.TypeEnroll, UID: audit.Int64(int64(uid)), Detail: fmt.Sprintf("enrolled by uid %d", peer)})
-	return withAudit(map[string]any{"uid": uid, "enrolled": true}, aerr), nil
+	return withAudit(map[string]any{"uid": uid, "enrolled": true, "was_enrolled": already}, aerr), nil
 }
 
 // withAudit adds to an enrollment reply whether the audit log recorded the change: the

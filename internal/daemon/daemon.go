@@ -14,6 +14,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"math"
 	"net"
 	"net/netip"
 	"os"
@@ -430,6 +431,9 @@ func checkEnrollable(uid uint32) error {
 	}
 	if uid == 0 {
 		return errors.New("root cannot be enrolled: root can remove the rules, so enrolling it protects nothing")
+	}
+	if uid == math.MaxUint32 {
+		return errors.New("uid 4294967295 is (uid_t)-1, which the kernel uses for \"no user\"; no process runs as it")
 	}
 	return nil
 }

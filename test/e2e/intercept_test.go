@@ -471,6 +471,14 @@ time.sleep(60)
 		if out := string(e.avpctl("unenroll-uid", strconv.Itoa(agentUID))); !strings.Contains(out, "was not enrolled") {
 			t.Errorf("unenroll of a uid not enrolled said %q, want \"was not enrolled\"", out)
 		}
+		// Enrolling twice says so, and (uid_t)-1 is no user at all.
+		e.avpctl("enroll-uid", strconv.Itoa(agentUID))
+		if out := string(e.avpctl("enroll-uid", strconv.Itoa(agentUID))); !strings.Contains(out, "already enrolled") {
+			t.Errorf("a second enroll of uid %d said %q, want \"already enrolled\"", agentUID, out)
+		}
+		if out, err := e.avpctlErr("enroll-uid", "4294967295"); err == nil || !strings.Contains(string(out), "(uid_t)-1") {
+			t.Errorf("enroll-uid 4294967295: %v %q, want a refusal", err, out)
+		}
 	})
 
 	t.Run("I12_not_enrolled_uid_reaching_avpd_is_spliced", func(t *testing.T) {
