@@ -1110,6 +1110,14 @@ func (d *decoder) uids(n *yaml.Node, what string) []uint32 {
 		}
 		out = append(out, uint32(v))
 	}
+	for j, u := range out {
+		if u == 0 || u == math.MaxUint32 {
+			// avpd refuses to enroll these, so a binding for them never matches.
+			d.errf(n, "%s.uids lists uid %d, which can never be enrolled (root, or (uid_t)-1), so it would never get this secret; remove it", what, u)
+			out = out[:j]
+			break
+		}
+	}
 	return out
 }
 

@@ -39,6 +39,7 @@ func TestBadConfigs(t *testing.T) {
 	tests := []struct {
 		name, src, want string
 	}{
+		{"root in uids", strings.Replace(good, "methods: [GET]", "methods: [GET]\n        uids: [root]", 1), `uids lists uid 0, which can never be enrolled`},
 		{"ttl under a second", good + "cache: {ttl: 500ms}\n", `cache.ttl "500ms" is not a duration between 1s and 24h`},
 		{"unknown top key", good + "extra: 1\n", `bindings.yaml:11:1: unknown key "extra" in the top level; allowed keys are audit, backend, cache, proxy, secrets, version`},
 		{"unknown binding key", strings.Replace(good, "methods:", "methdos:", 1), `bindings.yaml:9:9: unknown key "methdos" in secret A.bindings[0]`},
