@@ -47,6 +47,9 @@ func printBackendStatus(w io.Writer, st daemon.Status) {
 		dump = fmt.Sprintf("ON: dumpable %v, RLIMIT_CORE %d", st.Memory.Dumpable, st.Memory.CoreLimit)
 	}
 	fmt.Fprintf(w, "core dumps:     %s\n", dump)
+	if len(st.FileMissing) > 0 {
+		fmt.Fprintf(w, "file missing:   %s (no value in the secrets file at the last start or reload; requests for them get 503)\n", strings.Join(st.FileMissing, ", "))
+	}
 	b := st.BWS
 	if b == nil {
 		return

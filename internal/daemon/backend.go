@@ -92,9 +92,11 @@ func (d *Daemon) checkFileNames(cfg *config.Config) error {
 	if err != nil {
 		return secretsFileError(cfg.Backend.File.Path, err)
 	}
-	if missing := cfg.MissingNames(have); len(missing) > 0 {
+	missing := cfg.MissingNames(have)
+	if len(missing) > 0 {
 		d.logf("secrets file %s has no value for %s: requests that inject them get 503 secret_unavailable until it does", cfg.Backend.File.Path, strings.Join(missing, ", "))
 	}
+	d.fileMissing.Store(&missing)
 	return nil
 }
 
@@ -158,5 +160,8 @@ func (d *Daemon) backendStatus(st *Status) {
 	if d.bws != nil {
 		h := d.bws.Health(d.secretNamesLocked())
 		st.BWS = &h
+	}
+	if m := d.fileMissing.Load(); m != nil {
+		st.FileMissing = *m
 	}
 }

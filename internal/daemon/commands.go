@@ -42,6 +42,9 @@ type Status struct {
 	Cache  store.CacheStats     `json:"cache"`
 	Memory store.ProcessHygiene `json:"memory"`
 	BWS    *bws.Health          `json:"bws,omitempty"`
+	// FileMissing are the names the file backend's secrets file had no value for when it
+	// was last checked (at start or reload).
+	FileMissing []string `json:"file_missing,omitempty"`
 }
 
 // Version is set at build time.

@@ -86,6 +86,8 @@ type Daemon struct {
 	// listenersDown counts listeners whose Serve returned while avpd was still serving.
 	listenersDown atomic.Int32
 
+	// fileMissing: the secrets file's missing names at its last check (checkFileNames).
+	fileMissing atomic.Pointer[[]string]
 	// auditHealth is what the auditor answered avpd (audithealth.go).
 	auditHealth auditHealth
 	// late holds enroll and unenroll events the audit log did not acknowledge

@@ -328,6 +328,8 @@ console.log(r.status, await r.text());
 		// The operator sees it: status counts it by reason, and doctor warns.
 		if st := string(e.avpctl("status")); !strings.Contains(st, "verbatim:       ") || !strings.Contains(st, "placeholder_in_wrong_header") {
 			t.Fatalf("status does not count the misplaced placeholder:\n%s", st)
+		} else if !strings.Contains(st, "file missing:   MISSING ") {
+			t.Fatalf("status does not name the secret the secrets file has no value for:\n%s", st)
 		}
 		if c := doctorCheck(t, e, "placeholders"); c.Status != "warn" || !strings.Contains(c.Fix, "inject.also") {
 			t.Fatalf("doctor's placeholders check: %+v", c)
