@@ -88,6 +88,7 @@ type mintCall struct {
 func LoadOrCreateCA(dir string) (*CA, error) {
 	keyPath := filepath.Join(dir, caKeyFile)
 	certPath := filepath.Join(dir, caCertFile)
+	removeStaleTemps(dir)
 
 	keyInfo, keyErr := os.Stat(keyPath)
 	_, certErr := os.Stat(certPath)
@@ -424,6 +425,20 @@ func pemEncode(typ string, der []byte) []byte {
 // old file or the complete new one: it writes a temporary file in the same
 // directory, fsyncs it, renames it over path and fsyncs the directory so the
 // rename itself is durable.
+// removeStaleTemps removes the temporary files a crash in writeFileAtomic left beside the
+// CA (a key that never became the CA's, mode 0600): nothing reads them, and a key is
+// better not left lying about. Only regular files are removed.
+func removeStaleTemps(dir string) {
+	for _, base := range []string{caKeyFile, caCertFile} {
+		m, _ := filepath.Glob(filepath.Join(dir, "."+base+".tmp-*"))
+		for _, p := range m {
+			if fi, err := os.Lstat(p); err == nil && fi.Mode().IsRegular() {
+				os.Remove(p)
+			}
+		}
+	}
+}
+
 func writeFileAtomic(path string, data []byte, mode os.FileMode) (err error) {
 	dir := filepath.Dir(path)
 	f, err := os.CreateTemp(dir, "."+filepath.Base(path)+".tmp-*")

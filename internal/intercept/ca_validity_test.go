@@ -87,3 +87,25 @@ func TestCachedLeafNotYetValidIsReminted(t *testing.T) {
 		t.Fatalf("a cached leaf that is not yet valid was served: NotBefore %s, now %s", l.Leaf.NotBefore.Format(time.RFC3339), stepped.Format(time.RFC3339))
 	}
 }
+
+// A crash while the CA was written leaves a temporary copy of a key (mode 0600) beside it;
+// the next start removes it.
+func TestCAStartRemovesTemporaryFilesOfACrash(t *testing.T) {
+	dir := t.TempDir()
+	if _, err := LoadOrCreateCA(dir); err != nil {
+		t.Fatal(err)
+	}
+	stale := filepath.Join(dir, "."+caKeyFile+".tmp-123456")
+	os.WriteFile(stale, []byte("-----BEGIN PRIVATE KEY-----\n"), 0o600)
+	other := filepath.Join(dir, "enrolled.json")
+	os.WriteFile(other, []byte("[]"), 0o600)
+	if _, err := LoadOrCreateCA(dir); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(stale); err == nil {
+		t.Fatalf("%s is still there after a start", stale)
+	}
+	if _, err := os.Stat(other); err != nil {
+		t.Fatalf("a start removed %s: %v", other, err)
+	}
+}
