@@ -212,3 +212,30 @@ func TestRestartMakesTheUnacknowledgedTailDurable(t *testing.T) {
 		t.Fatalf("the restart went on although the unacknowledged tail could not be synced (log %d -> %d bytes):\n%s", before, size(), out)
 	}
 }
+
+// Damage to the first line of the live file (acknowledged) was taken for a torn tail: with
+// no valid line before it the head's seq became the resume point, so the "head beyond the
+// valid lines" rule never fired. The bad line says which seq it is, and the head covers it.
+func TestRecoveryRefusesDamageToTheFirstAcknowledgedLine(t *testing.T) {
+	for _, rotated := range []bool{false, true} {
+		dir := shortDir(t)
+		j := openTestJournal(t, dir, nil)
+		appendEvents(t, j, 5) // seq 2..6
+		if rotated {
+			if err := j.rotate(); err != nil {
+				t.Fatal(err)
+			}
+			appendEvents(t, j, 5) // seq 7..11, the live file's first line is seq 7
+		}
+		log := j.opts.Log
+		j.close()
+		data, _ := os.ReadFile(log)
+		i := bytes.Index(data, []byte(`"ts":"2`)) // the first line's time: 2xxx -> 3xxx
+		data[i+6] = '3'
+		os.WriteFile(log, data, 0o640)
+		if _, err := OpenJournal(JournalOptions{Log: log, Logf: t.Logf}); err == nil || !strings.Contains(err.Error(), "acknowledged") {
+			m, _ := filepath.Glob(log + ".torn-*")
+			t.Fatalf("rotated=%v: start on a log whose first, acknowledged line is damaged: %v (moved aside: %v)", rotated, err, m)
+		}
+	}
+}

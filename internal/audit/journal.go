@@ -254,6 +254,8 @@ func (j *Journal) recover() (Event, error) {
 	var lines int
 	var first, last uint64
 	var lastHash, badReason string
+	var badSeq uint64 // the seq the first bad line says it has, when it says one
+	var badHasSeq bool
 	for {
 		raw, off, complete, err := lr.next()
 		if err == io.EOF {
@@ -272,6 +274,7 @@ func (j *Journal) recover() (Event, error) {
 		}
 		if err != nil {
 			badReason = fmt.Sprintf("line %d (after seq %d) is not valid: %v", lines+1, last, err)
+			badSeq, badHasSeq = claimedSeq(raw)
 			valid = off
 			break
 		}
@@ -327,8 +330,10 @@ func (j *Journal) recover() (Event, error) {
 			return start, fmt.Errorf("log %s is damaged: %s, and %d bytes follow, more than a crash can leave unsynced: "+
 				"this is not a torn tail, refusing to start; %s", log, badReason, torn, inspect)
 		}
-		if h != nil && h.Seq > j.seq {
-			// A crash tears only what was never synced, so never an acknowledged line.
+		// A crash tears only what was never synced, so never an acknowledged line: one the
+		// head covers, whether the file's valid lines end before the head's seq or the bad
+		// line itself (the first of a live file, say) names a seq the head covers.
+		if h != nil && (lines > 0 && h.Seq > last || badHasSeq && badSeq <= h.Seq) {
 			return start, fmt.Errorf("log %s is damaged: %s, but the head file records seq %d as acknowledged: "+
 				"a crash cannot damage acknowledged lines, so this is not a torn tail; refusing to start; %s "+
 				"(the journal then goes on after seq %d, and verify shows the gap)", log, badReason, h.Seq, inspect, h.Seq)
@@ -370,6 +375,17 @@ func (j *Journal) recover() (Event, error) {
 	}
 	start.Detail = cutField(detail)
 	return start, nil
+}
+
+// claimedSeq reads the seq a line that failed its checks says it has (a changed byte
+// elsewhere leaves it readable): the journal writes it first, as {"v":1,"seq":N,...}.
+func claimedSeq(raw []byte) (uint64, bool) {
+	const prefix = `{"v":1,"seq":`
+	if !bytes.HasPrefix(raw, []byte(prefix)) {
+		return 0, false
+	}
+	n, rest, ok := parseUint(raw[len(prefix):])
+	return n, ok && len(rest) > 0 && rest[0] == ','
 }
 
 // resync writes the bytes [from, to) of the log again, as they are, and fdatasyncs them.
