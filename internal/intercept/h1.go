@@ -515,6 +515,7 @@ func (s *Server) regate(inj *injected) (release func(), ok bool) {
 func (hc *h1conn) roundTrip(out *http.Request, p *prepared) (*http.Response, error) {
 	for attempt := 0; ; attempt++ {
 		if attempt > 0 && p.inj != nil {
+			p.inj.retried = true // the first attempt was sent (recordNotSent)
 			rel, ok := hc.s.upstream.regate(p.inj)
 			if !ok {
 				return nil, errPolicyChanged

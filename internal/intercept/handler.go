@@ -64,6 +64,9 @@ type injected struct {
 	// was sent (recordNotSent): its inject line is already durable.
 	srv  *Server
 	base audit.Event
+	// retried is set once a first attempt was sent and the request is tried again (on a
+	// reused connection that closed without an answer).
+	retried bool
 	// check is set when a method override in the body could change the decision. It is a
 	// pointer (512 bytes apart) so that the requests that have none, a GET, allocate and
 	// clear only the rest (about 100 bytes).
@@ -317,6 +320,10 @@ func (s *Server) prepare(ctx context.Context, f inject.Facts, method, authority 
 // nothing of it was sent.
 const ReasonPolicyChanged = "policy_changed"
 
+// ReasonPolicyChangedBeforeRetry is that refusal for a request whose first attempt was sent
+// (the upstream closed without answering) and whose retry the new policy stopped.
+const ReasonPolicyChangedBeforeRetry = "policy_changed_before_retry"
+
 // recordNotSent records that an injecting request, whose inject line is durable, was not
 // sent after all: its policy was replaced before it could be. Best effort, like the
 // refusals of late.go: the request already failed closed.
@@ -327,6 +334,12 @@ func (inj *injected) recordNotSent(ctx context.Context) {
 	e := inj.base
 	e.Decision, e.Reason, e.Status = audit.DecisionRefuse, ReasonPolicyChanged, http.StatusBadGateway
 	e.Detail = "the config was reloaded or the user unenrolled while this request waited for its upstream connection; nothing was sent upstream"
+	if inj.retried {
+		// Its first attempt went out, on a reused connection that closed without an
+		// answer; only the retry was not made.
+		e.Reason = ReasonPolicyChangedBeforeRetry
+		e.Detail = "sent once, with the injected value, on an upstream connection that closed without an answer; not sent again because the config was reloaded or the user unenrolled meanwhile"
+	}
 	rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
 	defer cancel()
 	_ = inj.srv.record(rctx, e)

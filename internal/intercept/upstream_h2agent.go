@@ -76,6 +76,9 @@ func (p *upstreamPool) roundTripH1(r *http.Request, f inject.Facts) (*http.Respo
 	scope, probe := scopeOf(f, inj), !idempotent(r)
 	for attempt := 0; ; attempt++ {
 		release := func() {}
+		if attempt > 0 && inj != nil {
+			inj.retried = true // the first attempt was sent (recordNotSent)
+		}
 		if attempt > 0 && p.regate != nil && inj != nil {
 			// A retry injects again: as in the HTTP/1.1 loop, only under the same policy.
 			rel, ok := p.regate(inj)
