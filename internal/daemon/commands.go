@@ -81,11 +81,23 @@ func (d *Daemon) cmdEnroll(ctx context.Context, peer uint32, args []string) (any
 	if err := checkEnrollable(uid); err != nil {
 		return nil, err
 	}
+	already, pc, err := d.enroll(uid, audit.Event{Type: audit.TypeEnroll, UID: audit.Int64(int64(uid)), Detail: fmt.Sprintf("enrolled by uid %d", peer)})
+	if err != nil {
+		return nil, err
+	}
+	// Recorded outside enrollMu, which the firewall check takes every second.
+	aerr := d.settleChange(pc)
+	return withAudit(map[string]any{"uid": uid, "enrolled": true, "was_enrolled": already}, aerr), nil
+}
+
+// enroll adds uid to the state file, the proxy's snapshot and the kernel's set, and puts
+// its event in line (under enrollMu, so events keep the order of the changes).
+func (d *Daemon) enroll(uid uint32, e audit.Event) (bool, *pendingChange, error) {
 	d.enrollMu.Lock()
 	defer d.enrollMu.Unlock()
 	uids, err := loadEnrollment(d.opts.StateDir)
 	if err != nil {
-		return nil, err
+		return false, nil, err
 	}
 	already := slices.Contains(uids, uid)
 	if !already {
@@ -95,15 +107,14 @@ func (d *Daemon) cmdEnroll(ctx context.Context, peer uint32, args []string) (any
 	// Persist first: a crash after the kernel change but before the file would drop the
 	// enrollment at the next start, which opens a bypass.
 	if err := saveEnrollment(d.opts.StateDir, uids); err != nil {
-		return nil, err
+		return false, nil, err
 	}
 	d.setEnrolled(uids)
 	if err := d.fw.Enroll(uid); err != nil {
-		return nil, fmt.Errorf("enroll uid %d: %w", uid, err)
+		return false, nil, fmt.Errorf("enroll uid %d: %w", uid, err)
 	}
 	d.logf("enrolled uid %d", uid)
-	aerr := d.auditChange(audit.Event{Type: audit.TypeEnroll, UID: audit.Int64(int64(uid)), Detail: fmt.Sprintf("enrolled by uid %d", peer)})
-	return withAudit(map[string]any{"uid": uid, "enrolled": true, "was_enrolled": already}, aerr), nil
+	return already, d.late.reserve(e), nil
 }
 
 // withAudit adds to an enrollment reply whether the audit log recorded the change: the
@@ -125,7 +136,7 @@ func (d *Daemon) cmdUnenroll(ctx context.Context, peer uint32, args []string) (a
 	if err != nil {
 		return nil, err
 	}
-	was, err := d.unenroll(uid)
+	was, pc, err := d.unenroll(uid, audit.Event{Type: audit.TypeUnenroll, UID: audit.Int64(int64(uid)), Detail: fmt.Sprintf("unenrolled by uid %d", peer)})
 	// Requests on connections accepted before now go verbatim (the proxy checks each one);
 	// this waits out those already decided, so nothing is injected for uid once this
 	// returns. Outside enrollMu: the firewall check, which takes it every second on the
@@ -140,30 +151,33 @@ func (d *Daemon) cmdUnenroll(ctx context.Context, peer uint32, args []string) (a
 		return map[string]any{"uid": uid, "enrolled": false, "was_enrolled": false}, nil
 	}
 	d.logf("unenrolled uid %d", uid)
-	aerr := d.auditChange(audit.Event{Type: audit.TypeUnenroll, UID: audit.Int64(int64(uid)), Detail: fmt.Sprintf("unenrolled by uid %d", peer)})
+	aerr := d.settleChange(pc)
 	return withAudit(map[string]any{"uid": uid, "enrolled": false, "was_enrolled": true}, aerr), nil
 }
 
 // unenroll takes uid out of the kernel's set, the proxy's snapshot and the state file, and
-// reports whether it was enrolled.
-func (d *Daemon) unenroll(uid uint32) (bool, error) {
+// reports whether it was enrolled; if it was, its event e is put in line (under enrollMu).
+func (d *Daemon) unenroll(uid uint32, e audit.Event) (bool, *pendingChange, error) {
 	d.enrollMu.Lock()
 	defer d.enrollMu.Unlock()
 	uids, err := loadEnrollment(d.opts.StateDir)
 	if err != nil {
-		return false, err
+		return false, nil, err
 	}
 	was := slices.Contains(uids, uid)
 	uids = slices.DeleteFunc(uids, func(u uint32) bool { return u == uid })
 	// Kernel first here: the UID stops being redirected only once the set says so.
 	if err := d.fw.Unenroll(uid); err != nil {
-		return false, fmt.Errorf("unenroll uid %d: %w", uid, err)
+		return false, nil, fmt.Errorf("unenroll uid %d: %w", uid, err)
 	}
 	d.setEnrolled(uids)
 	if err := saveEnrollment(d.opts.StateDir, uids); err != nil {
-		return false, err
+		return false, nil, err
 	}
-	return was, nil
+	if !was {
+		return false, nil, nil
+	}
+	return true, d.late.reserve(e), nil
 }
 
 func (d *Daemon) cmdStatus(ctx context.Context, _ uint32, _ []string) (any, error) {

@@ -86,3 +86,72 @@ func TestEnrollmentRecordedLate(t *testing.T) {
 	cancel()
 	<-done
 }
+
+// hangingAuditor: the first Record waits for release, then fails (a journal that does not
+// acknowledge in time); every later Record succeeds and is kept.
+type hangingAuditor struct {
+	mu      sync.Mutex
+	calls   int
+	entered chan struct{}
+	release chan struct{}
+	got     []audit.Event
+}
+
+func (h *hangingAuditor) Record(_ context.Context, events ...audit.Event) error {
+	h.mu.Lock()
+	h.calls++
+	first := h.calls == 1
+	h.mu.Unlock()
+	if first {
+		close(h.entered)
+		<-h.release
+		return errors.New("audit journal: no acknowledgement in time")
+	}
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.got = append(h.got, events...)
+	return nil
+}
+
+func (h *hangingAuditor) Close() error { return nil }
+
+// TestLateChangesKeepTheOrderOfTheChanges: an unenroll's record was made outside enrollMu, so
+// an enroll could run while it was in flight; the enroll was queued first and the unenroll,
+// whose record then failed, after it. For "unenroll X, enroll X" the trail read "enroll X,
+// unenroll X": X looked unprotected while it was redirected. Each change now takes its place
+// in line when it takes effect.
+func TestLateChangesKeepTheOrderOfTheChanges(t *testing.T) {
+	ha := &hangingAuditor{entered: make(chan struct{}), release: make(chan struct{})}
+	d := &Daemon{logf: t.Logf, auditor: ha}
+	uid := audit.Int64(4242)
+	errc := make(chan error, 1)
+	// cmdUnenroll: the change is made, then auditChange runs outside enrollMu.
+	go func() {
+		errc <- d.auditChange(audit.Event{Type: audit.TypeUnenroll, UID: uid, Detail: "unenrolled by uid 0"})
+	}()
+	<-ha.entered // the unenroll took effect first; its record is in flight
+	// cmdEnroll of the same uid meanwhile (enrollMu is free): the change is made, and its
+	// auditChange finds order held.
+	if err := d.auditChange(audit.Event{Type: audit.TypeEnroll, UID: uid, Detail: "enrolled by uid 0"}); err == nil {
+		t.Fatal("the enroll was recorded while the unenroll's record was in flight")
+	}
+	close(ha.release)
+	<-errc
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go d.recordLateChanges(ctx)
+	for deadline := time.Now().Add(5 * time.Second); d.late.pending() > 0; time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("late changes not recorded")
+		}
+	}
+	ha.mu.Lock()
+	got := append([]audit.Event(nil), ha.got...)
+	ha.mu.Unlock()
+	for i, e := range got {
+		t.Logf("recorded %d: %s %q", i, e.Type, e.Detail)
+	}
+	if len(got) != 2 || got[0].Type != audit.TypeUnenroll || got[1].Type != audit.TypeEnroll {
+		t.Fatalf("the trail reads %s then %s; the changes were unenroll then enroll (uid 4242 is enrolled now, the trail says it is not)", got[0].Type, got[1].Type)
+	}
+}
