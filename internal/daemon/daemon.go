@@ -302,14 +302,20 @@ func (d *Daemon) listen(addr netip.AddrPort) error {
 		d.logf("using %d socket(s) from systemd", len(d.listeners))
 		return nil
 	}
-	ln4, err := net.Listen("tcp4", addr.String())
+	// Plain TCP, not Go's default MPTCP where the kernel has it: SO_ORIGINAL_DST does not
+	// work on an accepted MPTCP socket, so an agent whose client asks for MPTCP (curl
+	// --mptcp) would be refused. Against a TCP listener its client falls back to TCP, as
+	// it does against systemd's socket.
+	var lc net.ListenConfig
+	lc.SetMultipathTCP(false)
+	ln4, err := lc.Listen(context.Background(), "tcp4", addr.String())
 	if err != nil {
 		return fmt.Errorf("listen on proxy.listen %s: %w", addr, err)
 	}
 	d.listeners = append(d.listeners, ln4)
 	d.addrs = append(d.addrs, addr)
 	v6 := netip.AddrPortFrom(netip.IPv6Loopback(), addr.Port())
-	ln6, err := net.Listen("tcp6", v6.String())
+	ln6, err := lc.Listen(context.Background(), "tcp6", v6.String())
 	if err != nil {
 		// Without [::1] redirected IPv6 connections are refused: closed, not open.
 		d.logf("warning: listen on %s: %v; IPv6 connections of enrolled users will be refused", v6, err)
