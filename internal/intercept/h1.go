@@ -344,7 +344,7 @@ func (hc *h1conn) serve(req *http.Request) (keep bool) {
 // badGateway logs an upstream failure (msg already free of real values), gives up the
 // upstream connection and answers 502; the agent's connection ends.
 func (hc *h1conn) badGateway(msg string) bool {
-	hc.s.logf("upstream %s (sni %q): %s", hc.f.OrigDst, hc.f.SNI, msg)
+	hc.s.logAgent("upstream", hc.f.UID, "upstream %s (sni %q): %s", hc.f.OrigDst, hc.f.SNI, msg)
 	hc.dropUpstream()
 	hc.writeRefusal(http.StatusBadGateway, "upstream_unreachable", true)
 	return false
@@ -717,7 +717,7 @@ func (hc *h1conn) writeResponse(req *http.Request, resp *http.Response, keepAliv
 		if err != nil {
 			// The response cannot be completed; the agent must not take a truncated body
 			// for a whole one, so the connection ends here.
-			hc.s.logf("upstream %s (sni %q): response body: %s", hc.f.OrigDst, hc.f.SNI, inj.errText(err))
+			hc.s.logAgent("upstream", hc.f.UID, "upstream %s (sni %q): response body: %s", hc.f.OrigDst, hc.f.SNI, inj.errText(err))
 			bw.Flush()
 			return false, false
 		}

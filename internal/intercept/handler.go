@@ -109,7 +109,7 @@ func (s *Server) serveHTTP(w http.ResponseWriter, r *http.Request) {
 		k := upstreamKey{sni: cf.SNI, addr: cf.OrigDst}
 		if _, err := s.upstream.speaksH2(r.Context(), k); err != nil {
 			if r.Context().Err() == nil {
-				s.logf("upstream %s (sni %q): %v", cf.OrigDst, cf.SNI, err)
+				s.logAgent("upstream", cf.UID, "upstream %s (sni %q): %v", cf.OrigDst, cf.SNI, err)
 				refuse(w, http.StatusBadGateway, "upstream_unreachable")
 			}
 			return
@@ -282,7 +282,7 @@ func (s *Server) prepare(ctx context.Context, f inject.Facts, method, authority 
 				s.stats.backendErrors.Add(1)
 			}
 			// Backend errors are scrubbed; they may quote a response body.
-			s.logf("value of secret %s for %s: %s", in.Secret.Name, f.SNI, scrubError(err))
+			s.logAgent("value of secret", f.UID, "value of secret %s for %s: %s", in.Secret.Name, f.SNI, scrubError(err))
 			e := base
 			e.Decision, e.Reason, e.Secret, e.Binding, e.Status = audit.DecisionBackendError, reason, in.Secret.Name, audit.Int(in.Binding), http.StatusServiceUnavailable
 			_ = s.record(ctx, e)
@@ -646,7 +646,7 @@ func upstreamAuthority(f inject.Facts) string {
 	return f.SNI
 }
 
-func newReverseProxy(up *upstreamPool, logf Logf) *httputil.ReverseProxy {
+func newReverseProxy(up *upstreamPool, logAgent func(reason string, uid int64, format string, args ...any), logf Logf) *httputil.ReverseProxy {
 	return &httputil.ReverseProxy{
 		// Rewrite, not Director: hop-by-hop headers (including any the agent lists in
 		// Connection) are removed before Rewrite runs, so the injected header cannot be
@@ -683,7 +683,7 @@ func newReverseProxy(up *upstreamPool, logf Logf) *httputil.ReverseProxy {
 				inj.recordNotSent(r.Context())
 			}
 			f := factsFrom(r.Context())
-			logf("upstream %s (sni %q): %s", f.OrigDst, f.SNI, inj.errText(err))
+			logAgent("upstream", f.UID, "upstream %s (sni %q): %s", f.OrigDst, f.SNI, inj.errText(err))
 			refuse(w, http.StatusBadGateway, "upstream_unreachable")
 		},
 		ErrorLog: log.New(logfWriter(logf), "", 0),

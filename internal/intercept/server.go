@@ -84,6 +84,9 @@ type Stats struct {
 	// LateDropped counts audit_unavailable refusals that could not even be queued for a
 	// late record (the queue of 1024 was full).
 	LateDropped uint64 `json:"late_refusals_dropped,omitempty"`
+	// LogSuppressed counts the log lines an agent caused (a failed handshake, an unreachable
+	// destination, ...) that were not logged, past the first few per user every 10 s.
+	LogSuppressed uint64 `json:"log_lines_suppressed,omitempty"`
 	// VerbatimByReason and RefusedByReason split Verbatim and Refused by reason (the
 	// audit's reason field), so an operator sees at once, say, that an agent's client
 	// sends its key in a header the config does not list.
@@ -128,17 +131,17 @@ func (s *Server) countRefused(reason string) {
 
 // Server accepts redirected connections, splices unbound ones and terminates bound ones.
 type Server struct {
-	// unknownUIDLogged is when a connection of unknown owner was last logged (Unix s).
-	unknownUIDLogged atomic.Int64
-	policy           atomic.Pointer[inject.Policy]
-	gate             sync.RWMutex
-	ca               *CA
-	secrets          Secrets
-	auditor          audit.Auditor
-	logf             Logf
-	listeners        []netip.AddrPort
-	dial             func(ctx context.Context, network, addr string) (net.Conn, error)
-	isEnrolled       func(uid uint32) bool
+	// logs throttles the lines an agent can cause (logthrottle.go).
+	logs       logThrottle
+	policy     atomic.Pointer[inject.Policy]
+	gate       sync.RWMutex
+	ca         *CA
+	secrets    Secrets
+	auditor    audit.Auditor
+	logf       Logf
+	listeners  []netip.AddrPort
+	dial       func(ctx context.Context, network, addr string) (net.Conn, error)
+	isEnrolled func(uid uint32) bool
 
 	httpSrv  *http.Server
 	agentTLS *tls.Config
@@ -201,7 +204,7 @@ func NewServer(opts Options) (*Server, error) {
 	s.upstream = newUpstreamPool(opts.UpstreamTLS, s.dial)
 	s.upstream.onConn = s.trackUpstream
 	s.upstream.regate = s.regate
-	s.proxy = newReverseProxy(s.upstream, s.logf)
+	s.proxy = newReverseProxy(s.upstream, s.logAgent, s.agentLogf("upstream"))
 	s.httpSrv = &http.Server{
 		Handler:           http.HandlerFunc(s.serveHTTP),
 		ReadHeaderTimeout: 30 * time.Second,
@@ -209,7 +212,7 @@ func NewServer(opts Options) (*Server, error) {
 		MaxHeaderBytes:    maxRequestHeaderBytes,
 		ConnContext:       s.tlsConns.connContext,
 		ConnState:         s.tlsConns.connState,
-		ErrorLog:          log.New(logfWriter(opts.Logf), "agent side: ", 0),
+		ErrorLog:          log.New(logfWriter(s.agentLogf("agent side")), "agent side: ", 0),
 		// Each stream may hold an upstream connection of its own; 100 is what most servers
 		// allow (Go's default is 250).
 		HTTP2: &http.HTTP2Config{MaxConcurrentStreams: maxStreamsPerConn},
@@ -251,6 +254,7 @@ func (s *Server) Stats() Stats {
 		Injected: s.stats.injected.Load(), Verbatim: s.stats.verbatim.Load(),
 		Refused: s.stats.refused.Load(), BackendErrors: s.stats.backendErrors.Load(),
 		AuditErrors: s.stats.auditErrors.Load(), Rejected: s.stats.rejected.Load(), OverUIDLimit: s.stats.overUIDLimit.Load(), LateDropped: s.stats.lateDropped.Load(), Direct: s.stats.direct.Load(),
+		LogSuppressed:    s.logs.suppressed.Load(),
 		VerbatimByReason: s.stats.verbatimReasons.snapshot(), RefusedByReason: s.stats.refusedReasons.snapshot(),
 	}
 }
@@ -374,7 +378,7 @@ func (s *Server) handleConn(ctx context.Context, c *net.TCPConn) {
 	orig, err := OriginalDst(c)
 	if err != nil {
 		s.stats.rejected.Add(1)
-		s.logf("close connection from %s: %v", c.RemoteAddr(), err)
+		s.logAgent("close connection", -1, "close connection from %s: %v", c.RemoteAddr(), err)
 		c.Close()
 		return
 	}
@@ -440,8 +444,7 @@ var lookupPeerUID = peerUID
 
 // logUnknownUID logs a connection refused for want of an owner, at most once a minute.
 func (s *Server) logUnknownUID(orig netip.AddrPort) {
-	now := time.Now().Unix()
-	if last := s.unknownUIDLogged.Load(); now-last >= 60 && s.unknownUIDLogged.CompareAndSwap(last, now) {
+	if log, _ := s.logs.note(logKey{"unknown owner", -1}, logRule{burst: 1, every: time.Minute}, time.Now()); log {
 		s.logf("refused a connection to %s whose owner could not be found (its socket closed at once, or its tuple changed); such connections are refused, and this is logged once a minute", orig)
 	}
 }
@@ -470,7 +473,7 @@ func (s *Server) passthrough(ctx context.Context, c *net.TCPConn, peeked []byte,
 	up, err := s.dial(dctx, "tcp", f.OrigDst.String())
 	cancel()
 	if err != nil {
-		s.logf("passthrough to %s (sni %q): %v", f.OrigDst, f.SNI, err)
+		s.logAgent("passthrough", f.UID, "passthrough to %s (sni %q): %v", f.OrigDst, f.SNI, err)
 		return
 	}
 	defer up.Close()
@@ -541,7 +544,7 @@ func (s *Server) terminate(c *net.TCPConn, peeked []byte, f inject.Facts) {
 	err := tc.HandshakeContext(hctx)
 	cancel()
 	if err != nil {
-		s.logf("tls handshake with agent for %q: %v", f.SNI, err)
+		s.logAgent("tls handshake with agent", f.UID, "tls handshake with agent for %q: %v", f.SNI, err)
 		tc.Close()
 		return
 	}

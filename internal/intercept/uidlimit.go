@@ -14,10 +14,8 @@ import (
 type uidLimit struct {
 	max int
 
-	mu    sync.Mutex
-	open  map[int64]int // by UID; -1 for connections whose UID is unknown
-	quiet time.Time     // no log line about the limit before this
-	since int           // connections and streams refused since the last log line
+	mu   sync.Mutex
+	open map[int64]int // by UID; -1 for connections whose UID is unknown
 }
 
 func newUIDLimit(max int) *uidLimit {
@@ -46,26 +44,15 @@ func (l *uidLimit) release(uid int64) {
 	}
 }
 
-// refused notes a connection reset at the limit and returns how many were reset since the
-// last time it returned true; it returns true at most once every 10 s, so a flood of
-// connections does not become a flood of log lines.
-func (l *uidLimit) refused(now time.Time) (n, max int, ok bool) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	l.since++
-	if now.Before(l.quiet) {
-		return 0, l.max, false
-	}
-	n = l.since
-	l.since = 0
-	l.quiet = now.Add(10 * time.Second)
-	return n, l.max, true
-}
+// uidLimitLogRule: a flood of connections over the limit does not become a flood of log
+// lines; one line per user every 10 s, with the count since the last.
+var uidLimitLogRule = logRule{burst: 1, every: 10 * time.Second}
 
-// logUIDLimit logs, at most every 10 s, a connection or stream refused at uid's limit.
+// logUIDLimit logs, at most every 10 s per user, a connection or stream refused at uid's
+// limit.
 func (s *Server) logUIDLimit(uid int64) {
-	if n, max, ok := s.uidLimit.refused(time.Now()); ok {
-		s.logf("uid %d is at its limit of %d open connections (proxy.max_connections_per_uid); refused %d new connection(s) or stream(s) since the last message", uid, max, n)
+	if log, missed := s.logs.note(logKey{"uid limit", uid}, uidLimitLogRule, time.Now()); log {
+		s.logf("uid %d is at its limit of %d open connections (proxy.max_connections_per_uid); refused %d new connection(s) or stream(s) since the last message", uid, s.uidLimit.max, missed+1)
 	}
 }
 

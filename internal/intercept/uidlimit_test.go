@@ -28,17 +28,19 @@ func TestUIDLimit(t *testing.T) {
 		t.Fatalf("a user with no connections left stays in the map: %v", l.open)
 	}
 
+	var logs logThrottle
+	k := logKey{"uid limit", 1000}
 	now := time.Unix(1000, 0)
-	if n, _, ok := l.refused(now); !ok || n != 1 {
-		t.Fatalf("first refusal: %d %v, want a log line for 1", n, ok)
+	if ok, missed := logs.note(k, uidLimitLogRule, now); !ok || missed != 0 {
+		t.Fatalf("first refusal: %v %d, want a log line for 1", ok, missed)
 	}
 	for i := 0; i < 5; i++ {
-		if _, _, ok := l.refused(now.Add(time.Second)); ok {
+		if ok, _ := logs.note(k, uidLimitLogRule, now.Add(time.Second)); ok {
 			t.Fatal("logged again within 10 s")
 		}
 	}
-	if n, _, ok := l.refused(now.Add(11 * time.Second)); !ok || n != 6 {
-		t.Fatalf("after 10 s: %d %v, want a log line for the 6 since the last", n, ok)
+	if ok, missed := logs.note(k, uidLimitLogRule, now.Add(11*time.Second)); !ok || missed+1 != 6 {
+		t.Fatalf("after 10 s: %v %d, want a log line for the 6 since the last", ok, missed)
 	}
 }
 

@@ -1,0 +1,43 @@
+package intercept
+
+import (
+	"testing"
+	"time"
+)
+
+// TestLogThrottle: per reason and user, the first agentLogRule.burst lines of an interval
+// are logged and the rest counted; the count comes with the first line of a later interval.
+// Another user, or another reason, has lines of its own.
+func TestLogThrottle(t *testing.T) {
+	var l logThrottle
+	r := agentLogRule
+	k := logKey{"tls handshake with agent", 1000}
+	now := time.Unix(1000, 0)
+	logged := 0
+	for range 1000 {
+		if ok, missed := l.note(k, r, now); ok {
+			logged++
+		} else if missed != 0 {
+			t.Fatalf("a count reported within the interval: %d", missed)
+		}
+	}
+	if logged != r.burst {
+		t.Fatalf("%d of 1000 lines logged in one interval, want %d", logged, r.burst)
+	}
+	if ok, _ := l.note(logKey{"tls handshake with agent", 1001}, r, now); !ok {
+		t.Fatal("another user's first line was not logged")
+	}
+	if ok, _ := l.note(logKey{"passthrough", 1000}, r, now); !ok {
+		t.Fatal("another reason's first line was not logged")
+	}
+	if got := l.suppressed.Load(); got != uint64(1000-r.burst) {
+		t.Fatalf("suppressed = %d, want %d", got, 1000-r.burst)
+	}
+	ok, missed := l.note(k, r, now.Add(r.every))
+	if !ok || missed != 1000-r.burst {
+		t.Fatalf("first line of the next interval: logged %v, count %d, want true, %d", ok, missed, 1000-r.burst)
+	}
+	if ok, missed := l.note(k, r, now.Add(2*r.every)); !ok || missed != 0 {
+		t.Fatalf("an interval with nothing suppressed: %v %d", ok, missed)
+	}
+}
