@@ -1,6 +1,7 @@
 package intercept
 
 import (
+	"errors"
 	"fmt"
 	"net"
 	"net/netip"
@@ -58,7 +59,7 @@ func TestPeerUIDWhenTheNATMovedTheSourcePort(t *testing.T) {
 	}
 	// The lookups run in the namespace, as avpd's do in the agent's; the shared sock_diag
 	// socket is opened anew there and closed after.
-	resetDiag := func() { diag.mu.Lock(); diag.close(); diag.mu.Unlock() }
+	resetDiag := closeNetlinkSockets
 	var got int64
 	ns.do(t, func() error {
 		resetDiag()
@@ -73,7 +74,7 @@ func TestPeerUIDWhenTheNATMovedTheSourcePort(t *testing.T) {
 
 // redirectedListener makes a namespace in which TCP to port 443 goes to the returned
 // listener on 127.0.0.1, as avpd's rule sends an enrolled user's.
-func redirectedListener(t *testing.T) (*testNetns, *net.TCPListener) {
+func redirectedListener(t testing.TB) (*testNetns, *net.TCPListener) {
 	t.Helper()
 	ns := newTestNetns(t)
 	var ln *net.TCPListener
@@ -91,4 +92,57 @@ func redirectedListener(t *testing.T) (*testNetns, *net.TCPListener) {
 }
 `, ln.Addr().(*net.TCPAddr).Port))
 	return ns, ln
+}
+
+// BenchmarkPeerUIDRedirected is peerUID as avpd runs it on each new connection: a
+// connection redirected by the NAT, whose owner is found with conntrack and sock_diag.
+func BenchmarkPeerUIDRedirected(b *testing.B) {
+	requireNetnsPrivileges(b)
+	ns, ln := redirectedListener(b)
+	var c net.Conn
+	ns.do(b, func() error {
+		var err error
+		c, err = net.DialTimeout("tcp4", "127.0.0.2:443", 5*time.Second)
+		return err
+	})
+	defer c.Close()
+	s, err := ln.AcceptTCP()
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer s.Close()
+	orig, err := OriginalDst(s)
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.ReportAllocs()
+	ns.do(b, func() error {
+		closeNetlinkSockets()
+		defer closeNetlinkSockets()
+		// What is measured is the lookup through conntrack, not its fallback.
+		local, remote := s.LocalAddr().(*net.TCPAddr).AddrPort(), s.RemoteAddr().(*net.TCPAddr).AddrPort()
+		if src, err := ctSource(local, remote); err != nil || src != remote {
+			return fmt.Errorf("conntrack: %v %v", src, err)
+		}
+		b.ResetTimer()
+		for range b.N {
+			if peerUID(s, orig) != int64(os.Geteuid()) {
+				return errors.New("not found")
+			}
+		}
+		b.StopTimer()
+		return nil
+	})
+}
+
+// closeNetlinkSockets closes the shared sock_diag and ctnetlink sockets, so that the next
+// lookup opens them in the namespace of the thread it runs on (as avpd's are in the
+// agents' namespace).
+func closeNetlinkSockets() {
+	diag.mu.Lock()
+	diag.close()
+	diag.mu.Unlock()
+	ct.mu.Lock()
+	ct.close()
+	ct.mu.Unlock()
 }

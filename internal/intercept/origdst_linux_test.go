@@ -22,7 +22,7 @@ import (
 
 // requireNetnsPrivileges skips (on a developer machine) or fails (in CI) when
 // the test cannot create network namespaces and nftables rules.
-func requireNetnsPrivileges(t *testing.T) {
+func requireNetnsPrivileges(t testing.TB) {
 	t.Helper()
 	reason := ""
 	if os.Geteuid() != 0 {
@@ -51,7 +51,7 @@ type testNetns struct {
 	name string
 }
 
-func runCmd(t *testing.T, stdin string, args ...string) {
+func runCmd(t testing.TB, stdin string, args ...string) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
 	defer cancel()
@@ -62,7 +62,7 @@ func runCmd(t *testing.T, stdin string, args ...string) {
 	}
 }
 
-func newTestNetns(t *testing.T) *testNetns {
+func newTestNetns(t testing.TB) *testNetns {
 	t.Helper()
 	var b [4]byte
 	rand.Read(b[:])
@@ -79,7 +79,7 @@ func newTestNetns(t *testing.T) *testNetns {
 	return ns
 }
 
-func (ns *testNetns) nft(t *testing.T, ruleset string) {
+func (ns *testNetns) nft(t testing.TB, ruleset string) {
 	t.Helper()
 	runCmd(t, ruleset, "ip", "netns", "exec", ns.name, "nft", "-f", "-")
 }
@@ -89,7 +89,7 @@ func (ns *testNetns) nft(t *testing.T, ruleset string) {
 // conns made by fn keep working from any goroutine afterwards. The goroutine
 // exits still locked to its thread, which makes the runtime destroy that
 // thread instead of reusing it for unrelated goroutines.
-func (ns *testNetns) do(t *testing.T, fn func() error) {
+func (ns *testNetns) do(t testing.TB, fn func() error) {
 	t.Helper()
 	errc := make(chan error, 1)
 	var inNS func()

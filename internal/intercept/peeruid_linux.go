@@ -12,7 +12,8 @@ import (
 
 // peerUID finds the UID that owns the agent's end of a redirected connection with
 // sock_diag. From the kernel's view the agent's socket runs from its own address to the
-// original destination (NAT is invisible to it), so that is the tuple to look up. It
+// original destination (NAT is invisible to it), from its own source port (conntrack's
+// original tuple, which the NAT may have moved), so that is the tuple to look up. It
 // returns -1 when the socket cannot be found; the UID is for audit and per-UID bindings,
 // never a reason to widen access.
 //
@@ -22,32 +23,46 @@ import (
 // every new connection: 1.7 ms per connection under a connect-per-request load, and
 // quadratic under a connection flood.
 func peerUID(c *net.TCPConn, orig netip.AddrPort) int64 {
-	src, ok := c.RemoteAddr().(*net.TCPAddr)
+	remote, ok := tcpAddrPort(c.RemoteAddr())
 	if !ok {
 		return -1
 	}
-	sa, ok := netip.AddrFromSlice(src.IP)
+	local, ok := tcpAddrPort(c.LocalAddr())
 	if !ok {
 		return -1
 	}
-	remote := netip.AddrPortFrom(sa, uint16(src.Port))
-	if uid := diag.lookup(remote, orig); uid >= 0 {
-		return uid
+	return peerUIDOf(local, remote, orig)
+}
+
+// peerUIDOf is peerUID for the accepted connection's local and remote addresses.
+//
+// Conntrack is asked first for the connection's source before the NAT
+// (ctsource_linux.go): when the NAT moved the agent's source port (two of its sockets on
+// one port to two destinations, both redirected), the accepted tuple runs from the moved
+// port P' to the destination, and another user's established, not redirected, socket
+// from P' to the same destination would be found by it, and taken for the agent's. Only
+// when conntrack cannot answer (no ctnetlink) is the accepted tuple looked up as it is.
+func peerUIDOf(local, remote, orig netip.AddrPort) int64 {
+	src, err := ctSource(local, remote)
+	if err != nil {
+		src = remote
 	}
-	// The NAT may have moved the source port (ctsource_linux.go): ask conntrack for the
-	// agent socket's own, and look that up.
-	local, ok := c.LocalAddr().(*net.TCPAddr)
+	return diag.lookup(src, orig)
+}
+
+// ctSource is conntrackSource; a test replaces it.
+var ctSource = conntrackSource
+
+func tcpAddrPort(a net.Addr) (netip.AddrPort, bool) {
+	ta, ok := a.(*net.TCPAddr)
 	if !ok {
-		return -1
+		return netip.AddrPort{}, false
 	}
-	la, ok := netip.AddrFromSlice(local.IP)
+	ip, ok := netip.AddrFromSlice(ta.IP)
 	if !ok {
-		return -1
+		return netip.AddrPort{}, false
 	}
-	if osrc, err := conntrackSource(netip.AddrPortFrom(la, uint16(local.Port)), remote); err == nil && osrc != remote {
-		return diag.lookup(osrc, orig)
-	}
-	return -1
+	return netip.AddrPortFrom(ip, uint16(ta.Port)), true
 }
 
 // diagSocket is one NETLINK_SOCK_DIAG socket shared by all lookups. The kernel answers a

@@ -96,13 +96,17 @@ func TestNATMovedPortIsNotTakenForAListenersOwner(t *testing.T) {
 				victims = append(victims, l)
 			}
 		}
-		// avpd's sock_diag socket lives in the agents' namespace, as in production.
+		// avpd's sock_diag and ctnetlink sockets live in the agents' namespace, as in
+		// production.
+		closeNetlinkSockets()
 		diag.mu.Lock()
-		diag.close()
 		ok := diag.open()
 		diag.mu.Unlock()
+		ct.mu.Lock()
+		ok = ct.open() && ok
+		ct.mu.Unlock()
 		if !ok {
-			return errors.New("open sock_diag")
+			return errors.New("open sock_diag or ctnetlink")
 		}
 		return nil
 	})
@@ -110,9 +114,7 @@ func TestNATMovedPortIsNotTakenForAListenersOwner(t *testing.T) {
 		for _, l := range victims {
 			l.Close()
 		}
-		diag.mu.Lock()
-		diag.close()
-		diag.mu.Unlock()
+		closeNetlinkSockets()
 	})
 
 	// Upstream: reports whether it received the real key.
