@@ -48,4 +48,8 @@ print("done")
 	if n > 50 {
 		t.Errorf("one agent wrote %d log lines in %v (%.0f/s): avpd's log is the agent's to flood", n, took, float64(n)/took.Seconds())
 	}
+	// The lines not logged are counted for status.
+	if st := string(e.avpctl("status", "--json")); !strings.Contains(st, fmt.Sprintf(`"log_lines_suppressed": %d`, 1000-n)) {
+		t.Errorf("status --json does not count the %d lines not logged:\n%s", 1000-n, st)
+	}
 }
