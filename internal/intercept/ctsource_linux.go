@@ -5,7 +5,6 @@ import (
 	"errors"
 	"net/netip"
 	"sync"
-	"time"
 
 	"github.com/mdlayher/netlink"
 	"golang.org/x/sys/unix"
@@ -138,27 +137,11 @@ func (d *ctSocket) get(family uint8, attrs []byte, srcAttr uint16) (netip.AddrPo
 }
 
 func (d *ctSocket) open() bool {
-	fd, err := unix.Socket(unix.AF_NETLINK, unix.SOCK_RAW|unix.SOCK_CLOEXEC, unix.NETLINK_NETFILTER)
-	if err != nil {
-		return false
-	}
-	// The kernel answers inside sendto; the timeout only guards against a kernel that does not.
-	tv := unix.NsecToTimeval(int64(time.Second))
-	unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &tv)
-	if err := unix.Bind(fd, &unix.SockaddrNetlink{Family: unix.AF_NETLINK}); err != nil {
-		unix.Close(fd)
-		return false
-	}
-	d.fd = fd
-	return true
+	d.fd = openNetlink(unix.SOCK_RAW, unix.NETLINK_NETFILTER)
+	return d.fd >= 0
 }
 
-func (d *ctSocket) close() {
-	if d.fd >= 0 {
-		unix.Close(d.fd)
-		d.fd = -1
-	}
-}
+func (d *ctSocket) close() { closeNetlink(&d.fd) }
 
 func addrBytes(a netip.Addr, family uint8) []byte {
 	if family == unix.AF_INET {

@@ -195,24 +195,32 @@ func (d *diagSocket) lookup(src, dst netip.AddrPort) int64 {
 }
 
 func (d *diagSocket) open() bool {
-	fd, err := unix.Socket(unix.AF_NETLINK, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, unix.NETLINK_SOCK_DIAG)
+	d.fd = openNetlink(unix.SOCK_DGRAM, unix.NETLINK_SOCK_DIAG)
+	return d.fd >= 0
+}
+
+func (d *diagSocket) close() { closeNetlink(&d.fd) }
+
+// openNetlink opens and binds a netlink socket of proto for lookups that hold it open, or
+// returns -1.
+func openNetlink(typ, proto int) int {
+	fd, err := unix.Socket(unix.AF_NETLINK, typ|unix.SOCK_CLOEXEC, proto)
 	if err != nil {
-		return false
+		return -1
 	}
 	// The kernel answers inside sendto; the timeout only guards against a kernel that does not.
 	tv := unix.NsecToTimeval(int64(time.Second))
 	unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &tv)
 	if err := unix.Bind(fd, &unix.SockaddrNetlink{Family: unix.AF_NETLINK}); err != nil {
 		unix.Close(fd)
-		return false
+		return -1
 	}
-	d.fd = fd
-	return true
+	return fd
 }
 
-func (d *diagSocket) close() {
-	if d.fd >= 0 {
-		unix.Close(d.fd)
-		d.fd = -1
+func closeNetlink(fd *int) {
+	if *fd >= 0 {
+		unix.Close(*fd)
+		*fd = -1
 	}
 }
