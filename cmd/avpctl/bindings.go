@@ -130,7 +130,7 @@ func checkBackendFiles(cfg *config.Config, warn io.Writer) error {
 			return nil
 		}
 		if err != nil {
-			return secretsFileError(path, owners, err)
+			return config.SecretsFileError(path, owners, err)
 		}
 		if missing := cfg.MissingNames(have); len(missing) > 0 {
 			fmt.Fprintf(warn, "warning: secrets file %s has no value for %s: requests that inject them will get 503 secret_unavailable; add a line NAME: value for each\n", path, strings.Join(missing, ", "))
@@ -176,39 +176,6 @@ func pathErr(err error) error {
 	var pe *fs.PathError
 	if errors.As(err, &pe) {
 		return pe.Err
-	}
-	return err
-}
-
-// secretsFileError rewords the secrets file's error for the operator: the path once, the
-// line of a YAML syntax error (its text is not shown: yaml quotes an unknown alias, which
-// may be part of a value), and a fix.
-func secretsFileError(path string, owners []int, err error) error {
-	var pe *fs.PathError
-	if errors.As(err, &pe) {
-		if errors.Is(err, fs.ErrNotExist) {
-			return fmt.Errorf("secrets file %s: %v; create it, chmod 600, with a line NAME: value for each secret", path, pe.Err)
-		}
-		return fmt.Errorf("secrets file %s: %v", path, pe.Err)
-	}
-	// The store said no: when the file's mode and owner pass and its YAML does not, the
-	// error was the syntax, and the line is found here.
-	f, oerr := os.Open(path)
-	if oerr != nil {
-		return err
-	}
-	defer f.Close()
-	fi, serr := f.Stat()
-	if serr != nil || store.CheckPrivateOwners(fi, path, "secrets file", owners...) != nil || fi.Size() > 1<<20 {
-		return err
-	}
-	data, rerr := io.ReadAll(f)
-	defer store.Wipe(data)
-	if rerr != nil {
-		return err
-	}
-	if serr := config.SecretsSyntaxError(path, data); serr != nil {
-		return serr
 	}
 	return err
 }

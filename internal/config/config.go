@@ -23,6 +23,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/agent-vault-proxy/agent-vault-proxy/internal/store"
 	"github.com/agent-vault-proxy/agent-vault-proxy/internal/template"
 
 	"golang.org/x/net/publicsuffix"
@@ -375,6 +376,37 @@ func misindented(msg string) bool {
 func SyntaxLine(data []byte, err error) int {
 	line, _ := syntaxLine(data, err)
 	return line
+}
+
+// SecretsFileError rewords the file backend's error about the secrets file at path for the
+// operator: the path once (the store wraps os's error, which names it again), a fix for a
+// missing file, and the line of a YAML syntax error, never its text. The store names no
+// line: when the file's mode and owner pass for owners (else the store's error says what to
+// chmod) and its YAML does not, the line is found here.
+func SecretsFileError(path string, owners []int, err error) error {
+	var pe *fs.PathError
+	if errors.As(err, &pe) {
+		if errors.Is(err, fs.ErrNotExist) {
+			return fmt.Errorf("secrets file %s: %v; create it, chmod 600, with a line NAME: value for each secret", path, pe.Err)
+		}
+		return fmt.Errorf("secrets file %s: %v", path, pe.Err)
+	}
+	f, oerr := os.Open(path)
+	if oerr != nil {
+		return err
+	}
+	defer f.Close()
+	if fi, serr := f.Stat(); serr != nil || store.CheckPrivateOwners(fi, path, "secrets file", owners...) != nil || fi.Size() > 1<<20 {
+		return err
+	}
+	data, rerr := io.ReadAll(f)
+	defer store.Wipe(data)
+	if rerr == nil {
+		if serr := SecretsSyntaxError(path, data); serr != nil {
+			return serr
+		}
+	}
+	return err
 }
 
 // SecretsSyntaxError says where a secrets file (a YAML map of NAME: value) whose data does

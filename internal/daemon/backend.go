@@ -2,10 +2,7 @@ package daemon
 
 import (
 	"context"
-	"errors"
 	"fmt"
-	"io"
-	"io/fs"
 	"os"
 	"slices"
 	"strings"
@@ -28,7 +25,7 @@ func (d *Daemon) openBackend(cfg *config.Config) error {
 	case "file":
 		fb, err := store.NewFileBackend(cfg.Backend.File.Path)
 		if err != nil {
-			return secretsFileError(cfg.Backend.File.Path, err)
+			return config.SecretsFileError(cfg.Backend.File.Path, []int{os.Geteuid()}, err)
 		}
 		d.file, backend = fb, fb
 		_ = d.checkFileNames(cfg) // NewFileBackend has checked the file; this logs missing names
@@ -90,7 +87,7 @@ func (d *Daemon) checkFileNames(cfg *config.Config) error {
 	}
 	have, err := d.file.Check()
 	if err != nil {
-		return secretsFileError(cfg.Backend.File.Path, err)
+		return config.SecretsFileError(cfg.Backend.File.Path, []int{os.Geteuid()}, err)
 	}
 	missing := cfg.MissingNames(have)
 	if len(missing) > 0 {
@@ -98,37 +95,6 @@ func (d *Daemon) checkFileNames(cfg *config.Config) error {
 	}
 	d.fileMissing.Store(&missing)
 	return nil
-}
-
-// secretsFileError rewords the file backend's error for the operator: the path once (the
-// store wraps os's error, which names it again) with a fix for a missing file, and the line
-// of a YAML syntax error, never its text.
-func secretsFileError(path string, err error) error {
-	var pe *fs.PathError
-	if errors.As(err, &pe) {
-		if errors.Is(err, fs.ErrNotExist) {
-			return fmt.Errorf("secrets file %s: %v; create it, chmod 600, with a line NAME: value for each secret", path, pe.Err)
-		}
-		return fmt.Errorf("secrets file %s: %v", path, pe.Err)
-	}
-	// The store names no line for a syntax error: when the file's mode and owner pass (else
-	// the store's error says what to chmod) and its YAML does not, the line is found here.
-	f, oerr := os.Open(path)
-	if oerr != nil {
-		return err
-	}
-	defer f.Close()
-	if fi, serr := f.Stat(); serr != nil || store.CheckPrivate(fi, path, "secrets file") != nil || fi.Size() > 1<<20 {
-		return err
-	}
-	data, rerr := io.ReadAll(f)
-	defer store.Wipe(data)
-	if rerr == nil {
-		if serr := config.SecretsSyntaxError(path, data); serr != nil {
-			return serr
-		}
-	}
-	return err
 }
 
 func (d *Daemon) secretNames() []string {
