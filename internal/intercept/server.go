@@ -561,7 +561,9 @@ func (s *Server) record(ctx context.Context, events ...audit.Event) error {
 	err := s.auditor.Record(ctx, events...)
 	if err != nil {
 		s.stats.auditErrors.Add(1)
-		s.logf("audit: %v", err)
+		// Once per request while the log does not answer: the first few lines of each
+		// interval say why, the count says how many (status counts every one).
+		s.logAgent("audit failures", -1, "audit: %v", err)
 	}
 	return err
 }
