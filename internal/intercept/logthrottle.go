@@ -1,6 +1,7 @@
 package intercept
 
 import (
+	"context"
 	"fmt"
 	"sync"
 	"sync/atomic"
@@ -77,6 +78,45 @@ func (t *logThrottle) note(k logKey, r logRule, now time.Time) (log bool, missed
 	w.missed++
 	t.suppressed.Add(1)
 	return false, missed
+}
+
+// ended returns, and forgets, the keys whose interval ended at now with lines not logged:
+// a flood that stopped would otherwise never have its count logged.
+func (t *logThrottle) ended(now time.Time) map[logKey]int {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	var out map[logKey]int
+	for k, w := range t.m {
+		if now.Before(w.end) {
+			continue
+		}
+		if w.missed > 0 {
+			if out == nil {
+				out = map[logKey]int{}
+			}
+			out[k] = w.missed
+		}
+		delete(t.m, k)
+	}
+	return out
+}
+
+// reportSuppressed logs, every interval until ctx ends, how many lines of each reason and
+// user were not logged in an interval that has ended.
+func (s *Server) reportSuppressed(ctx context.Context) {
+	r := agentLogRule
+	tick := time.NewTicker(r.every)
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case now := <-tick.C:
+			for k, missed := range s.logs.ended(now) {
+				s.logf("%s (%s): %d more such line(s) not logged; at most %d are logged per user every %v", k.reason, uidText(k.uid), missed, r.burst, r.every)
+			}
+		}
+	}
 }
 
 // logAgent logs a line an agent can cause once per connection or request (reason names

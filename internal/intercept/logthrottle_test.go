@@ -41,3 +41,27 @@ func TestLogThrottle(t *testing.T) {
 		t.Fatalf("an interval with nothing suppressed: %v %d", ok, missed)
 	}
 }
+
+// A flood that stops had its count logged only when the same reason logged again, which
+// it may never do: the count of an interval that ended is reported by itself.
+func TestLogThrottleReportsAnEndedFlood(t *testing.T) {
+	var l logThrottle
+	r := agentLogRule
+	k := logKey{"tls handshake with agent", 1000}
+	now := time.Unix(1000, 0)
+	for range 50 {
+		l.note(k, r, now)
+	}
+	if got := l.ended(now.Add(r.every / 2)); len(got) != 0 {
+		t.Fatalf("reported before the interval ended: %v", got)
+	}
+	if got := l.ended(now.Add(r.every)); got[k] != 50-r.burst {
+		t.Fatalf("ended interval reported %v, want %d for %v", got, 50-r.burst, k)
+	}
+	if got := l.ended(now.Add(2 * r.every)); len(got) != 0 {
+		t.Fatalf("reported twice: %v", got)
+	}
+	if ok, missed := l.note(k, r, now.Add(2*r.every)); !ok || missed != 0 {
+		t.Fatalf("after the report: logged %v, count %d, want true, 0", ok, missed)
+	}
+}

@@ -200,6 +200,7 @@ func NewServer(opts Options) (*Server, error) {
 	lateCtx, stopLate := context.WithCancel(context.Background())
 	s.stopLate = stopLate
 	go s.recordLate(lateCtx)
+	go s.reportSuppressed(lateCtx)
 	s.agentTLS = s.newAgentTLS()
 	s.upstream = newUpstreamPool(opts.UpstreamTLS, s.dial)
 	s.upstream.onConn = s.trackUpstream
