@@ -308,12 +308,26 @@ func (s *Server) prepare(ctx context.Context, f inject.Facts, method, authority 
 		s.auditUnavailable(base)
 		return refused(http.StatusServiceUnavailable, "audit_unavailable")
 	}
+	if ctx.Err() != nil {
+		// The agent went away (reset its stream, closed) while the decision was recorded:
+		// nothing is sent, and the trail says so after the inject line.
+		inj.wipeAll()
+		e := base
+		e.Decision, e.Reason = audit.DecisionRefuse, ReasonAgentGone
+		e.Detail = "the agent closed or reset the request while its decision was being recorded; nothing was sent upstream"
+		_ = s.record(ctx, e)
+		return deny(http.StatusBadRequest, ReasonAgentGone)
+	}
 	if d.BodyOverrideMatters() {
 		inj.check = &bodyCheck{policy: policy, facts: f, req: ir, d: d, base: base}
 	}
 	s.stats.injected.Add(1)
 	return prepared{inj: inj, release: release, policy: policy}
 }
+
+// ReasonAgentGone is the refusal recorded after the inject line of a request whose agent
+// went away before it could be sent.
+const ReasonAgentGone = "agent_gone"
 
 // ReasonPolicyChanged is the refusal recorded after the inject line of a request whose
 // policy was replaced (a reload, an unenroll) while it waited for its upstream connection:
@@ -635,6 +649,11 @@ func scrubError(err error) string {
 	return msg
 }
 
+// h2ReceiveBufferPerStream bounds the flow-control window avpd grants a peer per HTTP/2
+// stream, on the agent's side and the upstream's: what it holds for a stream whose other
+// side does not read.
+const h2ReceiveBufferPerStream = 64 << 10
+
 // upstreamAuthority is the Host an injected request carries upstream: the bound name the
 // TLS connection was verified for, not the agent's spelling of it. The decision compared
 // the two normalized (case, port, a trailing dot); an upstream that routes by Host could
@@ -954,7 +973,14 @@ func (p *upstreamPool) transport(k upstreamKey) *http.Transport {
 		// A connection is shared by every user's streams, and a request holds the reload
 		// gate while it waits to write its headers (h2Gate): an upstream that stops reading
 		// may stall that write for no longer than this, and a dead one is found by pings.
-		HTTP2:                 &http.HTTP2Config{WriteByteTimeout: h2UpstreamWriteTimeout, SendPingTimeout: 30 * time.Second, PingTimeout: 15 * time.Second},
+		// What an upstream may send ahead of the agent's reading is what avpd holds for an
+		// agent that does not read: Go's default is 4 MiB per stream, 64 GiB for one user at
+		// the default proxy.max_connections_per_uid. 64 KiB per stream bounds it as the
+		// HTTP/1.1 path's buffers do (at about 1.3 MB/s per stream across a 50 ms path).
+		HTTP2: &http.HTTP2Config{
+			WriteByteTimeout: h2UpstreamWriteTimeout, SendPingTimeout: 30 * time.Second, PingTimeout: 15 * time.Second,
+			MaxReceiveBufferPerStream: h2ReceiveBufferPerStream, MaxReceiveBufferPerConnection: 1 << 20,
+		},
 		ExpectContinueTimeout: time.Second,
 		Proxy:                 nil,
 	}

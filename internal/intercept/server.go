@@ -216,7 +216,14 @@ func NewServer(opts Options) (*Server, error) {
 		ErrorLog:          log.New(logfWriter(s.agentLogf("agent side")), "agent side: ", 0),
 		// Each stream may hold an upstream connection of its own; 100 is what most servers
 		// allow (Go's default is 250).
-		HTTP2: &http.HTTP2Config{MaxConcurrentStreams: maxStreamsPerConn},
+		// The agent's request bodies wait here until the handler reads them (while its
+		// upstream is dialled, say): Go's default of 1 MiB per stream and connection let
+		// one user hold 8 GiB within its default slot budget.
+		HTTP2: &http.HTTP2Config{
+			MaxConcurrentStreams:          maxStreamsPerConn,
+			MaxReceiveBufferPerStream:     h2ReceiveBufferPerStream,
+			MaxReceiveBufferPerConnection: h2ReceiveBufferPerStream,
+		},
 	}
 	s.httpSrv.SetKeepAlivesEnabled(true)
 	go func() {
@@ -557,9 +564,11 @@ func (s *Server) terminate(c *net.TCPConn, peeked []byte, f inject.Facts) {
 	s.serveH1(tc, f)
 }
 
-// record sends events to the auditor and counts failures.
+// record sends events to the auditor and counts failures. An agent that goes away (resets
+// its stream) does not cancel it: the decision is recorded all the same, within
+// audit.timeout, and a cancelled wait is not the audit log failing.
 func (s *Server) record(ctx context.Context, events ...audit.Event) error {
-	err := s.auditor.Record(ctx, events...)
+	err := s.auditor.Record(context.WithoutCancel(ctx), events...)
 	if err != nil {
 		s.stats.auditErrors.Add(1)
 		// Once per request while the log does not answer: the first few lines of each
