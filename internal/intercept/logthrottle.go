@@ -37,6 +37,9 @@ type logWindow struct {
 	end    time.Time // the interval ends
 	logged int       // lines logged in the interval
 	missed int       // lines not logged since the last report
+	// agent: the key's lines go through logAgent, whose count ended reports; others (the
+	// per-user limit, the unknown owner) count in their own next line.
+	agent bool
 }
 
 // maxLogKeys bounds the map; past it, keys whose interval ended are dropped.
@@ -65,7 +68,7 @@ func (t *logThrottle) note(k logKey, r logRule, now time.Time) (log bool, missed
 				}
 			}
 		}
-		w = &logWindow{}
+		w = &logWindow{agent: r == agentLogRule}
 		t.m[k] = w
 	}
 	if !now.Before(w.end) {
@@ -87,7 +90,7 @@ func (t *logThrottle) ended(now time.Time) map[logKey]int {
 	defer t.mu.Unlock()
 	var out map[logKey]int
 	for k, w := range t.m {
-		if now.Before(w.end) {
+		if !w.agent || now.Before(w.end) {
 			continue
 		}
 		if w.missed > 0 {

@@ -65,3 +65,21 @@ func TestLogThrottleReportsAnEndedFlood(t *testing.T) {
 		t.Fatalf("after the report: logged %v, count %d, want true, 0", ok, missed)
 	}
 }
+
+// The per-user limit's line counts what it did not log in its own next line, by its own
+// rule: the report of ended intervals leaves it alone (it had reported it under the agent
+// lines' rule, and the limit's next line then undercounted).
+func TestLogThrottleEndedLeavesOtherRulesAlone(t *testing.T) {
+	var l logThrottle
+	k := logKey{"uid limit", 1001}
+	now := time.Unix(1000, 0)
+	for range 50 {
+		l.note(k, uidLimitLogRule, now)
+	}
+	if got := l.ended(now.Add(time.Hour)); len(got) != 0 {
+		t.Fatalf("ended reported the uid limit's lines: %v", got)
+	}
+	if ok, missed := l.note(k, uidLimitLogRule, now.Add(time.Hour)); !ok || missed != 49 {
+		t.Fatalf("the limit's next line: logged %v, count %d, want true, 49", ok, missed)
+	}
+}
