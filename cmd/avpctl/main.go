@@ -46,8 +46,10 @@ var commandDetails = map[string]string{
 Exit 0 when no check failed, 1 when one did.`,
 	"audit": `Forms:
   audit verify [--key FILE] [--partial] [PATH...]
-      check the journal's log set (default /var/log/agent-vault-proxy/audit.jsonl and its
-      rotated files): seq, chain, schema, and with --key every MAC. A set that does not
+      check the journal's log set (default: the audit.path of
+      /etc/agent-vault-proxy/bindings.yaml when it sets one, else
+      /var/log/agent-vault-proxy/audit.jsonl, with its rotated files): seq, chain, schema,
+      and with --key every MAC. A set that does not
       start at seq 1 is broken (the journal deletes no file) unless --partial says that
       the earlier files were left out on purpose. Exit 0 intact, 1 broken (the first bad
       line is named), 2 not verified (the in-process log, which has no chain, or a file
@@ -55,7 +57,7 @@ Exit 0 when no check failed, 1 when one did.`,
   audit tail [-f] [-n N] [--secret NAME] [--decision D] [--json] [PATH]
       the last N (default 10) events, filtered by secret and decision (inject,
       forward_verbatim, refuse, passthrough, backend_error, host_mismatch, ...);
-      -f follows the log across rotation.`,
+      -f follows the log across rotation. The default log is verify's.`,
 	"bindings": `Forms:
   bindings check [FILE]    validate a bindings file (default /etc/agent-vault-proxy/bindings.yaml):
                            every error with file:line:column and a fix; exit 0 ok, 1 errors
@@ -67,8 +69,8 @@ Exit 0 when no check failed, 1 when one did.`,
 func commands() map[string]command {
 	return map[string]command{
 		"audit":        {"verify [--key FILE] [--partial] [PATH...] | tail [-f] [PATH]", "check the audit log's chain, seq and MACs (exit 1: broken), or show its events; tail also takes -n N, --secret NAME, --decision D, --json", runAudit},
-		"enroll-uid":   {"USER|UID", "redirect this user's outbound HTTPS through avpd", runEnroll},
-		"unenroll-uid": {"USER|UID", "stop redirecting this user", runUnenroll},
+		"enroll-uid":   {"USER|UID", "redirect this user's outbound HTTPS through avpd (exit 3: done, but the audit log has not recorded it yet)", runEnroll},
+		"unenroll-uid": {"USER|UID", "stop redirecting this user (exit 3: done, but the audit log has not recorded it yet)", runUnenroll},
 		"status":       {"[--json]", "listeners, enrolled UIDs, secret names (never values), counters", runStatus},
 		"ca":           {"cert | install | uninstall | env [--format F]", "print avpd's CA, add it to (or remove it from) the system trust store, or print the variables for runtimes that ignore the store", runCA},
 		"doctor":       {"[--uid USER] [--host NAME] [--config FILE] [--state-dir DIR] [--daemon-user USER] [--json]", "check the kernel, firewall, daemon, config, permissions and CA trust; print a fix for each failure (exit 1)", runDoctor},
@@ -92,7 +94,7 @@ func usage(w io.Writer) {
 		fmt.Fprintf(w, "  %-28s %s\n", strings.TrimSpace(n+" "+c.synopsis), c.summary)
 	}
 	fmt.Fprintf(w, "\nGlobal flags:\n  --runtime-dir DIR            where avpd's admin socket lives (default /run/agent-vault-proxy)\n")
-	fmt.Fprintf(w, "\nExit codes: 0 success, 1 the command failed, 2 usage error.\n")
+	fmt.Fprintf(w, "\nExit codes: 0 success, 1 the command failed, 2 usage error, 3 done but not yet in the\naudit log (enroll-uid, unenroll-uid) or access widens (bindings diff).\n")
 }
 
 func main() {
