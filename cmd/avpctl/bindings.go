@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"context"
+	"crypto/x509"
 	"errors"
 	"flag"
 	"fmt"
@@ -17,6 +18,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/agent-vault-proxy/agent-vault-proxy/internal/config"
+	"github.com/agent-vault-proxy/agent-vault-proxy/internal/daemon"
 	"github.com/agent-vault-proxy/agent-vault-proxy/internal/inject"
 	"github.com/agent-vault-proxy/agent-vault-proxy/internal/store"
 	"github.com/agent-vault-proxy/agent-vault-proxy/internal/store/bws"
@@ -54,6 +56,10 @@ func runBindings(g globals, args []string, stdout, stderr io.Writer) int {
 		}
 		if err := checkBackendFiles(cfg, stderr); err != nil {
 			fmt.Fprintln(stderr, err) // it names the file that fails
+			return 1
+		}
+		if err := daemon.AddUpstreamCAFile(x509.NewCertPool(), cfg.Proxy.UpstreamCAFile); err != nil {
+			fmt.Fprintf(stderr, "%s: %v\n", path, err)
 			return 1
 		}
 		n := 0

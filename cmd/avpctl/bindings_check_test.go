@@ -135,3 +135,16 @@ func TestBindingsCheckTokenShape(t *testing.T) {
 		})
 	}
 }
+
+// TestBindingsCheckReadsTheUpstreamCAFile: a proxy.upstream_ca_file that does not exist (the
+// README's own sample path) passed bindings check, and avpd then refused to start.
+func TestBindingsCheckReadsTheUpstreamCAFile(t *testing.T) {
+	cfg, _ := oneSecretConfig(t, "OPENAI_API_KEY: sk-proj-0123456789abcdef\n")
+	data, _ := os.ReadFile(cfg)
+	missing := filepath.Join(t.TempDir(), "extra-roots.pem")
+	os.WriteFile(cfg, append(data, []byte("proxy: {upstream_ca_file: "+missing+"}\n")...), 0o600)
+	code, out, errs := avpctl("bindings", "check", cfg)
+	if code != 1 || !strings.Contains(errs, "proxy.upstream_ca_file "+missing) || !strings.Contains(errs, "remove the key") {
+		t.Fatalf("exit %d, stdout %q, stderr %q: want exit 1 naming the missing upstream CA file and the fix", code, out, errs)
+	}
+}

@@ -14,6 +14,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io/fs"
 	"math"
 	"net"
 	"net/netip"
@@ -268,16 +269,30 @@ func upstreamTLSConfig(caFile string) (*tls.Config, error) {
 	if err != nil || roots == nil {
 		roots = x509.NewCertPool()
 	}
-	if caFile != "" {
-		pem, err := os.ReadFile(caFile)
-		if err != nil {
-			return nil, fmt.Errorf("read proxy.upstream_ca_file %s: %w", caFile, err)
-		}
-		if !roots.AppendCertsFromPEM(pem) {
-			return nil, fmt.Errorf("proxy.upstream_ca_file %s holds no PEM certificate", caFile)
-		}
+	if err := AddUpstreamCAFile(roots, caFile); err != nil {
+		return nil, err
 	}
 	return &tls.Config{RootCAs: roots, MinVersion: tls.VersionTLS12}, nil
+}
+
+// AddUpstreamCAFile adds proxy.upstream_ca_file's certificates to roots (none for ""), as
+// avpd does at start; avpctl bindings check runs it too, so what passes there starts.
+func AddUpstreamCAFile(roots *x509.CertPool, caFile string) error {
+	if caFile == "" {
+		return nil
+	}
+	pem, err := os.ReadFile(caFile)
+	if err != nil {
+		var pe *fs.PathError
+		if errors.As(err, &pe) {
+			err = pe.Err
+		}
+		return fmt.Errorf("proxy.upstream_ca_file %s: %v; give a PEM file of extra roots avpd trusts upstream, or remove the key", caFile, err)
+	}
+	if !roots.AppendCertsFromPEM(pem) {
+		return fmt.Errorf("proxy.upstream_ca_file %s holds no PEM certificate; give a PEM file of extra roots avpd trusts upstream, or remove the key", caFile)
+	}
+	return nil
 }
 
 // listen takes the sockets systemd passed, or binds the configured address and the same port
