@@ -2,6 +2,7 @@ package audit
 
 import (
 	"bytes"
+	"context"
 	"fmt"
 	"os"
 	"os/exec"
@@ -237,5 +238,26 @@ func TestRecoveryRefusesDamageToTheFirstAcknowledgedLine(t *testing.T) {
 			m, _ := filepath.Glob(log + ".torn-*")
 			t.Fatalf("rotated=%v: start on a log whose first, acknowledged line is damaged: %v (moved aside: %v)", rotated, err, m)
 		}
+	}
+}
+
+// The hand-run avpd's in-process log sits where the journal's log goes by default; a
+// journal started on it said "restore the key", which no operator has. It says what the
+// file is and how to move it aside.
+func TestJournalNamesAnInProcessLogInItsPlace(t *testing.T) {
+	dir := shortDir(t)
+	log := filepath.Join(dir, "audit.jsonl")
+	w, err := OpenFile(log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	w.Record(context.Background(), Event{Type: TypeProxyStart, Detail: "avpd started"})
+	w.Close()
+	_, err = OpenJournal(JournalOptions{Log: log, Logf: t.Logf})
+	if err == nil || !strings.Contains(err.Error(), "in-process audit log") || !strings.Contains(err.Error(), "mv "+log) {
+		t.Fatalf("journal on an in-process log: %v", err)
+	}
+	if _, err := os.Stat(filepath.Join(dir, "journal.key")); err == nil {
+		t.Fatal("a key was left behind")
 	}
 }
