@@ -428,10 +428,20 @@ func syntaxLine(data []byte, err error) (int, string) {
 	if n, _ := fmt.Sscanf(msg, "line %d:", &line); n == 1 {
 		msg = strings.TrimSpace(msg[strings.IndexByte(msg, ':')+1:])
 	}
+	lines := strings.SplitAfter(string(data), "\n")
+	if strings.Contains(msg, "end of stream") && len(lines) <= 1000 {
+		// A quote never closed: yaml names the line after the last. The first prefix that
+		// does not parse ends at the line the quote opens on.
+		for n := 1; n <= len(lines); n++ {
+			var root yaml.Node
+			if yaml.Unmarshal([]byte(strings.Join(lines[:n], "")), &root) != nil {
+				return n, msg
+			}
+		}
+	}
 	if !misindented(msg) {
 		return line, msg
 	}
-	lines := strings.SplitAfter(string(data), "\n")
 	if len(lines) > 1000 {
 		return line, msg // a bindings file is far shorter; not worth the quadratic search
 	}

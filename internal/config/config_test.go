@@ -341,3 +341,23 @@ func TestLoadErrorNamesTheFileOnce(t *testing.T) {
 		t.Fatalf("%v", err)
 	}
 }
+
+// A quote never closed in a secrets file was reported at a line past its end (yaml names
+// the line after the last); the line the quote opens on is named.
+func TestSecretsSyntaxErrorNamesTheUnclosedQuote(t *testing.T) {
+	for _, tc := range []struct {
+		data string
+		line int
+	}{
+		{"FOO: \"unterminated\nBAR: ok\nBAZ: ok\n", 1},
+		{"FOO: ok\nBAR: 'open\n", 2},
+	} {
+		err := SecretsSyntaxError("/s.yaml", []byte(tc.data))
+		if err == nil || !strings.Contains(err.Error(), fmt.Sprintf("/s.yaml:%d:", tc.line)) {
+			t.Errorf("%q: %v, want line %d", tc.data, err, tc.line)
+		}
+		if strings.Contains(fmt.Sprint(err), "unterminated") || strings.Contains(fmt.Sprint(err), "open") && strings.Contains(fmt.Sprint(err), "'open") {
+			t.Errorf("a value reached the error: %v", err)
+		}
+	}
+}
