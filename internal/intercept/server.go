@@ -83,10 +83,10 @@ type Stats struct {
 	OverUIDLimit uint64 `json:"connections_over_uid_limit"`
 	// LateDropped counts audit_unavailable refusals that could not even be queued for a
 	// late record (the queue of 1024 was full).
-	LateDropped uint64 `json:"late_refusals_dropped,omitempty"`
+	LateDropped uint64 `json:"late_refusals_dropped"`
 	// LogSuppressed counts the log lines an agent caused (a failed handshake, an unreachable
 	// destination, ...) that were not logged, past the first few per user every 10 s.
-	LogSuppressed uint64 `json:"log_lines_suppressed,omitempty"`
+	LogSuppressed uint64 `json:"log_lines_suppressed"`
 	// VerbatimByReason and RefusedByReason split Verbatim and Refused by reason (the
 	// audit's reason field), so an operator sees at once, say, that an agent's client
 	// sends its key in a header the config does not list.
