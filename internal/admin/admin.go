@@ -77,7 +77,7 @@ func Listen(path string, handlers map[string]Handler, logf func(string, ...any))
 	if gid >= 0 {
 		if err := os.Chown(path, -1, gid); err != nil {
 			ln.Close()
-			return nil, fmt.Errorf("chown admin socket %s to group %s: %w", path, GroupName, err)
+			return nil, fmt.Errorf("chown admin socket %s to group %s: %w; add avpd's user to that group (usermod -aG %s USER; avpd.service does it with SupplementaryGroups=%s), or run avpd as root", path, GroupName, err, GroupName, GroupName)
 		}
 	}
 	if err := os.Chmod(path, 0o660); err != nil {

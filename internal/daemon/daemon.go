@@ -419,10 +419,20 @@ func (d *Daemon) reload() error {
 		d.logf("reload refused, the running config is unchanged: %v", err)
 		return err
 	}
-	if cfg.Backend != d.cfg.Backend || cfg.Proxy != d.cfg.Proxy || cfg.Audit != d.cfg.Audit || cfg.Cache != d.cfg.Cache {
+	var changed []string
+	for _, c := range []struct {
+		name string
+		diff bool
+	}{{"backend", cfg.Backend != d.cfg.Backend}, {"cache", cfg.Cache != d.cfg.Cache}, {"proxy", cfg.Proxy != d.cfg.Proxy}, {"audit", cfg.Audit != d.cfg.Audit}} {
+		if c.diff {
+			changed = append(changed, c.name)
+		}
+	}
+	if len(changed) > 0 {
+		what := strings.Join(changed, ", ")
 		d.audit(audit.Event{Type: audit.TypeConfigRejected, Detail: "backend, cache, proxy and audit sections change only on restart"})
-		d.logf("reload refused, the running config is unchanged: backend, cache, proxy and audit sections change only on restart")
-		return errors.New("backend, cache, proxy and audit sections change only on restart; only secrets can be reloaded")
+		d.logf("reload refused, the running config is unchanged: the %s section changed, which takes a restart", what)
+		return fmt.Errorf("the %s section changed, and backend, cache, proxy and audit change only on restart: nothing was reloaded (secrets included); restart avpd (systemctl restart avpd.service) to apply the file", what)
 	}
 	// The secrets file is checked as at start: a reload that flushed the cache and then
 	// found the file unreadable (its mode loosened, its YAML broken) would fail every request.

@@ -131,6 +131,13 @@ func TestReloadRefusesWritableConfig(t *testing.T) {
 		t.Fatal(err)
 	}
 	e.avpctl("reload")
+	// A section that changes only on restart: the reload names it and says to restart.
+	cfg := mustRead(t, e.config)
+	writeFile(t, e.config, []byte(strings.Replace(cfg, "cache: {ttl: 5m}", "cache: {ttl: 6m}", 1)), 0o640)
+	if out, err := e.avpctlErr("reload"); err == nil || !strings.Contains(string(out), "the cache section changed") || !strings.Contains(string(out), "restart avpd") {
+		t.Fatalf("reload of a changed cache section: err %v, %q", err, strings.TrimSpace(string(out)))
+	}
+	writeFile(t, e.config, []byte(cfg), 0o640)
 	for _, tc := range []struct {
 		mode  os.FileMode
 		owner int
