@@ -194,6 +194,9 @@ func HelperEnv(env []string) []string { return helperEnv(env) }
 // caller wipes the token.
 func readToken(path string) ([]byte, fileID, error) {
 	f, err := os.Open(path)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, fileID{}, fmt.Errorf("BWS access token file %s does not exist; write the machine account's access token to it: sudo sh -c 'umask 077; cat > %s' (then chown it to avpd's user)", path, path)
+	}
 	if err != nil {
 		return nil, fileID{}, fmt.Errorf("open BWS access token file %s: %w", path, err)
 	}
