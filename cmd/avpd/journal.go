@@ -81,9 +81,9 @@ func parseSize(s string) (int64, error) {
 func journalCmd(args []string, stdout, stderr io.Writer) int {
 	fs := flag.NewFlagSet("avpd journal", flag.ContinueOnError)
 	fs.SetOutput(stderr)
-	logPath := fs.String("log", "", "the live audit log (`PATH`); rotated files and the .head file sit beside it")
-	socket := fs.String("socket", "/run/avp-journal/journal.sock", "socket to bind when systemd passes none (`PATH`), mode 0660")
-	key := fs.String("key", "", "HMAC key file (`PATH`), created 0600 on first start (default: journal.key beside --log)")
+	logPath := fs.String("log", "", "`PATH` of the live audit log; rotated files and the .head file sit beside it")
+	socket := fs.String("socket", "/run/avp-journal/journal.sock", "`PATH` of the socket to bind when systemd passes none, mode 0660")
+	key := fs.String("key", "", "`PATH` of the HMAC key file, created 0600 on first start (default: journal.key beside --log)")
 	rotate := fs.String("rotate-size", "64M", "rotate the log when it reaches this size (`BYTES`, K/M/G suffixes)")
 	sockGroup := fs.String("socket-group", "", "give the socket it binds to this group (`GROUP`, name or number), so avpd's user can connect: avp for a journal run by hand")
 	mirror := fs.String("journald", "auto", "mirror events to systemd-journald: auto (when its socket exists) or off")
@@ -191,7 +191,14 @@ func journalCmd(args []string, stdout, stderr io.Writer) int {
 	}
 	uids := "root only"
 	if len(allow) > 0 {
-		uids = fmt.Sprintf("root and %v", []uint32(allow))
+		names := make([]string, len(allow))
+		for i, u := range allow {
+			names[i] = "uid " + strconv.FormatUint(uint64(u), 10)
+			if usr, err := user.LookupId(strconv.FormatUint(uint64(u), 10)); err == nil {
+				names[i] += " (" + usr.Username + ")"
+			}
+		}
+		uids = "root and " + strings.Join(names, ", ")
 	}
 	logger.Printf("journal: ready on %s, writing %s (events accepted from %s)", where, *logPath, uids)
 	sddaemon.SdNotify(false, sddaemon.SdNotifyReady)

@@ -61,9 +61,9 @@ func run(args []string, stdout, stderr io.Writer) int {
 func serve(args []string, stdout, stderr io.Writer) int {
 	fs := flag.NewFlagSet("avpd serve", flag.ContinueOnError)
 	fs.SetOutput(stderr)
-	cfg := fs.String("config", "/etc/agent-vault-proxy/bindings.yaml", "bindings file (`PATH`)")
-	state := fs.String("state-dir", "/var/lib/agent-vault-proxy", "state directory: CA and enrollment (`DIR`)")
-	runtime := fs.String("runtime-dir", "/run/agent-vault-proxy", "runtime directory: admin socket (`DIR`)")
+	cfg := fs.String("config", "/etc/agent-vault-proxy/bindings.yaml", "`PATH` of the bindings file")
+	state := fs.String("state-dir", "/var/lib/agent-vault-proxy", "state `DIR`: the CA and the enrollment")
+	runtime := fs.String("runtime-dir", "/run/agent-vault-proxy", "runtime `DIR`: the admin socket")
 	usage := func(w io.Writer) {
 		fs.SetOutput(w)
 		fmt.Fprintf(w, "usage: avpd serve [--config PATH] [--state-dir DIR] [--runtime-dir DIR]\n\n"+
