@@ -76,8 +76,8 @@ func commands() map[string]command {
 		"doctor":       {"[--uid USER] [--host NAME] [--config FILE] [--state-dir DIR] [--daemon-user USER] [--json]", "check the kernel, firewall, daemon, config, permissions and CA trust; print a fix for each failure (exit 1)", runDoctor},
 		"reload":       {"", "re-read the bindings file; an invalid file changes nothing", runReload},
 		"bindings":     {"check [FILE] | diff OLD NEW", "validate a bindings file offline, or show what a change widens (exit 3)", runBindings},
-		"explain":      {"[--uid U] [--config FILE] METHOD URL [-H 'H: v']", "show the decision for a request and why", runExplain},
-		"cache":        {"flush [NAME]", "wipe cached secret values (one, or all) so the next request fetches anew", runCache},
+		"explain":      {"[--uid U] [--config FILE] METHOD URL [-H 'H: v']...", "show the decision for a request and why (with --config offline, else from the running avpd's live config)", runExplain},
+		"cache":        {"flush [NAME]", "wipe cached secret values (one secret, with a composed one's parts, or all) so the next request fetches anew", runCache},
 	}
 }
 
