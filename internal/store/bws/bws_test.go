@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -68,34 +69,7 @@ func (l *logBuf) String() string {
 
 func newFixture(t *testing.T) *fixture {
 	t.Helper()
-	f := &fixture{t: t, fake: bwsfake.New(), log: &logBuf{}}
-	tl, err := bwsfake.NewTLS()
-	if err != nil {
-		t.Fatal(err)
-	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	f.fake.ServeTLS(ln, tl)
-	t.Cleanup(f.fake.Close)
-	f.api, f.idp = bwsfake.URLs(bwsfake.BaseURL("https", ln.Addr()))
-	dir := t.TempDir()
-	ca := filepath.Join(dir, "bws-ca.pem")
-	os.WriteFile(ca, tl.CAPEM, 0o644)
-	f.token = f.fake.NewToken()
-	f.tokFile = filepath.Join(dir, "token")
-	f.writeToken(f.token, 0o600)
-	// reqwest honours proxy variables even for 127.0.0.1.
-	for _, kv := range bws.HelperEnv(os.Environ()) {
-		k, _, _ := strings.Cut(kv, "=")
-		if strings.Contains(strings.ToLower(k), "proxy") {
-			continue
-		}
-		f.env = append(f.env, kv)
-	}
-	f.env = append(f.env, helperEnvVar+"=1", "SSL_CERT_FILE="+ca, "NO_PROXY=127.0.0.1,localhost")
-	return f
+	return newWrappedFixture(t, func(h http.Handler) http.Handler { return h })
 }
 
 func (f *fixture) writeToken(tok string, mode os.FileMode) {
