@@ -364,12 +364,5 @@ func inProcessLog(set []string) bool {
 	if len(set) == 0 {
 		return false
 	}
-	f, err := os.Open(set[0])
-	if err != nil {
-		return false
-	}
-	defer f.Close()
-	sc := bufio.NewScanner(f)
-	sc.Buffer(make([]byte, 64<<10), 1<<20+1)
-	return sc.Scan() && audit.IsPlainEvent(sc.Bytes())
+	return audit.IsInProcessLog(set[0])
 }

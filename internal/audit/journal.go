@@ -192,7 +192,7 @@ func OpenJournal(opts JournalOptions) (*Journal, error) {
 		}
 		if len(found) > 0 {
 			os.Remove(opts.Key)
-			if inProcessLog(opts.Log) {
+			if IsInProcessLog(opts.Log) {
 				// The hand-run avpd's audit.path is the journal's default log.
 				return nil, fmt.Errorf("%s is avpd's in-process audit log (audit.path: lines without seq or MAC), not a journal's: move it aside (mv %s %s.by-hand) and start the journal again", opts.Log, opts.Log, opts.Log)
 			}
@@ -379,19 +379,6 @@ func (j *Journal) recover() (Event, error) {
 	}
 	start.Detail = cutField(detail)
 	return start, nil
-}
-
-// inProcessLog reports whether the file at path starts with a line of the in-process
-// writer's (an event without the journal's "v" and "seq").
-func inProcessLog(path string) bool {
-	f, err := os.Open(path)
-	if err != nil {
-		return false
-	}
-	defer f.Close()
-	var head [64]byte
-	n, _ := io.ReadFull(f, head[:])
-	return n > 0 && bytes.HasPrefix(head[:n], []byte(`{"ts":`))
 }
 
 // claimedSeq reads the seq a line that failed its checks says it has (a changed byte

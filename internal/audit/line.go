@@ -1,6 +1,7 @@
 package audit
 
 import (
+	"bufio"
 	"bytes"
 	"crypto/hmac"
 	"crypto/rand"
@@ -158,6 +159,19 @@ func ParseAnyLine(raw []byte) (*Line, error) {
 }
 
 // IsPlainEvent reports whether raw is a line of the in-process log.
+// IsInProcessLog reports whether the file at path is the in-process writer's log: its first
+// line is a plain event (no seq, chain or MAC). The journal and avpctl audit both ask.
+func IsInProcessLog(path string) bool {
+	f, err := os.Open(path)
+	if err != nil {
+		return false
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	sc.Buffer(make([]byte, 64<<10), maxLineLen+1)
+	return sc.Scan() && IsPlainEvent(sc.Bytes())
+}
+
 func IsPlainEvent(raw []byte) bool {
 	_, ok := plainEvent(raw)
 	return ok
