@@ -9,7 +9,6 @@ import (
 	"sync/atomic"
 	"time"
 
-	"github.com/agent-vault-proxy/agent-vault-proxy/internal/audit"
 	"github.com/agent-vault-proxy/agent-vault-proxy/internal/inject"
 )
 
@@ -21,7 +20,6 @@ type bodyCheck struct {
 	facts  inject.Facts
 	req    inject.Request
 	d      inject.Decision
-	base   audit.Event
 	// refused is set once the body named an override the bindings do not allow; the
 	// request's error paths answer 403 for it. uncheckable says the body could not be
 	// read at all (inject.UncheckableBody), which the refusal names instead.
@@ -78,9 +76,7 @@ func (s *Server) newBodyGuard(ctx context.Context, inj *injected, h http.Header,
 		}
 		reason, detail := c.reason()
 		s.countRefused(reason)
-		e := c.base
-		e.Decision, e.Reason, e.Status, e.Detail = audit.DecisionRefuse, reason, http.StatusForbidden, detail
-		_ = s.record(ctx, e)
+		inj.refuseAfterInject(ctx, reason, http.StatusForbidden, detail)
 	}
 	return g
 }

@@ -312,14 +312,11 @@ func (s *Server) prepare(ctx context.Context, f inject.Facts, method, authority 
 		// The agent went away (reset its stream, closed) while the decision was recorded:
 		// nothing is sent, and the trail says so after the inject line.
 		inj.wipeAll()
-		e := base
-		e.Decision, e.Reason = audit.DecisionRefuse, ReasonAgentGone
-		e.Detail = "the agent closed or reset the request while its decision was being recorded; nothing was sent upstream"
-		_ = s.record(ctx, e)
+		inj.refuseAfterInject(ctx, ReasonAgentGone, 0, "the agent closed or reset the request while its decision was being recorded; nothing was sent upstream")
 		return deny(http.StatusBadRequest, ReasonAgentGone)
 	}
 	if d.BodyOverrideMatters() {
-		inj.check = &bodyCheck{policy: policy, facts: f, req: ir, d: d, base: base}
+		inj.check = &bodyCheck{policy: policy, facts: f, req: ir, d: d}
 	}
 	s.stats.injected.Add(1)
 	return prepared{inj: inj, release: release, policy: policy}
@@ -345,18 +342,24 @@ func (inj *injected) recordNotSent(ctx context.Context) {
 	if inj == nil || inj.srv == nil {
 		return
 	}
-	e := inj.base
-	e.Decision, e.Reason, e.Status = audit.DecisionRefuse, ReasonPolicyChanged, http.StatusBadGateway
-	e.Detail = "the config was reloaded or the user unenrolled while this request waited for its upstream connection; nothing was sent upstream"
+	reason := ReasonPolicyChanged
+	detail := "the config was reloaded or the user unenrolled while this request waited for its upstream connection; nothing was sent upstream"
 	if inj.retried {
 		// Its first attempt went out, on a reused connection that closed without an
 		// answer; only the retry was not made.
-		e.Reason = ReasonPolicyChangedBeforeRetry
-		e.Detail = "sent once, with the injected value, on an upstream connection that closed without an answer; not sent again because the config was reloaded or the user unenrolled meanwhile"
+		reason = ReasonPolicyChangedBeforeRetry
+		detail = "sent once, with the injected value, on an upstream connection that closed without an answer; not sent again because the config was reloaded or the user unenrolled meanwhile"
 	}
-	rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
-	defer cancel()
-	_ = inj.srv.record(rctx, e)
+	inj.refuseAfterInject(ctx, reason, http.StatusBadGateway, detail)
+}
+
+// refuseAfterInject records the refusal that follows a request's durable inject line: it
+// was not sent after all, or was cut off. The record is bounded by audit.timeout (record),
+// whatever the agent does.
+func (inj *injected) refuseAfterInject(ctx context.Context, reason string, status int, detail string) {
+	e := inj.base
+	e.Decision, e.Reason, e.Status, e.Detail = audit.DecisionRefuse, reason, status, detail
+	_ = inj.srv.record(ctx, e)
 }
 
 // addScrub adds a real value b to what the response is scrubbed of (written as it is, or
